@@ -1,0 +1,70 @@
+# spotrun — every target installs what it needs on a fresh Debian 12 machine (as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian tools the tests and the demo drive for real: loop devices and ext4 (util-linux,
+# e2fsprogs), git for checkout, systemd-nspawn + debootstrap for the system test, debhelper,
+# dh-virtualenv and lintian for the package.
+APT_PACKAGES := python3 python3-venv python3-dev git e2fsprogs util-linux mount kmod \
+	systemd-container debootstrap debhelper dh-virtualenv dpkg-dev lintian fakeroot \
+	ca-certificates rsync procps
+
+.PHONY: all deps apt venv test test-fast demo bench soak soak-long deb system-test lock clean
+
+all: test
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): requirements/dev.lock setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+deps: apt venv
+
+# The whole suite: unit, integration on the local spot cloud (real loop devices, moto's
+# server, real processes), the short soak, and the systemd-in-a-container system test.
+test: deps
+	$(VENV)/bin/pytest tests
+
+# Quick loop while developing: skips the slow and system tests.
+test-fast: deps
+	$(VENV)/bin/pytest tests -m "not slow and not system"
+
+# The full rehearsal on the local spot cloud (train → notice → drain → migrate → resume → done).
+demo: deps
+	$(VENV)/bin/spotrun rehearse --out demo-out
+
+bench: deps
+	$(VENV)/bin/python -m bench.run --out bench/results.json
+
+soak: deps
+	$(VENV)/bin/spotrun soak --profile short
+
+soak-long: deps
+	$(VENV)/bin/spotrun soak --profile long
+
+deb: apt
+	packaging/build-deb.sh
+
+system-test: deps deb
+	$(VENV)/bin/pytest tests/system -m system
+
+lock:
+	rm -rf /tmp/spotrun-lock-venv && $(PYTHON) -m venv /tmp/spotrun-lock-venv
+	/tmp/spotrun-lock-venv/bin/pip install -q -r requirements/dev.in
+	/tmp/spotrun-lock-venv/bin/pip freeze > requirements/dev.lock
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo-out

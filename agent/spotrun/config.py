@@ -1,0 +1,317 @@
+"""The agent's configuration: TOML at /etc/spotrun/agent.toml, overridden by user data.
+
+Every key has a default (the seed's choices where it made one). Validation is strict:
+an unknown key, a wrong type or an out-of-range value stops the agent with a
+ConfigError naming the key (``trainer.max_restarts``) and the file it came from,
+before anything is touched.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Ubuntu 22.04's Python 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/spotrun/agent.toml")
+# Written by the user-data stub when it is a path rather than inline TOML.
+DEFAULT_USER_DATA_PATH = Path("/etc/spotrun/user-data.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the source it came from."""
+
+    def __init__(self, key: str, message: str, source: str = "config"):
+        self.key = key
+        self.source = source
+        super().__init__(f"{source}: {key}: {message}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    id: str = "default"
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name_tag: str = "DL-datasets-checkpoints"
+    size_gib: int = 100
+    type: str = "gp3"
+    iops: int = 0  # 0 = the type's default
+    throughput: int = 0  # MiB/s, gp3 only; 0 = default
+    encrypted: bool = True
+    kms_key_id: str = ""
+    # First boot of a job with no volume: create one (True) or stop with a clear error.
+    create_if_missing: bool = True
+    mount_point: str = "/dltraining"
+    datasets_dir: str = "datasets"
+    checkpoints_dir: str = "checkpoints"
+    # Where block devices appear by id (Nitro: nvme-Amazon_Elastic_Block_Store_vol...).
+    device_dir: str = "/dev/disk/by-id"
+    mount_options: str = "noatime"
+    snapshot_on_drain: bool = True
+    # Days to keep a migration snapshot once the migrated volume is verified (0 = delete then).
+    snapshot_retention_days: float = 0.0
+    attach_timeout_s: float = 300.0
+    device_timeout_s: float = 120.0
+    create_timeout_s: float = 900.0
+    snapshot_timeout_s: float = 14400.0
+
+
+@dataclass(frozen=True)
+class CodeConfig:
+    repository: str = ""
+    ref: str = "main"
+    workspace: str = "/var/lib/spotrun/workspace"
+    # Credentials are read at run time, never from user data: a file on the AMI,
+    # or an SSM parameter / Secrets Manager secret the instance role may read.
+    credentials_file: str = ""
+    credentials_ssm_parameter: str = ""
+    credentials_secret_id: str = ""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    command: tuple[str, ...] = ("python", "train.py")
+    user: str = "ubuntu"
+    # Directories prepended to PATH, e.g. the AMI's conda env bin directory.
+    path_prepend: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str = ""  # relative to the checkout; "" = its root
+    max_restarts: int = 3
+    restart_backoff_s: float = 10.0
+    restart_backoff_max_s: float = 300.0
+    # What a crash loop does after max_restarts: "cancel" the fleet (keeping the
+    # volume and checkpoints) so it stops billing, or "keep-running".
+    failure_policy: str = "cancel"
+    # Seconds of the two-minute notice kept for unmount/snapshot/detach after the trainer stops.
+    drain_reserve_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    endpoint: str = "http://169.254.169.254"
+    allow_imdsv1: bool = False
+    token_ttl_s: int = 21600
+    poll_interval_s: float = 1.0
+    connect_timeout_s: float = 1.0
+    read_timeout_s: float = 2.0
+    deadline_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class AwsConfig:
+    region: str = ""  # "" = from instance identity
+    endpoint_url: str = ""  # "" = AWS; the local spot cloud sets its own
+    lease_table: str = ""  # "" = no lease table (single-instance fleets)
+    retry_mode: str = "adaptive"
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: str = "/var/lib/spotrun"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
+    code: CodeConfig = field(default_factory=CodeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+    @property
+    def mount_point(self) -> Path:
+        return Path(self.volume.mount_point)
+
+    @property
+    def datasets_path(self) -> Path:
+        return self.mount_point / self.volume.datasets_dir
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.mount_point / self.volume.checkpoints_dir
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.agent.state_dir)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {
+    "job": JobConfig,
+    "volume": VolumeConfig,
+    "code": CodeConfig,
+    "trainer": TrainerConfig,
+    "metadata": MetadataConfig,
+    "aws": AwsConfig,
+    "agent": AgentConfig,
+}
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_CHOICES = {
+    ("trainer", "failure_policy"): ("cancel", "keep-running"),
+    ("volume", "type"): ("gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"),
+    ("aws", "retry_mode"): ("standard", "adaptive"),
+    ("agent", "log_level"): ("debug", "info", "warning", "error"),
+}
+_POSITIVE = {
+    ("volume", "size_gib"), ("metadata", "poll_interval_s"), ("metadata", "connect_timeout_s"),
+    ("metadata", "read_timeout_s"), ("metadata", "deadline_s"), ("aws", "max_attempts"),
+    ("volume", "attach_timeout_s"), ("volume", "device_timeout_s"),
+    ("volume", "create_timeout_s"), ("volume", "snapshot_timeout_s"),
+}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, source: str) -> Any:
+    name = f"{section}.{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"expected true or false, got {value!r}", source)
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"expected an integer, got {value!r}", source)
+        if value < 0:
+            raise ConfigError(name, f"must not be negative, got {value}", source)
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"expected a number, got {value!r}", source)
+        if value < 0:
+            raise ConfigError(name, f"must not be negative, got {value}", source)
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {value!r}", source)
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, str) and key == "command":
+            raise ConfigError(name, "expected a list of arguments, e.g. [\"python\", \"train.py\"]", source)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(name, f"expected a list of strings, got {value!r}", source)
+        return tuple(value)
+    if isinstance(default, Mapping):
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(name, f"expected a table of string values, got {value!r}", source)
+        return dict(value)
+    raise AssertionError(f"unhandled default type for {name}")  # pragma: no cover
+
+
+def _merge(base: dict, override: Mapping, source: str) -> dict:
+    merged = copy.deepcopy(base)
+    for section, values in override.items():
+        if section not in _SECTIONS:
+            raise ConfigError(section, f"unknown section (known: {', '.join(_SECTIONS)})", source)
+        if not isinstance(values, Mapping):
+            raise ConfigError(section, "expected a table", source)
+        merged.setdefault(section, {})
+        for key, value in values.items():
+            merged[section][key] = (value, source)
+    return merged
+
+
+def _build(raw: dict) -> Config:
+    sections = {}
+    for section, cls in _SECTION_CLASSES.items():
+        defaults = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, (value, source) in raw.get(section, {}).items():
+            if key not in known:
+                raise ConfigError(
+                    f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})", source
+                )
+            kwargs[key] = _coerce(section, key, value, getattr(defaults, key), source)
+            if (section, key) in _CHOICES and kwargs[key] not in _CHOICES[(section, key)]:
+                raise ConfigError(
+                    f"{section}.{key}",
+                    f"must be one of {', '.join(_CHOICES[(section, key)])}, got {kwargs[key]!r}",
+                    source,
+                )
+            if (section, key) in _POSITIVE and kwargs[key] == 0:
+                raise ConfigError(f"{section}.{key}", "must be greater than zero", source)
+        sections[section] = cls(**kwargs)
+    config = Config(**sections)
+    _check_whole(config, raw)
+    return config
+
+
+def _source_of(raw: dict, section: str, key: str) -> str:
+    return raw.get(section, {}).get(key, (None, "defaults"))[1]
+
+
+def _check_whole(config: Config, raw: dict) -> None:
+    if not _JOB_ID.match(config.job.id):
+        raise ConfigError(
+            "job.id",
+            f"{config.job.id!r} is not a valid job id (letters, digits, '.', '_', '-'; at most 63)",
+            _source_of(raw, "job", "id"),
+        )
+    if not config.trainer.command:
+        raise ConfigError("trainer.command", "must not be empty", _source_of(raw, "trainer", "command"))
+    if not config.volume.mount_point.startswith("/"):
+        raise ConfigError("volume.mount_point", "must be an absolute path", _source_of(raw, "volume", "mount_point"))
+    if not config.metadata.endpoint.startswith(("http://", "https://")):
+        raise ConfigError("metadata.endpoint", "must be an http:// URL", _source_of(raw, "metadata", "endpoint"))
+    if not 1 <= config.metadata.token_ttl_s <= 21600:
+        raise ConfigError("metadata.token_ttl_s", "must be between 1 and 21600 seconds",
+                          _source_of(raw, "metadata", "token_ttl_s"))
+    for key in ("datasets_dir", "checkpoints_dir"):
+        value = getattr(config.volume, key)
+        if not value or value.startswith("/") or ".." in Path(value).parts:
+            raise ConfigError(f"volume.{key}", "must be a relative path inside the volume",
+                              _source_of(raw, "volume", key))
+
+
+def parse_toml(text: str, source: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(syntax)", f"not valid TOML: {exc}", source) from None
+
+
+def load(
+    path: Path | str | None = DEFAULT_CONFIG_PATH,
+    *overrides: tuple[Mapping, str],
+    require_repository: bool = False,
+) -> Config:
+    """Defaults ← the config file (if it exists) ← each (mapping, source) override in order."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if path.exists():
+            raw = _merge(raw, parse_toml(path.read_text(), str(path)), str(path))
+    for mapping, source in overrides:
+        raw = _merge(raw, mapping, source)
+    config = _build(raw)
+    if require_repository and not config.code.repository:
+        raise ConfigError("code.repository", "is required: where the training code lives (a git URL)",
+                          _source_of(raw, "code", "repository"))
+    return config
+
+
+def from_mapping(mapping: Mapping, source: str = "config") -> Config:
+    return _build(_merge({}, mapping, source))
+
+
+def to_mapping(config: Config) -> dict:
+    """The config as plain TOML-able data (tuples as lists), e.g. to write a user-data stub."""
+    out = {}
+    for section in _SECTION_CLASSES:
+        values = dataclasses.asdict(getattr(config, section))
+        out[section] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+    return out

@@ -1,0 +1,82 @@
+"""Structured logging for journald: one JSON object per line, prefixed with ``<N>``.
+
+systemd reads the ``<N>`` syslog priority prefix (SyslogLevelPrefix=yes, the default),
+so ``journalctl -u spotrun-agent -p warning`` filters on it, and the JSON body keeps
+stable keys (``event``, ``job``, ``instance_id``, ``volume_id``, ``phase``, ...).
+Configured once per process by :func:`configure`; modules call :func:`get_logger`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+# syslog(3) priorities.
+PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "warn": 4, "error": 3,
+            "exception": 3, "critical": 2}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+# Keys whose values are never written, whatever a caller passes.
+_SECRET_KEY = re.compile(r"token|secret|password|passwd|credential|authorization|private_key|"
+                         r"access_key|session_key", re.I)
+# Values that look like AWS keys or bearer material, wherever they appear.
+_SECRET_VALUE = re.compile(r"(AKIA|ASIA)[A-Z0-9]{16}|aws_secret_access_key\s*=\s*\S+", re.I)
+REDACTED = "[redacted]"
+
+
+def _redact(_logger: Any, _name: str, event_dict: dict) -> dict:
+    for key in list(event_dict):
+        if key != "event" and _SECRET_KEY.search(key):
+            event_dict[key] = REDACTED
+        elif isinstance(event_dict[key], str) and _SECRET_VALUE.search(event_dict[key]):
+            event_dict[key] = _SECRET_VALUE.sub(REDACTED, event_dict[key])
+    return event_dict
+
+
+class _SyslogJSONRenderer:
+    def __call__(self, _logger: Any, name: str, event_dict: dict) -> str:
+        level = event_dict.get("level", name)
+        prio = PRIORITY.get(level, 6)
+        return f"<{prio}>" + json.dumps(event_dict, default=str, separators=(",", ":"))
+
+
+_configured = False
+
+
+def configure(level: str = "info", stream: TextIO | None = None, **context: Any) -> None:
+    """Set up structlog for this process; ``context`` is bound to every event (e.g. job=...)."""
+    global _configured
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            _redact,
+            _SyslogJSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+    if context:
+        structlog.contextvars.bind_contextvars(**context)
+    _configured = True
+
+
+def bind(**context: Any) -> None:
+    """Add keys (instance_id, volume_id, phase, ...) to every later event of this process."""
+    structlog.contextvars.bind_contextvars(**context)
+
+
+def get_logger(component: str | None = None) -> structlog.typing.FilteringBoundLogger:
+    if not _configured:
+        configure()
+    logger = structlog.get_logger()
+    return logger.bind(component=component) if component else logger

@@ -1,0 +1,1 @@
+"""spotrun's Keras integration: spot-safe checkpoints and exact resume."""
