@@ -1,0 +1,473 @@
+"""One emulated instance's metadata service (IMDS), following the AWS documentation.
+
+IMDSv2 rules as documented in "Use the Instance Metadata Service to access instance
+metadata" (EC2 User Guide): a session token from ``PUT /latest/api/token`` with
+``X-aws-ec2-metadata-token-ttl-seconds`` between 1 and 21600 (else 400), a PUT carrying
+``X-Forwarded-For`` is refused (403), GETs carry ``X-aws-ec2-metadata-token`` and get 401
+when it is missing (tokens required), expired or not issued by this instance; GET answers
+repeat the token's remaining TTL in ``X-aws-ec2-metadata-token-ttl-seconds``. In IMDSv1
+("optional") mode a GET without a token is served, but a token that is sent is still
+checked. Everything is ``text/plain``, JSON documents included, as on EC2.
+
+What AWS has and this does not: the PUT hop limit (loopback has no hops), IAM credentials,
+network interfaces, block-device-mapping; only the paths the agent and users need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import secrets
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from spotrun.log import get_logger
+
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+MIN_TTL, MAX_TTL = 1, 21600
+ACTIONS = ("terminate", "stop", "hibernate")
+FAULT_KINDS = ("5xx", "slow", "refused", "401", "malformed")
+# Characters AWS allows in tag keys exposed in metadata (no spaces, no "/").
+_TAG_KEY_OK = re.compile(r"^[A-Za-z0-9+\-=._:@]+$")
+# "/latest/..." or a dated API version "/2021-07-15/...".
+_VERSIONED = re.compile(r"^/(latest|\d{4}-\d{2}-\d{2})(/.*)?$")
+
+_log = get_logger("localcloud.imds")
+
+
+@dataclasses.dataclass
+class InstanceMetadata:
+    """What one instance's metadata says about it; must match the instance in moto."""
+
+    instance_id: str
+    instance_type: str
+    availability_zone: str
+    availability_zone_id: str
+    region: str
+    account_id: str
+    ami_id: str
+    private_ip: str
+    tags: dict[str, str]
+    user_data: bytes | None
+    tags_in_metadata: bool = True
+    architecture: str = "x86_64"
+    pending_time: datetime = dataclasses.field(
+        default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
+
+    def identity_document(self) -> dict[str, Any]:
+        # Keys and nulls as in the EC2 User Guide's "Instance identity documents" example.
+        return {
+            "accountId": self.account_id,
+            "architecture": self.architecture,
+            "availabilityZone": self.availability_zone,
+            "billingProducts": None,
+            "devpayProductCodes": None,
+            "marketplaceProductCodes": None,
+            "imageId": self.ami_id,
+            "instanceId": self.instance_id,
+            "instanceType": self.instance_type,
+            "kernelId": None,
+            "pendingTime": iso_z(self.pending_time),
+            "privateIp": self.private_ip,
+            "ramdiskId": None,
+            "region": self.region,
+            "version": "2017-09-30",
+        }
+
+
+def _utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+def iso_z(when: datetime) -> str:
+    """AWS's spot/rebalance time format: ``2026-11-27T08:22:00Z``."""
+    return _utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def maintenance_time(when: datetime) -> str:
+    """AWS's scheduled-events format: ``21 Jan 2019 09:00:43 GMT``."""
+    return _utc(when).strftime("%d %b %Y %H:%M:%S GMT")
+
+
+class _Json(str):
+    """A leaf served as JSON (the ``malformed`` fault truncates these)."""
+
+
+def _html_error(status: int, reason: str) -> bytes:
+    # EC2's IMDS answers errors with a small XHTML page, not JSON.
+    return (f'<?xml version="1.0" encoding="iso-8859-1"?>\n'
+            f'<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
+            f'\t"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
+            f'<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
+            f' <head>\n  <title>{status} - {reason}</title>\n </head>\n'
+            f' <body>\n  <h1>{status} - {reason}</h1>\n </body>\n</html>\n').encode()
+
+
+class MetadataServer:
+    """An HTTP metadata service for one instance, with notices and faults injectable.
+
+    ``clock`` (monotonic seconds) decides token expiry; tests may inject their own.
+    Fault durations run on real time because the listener must come back by itself.
+    """
+
+    def __init__(self, md: InstanceMetadata, host: str = "127.0.0.1", port: int = 0,
+                 require_token: bool = True, clock: Callable[[], float] = time.monotonic):
+        self.md = md
+        self.host = host
+        self.port = port
+        self.require_token = require_token
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._tokens: dict[str, float] = {}  # token -> expiry on self._clock
+        self._notice: tuple[str, datetime] | None = None
+        self._rebalance: datetime | None = None
+        self._scheduled: list[dict[str, str]] = []
+        self._history: list[dict[str, str]] = []
+        self._faults: dict[str, tuple[float | None, float]] = {}  # kind -> (until, delay_s)
+        self._served_once: set[str] = set()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._timers: list[threading.Timer] = []
+        self._stopping = threading.Event()
+        self.events: list[dict[str, Any]] = []
+        self.requests = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "MetadataServer":
+        self._stopping.clear()
+        self._listen()
+        # (not "require_token": the logger redacts any key that mentions tokens)
+        self._record("imds_started", endpoint=self.endpoint,
+                     imdsv1_allowed=not self.require_token)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            timers, self._timers = self._timers, []
+        for timer in timers:
+            timer.cancel()
+        self._unlisten()
+
+    def __enter__(self) -> "MetadataServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _listen(self) -> None:
+        handler = type("Handler", (_Handler,), {"imds": self})
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                httpd = ThreadingHTTPServer((self.host, self.port), handler)
+                break
+            except OSError:
+                # Re-listening on the same port after a "refused" fault: the old socket may
+                # linger a moment; anything else is a real error.
+                if self.port == 0 or time.monotonic() > deadline:
+                    raise
+                self._stopping.wait(0.05)
+        httpd.daemon_threads = True
+        self.port = httpd.server_address[1]
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                  name=f"imds-{self.md.instance_id}", daemon=True)
+        with self._lock:
+            self._httpd, self._thread = httpd, thread
+        thread.start()
+
+    def _unlisten(self) -> None:
+        with self._lock:
+            httpd, thread, self._httpd, self._thread = self._httpd, self._thread, None, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    @property
+    def listening(self) -> bool:
+        return self._httpd is not None
+
+    # ---- injection -------------------------------------------------------------------
+    def notice(self, action: str = "terminate", time: datetime | None = None) -> None:
+        """A spot interruption notice: ``spot/instance-action`` (and ``termination-time``)."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        when = _utc(time or datetime.now(timezone.utc)).replace(microsecond=0)
+        with self._lock:
+            self._notice = (action, when)
+            self._served_once.discard("spot")
+        self._record("spot_notice", action=action, time=iso_z(when))
+
+    def rebalance(self, notice_time: datetime | None = None) -> None:
+        when = _utc(notice_time or datetime.now(timezone.utc)).replace(microsecond=0)
+        with self._lock:
+            self._rebalance = when
+            self._served_once.discard("rebalance")
+        self._record("rebalance_recommendation", notice_time=iso_z(when))
+
+    def schedule_maintenance(self, code: str = "system-reboot", not_before: datetime | None = None,
+                             not_after: datetime | None = None,
+                             description: str = "scheduled reboot",
+                             event_id: str | None = None) -> str:
+        now = datetime.now(timezone.utc)
+        not_before = _utc(not_before or now)
+        not_after = _utc(not_after or not_before)
+        if not_after < not_before:
+            raise ValueError("not_after is before not_before")
+        event_id = event_id or f"instance-event-{secrets.token_hex(9)[:17]}"
+        entry = {"NotBefore": maintenance_time(not_before), "Code": code,
+                 "Description": description, "EventId": event_id,
+                 "NotAfter": maintenance_time(not_after), "State": "active"}
+        with self._lock:
+            self._scheduled.append(entry)
+            self._served_once.discard("maintenance")
+        self._record("maintenance_scheduled", code=code, event_id=event_id,
+                     not_before=entry["NotBefore"], not_after=entry["NotAfter"])
+        return event_id
+
+    def clear_notices(self) -> None:
+        with self._lock:
+            self._notice = None
+            self._rebalance = None
+            self._history.extend({**e, "State": "canceled"} for e in self._scheduled)
+            self._scheduled = []
+        self._record("notices_cleared")
+
+    def fault(self, kind: str, duration_s: float | None = None, delay_s: float = 3.0) -> None:
+        """Inject a fault for ``duration_s`` seconds (``None``: until :meth:`clear_faults`)."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {', '.join(FAULT_KINDS)}, not {kind!r}")
+        if duration_s is not None and duration_s <= 0:
+            raise ValueError("duration_s must be positive")
+        until = None if duration_s is None else time.monotonic() + duration_s
+        with self._lock:
+            self._faults[kind] = (until, delay_s)
+        self._record("imds_fault_started", kind=kind, duration_s=duration_s,
+                     **({"delay_s": delay_s} if kind == "slow" else {}))
+        if kind == "refused":
+            self._unlisten()
+        if duration_s is not None:
+            timer = threading.Timer(duration_s, self._end_fault, args=(kind, until))
+            timer.daemon = True
+            with self._lock:
+                self._timers.append(timer)
+            timer.start()
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            kinds = list(self._faults)
+        for kind in kinds:
+            self._end_fault(kind, None, force=True)
+
+    def _end_fault(self, kind: str, until: float | None, force: bool = False) -> None:
+        with self._lock:
+            current = self._faults.get(kind)
+            # A newer injection of the same kind replaced this one: leave it running.
+            if current is None or (not force and current[0] != until):
+                return
+            del self._faults[kind]
+        if kind == "refused" and not self._stopping.is_set():
+            self._listen()
+        self._record("imds_fault_ended", kind=kind)
+
+    def active_faults(self) -> list[str]:
+        with self._lock:
+            return sorted(self._faults)
+
+    def _fault(self, kind: str) -> tuple[float | None, float] | None:
+        with self._lock:
+            return self._faults.get(kind)
+
+    def _record(self, event: str, **fields: Any) -> None:
+        entry = {"at": datetime.now(timezone.utc).isoformat(), "event": event,
+                 "instance_id": self.md.instance_id, **fields}
+        with self._lock:
+            self.events.append(entry)
+        _log.info(event, **{k: v for k, v in entry.items() if k not in ("at", "event")})
+
+    # ---- tokens ----------------------------------------------------------------------
+    def issue_token(self, ttl: int) -> str:
+        now = self._clock()
+        token = "AQAEA" + secrets.token_urlsafe(40)
+        with self._lock:
+            self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+            self._tokens[token] = now + ttl
+        return token
+
+    def token_ttl_left(self, token: str) -> int | None:
+        """Seconds left on ``token`` if this instance issued it and it has not expired."""
+        with self._lock:
+            expiry = self._tokens.get(token)
+        left = None if expiry is None else expiry - self._clock()
+        return None if left is None or left <= 0 else max(1, math.ceil(left))
+
+    # ---- the metadata tree -----------------------------------------------------------
+    def _tree(self) -> dict[str, Any]:
+        md = self.md
+        with self._lock:
+            notice, rebalance = self._notice, self._rebalance
+            scheduled, history = list(self._scheduled), list(self._history)
+        meta: dict[str, Any] = {
+            "ami-id": md.ami_id,
+            "hostname": _hostname(md),
+            "instance-id": md.instance_id,
+            "instance-type": md.instance_type,
+            "local-hostname": _hostname(md),
+            "local-ipv4": md.private_ip,
+            "placement": {"availability-zone": md.availability_zone,
+                          "availability-zone-id": md.availability_zone_id,
+                          "region": md.region},
+            "events": {
+                "maintenance": {"scheduled": _Json(json.dumps(scheduled, indent=2)),
+                                "history": _Json(json.dumps(history, indent=2))},
+                "recommendations": ({"rebalance": _Json(json.dumps(
+                    {"noticeTime": iso_z(rebalance)}))} if rebalance else {}),
+            },
+        }
+        if notice:
+            action, when = notice
+            meta["spot"] = {"instance-action": _Json(json.dumps({"action": action,
+                                                                 "time": iso_z(when)}))}
+            if action == "terminate":
+                meta["spot"]["termination-time"] = iso_z(when)
+        if md.tags_in_metadata:
+            meta["tags"] = {"instance": {k: v for k, v in md.tags.items() if _TAG_KEY_OK.match(k)}}
+        doc = json.dumps(md.identity_document(), indent=2, separators=(",", " : "))
+        tree: dict[str, Any] = {"dynamic": {"instance-identity": {"document": _Json(doc)}},
+                                "meta-data": meta}
+        if md.user_data is not None:
+            tree["user-data"] = md.user_data
+        return tree
+
+    def resolve(self, path: str) -> tuple[int, bytes | str]:
+        """(status, body) for a GET of ``path``, ignoring tokens and faults."""
+        if path in ("", "/"):
+            return 200, "latest"
+        match = _VERSIONED.match(path)
+        if not match:
+            return 404, ""
+        node: Any = self._tree()
+        for part in [p for p in (match.group(2) or "").split("/") if p]:
+            if not isinstance(node, dict) or part not in node:
+                return 404, ""
+            node = node[part]
+        if isinstance(node, dict):
+            return 200, "\n".join(k + "/" if isinstance(v, dict) else k
+                                  for k, v in sorted(node.items()))
+        if path.rstrip("/").endswith(("spot/instance-action", "spot/termination-time")):
+            self._first_served("spot", path)
+        elif path.endswith("recommendations/rebalance"):
+            self._first_served("rebalance", path)
+        elif path.rstrip("/").endswith("maintenance/scheduled") and node != "[]":
+            self._first_served("maintenance", path)
+        if isinstance(node, _Json) and self._fault("malformed"):
+            return 200, node[: max(1, len(node) // 2)]
+        return 200, node
+
+    def _first_served(self, what: str, path: str) -> None:
+        with self._lock:
+            if what in self._served_once:
+                return
+            self._served_once.add(what)
+        self._record("notice_served", what=what, path=path)
+
+
+def _hostname(md: InstanceMetadata) -> str:
+    suffix = "ec2.internal" if md.region == "us-east-1" else f"{md.region}.compute.internal"
+    return f"ip-{md.private_ip.replace('.', '-')}.{suffix}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    imds: MetadataServer
+
+    def version_string(self) -> str:
+        return "EC2ws"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # every request is not an event; injections and notable answers are
+
+    def _send(self, status: int, body: bytes | str = b"", headers: dict[str, str] | None = None,
+              content_type: str = "text/plain") -> None:
+        if isinstance(body, str):
+            body = body.encode()
+        if status >= 400 and not body:
+            body = _html_error(status, self.responses.get(status, ("Error",))[0])
+            content_type = "text/html"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _faulted(self) -> bool:
+        imds = self.imds
+        imds.requests += 1
+        slow = imds._fault("slow")
+        if slow:
+            imds._stopping.wait(slow[1])
+        if imds._fault("5xx"):
+            self._send(500)
+            return True
+        return False
+
+    def do_PUT(self) -> None:
+        if self._faulted():
+            return
+        path = self.path.split("?", 1)[0]
+        if not re.match(r"^/(latest|\d{4}-\d{2}-\d{2})/api/token/?$", path):
+            self._send(405 if _VERSIONED.match(path) else 404)
+            return
+        if self.headers.get("X-Forwarded-For") is not None:
+            # Documented: IMDS refuses token PUTs that went through a proxy.
+            self._send(403)
+            return
+        raw = (self.headers.get(TTL_HEADER) or "").strip()
+        ttl = int(raw) if re.fullmatch(r"[0-9]{1,9}", raw) else None
+        if ttl is None or not MIN_TTL <= ttl <= MAX_TTL:
+            self._send(400)
+            return
+        self._send(200, self.imds.issue_token(ttl), {TTL_HEADER: str(ttl)})
+
+    def do_GET(self) -> None:
+        if self._faulted():
+            return
+        imds = self.imds
+        token = self.headers.get(TOKEN_HEADER)
+        left = imds.token_ttl_left(token) if token is not None else None
+        if imds._fault("401") or (token is not None and left is None) or (
+                token is None and imds.require_token):
+            self._send(401)
+            return
+        status, body = imds.resolve(self.path.split("?", 1)[0])
+        headers = {TTL_HEADER: str(left)} if left is not None else {}
+        self._send(status, body, headers)
+
+    do_HEAD = do_GET
+
+    def _not_allowed(self) -> None:
+        if not self._faulted():
+            self._send(405, headers={"Allow": "OPTIONS, GET, HEAD, PUT"})
+
+    do_POST = do_DELETE = do_PATCH = _not_allowed
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (for callers that want to know it before starting)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
