@@ -1,0 +1,79 @@
+"""Shared fixtures for the agent's tests: a metadata server, and a real loop-device volume.
+
+``loop_volume`` gives an empty sparse image on a real loop device, with a Nitro-shaped
+by-id link (``nvme-Amazon_Elastic_Block_Store_vol…``) in a private device directory.
+Everything it creates (mounts of the device, the loop device, the files) is removed
+afterwards, also when the test fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+NITRO_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
+
+
+@dataclasses.dataclass
+class LoopVolume:
+    volume_id: str  # vol-<17 hex>, as EC2 shapes them
+    image: Path  # the sparse backing file
+    device: Path  # /dev/loopN
+    device_dir: Path  # where the by-id link lives
+    link: Path  # device_dir / nvme-Amazon_Elastic_Block_Store_vol<hex>
+
+
+def _mount_points_of(device: Path) -> list[str]:
+    """Mount points whose source is ``device`` (newest first, so nested ones go first)."""
+    points = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            source = fields[fields.index("-") + 2]
+            if source == str(device):
+                points.append(fields[4].encode().decode("unicode_escape"))
+    return list(reversed(points))
+
+
+def _loop_devices_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (loop devices, mount)"
+    if not Path("/dev/loop-control").exists():
+        return "no /dev/loop-control"
+    for tool in ("losetup", "mkfs.ext4", "blkid", "e2fsck", "mount", "umount"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+@pytest.fixture
+def loop_volume(tmp_path: Path):
+    """An empty (no filesystem) 64 MiB volume on a real loop device; see :class:`LoopVolume`."""
+    reason = _loop_devices_usable()
+    if reason:
+        pytest.skip(reason)
+    volume_id = "vol-" + secrets.token_hex(9)[:17]
+    image = tmp_path / f"{volume_id}.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    device_dir = tmp_path / "by-id"
+    device_dir.mkdir()
+    result = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"losetup failed: {result.stderr.strip()}")
+    device = Path(result.stdout.strip())
+    link = device_dir / (NITRO_PREFIX + volume_id.replace("-", ""))
+    try:
+        link.symlink_to(device)
+        yield LoopVolume(volume_id, image, device, device_dir, link)
+    finally:
+        for point in _mount_points_of(device):
+            subprocess.run(["umount", point], capture_output=True)
+        subprocess.run(["losetup", "--detach", str(device)], capture_output=True)
+        link.unlink(missing_ok=True)
+        image.unlink(missing_ok=True)
