@@ -1,0 +1,277 @@
+"""boto3 clients for the agent, waiters with explicit deadlines and failure states, and
+"performed then failed" safe calls.
+
+Every boto3 client the agent makes comes from :func:`client` (retry mode and endpoint from
+the config, short connect timeout). botocore's own waiters are not used: their ten-minute
+budget is too short for a first snapshot and they keep polling a volume in ``error``.
+
+Mutating calls that create something (CreateVolume, CreateSnapshot) must never be retried
+blindly: an answer of 5xx may come after the work was done, and moto (like some real
+paths) ignores ``ClientToken``. :func:`create_once` therefore calls a *single-attempt*
+client and, after any failure, looks the resource up by its idempotency tag before trying
+again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any, Callable, Iterable
+
+import boto3
+import botocore.config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotrun.config import AwsConfig
+from spotrun.errors import SpotrunError
+from spotrun.log import get_logger
+
+log = get_logger("ec2")
+
+# Test-only: when set, every AWS operation this process calls is appended (one JSON line)
+# to this file, so the IAM test can check the policy covers exactly what the agent did.
+RECORD_CALLS_ENV = "SPOTRUN_RECORD_AWS_CALLS"
+
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30
+
+_TRANSIENT_CODES = {
+    "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestThrottled",
+    "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable",
+    "ProvisionedThroughputExceededException", "TooManyRequestsException",
+}
+
+
+class WaitTimeout(SpotrunError):
+    """A resource did not reach the wanted state before its deadline."""
+
+
+class ResourceFailed(SpotrunError):
+    """A resource entered a failure state (volume or snapshot ``error``)."""
+
+
+class ResourceGone(SpotrunError):
+    """A resource we were waiting on no longer exists."""
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "")
+    return ""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Throttling, 5xx and connection problems: the call may be tried again."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error_code(exc) in _TRANSIENT_CODES or status >= 500 or status == 429
+    return isinstance(exc, BotoCoreError)
+
+
+def _record_call(params: Any = None, model: Any = None, **_: Any) -> None:
+    path = os.environ.get(RECORD_CALLS_ENV)
+    if path and model is not None:
+        service = model.service_model.signing_name or model.service_model.endpoint_prefix
+        with open(path, "a") as out:
+            out.write(json.dumps({"action": f"{service}:{model.name}"}) + "\n")
+
+
+def client(service: str, aws: AwsConfig, region: str, *, max_attempts: int | None = None):
+    """The agent's boto3 client for ``service`` (retry mode/attempts and endpoint from config)."""
+    config = botocore.config.Config(
+        region_name=region,
+        retries={"mode": aws.retry_mode, "total_max_attempts": max_attempts or aws.max_attempts},
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+    )
+    kwargs: dict[str, Any] = {"config": config, "region_name": region}
+    if aws.endpoint_url:
+        kwargs["endpoint_url"] = aws.endpoint_url
+    made = boto3.session.Session().client(service, **kwargs)
+    if os.environ.get(RECORD_CALLS_ENV):
+        made.meta.events.register("before-call", _record_call)
+    return made
+
+
+def single_attempt(ec2, aws: AwsConfig):
+    """A twin of ``ec2`` that never retries by itself (for calls that create things)."""
+    return client(ec2.meta.service_model.service_name, aws, ec2.meta.region_name, max_attempts=1)
+
+
+def backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
+    return random.uniform(0, min(cap, base * (2 ** attempt)))
+
+
+def create_once(
+    what: str,
+    create: Callable[[], dict],
+    find_existing: Callable[[], dict | None],
+    *,
+    deadline_s: float = 300.0,
+) -> dict:
+    """Create a resource at most once: after any transient failure, look for it first.
+
+    ``find_existing`` looks the resource up by the idempotency tag set at creation
+    (TagSpecifications make the tag part of the same atomic create).
+    """
+    deadline = time.monotonic() + deadline_s
+    attempt = 0
+    while True:
+        found = find_existing()
+        if found is not None:
+            if attempt:
+                log.info("create_found_after_failure", what=what, attempt=attempt)
+            return found
+        try:
+            return create()
+        except (ClientError, BotoCoreError) as exc:
+            if not is_transient(exc) or time.monotonic() > deadline:
+                raise
+            log.warning("create_retry", what=what, attempt=attempt, error=str(exc)[:200])
+            attempt += 1
+            time.sleep(backoff(attempt))
+
+
+def call_retrying(what: str, call: Callable[[], Any], *, deadline_s: float = 120.0,
+                  settled: Callable[[], bool] | None = None) -> Any:
+    """Retry a transient failure until ``deadline_s``; ``settled()`` says the work was done anyway."""
+    deadline = time.monotonic() + deadline_s
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except (ClientError, BotoCoreError) as exc:
+            if settled is not None and is_transient(exc):
+                try:
+                    if settled():
+                        log.info("call_performed_despite_error", what=what, error=str(exc)[:200])
+                        return None
+                except (ClientError, BotoCoreError):
+                    pass
+            if not is_transient(exc) or time.monotonic() > deadline:
+                raise
+            attempt += 1
+            time.sleep(backoff(attempt))
+
+
+def describe_volume(ec2, volume_id: str) -> dict | None:
+    try:
+        volumes = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+    except ClientError as exc:
+        if error_code(exc) in ("InvalidVolume.NotFound", "InvalidVolumeID.NotFound"):
+            return None
+        raise
+    return volumes[0] if volumes else None
+
+
+def describe_snapshot(ec2, snapshot_id: str) -> dict | None:
+    try:
+        snapshots = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+    except ClientError as exc:
+        if error_code(exc) in ("InvalidSnapshot.NotFound", "InvalidSnapshotID.NotFound"):
+            return None
+        raise
+    return snapshots[0] if snapshots else None
+
+
+def _poll(what: str, fetch: Callable[[], Any], done: Callable[[Any], bool],
+          failed: Callable[[Any], str | None], deadline_s: float, poll_s: float) -> Any:
+    deadline = time.monotonic() + deadline_s
+    interval = min(poll_s, 0.2)
+    last = None
+    while True:
+        try:
+            last = fetch()
+        except (ClientError, BotoCoreError) as exc:
+            if not is_transient(exc):
+                raise
+        else:
+            if done(last):
+                return last
+            reason = failed(last)
+            if reason:
+                raise ResourceFailed(f"{what}: {reason}")
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"{what}: not done after {deadline_s:.0f} s (last seen: {_brief(last)})")
+        time.sleep(interval)
+        interval = min(poll_s, interval * 1.5)
+
+
+def _brief(resource: Any) -> str:
+    if not resource:
+        return "nothing"
+    return str(resource.get("State", resource.get("Attachments", "")))
+
+
+def wait_for_volume(ec2, volume_id: str, states: Iterable[str], deadline_s: float,
+                    poll_s: float = 5.0) -> dict:
+    """Wait until the volume is in one of ``states``; ``error`` or disappearance fails at once."""
+    wanted = set(states)
+
+    def failed(volume: dict | None) -> str | None:
+        if volume is None:
+            raise ResourceGone(f"volume {volume_id} no longer exists")
+        if volume["State"] == "error" and "error" not in wanted:
+            return f"volume {volume_id} is in state 'error' (AWS could not create or restore it)"
+        if volume["State"] in ("deleting", "deleted") and not wanted & {"deleting", "deleted"}:
+            return f"volume {volume_id} is being deleted"
+        return None
+
+    return _poll(f"waiting for volume {volume_id} to be {'/'.join(sorted(wanted))}",
+                 lambda: describe_volume(ec2, volume_id),
+                 lambda v: v is not None and v["State"] in wanted, failed, deadline_s, poll_s)
+
+
+def wait_for_volume_deleted(ec2, volume_id: str, deadline_s: float, poll_s: float = 5.0) -> None:
+    _poll(f"waiting for volume {volume_id} to be deleted", lambda: describe_volume(ec2, volume_id),
+          lambda v: v is None or v["State"] == "deleted", lambda v: None, deadline_s, poll_s)
+
+
+def wait_for_snapshot(ec2, snapshot_id: str, deadline_s: float, poll_s: float = 10.0) -> dict:
+    """Wait until the snapshot is ``completed``; ``error`` or disappearance fails at once."""
+
+    def failed(snapshot: dict | None) -> str | None:
+        if snapshot is None:
+            raise ResourceGone(f"snapshot {snapshot_id} no longer exists")
+        if snapshot["State"] == "error":
+            return f"snapshot {snapshot_id} is in state 'error': {snapshot.get('StateMessage', '')}"
+        return None
+
+    return _poll(f"waiting for snapshot {snapshot_id} to complete",
+                 lambda: describe_snapshot(ec2, snapshot_id),
+                 lambda s: s is not None and s["State"] == "completed", failed, deadline_s, poll_s)
+
+
+def attachment_of(volume: dict | None) -> dict | None:
+    """The volume's attachment that is not 'detached', if any."""
+    for att in (volume or {}).get("Attachments", []):
+        if att.get("State") != "detached":
+            return att
+    return None
+
+
+def wait_for_attachment(ec2, volume_id: str, instance_id: str, deadline_s: float,
+                        state: str = "attached", poll_s: float = 2.0) -> dict:
+    """Wait until ``volume_id`` is ``state`` ('attached' or 'detached') on ``instance_id``."""
+
+    def done(volume: dict | None) -> bool:
+        att = attachment_of(volume)
+        if state == "detached":
+            return att is None or att["InstanceId"] != instance_id
+        return att is not None and att["InstanceId"] == instance_id and att["State"] == "attached"
+
+    def failed(volume: dict | None) -> str | None:
+        if volume is None:
+            raise ResourceGone(f"volume {volume_id} no longer exists")
+        if volume["State"] == "error":
+            return f"volume {volume_id} is in state 'error'"
+        att = attachment_of(volume)
+        if state == "attached" and att is not None and att["InstanceId"] != instance_id:
+            return f"volume {volume_id} is attached to another instance, {att['InstanceId']}"
+        if state == "attached" and volume["State"] == "available" and att is None:
+            return None  # the attach may not be visible yet
+        return None
+
+    return _poll(f"waiting for volume {volume_id} to be {state} on {instance_id}",
+                 lambda: describe_volume(ec2, volume_id), done, failed, deadline_s, poll_s)
