@@ -39,7 +39,9 @@ EXT4_LABEL_MAX = 16
 _VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8,17}$")
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
-log = get_logger("blockdev")
+def log():
+    # Looked up at each use, so that spotrun.log.configure() later (e.g. a test's stream) applies.
+    return get_logger("blockdev")
 
 
 class DeviceError(SpotrunError):
@@ -107,14 +109,14 @@ def wait_for_device(volume_id: str, device_dir: Path, timeout_s: float, *,
     while True:
         device = find_device(volume_id, device_dir, sys_block=sys_block, dev=dev)
         if device is not None:
-            log.info("device_found", volume_id=volume_id, device=str(device),
+            log().info("device_found", volume_id=volume_id, device=str(device),
                      waited_s=round(time.monotonic() - started, 3))
             return device
         if time.monotonic() >= deadline:
             break
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(interval * 2, 0.5)
-    log.error("device_timeout", volume_id=volume_id, device_dir=str(device_dir), timeout_s=timeout_s)
+    log().error("device_timeout", volume_id=volume_id, device_dir=str(device_dir), timeout_s=timeout_s)
     raise DeviceError(
         f"volume {volume_id}: no device appeared within {timeout_s:g} s: no "
         f"{device_dir / device_link_name(volume_id)} in {device_dir}, and no NVMe device in "
@@ -174,7 +176,7 @@ def make_filesystem(device: Path, label: str) -> None:
     made = filesystem_type(device)
     if made != "ext4":
         raise DeviceError(f"mkfs.ext4 on {device} finished but blkid finds {made!r}, not ext4")
-    log.info("filesystem_made", device=str(device), fstype="ext4", label=label,
+    log().info("filesystem_made", device=str(device), fstype="ext4", label=label,
              duration_s=round(time.monotonic() - started, 3))
 
 
@@ -187,16 +189,16 @@ def check_filesystem(device: Path) -> None:
     device = Path(device)
     fstype = filesystem_type(device)
     if fstype not in ("ext2", "ext3", "ext4"):
-        log.info("fsck_skipped", device=str(device), fstype=fstype, reason="not ext2/3/4")
+        log().info("fsck_skipped", device=str(device), fstype=fstype, reason="not ext2/3/4")
         return
     points = mount_points_of(device)
     if points:
-        log.info("fsck_skipped", device=str(device), reason="mounted", mount_points=points)
+        log().info("fsck_skipped", device=str(device), reason="mounted", mount_points=points)
         return
     started = time.monotonic()
     # e2fsck exit codes: 0 clean, 1 errors fixed, 2 fixed and reboot advised; 4+ not fixed.
     result = _run(["e2fsck", "-p", str(device)], f"checking the filesystem on {device}", ok=(0, 1, 2))
-    log.info("fsck_done", device=str(device), exit_code=result.returncode,
+    log().info("fsck_done", device=str(device), exit_code=result.returncode,
              repaired=result.returncode != 0, duration_s=round(time.monotonic() - started, 3))
 
 
@@ -260,7 +262,7 @@ def mount(device: Path, mount_point: Path, options: str = "noatime") -> None:
     mount_point = Path(mount_point)
     current = mounted_device(mount_point)
     if current == device:
-        log.info("mount_already", device=str(device), mount_point=str(mount_point))
+        log().info("mount_already", device=str(device), mount_point=str(mount_point))
         return
     if current is not None:
         raise DeviceError(f"cannot mount {device} at {mount_point}: {current} is mounted there")
@@ -271,7 +273,7 @@ def mount(device: Path, mount_point: Path, options: str = "noatime") -> None:
     mount_point.mkdir(parents=True, exist_ok=True)
     if any(mount_point.iterdir()):
         # Files written while nothing was mounted would be hidden, not lost; say so.
-        log.warning("mount_point_not_empty", mount_point=str(mount_point))
+        log().warning("mount_point_not_empty", mount_point=str(mount_point))
     if device.is_dir():
         argv = ["mount", "--bind", str(device), str(mount_point)]
         kind = "bind"
@@ -282,7 +284,7 @@ def mount(device: Path, mount_point: Path, options: str = "noatime") -> None:
         argv = ["mount", "-t", fstype, "-o", options, str(device), str(mount_point)]
         kind = fstype
     _run(argv, f"mounting {device} at {mount_point}")
-    log.info("mounted", device=str(device), mount_point=str(mount_point), fstype=kind, options=options)
+    log().info("mounted", device=str(device), mount_point=str(mount_point), fstype=kind, options=options)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -330,7 +332,7 @@ def unmount(mount_point: Path) -> None:
     mount_point = Path(mount_point)
     device = mounted_device(mount_point)
     if device is None:
-        log.info("unmount_already", mount_point=str(mount_point))
+        log().info("unmount_already", mount_point=str(mount_point))
         return
     sync(mount_point)
     result = subprocess.run(["umount", str(mount_point)], capture_output=True, text=True,
@@ -339,12 +341,12 @@ def unmount(mount_point: Path) -> None:
         holders = _holders(mount_point)
         message = result.stderr.strip() or f"umount exited {result.returncode}"
         if "busy" in message or holders:
-            log.error("unmount_busy", mount_point=str(mount_point), holders=holders)
+            log().error("unmount_busy", mount_point=str(mount_point), holders=holders)
             raise DeviceError(f"cannot unmount {mount_point}: it is busy"
                               + (f"; held by {', '.join(holders)}" if holders else "")
                               + f" ({message})")
         raise DeviceError(f"cannot unmount {mount_point}: {message}")
-    log.info("unmounted", mount_point=str(mount_point), device=str(device))
+    log().info("unmounted", mount_point=str(mount_point), device=str(device))
 
 
 # -- layout ----------------------------------------------------------------------------------
@@ -382,4 +384,4 @@ def prepare_layout(mount_point: Path, subdirs: list[str], user: str) -> None:
         stat = path.stat()
         if created or (stat.st_uid, stat.st_gid) != (account.pw_uid, account.pw_gid):
             _chown_tree(path, account.pw_uid, account.pw_gid)
-            log.info("layout_owned", path=str(path), user=user, created=created)
+            log().info("layout_owned", path=str(path), user=user, created=created)

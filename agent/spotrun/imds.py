@@ -44,7 +44,9 @@ MAX_TOKEN_TTL_S = 21600
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
 
-log = get_logger("imds")
+def log():
+    # Looked up at each use, so that spotrun.log.configure() later (e.g. a test's stream) applies.
+    return get_logger("imds")
 
 
 class MetadataError(SpotrunError):
@@ -62,8 +64,9 @@ class MetadataUnavailable(MetadataError):
 class _Retry(Exception):
     """One failed attempt that is worth another one (internal)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, unauthorized: bool = False):
         self.reason = reason
+        self.unauthorized = unauthorized
         super().__init__(reason)
 
 
@@ -185,20 +188,26 @@ class MetadataClient:
         deadline = self._clock() + budget
         attempt = 0
         last_reason = ""
+        refreshed_after_401 = False
         while True:
             attempt += 1
             try:
                 return self._attempt(path, deadline)
             except _Retry as retry:
                 last_reason = retry.reason
+                # An expired token is routine: the first 401 is retried at once with a new one.
+                retry_now = retry.unauthorized and not refreshed_after_401
+                refreshed_after_401 |= retry.unauthorized
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
+            if retry_now:
+                continue
             delay = min(remaining, BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt - 1, 16))
             delay *= random.uniform(0.5, 1.0)
-            log.info("imds_retry", path=path, attempt=attempt, reason=last_reason, delay_s=round(delay, 3))
+            log().info("imds_retry", path=path, attempt=attempt, reason=last_reason, delay_s=round(delay, 3))
             self._sleep(delay)
-        log.warning("imds_unavailable", path=path, endpoint=self.endpoint, attempts=attempt,
+        log().warning("imds_unavailable", path=path, endpoint=self.endpoint, attempts=attempt,
                     reason=last_reason, deadline_s=budget)
         raise MetadataUnavailable(
             f"instance metadata {self.endpoint}/latest/{path}: no answer within {budget:g} s "
@@ -226,7 +235,7 @@ class MetadataClient:
         if status == 401:
             # Expired or revoked token (or the service restarted): a fresh one next attempt.
             self.invalidate_token()
-            raise _Retry("401 Unauthorized (token refreshed)")
+            raise _Retry("401 Unauthorized (token refreshed)", unauthorized=True)
         if status >= 500 or status == 429:
             raise _Retry(f"HTTP {status}")
         raise MetadataError(f"instance metadata {url}: HTTP {status} {response.reason or ''}".rstrip(), path)
@@ -259,11 +268,11 @@ class MetadataClient:
             except ValueError:
                 pass
             self._token_expires = requested_at + ttl
-            log.info("imds_token_acquired", ttl_s=ttl)
+            log().info("imds_token_acquired", ttl_s=ttl)
             return self._token
         if status in (404, 405) and self.allow_imdsv1:
             self._v1_mode = True
-            log.warning("imds_v1_fallback", endpoint=self.endpoint, status=status,
+            log().warning("imds_v1_fallback", endpoint=self.endpoint, status=status,
                         reason="token endpoint absent; allow_imdsv1 is on")
             return None
         if status >= 500 or status == 429:
@@ -276,7 +285,7 @@ class MetadataClient:
             hint = " (no IMDSv2 token endpoint; set metadata.allow_imdsv1 = true to use IMDSv1)"
         elif status == 400:
             hint = f" (token TTL {self.token_ttl_s} s refused)"
-        log.error("imds_token_refused", endpoint=self.endpoint, status=status, path=path)
+        log().error("imds_token_refused", endpoint=self.endpoint, status=status, path=path)
         raise MetadataError(
             f"instance metadata {url}: HTTP {status} on the token request for {path}{hint}", path
         )
