@@ -1,8 +1,190 @@
-"""``spotrun init|launch|status|cancel``."""
+"""``spotrun init|launch|status|cancel``: the operator's commands, run from a laptop."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from spotrun import log
+from spotrun.errors import UsageError
+from spotrun.operator import cancel as cancel_mod
+from spotrun.operator import init as init_mod
+from spotrun.operator import jobfile
+from spotrun.operator import launch as launch_mod
+from spotrun.operator import status as status_mod
+from spotrun.operator.aws import Aws
+from spotrun.operator.progress import Reporter
+
+LOCAL_STATE = Path("/var/lib/spotrun/state.json")
+
+
+def _common(parser: argparse.ArgumentParser, job_id: bool = False) -> None:
+    parser.add_argument("--job-file", "-f", metavar="PATH",
+                        help=f"the job file (default: ./{jobfile.DEFAULT_JOB_FILE})")
+    if job_id:
+        parser.add_argument("--job", metavar="ID", help="the job id (instead of a job file)")
+    parser.add_argument("--region", help="AWS region (default: the job file's aws.region, then boto3's chain)")
+    parser.add_argument("--endpoint-url", default="",
+                        help="another AWS endpoint (the local spot cloud, moto); AWS_ENDPOINT_URL works too")
+    parser.add_argument("--json", action="store_true", help="machine-readable output, no progress lines")
+    parser.add_argument("--verbose", "-v", action="store_true", help="structured log events on stderr")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    return None
+    init = subparsers.add_parser(
+        "init", help="create (or adopt) the job's volume, IAM role/policy/profile and lease table",
+        description="Idempotent: run it again and it adopts what exists. The volume is created "
+                    "empty; the agent formats it on first attach.")
+    _common(init)
+    init.add_argument("--dry-run", action="store_true", help="print the plan; make no AWS call")
+    init.set_defaults(func=cmd_init)
+
+    launch = subparsers.add_parser(
+        "launch", help="launch template (IMDSv2 only) + spot capacity for the job",
+        description="Validates the job file first (no AWS call on a bad file), then creates the "
+                    "launch template and an EC2 Fleet, Auto Scaling group or Spot Fleet.")
+    _common(launch)
+    launch.add_argument("--dry-run", action="store_true",
+                        help="print the launch template, user data and fleet request; make no AWS call")
+    launch.add_argument("--wait", action="store_true", help="wait until an instance is running")
+    launch.add_argument("--timeout", type=float, default=900, help="seconds --wait waits (default 900)")
+    launch.set_defaults(func=cmd_launch)
+
+    status = subparsers.add_parser(
+        "status", help="the job at a glance (or, on an instance with no job given, the local agent)",
+        description="Capacity, instances, AZ, spot price now, the agent's phase and progress from the "
+                    "volume's tags, volumes, snapshots and an estimated cost vs on demand.")
+    _common(status, job_id=True)
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted (Ctrl-C)")
+    status.add_argument("--interval", type=float, default=10.0, help="seconds between --watch refreshes")
+    status.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)  # bounded --watch, for tests
+    status.set_defaults(func=cmd_status)
+
+    cancel = subparsers.add_parser(
+        "cancel", help="cancel the job's fleet/group and terminate its instances; keeps the volume")
+    _common(cancel, job_id=True)
+    cancel.add_argument("--delete-volume", action="store_true",
+                        help="also snapshot, then delete, the job's volume (asks first)")
+    cancel.add_argument("--yes", "-y", action="store_true", help="don't ask (required without a terminal)")
+    cancel.set_defaults(func=cmd_cancel)
+
+
+def _setup(args: argparse.Namespace) -> Reporter:
+    log.configure("info" if args.verbose else "warning", stream=sys.stderr)
+    return Reporter(quiet=args.json)
+
+
+def _aws(args: argparse.Namespace, job: jobfile.Job | None) -> Aws:
+    region = args.region or (job.region if job else "")
+    endpoint = args.endpoint_url or (job.config.aws.endpoint_url if job else "")
+    return Aws(region=region, endpoint_url=endpoint)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=None if args.watch_line else 2, default=str) if args.json else text,
+          flush=True)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    job = jobfile.load(args.job_file)  # validation before any AWS call
+    reporter = _setup(args)
+    args.watch_line = False
+    if args.dry_run:
+        steps = init_mod.plan(job)
+        text = "\n".join([f"spotrun init {job.id}: plan (dry run, no AWS call)"] +
+                         [f"  ensure {s.kind:17} {s.name:30} {s.detail}" for s in steps])
+        _emit(args, {"job": job.id, "dry_run": True, "plan": [s.as_dict() for s in steps]}, text)
+        return 0
+    steps = init_mod.apply(_aws(args, job), job, reporter)
+    text = "\n".join([f"spotrun init {job.id}:"] +
+                     [f"  {s.action:8} {s.kind:17} {s.name:30} {s.detail}" for s in steps])
+    _emit(args, {"job": job.id, "steps": [s.as_dict() for s in steps]}, text)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    job = jobfile.load(args.job_file)
+    reporter = _setup(args)
+    args.watch_line = False
+    if args.dry_run:
+        plan = launch_mod.plan(job)
+        _emit(args, plan, json.dumps(plan, indent=2))
+        return 0
+    result = launch_mod.apply(_aws(args, job), job, reporter, wait=args.wait, timeout_s=args.timeout)
+    text = (f"launched job {job.id}: {result['fleet']['kind']} {result['fleet']['id']}, launch template "
+            f"{result['launch_template']['LaunchTemplateName']} v{result['launch_template']['Version']}, "
+            f"user data {result['user_data_bytes']} bytes\nfollow it with: spotrun status --watch"
+            + (f" --job-file {args.job_file}" if args.job_file else ""))
+    _emit(args, result, text)
+    return 0
+
+
+def _job_from_args(args: argparse.Namespace) -> tuple[str, jobfile.Job | None]:
+    if args.job_file or (not args.job and Path(jobfile.DEFAULT_JOB_FILE).is_file()):
+        job = jobfile.load(args.job_file)
+        if args.job and args.job != job.id:
+            raise UsageError(f"--job {args.job} does not match the job file's job.id {job.id}")
+        return job.id, job
+    if args.job:
+        if not jobfile.agent_config._JOB_ID.match(args.job):
+            raise UsageError(f"--job: {args.job!r} is not a valid job id")
+        return args.job, None
+    return "", None
+
+
+def _local_status(args: argparse.Namespace) -> int:
+    try:
+        from spotrun.agentcmd import print_local_status
+    except ImportError:
+        print_local_status = None
+    if print_local_status is not None and LOCAL_STATE.exists():
+        return int(print_local_status(args) or 0)
+    raise UsageError(f"no job given: pass --job ID or --job-file PATH (or run where ./{jobfile.DEFAULT_JOB_FILE} "
+                     "is; on an instance, `spotrun agent status` shows the local agent)")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job_id, job = _job_from_args(args)
+    if not job_id:
+        return _local_status(args)
+    _setup(args)
+    aws = _aws(args, job)
+    types = list(job.launch.instance_types) if job else []
+    args.watch_line = args.watch
+    shown = 0
+    while True:
+        view = status_mod.gather(aws, job_id, types)
+        text = status_mod.render(view)
+        if args.watch and sys.stdout.isatty() and not args.json:
+            text = "\033[H\033[2J" + text  # redraw in place, like watch(1)
+        _emit(args, view, text)
+        shown += 1
+        if not args.watch or (args.count and shown >= args.count):
+            return 0
+        if not args.json and not sys.stdout.isatty():
+            print("", flush=True)
+        time.sleep(args.interval)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job_id, job = _job_from_args(args)
+    if not job_id:
+        raise UsageError(f"no job given: pass --job ID or --job-file PATH")
+    if args.delete_volume and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("--delete-volume deletes the job's data: confirm with --yes when not on a terminal")
+        answer = input(f"Cancel job {job_id}, snapshot its volume, then DELETE the volume? "
+                       f"Type the job id to confirm: ")
+        if answer.strip() != job_id:
+            raise UsageError("not confirmed; nothing was changed")
+    reporter = _setup(args)
+    args.watch_line = False
+    result = cancel_mod.apply(_aws(args, job), job_id, reporter, delete_volume=args.delete_volume)
+    text = (f"job {job_id}: cancelled {len(result['cancelled'])} fleet(s)/group(s), terminated "
+            f"{len(result['terminated'])} stray instance(s); kept {len(result['volumes_kept'])} volume(s), "
+            f"deleted {len(result['volumes_deleted'])}")
+    _emit(args, result, text)
+    return 0

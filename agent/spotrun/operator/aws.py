@@ -1,0 +1,60 @@
+"""boto3 for the operator: the standard credential chain and region, standard retries.
+
+Nothing here reads or writes credentials: boto3's own chain (environment, profile, SSO,
+instance role) supplies them. ``AWS_ENDPOINT_URL`` (or ``--endpoint-url``) points every
+client at another endpoint, e.g. the local spot cloud or moto's server.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from spotrun.errors import SpotrunError
+
+RETRY_CONFIG = botocore.config.Config(retries={"mode": "standard", "max_attempts": 8},
+                                      user_agent_extra="spotrun-operator")
+
+
+@dataclass
+class Aws:
+    """Lazily-created clients sharing one session, region and endpoint."""
+
+    region: str = ""
+    endpoint_url: str = ""
+    _session: Any = None
+    _clients: dict = field(default_factory=dict)
+
+    @property
+    def session(self) -> boto3.session.Session:
+        if self._session is None:
+            self._session = boto3.session.Session(region_name=self.region or None)
+            if not self._session.region_name:
+                raise SpotrunError("no AWS region: set aws.region in the job file, AWS_REGION, "
+                                   "or a profile's region")
+            self.region = self._session.region_name
+        return self._session
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            kwargs = {"config": RETRY_CONFIG}
+            if self.endpoint_url:
+                kwargs["endpoint_url"] = self.endpoint_url
+            self._clients[service] = self.session.client(service, **kwargs)
+        return self._clients[service]
+
+    def account_id(self) -> str:
+        return self.client("sts").get_caller_identity()["Account"]
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return exc.response.get("Error", {}).get("Code", "")
+    return ""
+
+
+def for_job(job: Any, endpoint_url: str = "") -> Aws:
+    return Aws(region=job.region, endpoint_url=endpoint_url or job.config.aws.endpoint_url)

@@ -1,0 +1,214 @@
+"""The job file: one TOML the operator writes, validated completely before any AWS call.
+
+It is a superset of the agent's config (``spotrun.config``): the sections the agent knows
+(``job``, ``code``, ``trainer``, ``volume``, ``aws``, ``agent``, ``metadata``) go, as written,
+into the user-data stub; the ``[launch]`` section is the operator's only (image, instance
+types, placement, price, fleet kind) and never leaves the laptop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from spotrun import config as agent_config
+from spotrun.config import ConfigError
+
+DEFAULT_JOB_FILE = "spotrun.toml"
+FLEET_KINDS = ("ec2-fleet", "asg", "spot-fleet")
+ALLOCATION_STRATEGIES = ("price-capacity-optimized", "capacity-optimized", "lowest-price",
+                         "diversified", "capacity-optimized-prioritized")
+DEFAULT_LEASE_TABLE = "spotrun-leases"
+
+# family[generation][attributes].size, e.g. p3.2xlarge, g5.xlarge, trn1n.32xlarge, u-6tb1.metal
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.(nano|micro|small|medium|large|metal|"
+                            r"[0-9]*xlarge|metal-[0-9]+xl)$")
+_AZ = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9][a-z]$")
+_SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_SECURITY_GROUP = re.compile(r"^sg-[0-9a-f]{8,17}$")
+_IMAGE = re.compile(r"^ami-[0-9a-f]{8,17}$")
+_REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]$")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """The ``[launch]`` section: where and how to get capacity."""
+
+    image_id: str = ""
+    instance_types: tuple[str, ...] = ("p3.2xlarge", "p2.xlarge")
+    # Where `init` creates the volume; "" = the first of availability_zones, else the region's first.
+    volume_availability_zone: str = ""
+    availability_zones: tuple[str, ...] = ()
+    subnets: tuple[str, ...] = ()
+    security_group_ids: tuple[str, ...] = ()
+    key_name: str = ""
+    # USD per instance-hour; 0 = no cap beyond the on-demand price (AWS's default and advice).
+    max_price: float = 0.0
+    fleet: str = "ec2-fleet"
+    allocation_strategy: str = "price-capacity-optimized"
+    target_capacity: int = 1
+    # Names; "" = derived from the job id (see Job.names).
+    instance_role: str = ""
+    launch_template: str = ""
+    spot_fleet_role: str = "spotrun-spot-fleet"
+    lease_table: bool = True
+
+
+_LAUNCH_FIELDS = {f.name: f for f in dataclasses.fields(LaunchSpec)}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job file: the agent's config plus the launch section."""
+
+    config: agent_config.Config
+    launch: LaunchSpec
+    # The agent-config sections exactly as the file wrote them (what the user data carries).
+    agent_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source: str = "job file"
+
+    @property
+    def id(self) -> str:
+        return self.config.job.id
+
+    @property
+    def region(self) -> str:
+        return self.config.aws.region
+
+    @property
+    def lease_table(self) -> str:
+        if not self.launch.lease_table:
+            return ""
+        return self.config.aws.lease_table or DEFAULT_LEASE_TABLE
+
+    @property
+    def role_name(self) -> str:
+        return self.launch.instance_role or bounded_name(f"spotrun-{self.id}", 64)
+
+    @property
+    def launch_template_name(self) -> str:
+        return self.launch.launch_template or bounded_name(f"spotrun-{self.id}", 128)
+
+    @property
+    def group_name(self) -> str:
+        return bounded_name(f"spotrun-{self.id}", 255)
+
+    @property
+    def volume_az(self) -> str:
+        if self.launch.volume_availability_zone:
+            return self.launch.volume_availability_zone
+        if self.launch.availability_zones:
+            return self.launch.availability_zones[0]
+        return ""
+
+    def user_data_overrides(self) -> dict[str, dict[str, Any]]:
+        """What the agent needs: the file's agent sections, the job id and the lease table."""
+        out = {section: dict(values) for section, values in self.agent_overrides.items()}
+        out.setdefault("job", {})["id"] = self.id
+        if self.lease_table:
+            out.setdefault("aws", {})["lease_table"] = self.lease_table
+        # The operator's region and endpoint are the laptop's view; the agent reads its own.
+        for key in ("region", "endpoint_url"):
+            out.get("aws", {}).pop(key, None)
+        if out.get("aws") == {}:
+            del out["aws"]
+        return out
+
+
+def bounded_name(name: str, limit: int) -> str:
+    """AWS name limits: keep the readable prefix, make the cut unique with a short hash."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:limit - 9]}-{digest}"
+
+
+def _string_list(name: str, value: Any, pattern: re.Pattern | None, what: str, source: str) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(name, f"expected a list of strings, got {value!r}", source)
+    for item in value:
+        if pattern is not None and not pattern.match(item):
+            raise ConfigError(name, f"{item!r} is not {what}", source)
+    return tuple(value)
+
+
+def _launch_spec(raw: Mapping[str, Any], source: str) -> LaunchSpec:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("launch", "expected a table", source)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"launch.{key}"
+        if key not in _LAUNCH_FIELDS:
+            raise ConfigError(name, f"unknown key (known: {', '.join(sorted(_LAUNCH_FIELDS))})", source)
+        default = _LAUNCH_FIELDS[key].default
+        if key == "instance_types":
+            kwargs[key] = _string_list(name, value, _INSTANCE_TYPE,
+                                       "an instance type like p3.2xlarge", source)
+        elif key == "availability_zones":
+            kwargs[key] = _string_list(name, value, _AZ, "an availability zone like us-west-2b", source)
+        elif key == "subnets":
+            kwargs[key] = _string_list(name, value, _SUBNET, "a subnet id like subnet-0abc1234", source)
+        elif key == "security_group_ids":
+            kwargs[key] = _string_list(name, value, _SECURITY_GROUP, "a security group id like sg-0abc1234",
+                                       source)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(name, f"expected true or false, got {value!r}", source)
+            kwargs[key] = value
+        elif isinstance(default, int) and not isinstance(default, bool) and key == "target_capacity":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"expected a whole number of instances >= 1, got {value!r}", source)
+            kwargs[key] = value
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(name, f"expected a price in USD per hour, got {value!r}", source)
+            if value < 0:
+                raise ConfigError(name, f"must not be negative, got {value}", source)
+            kwargs[key] = float(value)
+        else:
+            if not isinstance(value, str):
+                raise ConfigError(name, f"expected a string, got {value!r}", source)
+            kwargs[key] = value
+    spec = LaunchSpec(**kwargs)
+    if not spec.instance_types:
+        raise ConfigError("launch.instance_types", "must name at least one instance type", source)
+    if spec.fleet not in FLEET_KINDS:
+        raise ConfigError("launch.fleet", f"must be one of {', '.join(FLEET_KINDS)}, got {spec.fleet!r}",
+                          source)
+    if spec.allocation_strategy not in ALLOCATION_STRATEGIES:
+        raise ConfigError("launch.allocation_strategy",
+                          f"must be one of {', '.join(ALLOCATION_STRATEGIES)}, got {spec.allocation_strategy!r}",
+                          source)
+    if spec.image_id and not _IMAGE.match(spec.image_id):
+        raise ConfigError("launch.image_id", f"{spec.image_id!r} is not an AMI id like ami-0abc1234", source)
+    if spec.volume_availability_zone and not _AZ.match(spec.volume_availability_zone):
+        raise ConfigError("launch.volume_availability_zone",
+                          f"{spec.volume_availability_zone!r} is not an availability zone", source)
+    return spec
+
+
+def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
+    """Validate a parsed job file; ConfigError names the first bad field."""
+    raw = dict(raw)
+    launch = _launch_spec(raw.pop("launch", {}), source)
+    config = agent_config.load(None, (raw, source), require_repository=True)
+    if config.aws.region and not _REGION.match(config.aws.region):
+        raise ConfigError("aws.region", f"{config.aws.region!r} is not a region like us-west-2", source)
+    for key, zones in (("launch.availability_zones", launch.availability_zones),
+                       ("launch.volume_availability_zone", (launch.volume_availability_zone,))):
+        for zone in zones:
+            if zone and config.aws.region and not zone.startswith(config.aws.region):
+                raise ConfigError(key, f"{zone!r} is not in the job's region {config.aws.region}", source)
+    overrides = {section: dict(values) for section, values in raw.items()}
+    return Job(config=config, launch=launch, agent_overrides=overrides, source=source)
+
+
+def load(path: str | Path | None) -> Job:
+    """Read and validate a job file (default: ./spotrun.toml)."""
+    path = Path(path or DEFAULT_JOB_FILE)
+    if not path.is_file():
+        raise ConfigError("(file)", "no such job file; pass --job-file PATH", str(path))
+    return from_mapping(agent_config.parse_toml(path.read_text(), str(path)), str(path))

@@ -1,0 +1,225 @@
+"""``spotrun launch``: a launch template (IMDSv2 only, the user-data stub, the instance
+profile) and capacity through EC2 Fleet, an Auto Scaling group, or the seed's Spot Fleet.
+
+Replaces the seed's steps 3, 4 and 6: no base64/sed substitution, no account ids pasted
+into JSON, IMDSv1 closed, several instance types with price-capacity-optimized allocation.
+"""
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+from spotrun import tags, userdata
+from spotrun.errors import SpotrunError, UsageError
+from spotrun.log import get_logger
+from spotrun.operator import fleets
+from spotrun.operator.aws import Aws, error_code
+from spotrun.operator.init import find_volumes
+from spotrun.operator.jobfile import Job
+from spotrun.operator.progress import Reporter
+
+_log = get_logger("operator")
+
+# Spot Fleet spells its strategies in camelCase.
+_SPOT_FLEET_STRATEGY = {"price-capacity-optimized": "priceCapacityOptimized",
+                        "capacity-optimized": "capacityOptimized", "lowest-price": "lowestPrice",
+                        "diversified": "diversified",
+                        "capacity-optimized-prioritized": "capacityOptimizedPrioritized"}
+
+
+def template_data(job: Job, user_data: bytes) -> dict[str, Any]:
+    """LaunchTemplateData; instance types come from the fleet's overrides, not from here."""
+    launch = job.launch
+    data: dict[str, Any] = {
+        "ImageId": launch.image_id,
+        "IamInstanceProfile": {"Name": job.role_name},
+        "UserData": base64.b64encode(user_data).decode(),
+        # IMDSv2 only; hop limit 1 keeps metadata (and the role's credentials) out of reach of
+        # containers on the instance; tags in metadata let the agent read its own job tag.
+        "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1,
+                            "HttpEndpoint": "enabled", "InstanceMetadataTags": "enabled"},
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": tags.as_list({
+                tags.NAME: f"spotrun-{job.id}", tags.JOB: job.id})},
+            # The root volume gets a name only: the job tag (and the IAM scope that follows it)
+            # belongs to the data volume and its snapshots.
+            {"ResourceType": "volume", "Tags": tags.as_list({tags.NAME: f"spotrun-{job.id}-root"})},
+        ],
+    }
+    if launch.key_name:
+        data["KeyName"] = launch.key_name
+    if launch.security_group_ids and not launch.subnets:
+        data["SecurityGroupIds"] = list(launch.security_group_ids)
+    elif launch.security_group_ids:
+        # With subnets chosen per override, groups go on the interface (AWS requires it there).
+        data["NetworkInterfaces"] = [{"DeviceIndex": 0, "Groups": list(launch.security_group_ids),
+                                      "AssociatePublicIpAddress": True}]
+    return data
+
+
+def _overrides(job: Job, with_placement: bool = True) -> list[dict[str, Any]]:
+    launch = job.launch
+    out = []
+    for instance_type in launch.instance_types:
+        if with_placement and launch.subnets:
+            out.extend({"InstanceType": instance_type, "SubnetId": s} for s in launch.subnets)
+        elif with_placement and launch.availability_zones:
+            out.extend({"InstanceType": instance_type, "AvailabilityZone": z}
+                       for z in launch.availability_zones)
+        else:
+            out.append({"InstanceType": instance_type})
+    return out
+
+
+def ec2_fleet_request(job: Job, template: dict) -> dict[str, Any]:
+    overrides = _overrides(job)
+    if job.launch.max_price:
+        for override in overrides:
+            override["MaxPrice"] = f"{job.launch.max_price:.4f}"
+    return {
+        "Type": "maintain",  # replace interrupted instances, like the seed's Spot Fleet
+        "TargetCapacitySpecification": {"TotalTargetCapacity": job.launch.target_capacity,
+                                        "SpotTargetCapacity": job.launch.target_capacity,
+                                        "OnDemandTargetCapacity": 0,
+                                        "DefaultTargetCapacityType": "spot"},
+        "SpotOptions": {"AllocationStrategy": job.launch.allocation_strategy,
+                        "InstanceInterruptionBehavior": "terminate"},
+        "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": template, "Overrides": overrides}],
+        "ReplaceUnhealthyInstances": False,
+        "TagSpecifications": [{"ResourceType": "fleet", "Tags": tags.as_list({tags.JOB: job.id})}],
+    }
+
+
+def asg_request(job: Job, template: dict, zones: list[str]) -> dict[str, Any]:
+    distribution: dict[str, Any] = {"OnDemandBaseCapacity": 0, "OnDemandPercentageAboveBaseCapacity": 0,
+                                    "SpotAllocationStrategy": job.launch.allocation_strategy}
+    if job.launch.max_price:
+        distribution["SpotMaxPrice"] = f"{job.launch.max_price:.4f}"
+    request: dict[str, Any] = {
+        "AutoScalingGroupName": job.group_name,
+        "MinSize": 0, "MaxSize": job.launch.target_capacity,
+        "DesiredCapacity": job.launch.target_capacity,
+        "MixedInstancesPolicy": {
+            "LaunchTemplate": {"LaunchTemplateSpecification": template,
+                               "Overrides": _overrides(job, with_placement=False)},
+            "InstancesDistribution": distribution},
+        # No CapacityRebalance: a proactive replacement would start while the old instance
+        # still holds the job's single volume; the agent checkpoints on the recommendation instead.
+        "CapacityRebalance": False,
+        "Tags": [{"Key": tags.JOB, "Value": job.id, "PropagateAtLaunch": True,
+                  "ResourceId": job.group_name, "ResourceType": "auto-scaling-group"}],
+    }
+    if job.launch.subnets:
+        request["VPCZoneIdentifier"] = ",".join(job.launch.subnets)
+    else:
+        request["AvailabilityZones"] = zones
+    return request
+
+
+def spot_fleet_request(job: Job, template: dict, fleet_role_arn: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "IamFleetRole": fleet_role_arn,
+        "AllocationStrategy": _SPOT_FLEET_STRATEGY[job.launch.allocation_strategy],
+        "TargetCapacity": job.launch.target_capacity,
+        "Type": "maintain",
+        "InstanceInterruptionBehavior": "terminate",
+        "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": template, "Overrides": _overrides(job)}],
+        "TagSpecifications": [{"ResourceType": "spot-fleet-request",
+                               "Tags": tags.as_list({tags.JOB: job.id})}],
+    }
+    if job.launch.max_price:
+        config["SpotPrice"] = f"{job.launch.max_price:.4f}"
+    return config
+
+
+def plan(job: Job) -> dict[str, Any]:
+    """Everything launch would send, from the job file alone (``--dry-run``; no AWS call)."""
+    if not job.launch.image_id:
+        raise UsageError(f"{job.source}: launch.image_id: is required to launch (the AMI with spotrun installed)")
+    stub = userdata.render(job)
+    template = {"LaunchTemplateName": job.launch_template_name, "Version": "(new version)"}
+    if job.launch.fleet == "ec2-fleet":
+        request = ec2_fleet_request(job, template)
+    elif job.launch.fleet == "asg":
+        request = asg_request(job, template, list(job.launch.availability_zones) or ["(all in region)"])
+    else:
+        request = spot_fleet_request(job, template, f"arn:aws:iam::(account):role/{job.launch.spot_fleet_role}")
+    return {"launch_template": {"name": job.launch_template_name, "data": template_data(job, stub)},
+            "user_data": stub.decode(), "user_data_bytes": len(stub),
+            "fleet": {"kind": job.launch.fleet, "request": request}}
+
+
+def _ensure_template(ec2: Any, job: Job, data: dict) -> dict[str, str]:
+    """Create the template, or add a version to it; returns the spec pinned to that version."""
+    name = job.launch_template_name
+    try:
+        created = ec2.create_launch_template(
+            LaunchTemplateName=name, LaunchTemplateData=data, ClientToken=str(uuid.uuid4()),
+            TagSpecifications=[{"ResourceType": "launch-template", "Tags": tags.as_list({tags.JOB: job.id})}])
+        version = created["LaunchTemplate"]["LatestVersionNumber"]
+    except Exception as exc:  # noqa: BLE001
+        if error_code(exc) not in ("InvalidLaunchTemplateName.AlreadyExistsException",
+                                   "InvalidLaunchTemplateName.AlreadyExists"):
+            raise
+        created = ec2.create_launch_template_version(LaunchTemplateName=name, LaunchTemplateData=data,
+                                                     ClientToken=str(uuid.uuid4()))
+        version = created["LaunchTemplateVersion"]["VersionNumber"]
+        ec2.modify_launch_template(LaunchTemplateName=name, DefaultVersion=str(version))
+    _log.info("launch_template_ready", job=job.id, name=name, version=version)
+    return {"LaunchTemplateName": name, "Version": str(version)}
+
+
+def _preflight(aws: Aws, job: Job) -> None:
+    """What init must have made; a clear message instead of an EC2 error later."""
+    if not find_volumes(aws.client("ec2"), job):
+        raise SpotrunError(f"job {job.id} has no volume tagged {tags.JOB}={job.id}; run `spotrun init` first")
+    try:
+        aws.client("iam").get_instance_profile(InstanceProfileName=job.role_name)
+    except Exception as exc:  # noqa: BLE001
+        if error_code(exc) == "NoSuchEntity":
+            raise SpotrunError(f"instance profile {job.role_name} is missing; run `spotrun init` first") from None
+        raise
+    live = fleets.find(aws, job.id)
+    if live:
+        ids = ", ".join(f"{c.kind} {c.id}" for c in live)
+        raise SpotrunError(f"job {job.id} already has capacity ({ids}); `spotrun cancel` it first")
+
+
+def apply(aws: Aws, job: Job, reporter: Reporter, wait: bool = False, timeout_s: float = 900) -> dict:
+    stub = userdata.render(job)  # before any call: a stub we can't send stops here
+    if not job.launch.image_id:
+        raise UsageError(f"{job.source}: launch.image_id: is required to launch")
+    _preflight(aws, job)
+    ec2 = aws.client("ec2")
+    template = _ensure_template(ec2, job, template_data(job, stub))
+    kind = job.launch.fleet
+    if kind == "ec2-fleet":
+        answer = ec2.create_fleet(ClientToken=str(uuid.uuid4()), **ec2_fleet_request(job, template))
+        for error in answer.get("Errors", []):
+            _log.warning("fleet_launch_error", job=job.id, code=error.get("ErrorCode"),
+                         message=error.get("ErrorMessage"))
+        fleet_id = answer["FleetId"]
+    elif kind == "asg":
+        zones = [z["ZoneName"] for z in ec2.describe_availability_zones(
+            Filters=[{"Name": "state", "Values": ["available"]}])["AvailabilityZones"]]
+        request = asg_request(job, template, list(job.launch.availability_zones) or zones)
+        aws.client("autoscaling").create_auto_scaling_group(**request)
+        fleet_id = job.group_name
+    else:
+        role_arn = aws.client("iam").get_role(RoleName=job.launch.spot_fleet_role)["Role"]["Arn"]
+        fleet_id = ec2.request_spot_fleet(
+            SpotFleetRequestConfig=spot_fleet_request(job, template, role_arn))["SpotFleetRequestId"]
+    _log.info("capacity_requested", job=job.id, kind=kind, fleet_id=fleet_id)
+    result = {"job": job.id, "launch_template": template, "fleet": {"kind": kind, "id": fleet_id},
+              "user_data_bytes": len(stub), "instances": []}
+    if wait:
+        def running() -> tuple[bool, str]:
+            found = [c for c in fleets.find(aws, job.id) if c.id == fleet_id]
+            ids = found[0].instance_ids if found else []
+            states = [i["State"]["Name"] for i in fleets.describe_instances(aws, ids)]
+            result["instances"] = ids
+            return "running" in states, ",".join(states) or "no instance yet"
+
+        reporter.wait(f"{kind} {fleet_id} capacity", running, timeout_s)
+    return result

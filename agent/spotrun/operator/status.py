@@ -1,0 +1,170 @@
+"""``spotrun status``: the job at a glance from a laptop, read from AWS alone.
+
+Capacity and instances from EC2/Auto Scaling, the agent's phase and progress from the tags
+it writes on the job's volume, volumes and snapshots by the job tag, the spot price now,
+and an estimated cost against the same hours on demand.
+"""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from spotrun import tags
+from spotrun.operator import fleets, pricing
+from spotrun.operator.aws import Aws
+
+_ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
+_TRANSITION_TIME = re.compile(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) GMT\)")
+
+
+def _ended(instance: dict) -> datetime | None:
+    if instance["State"]["Name"] not in ("shutting-down", "terminated", "stopped"):
+        return None
+    match = _TRANSITION_TIME.search(instance.get("StateTransitionReason", ""))
+    if match:
+        return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    return None
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, timezone.utc)
+    if isinstance(value, str) and value:
+        try:
+            stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+    return None
+
+
+def agent_view(volume_tags: dict[str, str], now: datetime) -> dict[str, Any]:
+    """The agent's phase and progress as it recorded them on the volume."""
+    progress: dict[str, Any] = {}
+    raw = volume_tags.get(tags.PROGRESS)
+    if raw:
+        try:
+            progress = json.loads(raw)
+        except ValueError:
+            progress = {"unreadable": raw}
+    checkpoint = _parse_time(progress.get("checkpoint_time") if isinstance(progress, dict) else None)
+    return {
+        "phase": volume_tags.get(tags.PHASE, "unknown (no agent has reported yet)"),
+        "progress": progress,
+        "checkpoint_age_s": round((now - checkpoint).total_seconds()) if checkpoint else None,
+        "interruptions": int(volume_tags.get(tags.INTERRUPTIONS, "0") or 0),
+        "completed": volume_tags.get(tags.COMPLETED),
+        "failure": volume_tags.get(tags.FAILURE),
+        "commit": volume_tags.get(tags.COMMIT),
+        "last_instance": volume_tags.get(tags.INSTANCE),
+    }
+
+
+def _generation(volume: dict) -> int:
+    try:
+        return int(tags.as_dict(volume.get("Tags")).get(tags.GENERATION, "0"))
+    except ValueError:
+        return 0
+
+
+def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
+           now: datetime | None = None) -> dict[str, Any]:
+    now = now or datetime.now(timezone.utc)
+    ec2 = aws.client("ec2")
+    capacity = fleets.find(aws, job_id)
+    fleet_ids = sorted({i for c in capacity for i in c.instance_ids})
+    instances = {i["InstanceId"]: i for i in fleets.job_instances(aws, job_id, _ALL_STATES)}
+    for inst in fleets.describe_instances(aws, [i for i in fleet_ids if i not in instances]):
+        instances[inst["InstanceId"]] = inst
+    for inst in instances.values():
+        inst["_ended"] = _ended(inst)
+    volumes = ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
+    snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=tags.job_filters(job_id))["Snapshots"]
+    data_volumes = [v for v in volumes if tags.as_dict(v.get("Tags")).get(tags.ROLE, "volume") == "volume"]
+    newest = max(data_volumes, key=_generation, default=None)
+    types = sorted(set(instance_types or []) | {i["InstanceType"] for i in instances.values()})
+    spot_prices = pricing.current_spot_prices(ec2, types)
+    live = [i for i in instances.values() if i["State"]["Name"] in ("pending", "running")]
+    return {
+        "job": job_id,
+        "time": now.isoformat(timespec="seconds"),
+        "agent": agent_view(tags.as_dict(newest.get("Tags")) if newest else {}, now),
+        "capacity": [c.as_dict() for c in capacity],
+        "instances": [{
+            "id": i["InstanceId"], "type": i["InstanceType"],
+            "az": i.get("Placement", {}).get("AvailabilityZone"), "state": i["State"]["Name"],
+            "lifecycle": i.get("InstanceLifecycle", "on-demand"),
+            "launched": i["LaunchTime"].isoformat(timespec="seconds") if i.get("LaunchTime") else None,
+            "spot_price_usd_per_hour": spot_prices.get((i["InstanceType"],
+                                                        i.get("Placement", {}).get("AvailabilityZone"))),
+        } for i in sorted(instances.values(), key=lambda i: i.get("LaunchTime") or now)],
+        "volumes": [{"id": v["VolumeId"], "az": v["AvailabilityZone"], "size_gib": v["Size"],
+                     "state": v["State"], "generation": _generation(v),
+                     "role": tags.as_dict(v.get("Tags")).get(tags.ROLE, "volume"),
+                     "attached_to": [a["InstanceId"] for a in v.get("Attachments", [])]} for v in volumes],
+        "snapshots": [{"id": s["SnapshotId"], "state": s["State"], "progress": s.get("Progress"),
+                       "started": s["StartTime"].isoformat(timespec="seconds"),
+                       "role": tags.as_dict(s.get("Tags")).get(tags.ROLE, "")} for s in snapshots],
+        "spot_prices_now": [{"type": t, "az": z, "usd_per_hour": p}
+                            for (t, z), p in sorted(spot_prices.items())],
+        "cost": pricing.estimate(list(instances.values()), spot_prices, now),
+        "running": bool(live),
+    }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def render(view: dict[str, Any]) -> str:
+    agent = view["agent"]
+    prog = agent["progress"] if isinstance(agent["progress"], dict) else {}
+    lines = [f"job            {view['job']}   ({view['time']})",
+             f"phase          {agent['phase']}"]
+    if prog:
+        epoch = f"{prog.get('epoch', '?')}" + (f"/{prog['epochs']}" if prog.get("epochs") else "")
+        step = f"{prog.get('step', '?')}" + (f"/{prog['steps_per_epoch']}" if prog.get("steps_per_epoch") else "")
+        lines.append(f"progress       epoch {epoch}, step {step}; last checkpoint {_age(agent['checkpoint_age_s'])}")
+    lines.append(f"interruptions  {agent['interruptions']}")
+    if agent["completed"]:
+        lines.append(f"completed      {agent['completed']}")
+    if agent["failure"]:
+        lines.append(f"FAILED         {agent['failure']}")
+    if agent["commit"]:
+        lines.append(f"code commit    {agent['commit']}")
+    if not view["capacity"]:
+        lines.append("capacity       none (not launched, cancelled, or finished)")
+    for cap in view["capacity"]:
+        lines.append(f"capacity       {cap['kind']} {cap['id']}  {cap['state']}  "
+                     f"{cap['fulfilled']:g}/{cap['target']} instance(s)")
+    for inst in view["instances"]:
+        price = inst["spot_price_usd_per_hour"]
+        lines.append(f"instance       {inst['id']}  {inst['type']}  {inst['az']}  {inst['state']}  "
+                     f"since {inst['launched']}" + (f"  spot ${price:.4f}/h now" if price is not None else ""))
+    for vol in view["volumes"]:
+        attached = f" attached to {','.join(vol['attached_to'])}" if vol["attached_to"] else ""
+        lines.append(f"volume         {vol['id']}  {vol['size_gib']} GiB  {vol['az']}  {vol['state']}"
+                     f"{attached}  (generation {vol['generation']})")
+    for snap in view["snapshots"]:
+        lines.append(f"snapshot       {snap['id']}  {snap['state']} {snap['progress'] or ''}  "
+                     f"{snap['started']}  {snap['role']}")
+    cost = view["cost"]
+    if cost["on_demand_usd"]:
+        lines.append(f"cost (est.)    ${cost['spot_usd']:.2f} at spot vs ${cost['on_demand_usd']:.2f} on demand "
+                     f"for {cost['instance_hours']:.2f} instance-hours ({cost['savings_percent']}% saved)")
+    else:
+        lines.append(f"cost (est.)    ${cost['spot_usd']:.2f} at spot over {cost['instance_hours']:.2f} "
+                     "instance-hours")
+    if cost["unpriced_instance_types"]:
+        lines.append(f"               no price for {', '.join(cost['unpriced_instance_types'])}")
+    lines.append(f"               estimate: today's spot price x hours; on demand from {cost['on_demand_table']}")
+    return "\n".join(lines)
