@@ -1,0 +1,316 @@
+"""The job's volume decision and the journaled, resumable cross-AZ migration.
+
+The journal is the tags, written atomically with each resource (TagSpecifications) or
+right after a step, so whoever comes next (this agent restarted, or an instance in a third
+AZ) reads the same state from EC2 and continues:
+
+- source volume S (generation g, ``spotrun:mounts`` = m, bumped before every mount)
+- snapshot of S tagged ``spotrun:source-volume`` = S and ``spotrun:mounts`` = m: it is
+  *fresh* (holds S's latest data) while S's mounts tag is still m. A drain snapshot made
+  ahead of need by ``release()`` is such a snapshot, so a replacement reuses it.
+- new volume N in this AZ, tagged at creation with ``spotrun:source-volume`` = S,
+  generation g+1, ``spotrun:create-token`` (derived from S, m and the AZ: one volume per
+  migration attempt, whoever retries) and ``spotrun:migration-step``; after N is attached,
+  mounted and its marker and latest checkpoint verified, the step becomes ``verified`` —
+  only then is S deleted (invariant 2) — and ``done``.
+
+Reading it back (:func:`resolve`): one volume is the job's volume. Several are only
+accepted when they are one source and its migrated copies; a verified copy is the job's
+volume (the source is a leftover), otherwise the source is, and unverified copies that are
+not this attempt's are leftovers (they never held training writes: training starts only
+after the migration completes). Anything else is an error that touches nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from spotrun import ec2 as ec2mod
+from spotrun import tags as T
+from spotrun.crashpoints import crashpoint
+from spotrun.errors import SpotrunError
+from spotrun.log import get_logger
+
+log = get_logger("migration")
+
+# Journal tag keys (volumes.py and the lead's lifecycle read them through this module).
+SOURCE_VOLUME = "spotrun:source-volume"
+STEP = "spotrun:migration-step"
+CREATE_TOKEN = "spotrun:create-token"
+MOUNTS = "spotrun:mounts"
+MOUNT_STATE = "spotrun:mount-state"  # "clean" after a clean unmount, else "mounted:<instance>"
+CLEAN = "clean"
+
+ROLE_VOLUME = "volume"
+ROLE_MIGRATION_SNAPSHOT = "migration-snapshot"
+ROLE_DRAIN_SNAPSHOT = "drain-snapshot"
+
+STEP_CREATED = "created"
+STEP_ATTACHED = "attached"
+STEP_MOUNTED = "mounted"
+STEP_VERIFIED = "verified"
+STEP_DONE = "done"
+PROVEN_STEPS = (STEP_VERIFIED, STEP_DONE)
+
+_GONE_STATES = ("deleting", "deleted")
+# Tags never copied from the source to its migrated copy.
+_NOT_COPIED = {SOURCE_VOLUME, STEP, CREATE_TOKEN, MOUNTS, MOUNT_STATE, T.GENERATION}
+
+
+class VolumeDecisionError(SpotrunError):
+    """The job's volumes are in a shape spotrun will not guess about."""
+
+
+@dataclass
+class Plan:
+    current: dict  # the volume that holds the job's data now
+    source: dict | None = None  # when ``current`` is a verified copy: the source still there
+    unverified: list[dict] = field(default_factory=list)  # copies of ``current`` not proven
+
+
+def tags_of(resource: dict) -> dict[str, str]:
+    return T.as_dict(resource.get("Tags"))
+
+
+def generation(resource: dict) -> int:
+    value = tags_of(resource).get(T.GENERATION, "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise VolumeDecisionError(f"{resource.get('VolumeId', resource.get('SnapshotId'))}: "
+                                  f"tag {T.GENERATION}={value!r} is not a number") from None
+
+
+def mounts(volume: dict) -> int:
+    try:
+        return int(tags_of(volume).get(MOUNTS, "0"))
+    except ValueError:
+        return 0
+
+
+def token(*parts: str) -> str:
+    """An idempotency token (EC2 ClientToken: at most 64 ASCII characters)."""
+    return "spotrun-" + hashlib.sha256("/".join(parts).encode()).hexdigest()[:40]
+
+
+def _describe(volumes: list[dict]) -> str:
+    return "; ".join(
+        f"{v['VolumeId']} ({v['AvailabilityZone']}, {v['State']}, generation "
+        f"{tags_of(v).get(T.GENERATION, '?')}, source {tags_of(v).get(SOURCE_VOLUME, '-')})"
+        for v in volumes)
+
+
+def resolve(volumes: list[dict]) -> Plan | None:
+    """The job's volume decision from its tagged volumes (see the module docstring)."""
+    live = [v for v in volumes if v["State"] not in _GONE_STATES]
+    broken = [v for v in live if v["State"] == "error"]
+    if broken:
+        raise VolumeDecisionError(
+            f"job volume {broken[0]['VolumeId']} is in state 'error' (EC2 could not create or "
+            f"restore it); nothing was changed. Inspect it, restore from a snapshot of the job if "
+            f"needed, and delete or untag it. All: {_describe(live)}")
+    if not live:
+        return None
+    if len(live) == 1:
+        return Plan(current=live[0])
+    by_id = {v["VolumeId"]: v for v in live}
+    roots = [v for v in live if tags_of(v).get(SOURCE_VOLUME) not in by_id]
+    copies = [v for v in live if tags_of(v).get(SOURCE_VOLUME) in by_id]
+    if len(roots) != 1 or any(tags_of(c)[SOURCE_VOLUME] != roots[0]["VolumeId"] for c in copies):
+        raise VolumeDecisionError(
+            "several volumes carry this job's tags and no migration journal links them, so "
+            f"spotrun will not guess which holds the data; nothing was changed: {_describe(live)}. "
+            "Keep the right one and delete or untag the others.")
+    root = roots[0]
+    for copy in copies:
+        if generation(copy) != generation(root) + 1:
+            raise VolumeDecisionError(
+                f"volume {copy['VolumeId']} says it was migrated from {root['VolumeId']} but its "
+                f"generation is not the next one; nothing was changed: {_describe(live)}")
+    proven = [c for c in copies if tags_of(c).get(STEP) in PROVEN_STEPS]
+    if len(proven) > 1:
+        raise VolumeDecisionError(f"two verified copies of {root['VolumeId']}; nothing was "
+                                  f"changed: {_describe(live)}")
+    if proven:
+        others = [c for c in copies if c is not proven[0]]
+        return Plan(current=proven[0], source=root, unverified=others)
+    return Plan(current=root, unverified=copies)
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+def job_snapshots(ec2, job_id: str, **tag_filters: str) -> list[dict]:
+    filters = T.job_filters(job_id)
+    filters += [{"Name": f"tag:{k}", "Values": [v]} for k, v in tag_filters.items()]
+    found = []
+    for page in ec2.get_paginator("describe_snapshots").paginate(OwnerIds=["self"], Filters=filters):
+        found += page["Snapshots"]
+    return found
+
+
+def fresh_snapshot(ec2, job_id: str, volume: dict) -> dict | None:
+    """A snapshot of ``volume`` made since its last mount (pending or completed), if any."""
+    candidates = [s for s in job_snapshots(ec2, job_id, **{SOURCE_VOLUME: volume["VolumeId"],
+                                                           MOUNTS: str(mounts(volume))})
+                  if s["State"] in ("pending", "completed")]
+    # Prefer a completed one, then the newest.
+    candidates.sort(key=lambda s: (s["State"] == "completed", s["StartTime"]))
+    return candidates[-1] if candidates else None
+
+
+def snapshot_tags(job_id: str, volume: dict, role: str) -> dict[str, str]:
+    vt = tags_of(volume)
+    return {
+        T.NAME: f"{vt.get(T.NAME, 'spotrun')} {role} of {volume['VolumeId']}",
+        T.JOB: job_id, T.ROLE: role, SOURCE_VOLUME: volume["VolumeId"],
+        T.GENERATION: str(generation(volume)), MOUNTS: str(mounts(volume)),
+        MOUNT_STATE: vt.get(MOUNT_STATE, CLEAN),
+        CREATE_TOKEN: token("snapshot", volume["VolumeId"], str(mounts(volume))),
+    }
+
+
+def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str) -> dict:
+    """Start (or find, if a previous try got that far) the snapshot of ``volume``'s current data."""
+    existing = fresh_snapshot(ec2, job_id, volume)
+    if existing is not None:
+        log.info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
+                 state=existing["State"])
+        return existing
+    tags = snapshot_tags(job_id, volume, role)
+
+    def create() -> dict:
+        return ec2_once.create_snapshot(
+            VolumeId=volume["VolumeId"], Description=tags[T.NAME][:255],
+            TagSpecifications=[{"ResourceType": "snapshot", "Tags": T.as_list(tags)}])
+
+    def find() -> dict | None:
+        found = job_snapshots(ec2, job_id, **{CREATE_TOKEN: tags[CREATE_TOKEN]})
+        return next((s for s in found if s["State"] != "error"), None)
+
+    snapshot = ec2mod.create_once(f"snapshot of {volume['VolumeId']}", create, find)
+    log.info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],
+             role=role)
+    return snapshot
+
+
+# -- the migration steps ------------------------------------------------------------------
+
+def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_create_s: float) -> dict:
+    """Snapshot ``source`` and make its copy in this AZ; returns the new volume, available.
+
+    Resumable: a fresh snapshot and a volume with this attempt's create token are reused.
+    """
+    job_id = config.job.id
+    log.info("migration_start", source_volume=source["VolumeId"],
+             source_az=source["AvailabilityZone"], target_az=identity.availability_zone,
+             generation=generation(source))
+    snapshot = start_snapshot(ec2, ec2_once, job_id, source, ROLE_MIGRATION_SNAPSHOT)
+    crashpoint("migration.snapshot_requested")
+    snapshot = ec2mod.wait_for_snapshot(ec2, snapshot["SnapshotId"], config.volume.snapshot_timeout_s)
+    log.info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
+    crashpoint("migration.snapshot_completed")
+    create_token = token("migrate", source["VolumeId"], str(mounts(source)),
+                         identity.availability_zone)
+    tags = {k: v for k, v in tags_of(source).items()
+            if not k.startswith("aws:") and k not in _NOT_COPIED}
+    tags.update({T.JOB: job_id, T.ROLE: ROLE_VOLUME, T.GENERATION: str(generation(source) + 1),
+                 SOURCE_VOLUME: source["VolumeId"], STEP: STEP_CREATED, CREATE_TOKEN: create_token,
+                 MOUNTS: "0", MOUNT_STATE: tags_of(snapshot).get(MOUNT_STATE, CLEAN)})
+    params = {
+        "AvailabilityZone": identity.availability_zone, "SnapshotId": snapshot["SnapshotId"],
+        "VolumeType": source["VolumeType"], "Size": source["Size"],
+        "ClientToken": create_token,
+        "TagSpecifications": [{"ResourceType": "volume", "Tags": T.as_list(tags)}],
+    }
+    if source["VolumeType"] in ("io1", "io2", "gp3") and source.get("Iops"):
+        params["Iops"] = source["Iops"]
+    if source["VolumeType"] == "gp3" and source.get("Throughput"):
+        params["Throughput"] = source["Throughput"]
+    if source.get("Encrypted"):
+        params["Encrypted"] = True
+        if source.get("KmsKeyId"):
+            params["KmsKeyId"] = source["KmsKeyId"]
+
+    def find() -> dict | None:
+        found = ec2.describe_volumes(Filters=T.job_filters(job_id) + [
+            {"Name": f"tag:{CREATE_TOKEN}", "Values": [create_token]}])["Volumes"]
+        return next((v for v in found if v["State"] not in _GONE_STATES), None)
+
+    created = ec2mod.create_once(f"volume from {snapshot['SnapshotId']}",
+                                 lambda: ec2_once.create_volume(**params), find)
+    log.info("migration_volume_created", new_volume=created["VolumeId"],
+             snapshot_id=snapshot["SnapshotId"], az=identity.availability_zone)
+    volume = ec2mod.wait_for_volume(ec2, created["VolumeId"], ("available", "in-use"),
+                                    deadline_create_s)
+    crashpoint("migration.volume_created")
+    return volume
+
+
+def this_attempts_token(source: dict, az: str) -> str:
+    return token("migrate", source["VolumeId"], str(mounts(source)), az)
+
+
+def set_step(ec2, volume_id: str, step: str, **extra: str) -> None:
+    ec2mod.call_retrying(f"tagging {volume_id}", lambda: ec2.create_tags(
+        Resources=[volume_id], Tags=T.as_list({STEP: step, **extra})))
+    log.info("migration_step", volume_id=volume_id, step=step)
+
+
+def delete_volume(ec2, volume: dict, why: str, deadline_s: float) -> None:
+    """Delete a job volume that is proven redundant; waits until EC2 has it gone."""
+    volume_id = volume["VolumeId"]
+
+    def gone() -> bool:
+        current = ec2mod.describe_volume(ec2, volume_id)
+        return current is None or current["State"] in _GONE_STATES
+
+    try:
+        ec2mod.call_retrying(f"deleting {volume_id}", lambda: ec2.delete_volume(VolumeId=volume_id),
+                             settled=gone)
+    except Exception as exc:  # noqa: BLE001 - NotFound after a performed-then-5xx is success
+        if ec2mod.error_code(exc) not in ("InvalidVolume.NotFound",):
+            raise
+    log.info("volume_deleted", volume_id=volume_id, reason=why)
+    ec2mod.wait_for_volume_deleted(ec2, volume_id, deadline_s, poll_s=1.0)
+
+
+def finish(ec2, source: dict, new_volume_id: str, deadline_s: float) -> None:
+    """The copy is proven: record it, then (and only then) delete the source."""
+    set_step(ec2, new_volume_id, STEP_VERIFIED)
+    crashpoint("migration.before_delete")
+    delete_volume(ec2, source, f"migrated to {new_volume_id}", deadline_s)
+    crashpoint("migration.after_delete")
+    set_step(ec2, new_volume_id, STEP_DONE)
+    log.info("migration_done", source_volume=source["VolumeId"], new_volume=new_volume_id)
+
+
+def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days: float) -> list[str]:
+    """Delete the job's snapshots that are past retention and not worth keeping.
+
+    Kept: pending ones; the newest completed snapshot of each live volume (later snapshots
+    of it are incremental); anything younger than the retention. Only snapshots tagged with
+    a spotrun role for this job are ever considered (invariant 6).
+    """
+    now = datetime.now(timezone.utc)
+    keep_after = now - timedelta(days=retention_days)
+    snapshots = [s for s in job_snapshots(ec2, job_id)
+                 if tags_of(s).get(T.ROLE) in (ROLE_MIGRATION_SNAPSHOT, ROLE_DRAIN_SNAPSHOT)]
+    newest: dict[str, dict] = {}
+    for s in snapshots:
+        source = tags_of(s).get(SOURCE_VOLUME, "")
+        if s["State"] == "completed" and source in live_volume_ids:
+            if source not in newest or s["StartTime"] > newest[source]["StartTime"]:
+                newest[source] = s
+    deleted = []
+    for s in snapshots:
+        if s["State"] == "pending" or s in newest.values():
+            continue
+        if retention_days and s["StartTime"] > keep_after:
+            continue
+        ec2mod.call_retrying(f"deleting {s['SnapshotId']}",
+                             lambda sid=s["SnapshotId"]: ec2.delete_snapshot(SnapshotId=sid))
+        deleted.append(s["SnapshotId"])
+    if deleted:
+        log.info("snapshots_pruned", snapshot_ids=deleted, retention_days=retention_days)
+    return deleted

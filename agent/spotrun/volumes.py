@@ -1,0 +1,390 @@
+"""The job's EBS volume on this instance: lease → find/create/migrate → attach → device →
+fsck/mkfs → mount → verify → layout, and back (sync, unmount, snapshot ahead of need, detach,
+release).
+
+Every step reads what EC2 and the disk say before acting, so ``acquire()`` run again — in
+this process, after a crash, or on another instance — continues instead of redoing
+(see :mod:`spotrun.migration` for the journal). The old volume of a migration is deleted
+only after the new one is attached, mounted and verified (invariant 2); only volumes and
+snapshots tagged for this job are touched (invariant 6).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from spotrun import blockdev
+from spotrun import ec2 as ec2mod
+from spotrun import lease as leasemod
+from spotrun import migration as M
+from spotrun import tags as T
+from spotrun.config import Config
+from spotrun.crashpoints import crashpoint
+from spotrun.errors import SpotrunError
+from spotrun.log import bind, get_logger
+
+log = get_logger("volumes")
+
+MARKER = ".spotrun-volume.json"
+MARKER_FORMAT = 1
+FS_LABEL = "spotrun"
+DEVICE_NAMES = tuple(f"/dev/sd{c}" for c in "fghijklmnop")
+
+
+class VolumeError(SpotrunError):
+    """The job's volume cannot be used; the message names the volume and what is wrong."""
+
+
+@dataclass(frozen=True)
+class AcquiredVolume:
+    volume_id: str
+    generation: int
+    device: Path
+    mount_point: Path
+    created: bool
+    migrated: bool
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class VolumeManager:
+    def __init__(self, config: Config, identity, *, ec2_client=None, dynamodb_client=None,
+                 holder_wait_s: float | None = None, lease_poll_s: float = 2.0):
+        self.config = config
+        self.identity = identity
+        self.me = identity.instance_id
+        region = config.aws.region or identity.region
+        self.ec2 = ec2_client or ec2mod.client("ec2", config.aws, region)
+        # Calls that create or attach must not be retried blindly by botocore.
+        self.ec2_once = ec2_client or ec2mod.single_attempt(self.ec2, config.aws)
+        # How long to wait for another instance to let go of the job (drain + detach).
+        self.holder_wait_s = holder_wait_s if holder_wait_s is not None else config.volume.create_timeout_s
+        self.lease = None
+        if config.aws.lease_table:
+            db = dynamodb_client or ec2mod.client("dynamodb", config.aws, region)
+            self.lease = leasemod.Lease(db, config.aws.lease_table, config.job.id, self.me,
+                                        identity.availability_zone, self.ec2, poll_s=lease_poll_s)
+        self._acquired: AcquiredVolume | None = None
+
+    # -- discovery ------------------------------------------------------------------------
+
+    def job_volumes(self) -> list[dict]:
+        """This job's volumes (Name and job tags), oldest first, without deleted ones."""
+        found = []
+        filters = T.job_filters(self.config.job.id, self.config.volume.name_tag)
+        for page in self.ec2.get_paginator("describe_volumes").paginate(Filters=filters):
+            found += [v for v in page["Volumes"] if v["State"] not in ("deleting", "deleted")]
+        return sorted(found, key=lambda v: v["CreateTime"])
+
+    def _refresh(self, volume_id: str) -> dict:
+        volume = ec2mod.describe_volume(self.ec2, volume_id)
+        if volume is None:
+            raise VolumeError(f"volume {volume_id} disappeared while this agent was using it")
+        return volume
+
+    def _wait_unheld(self, volume: dict) -> dict:
+        return leasemod.wait_until_unheld(self.ec2, volume["VolumeId"], self.me, self.holder_wait_s)
+
+    # -- acquire --------------------------------------------------------------------------
+
+    def acquire(self) -> AcquiredVolume:
+        if self._acquired is not None:
+            return self._acquired
+        bind(job=self.config.job.id, instance_id=self.me)
+        if self.lease is not None:
+            self.lease.acquire(self.holder_wait_s)
+        plan = M.resolve(self.job_volumes())
+        created = False
+        if plan is None:
+            plan = M.Plan(current=self._create_first())
+            created = True
+        if plan.source is not None:  # a verified copy exists: its source goes first
+            M.finish(self.ec2, self._wait_unheld(plan.source), plan.current["VolumeId"],
+                     self.config.volume.create_timeout_s)
+        current = plan.current
+        az = self.identity.availability_zone
+        keep = M.this_attempts_token(current, az) if current["AvailabilityZone"] != az else None
+        for copy in plan.unverified:
+            if M.tags_of(copy).get(M.CREATE_TOKEN) != keep:
+                M.delete_volume(self.ec2, self._wait_unheld(copy),
+                                f"unproven copy of {current['VolumeId']} from an abandoned migration",
+                                self.config.volume.create_timeout_s)
+        source = None
+        if current["AvailabilityZone"] != az:
+            source = self._wait_unheld(current)
+            volume = M.migrate_here(self.ec2, self.ec2_once, self.config, self.identity, source,
+                                    deadline_create_s=self.config.volume.create_timeout_s)
+        else:
+            volume = ec2mod.wait_for_volume(self.ec2, current["VolumeId"], ("available", "in-use"),
+                                            self.config.volume.create_timeout_s)
+        volume_id = volume["VolumeId"]
+        bind(volume_id=volume_id)
+        volume = self._attach(volume)
+        if source is not None:
+            M.set_step(self.ec2, volume_id, M.STEP_ATTACHED)
+            crashpoint("migration.attached")
+        device = blockdev.wait_for_device(volume_id, Path(self.config.volume.device_dir),
+                                          self.config.volume.device_timeout_s)
+        self._mount(volume, device)
+        if source is not None:
+            M.set_step(self.ec2, volume_id, M.STEP_MOUNTED)
+            crashpoint("migration.mounted")
+        generation = self._verify(volume, migrated=source is not None)
+        if source is not None:
+            M.finish(self.ec2, source, volume_id, self.config.volume.create_timeout_s)
+        elif M.tags_of(volume).get(M.STEP) == M.STEP_VERIFIED:
+            M.set_step(self.ec2, volume_id, M.STEP_DONE)  # resumed after the source was deleted
+        blockdev.prepare_layout(self.config.mount_point,
+                                [self.config.volume.datasets_dir, self.config.volume.checkpoints_dir],
+                                self.config.trainer.user)
+        M.prune_snapshots(self.ec2, self.config.job.id, {volume_id},
+                          self.config.volume.snapshot_retention_days)
+        self._acquired = AcquiredVolume(volume_id, generation, device, self.config.mount_point,
+                                        created, source is not None)
+        self.record(instance=self.me)
+        log.info("volume_ready", generation=generation, device=str(device),
+                 mount_point=str(self.config.mount_point), created=created,
+                 migrated=source is not None)
+        return self._acquired
+
+    def _create_first(self) -> dict:
+        job, vc = self.config.job.id, self.config.volume
+        where = (f"no volume tagged Name={vc.name_tag} and {T.JOB}={job} in "
+                 f"{self.config.aws.region or self.identity.region}")
+        if not vc.create_if_missing:
+            raise VolumeError(f"{where}, and volume.create_if_missing is false: create the volume "
+                              f"(spotrun init) or set volume.create_if_missing = true")
+        leftovers = [s for s in M.job_snapshots(self.ec2, job) if s["State"] == "completed"]
+        if leftovers:
+            raise VolumeError(
+                f"{where}, but this job has snapshots ({', '.join(s['SnapshotId'] for s in leftovers)}):"
+                f" refusing to start over on an empty volume. Restore the newest snapshot to a volume "
+                f"with the job's tags, or delete the snapshots to start the job afresh")
+        create_token = M.token("create", job, self.me)
+        tags = {T.NAME: vc.name_tag, T.JOB: job, T.ROLE: M.ROLE_VOLUME, T.GENERATION: "1",
+                M.CREATE_TOKEN: create_token, M.MOUNTS: "0", M.MOUNT_STATE: M.CLEAN}
+        params = {"AvailabilityZone": self.identity.availability_zone, "Size": vc.size_gib,
+                  "VolumeType": vc.type, "Encrypted": vc.encrypted, "ClientToken": create_token,
+                  "TagSpecifications": [{"ResourceType": "volume", "Tags": T.as_list(tags)}]}
+        if vc.iops and vc.type in ("io1", "io2", "gp3"):
+            params["Iops"] = vc.iops
+        if vc.throughput and vc.type == "gp3":
+            params["Throughput"] = vc.throughput
+        if vc.encrypted and vc.kms_key_id:
+            params["KmsKeyId"] = vc.kms_key_id
+
+        def find() -> dict | None:
+            found = self.ec2.describe_volumes(Filters=T.job_filters(job) + [
+                {"Name": f"tag:{M.CREATE_TOKEN}", "Values": [create_token]}])["Volumes"]
+            return found[0] if found else None
+
+        volume = ec2mod.create_once("the job's first volume",
+                                    lambda: self.ec2_once.create_volume(**params), find)
+        log.info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
+                 az=self.identity.availability_zone)
+        return ec2mod.wait_for_volume(self.ec2, volume["VolumeId"], ("available",),
+                                      vc.create_timeout_s)
+
+    # -- attach ---------------------------------------------------------------------------
+
+    def _used_device_names(self) -> set[str]:
+        used = set()
+        for reservation in self.ec2.describe_instances(InstanceIds=[self.me])["Reservations"]:
+            for instance in reservation["Instances"]:
+                used |= {m["DeviceName"] for m in instance.get("BlockDeviceMappings", [])}
+        mine = self.ec2.describe_volumes(
+            Filters=[{"Name": "attachment.instance-id", "Values": [self.me]}])["Volumes"]
+        used |= {a["Device"] for v in mine for a in v.get("Attachments", [])}
+        # /dev/xvdf and /dev/sdf are the same slot.
+        return {name.replace("/dev/xvd", "/dev/sd") for name in used}
+
+    def _attach(self, volume: dict) -> dict:
+        volume_id = volume["VolumeId"]
+        att = ec2mod.attachment_of(volume)
+        if att is None or att["InstanceId"] != self.me:
+            if att is not None:
+                volume = self._wait_unheld(volume)
+            self._attach_call(volume_id)
+        return ec2mod.wait_for_attachment(self.ec2, volume_id, self.me,
+                                          self.config.volume.attach_timeout_s)
+
+    def _attach_call(self, volume_id: str) -> None:
+        def attached_to_me() -> bool:
+            att = ec2mod.attachment_of(ec2mod.describe_volume(self.ec2, volume_id))
+            return att is not None and att["InstanceId"] == self.me
+
+        tried: set[str] = set()
+        while True:
+            free = [n for n in DEVICE_NAMES if n not in self._used_device_names() | tried]
+            if not free:
+                raise VolumeError(f"cannot attach {volume_id}: no free device name in "
+                                  f"/dev/sd[f-p] on {self.me}")
+            name = free[0]
+            try:
+                ec2mod.call_retrying(
+                    f"attaching {volume_id}",
+                    lambda: self.ec2_once.attach_volume(VolumeId=volume_id, InstanceId=self.me,
+                                                        Device=name),
+                    settled=attached_to_me, deadline_s=self.config.volume.attach_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if attached_to_me():  # an earlier try that answered 5xx did it
+                    break
+                if ec2mod.error_code(exc) in ("InvalidParameterValue", "InvalidDevice.InUse") \
+                        and "device" in str(exc).lower():
+                    tried.add(name)
+                    continue
+                raise
+            break
+        log.info("volume_attach_requested", volume_id=volume_id, device_name=name)
+
+    # -- filesystem and mount -------------------------------------------------------------
+
+    def _mount(self, volume: dict, device: Path) -> None:
+        mount_point = self.config.mount_point
+        if blockdev.mounted_device(mount_point) == Path(os.path.realpath(device)):
+            log.info("volume_already_mounted", device=str(device))
+            return
+        volume_id = volume["VolumeId"]
+        fstype = blockdev.filesystem_type(device)
+        tags = M.tags_of(volume)
+        if fstype is None:
+            if volume.get("SnapshotId"):
+                raise VolumeError(
+                    f"volume {volume_id} was restored from {volume['SnapshotId']} but {device} has "
+                    f"no filesystem; refusing to make one over restored data")
+            blockdev.make_filesystem(device, FS_LABEL)
+        elif tags.get(M.MOUNT_STATE, M.CLEAN) != M.CLEAN:
+            log.info("fsck_needed", volume_id=volume_id, mount_state=tags.get(M.MOUNT_STATE))
+            blockdev.check_filesystem(device)
+        # Recorded before mounting: a snapshot with the old count is no longer fresh.
+        self._tag(volume_id, {M.MOUNTS: str(M.mounts(volume) + 1),
+                              M.MOUNT_STATE: f"mounted:{self.me}"})
+        blockdev.mount(device, mount_point, self.config.volume.mount_options)
+
+    def _verify(self, volume: dict, *, migrated: bool) -> int:
+        """Check (and on first use write) the marker; after a migration, the latest checkpoint."""
+        volume_id = volume["VolumeId"]
+        generation = M.generation(volume)
+        marker = self.config.mount_point / MARKER
+        if marker.exists():
+            try:
+                data = json.loads(marker.read_text())
+                job = data["job"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise VolumeError(f"volume {volume_id}: {marker} is unreadable ({exc})") from None
+            if job != self.config.job.id:
+                raise VolumeError(f"volume {volume_id} is tagged for job {self.config.job.id!r} "
+                                  f"but its {marker} says job {job!r}; not using it")
+        elif migrated:
+            raise VolumeError(f"volume {volume_id} (migrated) has no {marker}: the copy is not "
+                              f"the job's data; the source volume is kept")
+        else:
+            data = {"job": self.config.job.id, "created": _now(), "format": MARKER_FORMAT}
+        if migrated:
+            self._verify_checkpoint(volume_id)
+        if data.get("generation") != generation or not marker.exists():
+            data["generation"] = generation
+            _write_json_atomic(marker, data)
+        log.info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
+        return generation
+
+    def _verify_checkpoint(self, volume_id: str) -> None:
+        try:
+            from spotrun_trainer.store import CheckpointError, CheckpointStore, IncompatibleCheckpoint
+        except ImportError:  # the trainer library is not installed with this agent
+            log.warning("checkpoint_verify_skipped", reason="spotrun_trainer not importable")
+            return
+        store = CheckpointStore(self.config.checkpoints_path)
+        if not store.list():
+            return
+        try:
+            latest = store.latest_valid()
+        except IncompatibleCheckpoint as exc:  # readable, by another library version
+            log.warning("checkpoint_other_format", reason=str(exc))
+            return
+        except CheckpointError as exc:
+            latest = None
+            log.warning("checkpoint_unreadable", reason=str(exc))
+        if latest is None:
+            raise VolumeError(f"volume {volume_id} (migrated): no checkpoint under "
+                              f"{self.config.checkpoints_path} verifies; the source volume is kept")
+        log.info("checkpoint_verified", step=latest.step, path=str(latest.path))
+
+    # -- release --------------------------------------------------------------------------
+
+    def _my_volume(self) -> dict | None:
+        for volume in self.job_volumes():
+            att = ec2mod.attachment_of(volume)
+            if att is not None and att["InstanceId"] == self.me:
+                return volume
+        return None
+
+    def release(self, *, snapshot: bool | None = None) -> None:
+        """Sync, unmount, start the ahead-of-need snapshot, detach, release the lease."""
+        take_snapshot = self.config.volume.snapshot_on_drain if snapshot is None else snapshot
+        volume = self._my_volume()
+        if volume is not None:
+            volume_id = volume["VolumeId"]
+            mount_point = self.config.mount_point
+            unmounted_now = blockdev.is_mounted(mount_point)
+            if unmounted_now:
+                blockdev.sync(mount_point)
+                blockdev.unmount(mount_point)
+            if unmounted_now or M.tags_of(volume).get(M.MOUNT_STATE) == M.CLEAN:
+                self._tag(volume_id, {M.MOUNT_STATE: M.CLEAN})
+                if take_snapshot:
+                    M.start_snapshot(self.ec2, self.ec2_once, self.config.job.id,
+                                     self._refresh(volume_id), M.ROLE_DRAIN_SNAPSHOT)
+
+            def detached() -> bool:
+                att = ec2mod.attachment_of(ec2mod.describe_volume(self.ec2, volume_id))
+                return att is None or att["InstanceId"] != self.me
+
+            ec2mod.call_retrying(f"detaching {volume_id}", lambda: self.ec2.detach_volume(
+                VolumeId=volume_id, InstanceId=self.me), settled=detached)
+            ec2mod.wait_for_attachment(self.ec2, volume_id, self.me,
+                                       self.config.volume.attach_timeout_s, state="detached")
+            log.info("volume_released", volume_id=volume_id, snapshot=take_snapshot)
+        if self.lease is not None:
+            self.lease.release()
+        self._acquired = None
+
+    # -- progress tags --------------------------------------------------------------------
+
+    def record(self, **tags: str) -> None:
+        """Progress tags on the job's volume: ``record(phase="training")`` or full keys."""
+        full = {(k if ":" in k else T.PREFIX + k): str(v) for k, v in tags.items()}
+        if self._acquired is not None:
+            volume_id = self._acquired.volume_id
+        else:
+            volume = self._my_volume()
+            if volume is None:
+                plan = M.resolve(self.job_volumes())
+                if plan is None:
+                    raise VolumeError(f"no volume of job {self.config.job.id!r} to record on")
+                volume = plan.current
+            volume_id = volume["VolumeId"]
+        self._tag(volume_id, full)
+
+    def _tag(self, volume_id: str, tags: dict[str, str]) -> None:
+        ec2mod.call_retrying(f"tagging {volume_id}", lambda: self.ec2.create_tags(
+            Resources=[volume_id], Tags=T.as_list(tags)))
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as out:
+        json.dump(data, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
