@@ -1,0 +1,519 @@
+"""The trainer process: who it runs as, what it sees, where its output goes, how it is signalled.
+
+The trainer runs in its own session and process group, so every signal the agent sends
+(SIGUSR1 checkpoint-now, SIGTERM drain, SIGKILL at the deadline) reaches its data-loader
+workers and shell wrappers too. Exit is awaited with ``waitid(WNOWAIT)`` in a thread: the
+leader stays a zombie until any stragglers left in its group are killed, so the group id
+cannot be reused under our feet, and nobody polls.
+
+:class:`Supervisor` restarts a crashed trainer with exponential backoff up to a limit and
+reports every step as an event object, so the lifecycle can wait on one queue for "trainer
+exited", "interruption notice" and "stop requested" alike.
+"""
+from __future__ import annotations
+
+import enum
+import grp
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, Mapping, Sequence
+
+from spotrun.errors import SpotrunError
+from spotrun.log import get_logger
+
+log = get_logger("trainer")
+
+JOURNAL_STREAM_SOCKET = "/run/systemd/journal/stdout"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Variables passed through from the agent's own environment when set (locale, time zone,
+# CUDA/driver knobs an AMI sets globally); everything else starts clean.
+_PASS_THROUGH = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
+
+
+class TrainerError(SpotrunError):
+    """The trainer cannot be started as configured (unknown user, missing directory)."""
+
+
+class TrainerStateError(RuntimeError):
+    """A transition the state machine does not allow (a bug in the caller)."""
+
+
+class TrainerState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    EXITED = "exited"
+
+
+class Outcome(enum.Enum):
+    FINISHED = "finished"    # exit 0 without our SIGTERM
+    PREEMPTED = "preempted"  # any exit after our SIGTERM (a kill at the deadline included)
+    CRASHED = "crashed"      # anything else
+
+
+_ALLOWED = {
+    TrainerState.CREATED: {TrainerState.STARTING},
+    TrainerState.STARTING: {TrainerState.RUNNING, TrainerState.EXITED},
+    TrainerState.RUNNING: {TrainerState.DRAINING, TrainerState.EXITED},
+    TrainerState.DRAINING: {TrainerState.EXITED},
+    TrainerState.EXITED: set(),
+}
+
+
+def journal_stream(identifier: str, socket_path: str = JOURNAL_STREAM_SOCKET,
+                   priority: int = 6) -> socket.socket | None:
+    """A journal stream connection (what ``systemd-cat -t`` makes); None without journald."""
+    if not os.path.exists(socket_path):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+        sock.shutdown(socket.SHUT_RD)
+        # identifier, unit id, priority, level prefix (<N> honoured), syslog, kmsg, console
+        sock.sendall(f"{identifier}\n\n{priority}\n1\n0\n0\n0\n".encode())
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+class TrainerProcess:
+    """One run of the trainer command; see the module docstring."""
+
+    def __init__(self, command: Sequence[str], *, user: str, cwd: Path, env: Mapping[str, str],
+                 path_prepend: Sequence[str] = (), log_identifier: str = "spotrun-trainer",
+                 log_path: Path | None = None, journal_socket: str = JOURNAL_STREAM_SOCKET,
+                 on_exit: Callable[["TrainerProcess"], None] | None = None):
+        if not command:
+            raise TrainerError("trainer.command must not be empty")
+        self.command = list(command)
+        self.user = user
+        self.cwd = Path(cwd)
+        self.extra_env = dict(env)
+        self.path_prepend = list(path_prepend)
+        self.log_identifier = log_identifier
+        self.log_path = Path(log_path) if log_path else None
+        self.journal_socket = journal_socket
+        self._on_exit = on_exit
+        self._lock = threading.RLock()
+        self._state = TrainerState.CREATED
+        self._exited = threading.Event()
+        self._popen: subprocess.Popen | None = None
+        self._returncode: int | None = None
+        self._stop_requested = False
+        self._killed = False
+        self.start_error: str | None = None
+        self.started_at: float | None = None
+        self.exited_at: float | None = None
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    @property
+    def state(self) -> TrainerState:
+        return self._state
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    @property
+    def killed(self) -> bool:
+        return self._killed
+
+    def _transition(self, new: TrainerState) -> None:
+        if new not in _ALLOWED[self._state]:
+            raise TrainerStateError(f"trainer cannot go from {self._state.value} to {new.value}")
+        self._state = new
+
+    # -- start ------------------------------------------------------------------------
+
+    def environment(self, account: pwd.struct_passwd) -> dict[str, str]:
+        """The minimal base (PATH, HOME, USER, ...) plus the configured variables."""
+        path = ":".join([*self.path_prepend, DEFAULT_PATH])
+        env = {"PATH": path, "HOME": account.pw_dir, "USER": account.pw_name,
+               "LOGNAME": account.pw_name, "SHELL": account.pw_shell or "/bin/sh",
+               "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
+        env.update({k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
+        env.update(self.extra_env)
+        if "PATH" in self.extra_env and self.path_prepend:
+            env["PATH"] = ":".join([*self.path_prepend, self.extra_env["PATH"]])
+        return env
+
+    def _account(self) -> pwd.struct_passwd:
+        try:
+            account = pwd.getpwnam(self.user)
+        except KeyError:
+            raise TrainerError(f"trainer.user {self.user!r} does not exist on this machine") from None
+        if os.geteuid() != 0 and account.pw_uid != os.geteuid():
+            raise TrainerError(f"trainer.user {self.user!r}: the agent runs as uid {os.geteuid()}, "
+                               "not root, and cannot start a process as another user")
+        return account
+
+    def _output(self) -> tuple[IO | socket.socket | None, IO | None]:
+        stream = journal_stream(self.log_identifier, self.journal_socket)
+        if stream is not None:
+            return stream, None
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.log_path, "ab", buffering=0)
+            return handle, handle
+        return None, None
+
+    def start(self) -> None:
+        with self._lock:
+            self._transition(TrainerState.STARTING)
+            try:
+                account = self._account()
+                if not self.cwd.is_dir():
+                    raise TrainerError(f"trainer working directory {self.cwd} does not exist")
+            except TrainerError as exc:
+                self.start_error = str(exc)
+                self._transition(TrainerState.EXITED)
+                self._exited.set()
+                raise
+            env = self.environment(account)
+            output, to_close = self._output()
+            as_other_user = os.geteuid() == 0 and account.pw_uid != 0
+            groups = [g.gr_gid for g in grp.getgrall() if account.pw_name in g.gr_mem]
+            try:
+                self._popen = subprocess.Popen(
+                    self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
+                    stdout=output, stderr=subprocess.STDOUT if output is not None else None,
+                    start_new_session=True, close_fds=True, umask=0o022,
+                    user=account.pw_uid if as_other_user else None,
+                    group=account.pw_gid if as_other_user else None,
+                    extra_groups=groups if as_other_user else None)
+            except OSError as exc:
+                # Not found / not executable: an exit like a shell's, so the supervisor's
+                # restart limit and failure policy apply as to any crash.
+                self.start_error = f"cannot execute {self.command[0]!r}: {exc.strerror}"
+                self._returncode = 127 if isinstance(exc, FileNotFoundError) else 126
+                self.exited_at = time.monotonic()
+                self._transition(TrainerState.EXITED)
+                log.error("trainer_start_failed", command=self.command, user=self.user, error=self.start_error)
+                self._exited.set()
+                if self._on_exit:
+                    self._on_exit(self)
+                return
+            finally:
+                if output is not None:
+                    output.close()  # the child holds its own copy
+            self.started_at = time.monotonic()
+            self._transition(TrainerState.RUNNING)
+            log.info("trainer_started", pid=self._popen.pid, command=self.command, user=self.user,
+                     cwd=str(self.cwd), output="journal" if isinstance(output, socket.socket)
+                     else str(self.log_path) if to_close else "inherited")
+        threading.Thread(target=self._await_exit, name=f"trainer-{self._popen.pid}", daemon=True).start()
+
+    def _await_exit(self) -> None:
+        pid = self._popen.pid
+        while True:
+            try:
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries, belt and braces
+                continue
+            except ChildProcessError:  # reaped elsewhere (should not happen)
+                break
+        with self._lock:
+            # The leader is a zombie, so its group id is still ours: clear out stragglers
+            # (data-loader workers, a shell's children) that would keep the volume busy.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                log.info("trainer_group_stragglers_killed", pid=pid)
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # pragma: no cover
+                pass
+            self._returncode = self._popen.wait()
+            self.exited_at = time.monotonic()
+            self._transition(TrainerState.EXITED)
+            outcome = self.outcome()
+        log.info("trainer_exited", pid=pid, returncode=self._returncode, outcome=outcome.value,
+                 stop_requested=self._stop_requested, killed=self._killed,
+                 ran_s=round(self.exited_at - (self.started_at or self.exited_at), 3))
+        self._exited.set()
+        if self._on_exit:
+            try:
+                self._on_exit(self)
+            except Exception:  # a broken callback must not lose the exit
+                log.exception("trainer_on_exit_failed", pid=pid)
+
+    # -- signals ----------------------------------------------------------------------
+
+    def _signal_group(self, sig: signal.Signals) -> bool:
+        try:
+            os.killpg(self._popen.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def checkpoint_now(self) -> bool:
+        """SIGUSR1 to the group: checkpoint and keep training. False when not running."""
+        with self._lock:
+            if self._state is not TrainerState.RUNNING:
+                if self._state in (TrainerState.CREATED, TrainerState.STARTING):
+                    raise TrainerStateError(f"cannot ask a {self._state.value} trainer to checkpoint")
+                return False
+            sent = self._signal_group(signal.SIGUSR1)
+        log.info("trainer_checkpoint_requested", pid=self.pid, sent=sent)
+        return sent
+
+    def request_stop(self) -> bool:
+        """SIGTERM to the group (checkpoint and exit); state → DRAINING. False if it already exited."""
+        with self._lock:
+            if self._state in (TrainerState.CREATED, TrainerState.STARTING):
+                raise TrainerStateError(f"cannot drain a {self._state.value} trainer")
+            if self._state is TrainerState.EXITED:
+                return False
+            self._stop_requested = True
+            if self._state is TrainerState.RUNNING:
+                self._transition(TrainerState.DRAINING)
+            sent = self._signal_group(signal.SIGTERM)
+        log.info("trainer_stop_requested", pid=self.pid, sent=sent)
+        return sent
+
+    def kill(self) -> bool:
+        """SIGKILL to the group. False if it already exited."""
+        with self._lock:
+            if self._state in (TrainerState.CREATED, TrainerState.STARTING):
+                raise TrainerStateError(f"cannot kill a {self._state.value} trainer")
+            if self._state is TrainerState.EXITED:
+                return False
+            self._killed = True
+            sent = self._signal_group(signal.SIGKILL)
+        log.warning("trainer_killed", pid=self.pid, state=self._state.value)
+        return sent
+
+    # -- exit -------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The return code once exited (negative: killed by that signal); None on timeout."""
+        if self._state is TrainerState.CREATED:
+            raise TrainerStateError("cannot wait for a trainer that was never started")
+        self._exited.wait(timeout)
+        return self._returncode if self._exited.is_set() else None
+
+    def stop(self, deadline: float, clock: Callable[[], float] = time.monotonic) -> Outcome:
+        """Drain: SIGTERM, wait until ``deadline`` (a ``clock`` time), then SIGKILL."""
+        self.request_stop()
+        if self.wait(max(0.0, deadline - clock())) is None:
+            log.warning("trainer_drain_deadline_passed", pid=self.pid)
+            self.kill()
+            self.wait(None)
+        return self.outcome()
+
+    def outcome(self) -> Outcome:
+        if self._state is not TrainerState.EXITED:
+            raise TrainerStateError(f"a {self._state.value} trainer has no outcome yet")
+        if self._stop_requested:
+            return Outcome.PREEMPTED
+        return Outcome.FINISHED if self._returncode == 0 else Outcome.CRASHED
+
+
+# -- supervision ------------------------------------------------------------------------
+
+
+class SupervisorOutcome(enum.Enum):
+    FINISHED = "finished"
+    PREEMPTED = "preempted"  # stopped by request_stop()/drain(), while running or in backoff
+    GAVE_UP = "gave_up"      # crashed more than max_restarts times in a row, or cannot start
+
+
+@dataclass(frozen=True)
+class SupervisorResult:
+    outcome: SupervisorOutcome
+    restarts: int
+    returncode: int | None = None
+    reason: str = ""
+    killed: bool = False  # the last trainer ignored SIGTERM and was killed at the deadline
+
+
+# Events handed to ``on_event`` (the lifecycle puts them on the queue it waits on).
+@dataclass(frozen=True)
+class TrainerStarted:
+    pid: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class TrainerExited:
+    pid: int | None
+    returncode: int | None
+    outcome: Outcome
+    restarts: int
+
+
+@dataclass(frozen=True)
+class TrainerRestartScheduled:
+    delay_s: float
+    restarts: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SupervisorDone:
+    result: SupervisorResult
+
+
+def describe_exit(proc: TrainerProcess) -> str:
+    if proc.start_error:
+        return proc.start_error
+    code = proc.returncode
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Runs trainers from ``factory`` until one finishes, a stop is requested, or it gives up.
+
+    A run that lasted ``healthy_after_s`` or more resets the crash count and the backoff: the
+    limit is for crash loops, not for a job that makes progress between rare crashes.
+    """
+
+    def __init__(self, factory: Callable[[], TrainerProcess], *, max_restarts: int = 3,
+                 backoff_s: float = 10.0, backoff_max_s: float = 300.0, healthy_after_s: float = 600.0,
+                 on_event: Callable[[object], None] | None = None):
+        self._factory = factory
+        self.max_restarts = max_restarts
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.healthy_after_s = healthy_after_s
+        self._on_event = on_event or (lambda event: None)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._current: TrainerProcess | None = None
+        self._restarts = 0
+        self._result: SupervisorResult | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> TrainerProcess | None:
+        return self._current
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def result(self) -> SupervisorResult | None:
+        return self._result
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise TrainerStateError("the supervisor was already started")
+        self._thread = threading.Thread(target=self._run, name="trainer-supervisor", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> SupervisorResult | None:
+        self._done.wait(timeout)
+        return self._result
+
+    def checkpoint_now(self) -> bool:
+        with self._lock:
+            proc = self._current
+            return bool(proc and proc.state is TrainerState.RUNNING and proc.checkpoint_now())
+
+    def request_stop(self) -> None:
+        """SIGTERM the running trainer and start no other (also cuts a backoff short)."""
+        with self._lock:
+            self._stop.set()
+            proc = self._current
+            if proc is not None and proc.state in (TrainerState.RUNNING, TrainerState.DRAINING):
+                proc.request_stop()
+
+    def drain(self, deadline: float, clock: Callable[[], float] = time.monotonic) -> SupervisorResult:
+        """request_stop(), wait for the trainer until ``deadline`` (``clock`` time), SIGKILL after."""
+        self.request_stop()
+        proc = self._current
+        if proc is not None and proc.state is not TrainerState.CREATED:
+            if proc.wait(max(0.0, deadline - clock())) is None:
+                log.warning("trainer_drain_deadline_passed", pid=proc.pid)
+                proc.kill()
+        result = self.wait(10.0 if self._thread else 0.0)
+        if result is None:  # never started, or a process that outlived SIGKILL (D state)
+            result = SupervisorResult(SupervisorOutcome.PREEMPTED, self._restarts,
+                                      reason="trainer did not exit after SIGKILL" if proc else "never started",
+                                      killed=bool(proc and proc.killed))
+        return result
+
+    def _emit(self, event: object) -> None:
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("supervisor_on_event_failed", event=type(event).__name__)
+
+    def _run(self) -> None:
+        try:
+            result = self._loop()
+        except Exception as exc:  # a bug here must still end in a result the lifecycle sees
+            log.exception("supervisor_failed")
+            result = SupervisorResult(SupervisorOutcome.GAVE_UP, self._restarts, reason=f"supervisor error: {exc}")
+        self._result = result
+        log.info("supervisor_done", outcome=result.outcome.value, restarts=result.restarts,
+                 returncode=result.returncode, reason=result.reason, killed=result.killed)
+        self._done.set()
+        self._emit(SupervisorDone(result))
+
+    def _loop(self) -> SupervisorResult:
+        crashes_in_a_row = 0
+        attempt = 0
+        while True:
+            with self._lock:
+                if self._stop.is_set():
+                    return SupervisorResult(SupervisorOutcome.PREEMPTED, self._restarts,
+                                            reason="stopped before the trainer was (re)started")
+                attempt += 1
+                proc = self._current = self._factory()
+                try:
+                    proc.start()
+                except TrainerError as exc:  # configuration: restarting cannot help
+                    return SupervisorResult(SupervisorOutcome.GAVE_UP, self._restarts, reason=str(exc))
+            if proc.pid is not None:
+                self._emit(TrainerStarted(proc.pid, attempt))
+            proc.wait(None)
+            outcome = proc.outcome()
+            self._emit(TrainerExited(proc.pid, proc.returncode, outcome, self._restarts))
+            if outcome is Outcome.FINISHED:
+                return SupervisorResult(SupervisorOutcome.FINISHED, self._restarts, 0)
+            if outcome is Outcome.PREEMPTED or self._stop.is_set():
+                return SupervisorResult(SupervisorOutcome.PREEMPTED, self._restarts, proc.returncode,
+                                        killed=proc.killed)
+            ran_s = (proc.exited_at or 0.0) - (proc.started_at or proc.exited_at or 0.0)
+            if ran_s >= self.healthy_after_s:
+                crashes_in_a_row = 0
+            crashes_in_a_row += 1
+            reason = describe_exit(proc)
+            if crashes_in_a_row > self.max_restarts:
+                return SupervisorResult(
+                    SupervisorOutcome.GAVE_UP, self._restarts, proc.returncode,
+                    reason=f"trainer crashed {crashes_in_a_row} times in a row; last: {reason}")
+            self._restarts += 1
+            delay = min(self.backoff_s * 2 ** (crashes_in_a_row - 1), self.backoff_max_s)
+            log.warning("trainer_restart_scheduled", reason=reason, delay_s=delay,
+                        restarts=self._restarts, max_restarts=self.max_restarts)
+            self._emit(TrainerRestartScheduled(delay, self._restarts, reason))
+            if self._stop.wait(delay):
+                return SupervisorResult(SupervisorOutcome.PREEMPTED, self._restarts, proc.returncode,
+                                        reason="stopped during restart backoff")
