@@ -1,0 +1,113 @@
+"""Every AWS call the agent makes, with why, and the least-privilege policy allowing exactly those.
+
+The policy is scoped by the job tag (invariant 6): the agent may act only on volumes,
+snapshots, fleets and groups tagged ``spotrun:job = <job>``, may create volumes and
+snapshots only when it tags them for the job in the same request, may add tags at creation
+only from CreateVolume/CreateSnapshot, and may never rewrite the ``spotrun:job`` tag of an
+existing resource. Describe calls cannot be scoped by resource in EC2, so they are ``*``.
+``packaging/iam/agent-policy.json`` is this policy rendered for job ``EXAMPLE``
+(``python -m spotrun.iam > packaging/iam/agent-policy.json``; a test keeps them equal).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from spotrun.tags import JOB
+
+# (action, why). The IAM test checks every call the agent made in the tests is listed here.
+AGENT_CALLS: list[tuple[str, str]] = [
+    ("ec2:DescribeInstances", "identity fallback without metadata tags; the lease holder's state; "
+                              "device names in use on this instance"),
+    ("ec2:DescribeTags", "identity fallback: what launched this instance (fleet / group tags)"),
+    ("ec2:DescribeVolumes", "find the job's volumes by tag; wait for volume and attachment states"),
+    ("ec2:DescribeSnapshots", "find the job's migration/drain snapshots; wait for completion"),
+    ("ec2:CreateVolume", "the job's first volume, and the copy in this AZ during a migration"),
+    ("ec2:CreateSnapshot", "migration snapshot, and the ahead-of-need snapshot on drain"),
+    ("ec2:CreateTags", "tags at creation; migration journal steps and progress on the job's volume"),
+    ("ec2:AttachVolume", "attach the job's volume to this instance"),
+    ("ec2:DetachVolume", "detach the job's volume on drain"),
+    ("ec2:DeleteVolume", "delete the old volume after its migrated copy is verified, and "
+                         "unverified copies of an abandoned migration"),
+    ("ec2:DeleteSnapshot", "migration/drain snapshots past their retention"),
+    ("ec2:CancelSpotFleetRequests", "cancel the job's Spot Fleet after training completed"),
+    ("ec2:DescribeSpotFleetRequests", "check the Spot Fleet before cancelling it"),
+    ("ec2:DeleteFleets", "delete the job's EC2 Fleet after training completed"),
+    ("ec2:DescribeFleets", "check the EC2 Fleet before deleting it"),
+    ("autoscaling:UpdateAutoScalingGroup", "scale the job's Auto Scaling group to zero when done"),
+    ("autoscaling:DescribeAutoScalingGroups", "check the Auto Scaling group before scaling it"),
+    ("ssm:GetParameter", "git credentials from an SSM parameter (code.credentials_ssm_parameter)"),
+    ("secretsmanager:GetSecretValue", "git credentials from a secret (code.credentials_secret_id)"),
+    ("dynamodb:GetItem", "read the job's lease (who holds it)"),
+    ("dynamodb:PutItem", "take or take over the job's lease (conditional write)"),
+    ("dynamodb:DeleteItem", "release the job's lease on drain (conditional delete)"),
+]
+
+LEASE_CALLS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem")
+
+
+def agent_actions(*, lease_table: bool = True) -> list[str]:
+    return [a for a, _ in AGENT_CALLS if lease_table or a not in LEASE_CALLS]
+
+
+def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
+                 lease_table: str | None = None) -> dict:
+    """The agent's IAM policy document for ``job_id`` (least privilege, scoped by the job tag)."""
+    ec2 = f"arn:aws:ec2:{region}:{account_id}"
+    volumes = f"{ec2}:volume/*"
+    snapshots = f"arn:aws:ec2:{region}::snapshot/*"
+    instances = f"{ec2}:instance/*"
+    job_resource = {"StringEquals": {f"aws:ResourceTag/{JOB}": job_id}}
+    job_request = {"StringEquals": {f"aws:RequestTag/{JOB}": job_id}}
+    statements = [
+        {"Sid": "Describe", "Effect": "Allow", "Resource": "*", "Action": [
+            "ec2:DescribeInstances", "ec2:DescribeTags", "ec2:DescribeVolumes",
+            "ec2:DescribeSnapshots", "ec2:DescribeSpotFleetRequests", "ec2:DescribeFleets",
+            "autoscaling:DescribeAutoScalingGroups"]},
+        {"Sid": "CreateJobVolumesAndSnapshots", "Effect": "Allow",
+         "Action": ["ec2:CreateVolume", "ec2:CreateSnapshot"],
+         "Resource": [volumes, snapshots], "Condition": job_request},
+        {"Sid": "SnapshotAndRestoreJobResources", "Effect": "Allow",
+         "Action": ["ec2:CreateSnapshot", "ec2:CreateVolume"],
+         "Resource": [volumes, snapshots], "Condition": job_resource},
+        {"Sid": "TagOnCreate", "Effect": "Allow", "Action": "ec2:CreateTags",
+         "Resource": [volumes, snapshots],
+         "Condition": {"StringEquals": {"ec2:CreateAction": ["CreateVolume", "CreateSnapshot"]}}},
+        {"Sid": "TagJobResources", "Effect": "Allow", "Action": "ec2:CreateTags",
+         "Resource": [volumes, snapshots],
+         "Condition": {**job_resource, "ForAllValues:StringNotEquals": {"aws:TagKeys": [JOB]}}},
+        {"Sid": "AttachJobVolumesToJobInstances", "Effect": "Allow",
+         "Action": ["ec2:AttachVolume", "ec2:DetachVolume"],
+         "Resource": [volumes, instances], "Condition": job_resource},
+        {"Sid": "DeleteJobVolumes", "Effect": "Allow", "Action": "ec2:DeleteVolume",
+         "Resource": volumes, "Condition": job_resource},
+        {"Sid": "DeleteJobSnapshots", "Effect": "Allow", "Action": "ec2:DeleteSnapshot",
+         "Resource": snapshots, "Condition": job_resource},
+        {"Sid": "StopJobFleets", "Effect": "Allow",
+         "Action": ["ec2:CancelSpotFleetRequests", "ec2:DeleteFleets"],
+         "Resource": [f"{ec2}:spot-fleet-request/*", f"{ec2}:fleet/*"], "Condition": job_resource},
+        {"Sid": "ScaleJobGroup", "Effect": "Allow", "Action": "autoscaling:UpdateAutoScalingGroup",
+         "Resource": f"arn:aws:autoscaling:{region}:{account_id}:autoScalingGroup:*:autoScalingGroupName/*",
+         "Condition": job_resource},
+        {"Sid": "ReadJobCredentials", "Effect": "Allow", "Action": "ssm:GetParameter",
+         "Resource": f"arn:aws:ssm:{region}:{account_id}:parameter/*", "Condition": job_resource},
+        {"Sid": "ReadJobSecret", "Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
+         "Resource": f"arn:aws:secretsmanager:{region}:{account_id}:secret:*",
+         "Condition": job_resource},
+    ]
+    if lease_table:
+        statements.append(
+            {"Sid": "JobLease", "Effect": "Allow", "Action": list(LEASE_CALLS),
+             "Resource": f"arn:aws:dynamodb:{region}:{account_id}:table/{lease_table}",
+             "Condition": {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [job_id]}}})
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def main() -> int:
+    json.dump(agent_policy("EXAMPLE", lease_table="spotrun-leases"), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
