@@ -15,8 +15,9 @@ import botocore.exceptions
 
 from spotrun.errors import SpotrunError
 
-RETRY_CONFIG = botocore.config.Config(retries={"mode": "standard", "max_attempts": 8},
-                                      user_agent_extra="spotrun-operator")
+# Standard retry mode (AWS's recommended one); attempts from AWS_MAX_ATTEMPTS / the profile,
+# else the mode's default of 3.
+RETRY_CONFIG = botocore.config.Config(retries={"mode": "standard"}, user_agent_extra="spotrun-operator")
 
 
 @dataclass
@@ -54,6 +55,17 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, botocore.exceptions.ClientError):
         return exc.response.get("Error", {}).get("Code", "")
     return ""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the operator: which call, what AWS said."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        return f"AWS {exc.operation_name} failed: {err.get('Code', '?')}: {err.get('Message', '')}".strip()
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return ("no AWS credentials found (environment, ~/.aws/credentials, SSO or a role); "
+                "see `aws configure`")
+    return f"AWS: {exc}"
 
 
 def for_job(job: Any, endpoint_url: str = "") -> Aws:

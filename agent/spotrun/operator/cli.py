@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
+
 from spotrun import log
-from spotrun.errors import UsageError
+from spotrun.errors import SpotrunError, UsageError
 from spotrun.operator import cancel as cancel_mod
 from spotrun.operator import init as init_mod
 from spotrun.operator import jobfile
 from spotrun.operator import launch as launch_mod
 from spotrun.operator import status as status_mod
-from spotrun.operator.aws import Aws
+from spotrun.operator.aws import Aws, describe_error
 from spotrun.operator.progress import Reporter
 
 LOCAL_STATE = Path("/var/lib/spotrun/state.json")
@@ -72,6 +75,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cancel.set_defaults(func=cmd_cancel)
 
 
+def _aws_errors_as_messages(func):
+    """botocore's exceptions become one clear line and exit 1, not a traceback."""
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise SpotrunError(describe_error(exc)) from exc
+    return wrapper
+
+
 def _setup(args: argparse.Namespace) -> Reporter:
     log.configure("info" if args.verbose else "warning", stream=sys.stderr)
     return Reporter(quiet=args.json)
@@ -88,6 +102,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
           flush=True)
 
 
+@_aws_errors_as_messages
 def cmd_init(args: argparse.Namespace) -> int:
     job = jobfile.load(args.job_file)  # validation before any AWS call
     reporter = _setup(args)
@@ -105,6 +120,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+@_aws_errors_as_messages
 def cmd_launch(args: argparse.Namespace) -> int:
     job = jobfile.load(args.job_file)
     reporter = _setup(args)
@@ -146,6 +162,7 @@ def _local_status(args: argparse.Namespace) -> int:
                      "is; on an instance, `spotrun agent status` shows the local agent)")
 
 
+@_aws_errors_as_messages
 def cmd_status(args: argparse.Namespace) -> int:
     job_id, job = _job_from_args(args)
     if not job_id:
@@ -169,6 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+@_aws_errors_as_messages
 def cmd_cancel(args: argparse.Namespace) -> int:
     job_id, job = _job_from_args(args)
     if not job_id:

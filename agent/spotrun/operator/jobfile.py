@@ -194,7 +194,9 @@ def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
     """Validate a parsed job file; ConfigError names the first bad field."""
     raw = dict(raw)
     launch = _launch_spec(raw.pop("launch", {}), source)
-    config = agent_config.load(None, (raw, source), require_repository=True)
+    config = agent_config.load(None, (raw, source))
+    if not config.code.repository:
+        raise ConfigError("code.repository", "is required: the git URL of the training code", source)
     if config.aws.region and not _REGION.match(config.aws.region):
         raise ConfigError("aws.region", f"{config.aws.region!r} is not a region like us-west-2", source)
     for key, zones in (("launch.availability_zones", launch.availability_zones),

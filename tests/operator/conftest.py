@@ -1,0 +1,129 @@
+"""Fixtures: moto's real server over HTTP, a request recorder, job files, the CLI in-process."""
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+from spotrun.cli import main
+
+REGION = "us-west-2"
+
+JOB_TOML = """
+[job]
+id = "{job_id}"
+
+[code]
+repository = "https://github.com/example-org/spot-training.git"
+ref = "v1.0"
+
+[trainer]
+command = ["python", "train.py", "--epochs", "30"]
+env = {{ EPOCHS = "30" }}
+
+[volume]
+size_gib = 20
+
+[aws]
+region = "{region}"
+
+[launch]
+image_id = "ami-0123456789abcdef0"
+instance_types = ["p3.2xlarge", "p2.xlarge"]
+availability_zones = ["us-west-2a", "us-west-2b"]
+volume_availability_zone = "us-west-2b"
+fleet = "{fleet}"
+{extra}
+"""
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """Dummy credentials through boto3's standard chain; no real profile is read."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+
+
+@pytest.fixture
+def moto(moto_server, aws_env):
+    """A fresh moto state per test; yields the endpoint."""
+    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
+    yield moto_server
+
+
+@pytest.fixture
+def client(moto):
+    def make(service: str):
+        return boto3.client(service, region_name=REGION, endpoint_url=moto)
+    return make
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    requests: list = []
+
+    def _answer(self):
+        type(self).requests.append((self.command, self.path, self.headers.get("X-Amz-Target")))
+        self.send_response(500)
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder(aws_env):
+    """An endpoint that records every request it gets (proves 'no AWS call')."""
+    handler = type("Recorder", (_Recorder,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def job_file(tmp_path):
+    def write(job_id: str = "cifar10", fleet: str = "ec2-fleet", extra: str = "", text: str | None = None) -> Path:
+        path = tmp_path / f"{job_id}-{fleet}.toml"
+        path.write_text(text if text is not None else
+                        JOB_TOML.format(job_id=job_id, fleet=fleet, region=REGION, extra=extra))
+        return path
+    return write
+
+
+@pytest.fixture
+def spotrun(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
