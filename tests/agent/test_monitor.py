@@ -1,0 +1,156 @@
+"""spotrun.monitor over real HTTP against the local cloud's metadata emulator."""
+from __future__ import annotations
+
+import queue
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from spotrun.imds import MetadataClient
+from spotrun.localcloud.imds import InstanceMetadata, MetadataServer
+from spotrun.monitor import InterruptionMonitor, Maintenance, Rebalance, SpotNotice, parse_time
+
+POLL = 0.1
+
+
+@pytest.fixture
+def imds():
+    md = InstanceMetadata(instance_id="i-0123456789abcdef0", instance_type="p3.2xlarge",
+                          availability_zone="us-east-1a", availability_zone_id="use1-az1",
+                          region="us-east-1", account_id="123456789012", ami_id="ami-12345678",
+                          private_ip="10.0.0.5", tags={}, user_data=None)
+    server = MetadataServer(md).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(imds):
+    return MetadataClient(imds.endpoint, connect_timeout_s=0.2, read_timeout_s=0.5, deadline_s=2.0)
+
+
+@pytest.fixture
+def running(client):
+    """A started monitor delivering into a queue; always stopped."""
+    events: queue.Queue = queue.Queue()
+    monitor = InterruptionMonitor(client, poll_interval_s=POLL, on_event=events.put)
+    monitor.start()
+    try:
+        yield monitor, events
+    finally:
+        monitor.stop()
+
+
+def when(seconds: int) -> datetime:
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).replace(microsecond=0)
+
+
+def test_nothing_pending_means_no_events(imds, client):
+    monitor = InterruptionMonitor(client, poll_interval_s=POLL)
+    assert monitor.poll_once() == [] and monitor.poll_once() == []
+
+
+def test_notice_rebalance_and_maintenance_are_each_reported_once(imds, client):
+    monitor = InterruptionMonitor(client, poll_interval_s=POLL)
+    now, t120, t200, not_before = when(0), when(120), when(200), when(600)
+    imds.rebalance(now)
+    assert monitor.poll_once() == [Rebalance(now)]
+    imds.notice("terminate", t120)
+    event_id = imds.schedule_maintenance("system-reboot", not_before, not_before + timedelta(hours=2),
+                                         description="scheduled reboot")
+    events = monitor.poll_once()
+    assert events == [SpotNotice("terminate", t120),
+                      Maintenance(event_id, "system-reboot", not_before, not_before + timedelta(hours=2),
+                                  "scheduled reboot")]
+    assert monitor.poll_once() == []  # de-duplicated
+    # A changed notice (stop instead of terminate, a new time) is a new event.
+    imds.notice("stop", t200)
+    assert monitor.poll_once() == [SpotNotice("stop", t200)]
+
+
+def test_the_thread_delivers_within_a_poll_interval(imds, running):
+    monitor, events = running
+    t120 = when(120)
+    imds.notice("terminate", t120)
+    published = time.monotonic()
+    event = events.get(timeout=5)
+    latency = time.monotonic() - published
+    assert event == SpotNotice("terminate", t120)
+    assert latency < POLL + 0.5, latency
+    imds.rebalance()
+    assert isinstance(events.get(timeout=5), Rebalance)
+    assert events.empty()
+
+
+def test_outage_then_notice_is_acted_on_within_one_poll_interval(imds, running, capsys):
+    monitor, events = running
+    imds.fault("refused", duration_s=2.0)
+    deadline = time.monotonic() + 10
+    while not monitor.in_outage:
+        assert time.monotonic() < deadline, "the monitor never saw the outage"
+        time.sleep(0.01)  # polling a real condition with a deadline
+    imds.notice("terminate", when(120))  # published while metadata is down
+    while imds.active_faults():
+        assert time.monotonic() < deadline, "the emulator's outage did not end"
+        time.sleep(0.01)
+    back = time.monotonic()
+    event = events.get(timeout=5)
+    assert event.action == "terminate"
+    # Within one poll interval of metadata returning (plus connection/retry slack).
+    assert time.monotonic() - back < POLL + 0.7
+    logged = capsys.readouterr().out
+    assert logged.count('"metadata_outage_started"') == 1  # once per outage, not per poll
+    assert logged.count('"metadata_outage_ended"') == 1
+
+
+def test_5xx_outage_is_survived(imds, running):
+    monitor, events = running
+    imds.fault("5xx", duration_s=1.0)
+    imds.rebalance()
+    assert isinstance(events.get(timeout=10), Rebalance)
+    assert not imds.active_faults()
+
+
+def test_malformed_json_is_a_warning_naming_the_path_and_polling_goes_on(imds, client, capsys):
+    monitor = InterruptionMonitor(client, poll_interval_s=POLL)
+    t120 = when(120)
+    imds.notice("terminate", t120)
+    imds.fault("malformed")
+    assert monitor.poll_once() == [] and monitor.poll_once() == []
+    logged = capsys.readouterr().out
+    malformed = [line for line in logged.splitlines() if '"metadata_malformed"' in line]
+    spot = [line for line in malformed if '"path":"meta-data/spot/instance-action"' in line]
+    assert len(spot) == 1  # named, and once per distinct bad answer, not once per poll
+    assert len(malformed) <= 3  # (the emulator truncates every JSON document)
+    imds.clear_faults()
+    assert monitor.poll_once() == [SpotNotice("terminate", t120)]
+
+
+def test_on_event_failure_does_not_stop_the_monitor(imds, client):
+    delivered = queue.Queue()
+
+    def flaky(event):
+        delivered.put(event)
+        if isinstance(event, Rebalance):
+            raise RuntimeError("callback bug")
+
+    monitor = InterruptionMonitor(client, poll_interval_s=POLL, on_event=flaky)
+    monitor.start()
+    try:
+        imds.rebalance()
+        assert isinstance(delivered.get(timeout=5), Rebalance)
+        imds.notice("terminate", when(120))
+        assert isinstance(delivered.get(timeout=5), SpotNotice)
+    finally:
+        monitor.stop()
+
+
+def test_time_formats():
+    utc = timezone.utc
+    assert parse_time("2017-09-18T08:22:00Z", "time") == datetime(2017, 9, 18, 8, 22, tzinfo=utc)
+    assert parse_time("21 Jan 2019 09:00:43 GMT", "NotBefore") == datetime(2019, 1, 21, 9, 0, 43, tzinfo=utc)
+    with pytest.raises(ValueError, match="NotBefore 'soon' is not a time"):
+        parse_time("soon", "NotBefore")
