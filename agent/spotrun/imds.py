@@ -168,6 +168,9 @@ class MetadataClient:
         response = self._get("user-data", None)
         return None if response is None else response.content
 
+    def close(self) -> None:
+        self._session.close()
+
     def invalidate_token(self) -> None:
         """Forget the cached token (the next request fetches a new one)."""
         with self._lock:
@@ -275,8 +278,8 @@ class MetadataClient:
             log().warning("imds_v1_fallback", endpoint=self.endpoint, status=status,
                         reason="token endpoint absent; allow_imdsv1 is on")
             return None
-        if status >= 500 or status == 429:
-            raise _Retry(f"token PUT: HTTP {status}")
+        if status >= 500 or status == 429 or status == 200:  # 200 here: an empty token
+            raise _Retry(f"token PUT: HTTP {status}" + (" with an empty token" if status == 200 else ""))
         hint = ""
         if status == 403:
             hint = (" (IMDSv2 token refused: a request through a proxy (X-Forwarded-For), "

@@ -52,31 +52,50 @@ def _loop_devices_usable() -> str | None:
 
 
 @pytest.fixture
-def loop_volume(tmp_path: Path):
-    """An empty (no filesystem) 64 MiB volume on a real loop device; see :class:`LoopVolume`."""
+def make_loop_volume(tmp_path: Path):
+    """Factory: ``make_loop_volume(size_mib=64)`` -> a :class:`LoopVolume` with no filesystem.
+
+    All volumes share one device directory (``tmp_path/by-id``), as on one instance.
+    """
     reason = _loop_devices_usable()
     if reason:
         pytest.skip(reason)
-    volume_id = "vol-" + secrets.token_hex(9)[:17]
-    image = tmp_path / f"{volume_id}.img"
-    with open(image, "wb") as f:
-        f.truncate(64 * 1024 * 1024)
     device_dir = tmp_path / "by-id"
-    device_dir.mkdir()
-    result = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"losetup failed: {result.stderr.strip()}")
-    device = Path(result.stdout.strip())
-    link = device_dir / (NITRO_PREFIX + volume_id.replace("-", ""))
-    try:
+    device_dir.mkdir(exist_ok=True)
+    made: list[LoopVolume] = []
+
+    def make(size_mib: int = 64) -> LoopVolume:
+        volume_id = "vol-" + secrets.token_hex(9)[:17]
+        image = tmp_path / f"{volume_id}.img"
+        with open(image, "wb") as f:
+            f.truncate(size_mib * 1024 * 1024)
+        result = subprocess.run(["losetup", "--find", "--show", str(image)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            image.unlink()
+            pytest.skip(f"losetup failed: {result.stderr.strip()}")
+        device = Path(result.stdout.strip())
+        link = device_dir / (NITRO_PREFIX + volume_id.replace("-", ""))
+        volume = LoopVolume(volume_id, image, device, device_dir, link)
+        made.append(volume)
         link.symlink_to(device)
-        yield LoopVolume(volume_id, image, device, device_dir, link)
+        return volume
+
+    try:
+        yield make
     finally:
-        for point in _mount_points_of(device):
-            subprocess.run(["umount", point], capture_output=True)
-        subprocess.run(["losetup", "--detach", str(device)], capture_output=True)
-        link.unlink(missing_ok=True)
-        image.unlink(missing_ok=True)
+        for volume in reversed(made):
+            for point in _mount_points_of(volume.device):
+                subprocess.run(["umount", point], capture_output=True)
+            subprocess.run(["losetup", "--detach", str(volume.device)], capture_output=True)
+            volume.link.unlink(missing_ok=True)
+            volume.image.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def loop_volume(make_loop_volume) -> LoopVolume:
+    """An empty (no filesystem) 64 MiB volume on a real loop device; see :class:`LoopVolume`."""
+    return make_loop_volume()
 
 
 def instance_metadata(**overrides):
