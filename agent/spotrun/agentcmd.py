@@ -1,17 +1,193 @@
-"""``spotrun agent run`` (what systemd starts) and ``spotrun agent status`` (on the instance)."""
+"""``spotrun agent run`` (what systemd starts) and ``spotrun agent status`` (on the instance).
+
+`agent run` assembles the real collaborators (metadata, EC2, block devices, git, trainer,
+monitor, fleet) around :class:`spotrun.lifecycle.Lifecycle`. Everything is validated before
+anything is touched: a bad config or user data ends here with the key named and exit 2.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pwd
+import sys
+import time
+from pathlib import Path
+
+from spotrun import config as configmod
+from spotrun import log as logmod
+from spotrun.config import Config, ConfigError
+
+CONFIG_ENV = "SPOTRUN_CONFIG"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    agent = subparsers.add_parser("agent", help="the on-instance agent (systemd runs 'agent run')")
+    agent = subparsers.add_parser("agent", help="the on-instance agent (systemd runs 'agent run')",
+                                  description="The agent that runs on each spot instance.")
     sub = agent.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", required=True)
-    run = sub.add_parser("run", help="run the lifecycle on this instance (started by systemd)")
-    run.set_defaults(func=_not_ready)
-    status = sub.add_parser("status", help="this instance's agent: phase, trainer, progress")
-    status.set_defaults(func=_not_ready)
+    run = sub.add_parser("run", help="run the lifecycle on this instance (started by systemd)",
+                         description="Identify the instance, acquire the job's volume, check out "
+                                     "the code, train, drain on a notice, finish and cancel the fleet.")
+    _config_argument(run)
+    run.add_argument("--no-user-data", action="store_true",
+                     help="ignore the instance's user data (use the config file alone)")
+    run.add_argument("--exit-when-done", action="store_true",
+                     help="exit after draining or finishing instead of waiting to be terminated")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check-config", help="validate the config (file + user data) and exit",
+                           description="Load and validate the configuration; exit 2 naming the "
+                                       "bad key, 0 when it is complete.")
+    _config_argument(check)
+    check.add_argument("--no-user-data", action="store_true", help="validate the file alone")
+    check.set_defaults(func=cmd_check_config)
+    status = sub.add_parser("status", help="this instance's agent: phase, trainer, progress",
+                            description="Print this instance's agent state.")
+    _config_argument(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=print_local_status)
 
 
-def _not_ready(args: argparse.Namespace) -> int:
-    raise NotImplementedError("the agent lifecycle is being built (issue 4)")
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path,
+                        default=Path(os.environ.get(CONFIG_ENV, configmod.DEFAULT_CONFIG_PATH)),
+                        help=f"agent config (default ${CONFIG_ENV} or {configmod.DEFAULT_CONFIG_PATH})")
+
+
+def load_config(path: Path, *, use_user_data: bool = True) -> tuple[Config, object]:
+    """The config file, overridden by the instance's user data; plus the metadata client."""
+    from spotrun import userdata
+    from spotrun.imds import MetadataClient
+
+    base = configmod.load(path)
+    metadata = MetadataClient.from_config(base.metadata)
+    overrides = []
+    if use_user_data:
+        raw = metadata.user_data()
+        if raw:
+            def fetch_parameter(name: str) -> str:
+                from spotrun import ec2
+                region = base.aws.region or metadata.get("meta-data/placement/region")
+                ssm = ec2.client("ssm", base.aws, region)
+                return ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
+
+            overrides.append((userdata.parse(raw, fetch_parameter=fetch_parameter), "user-data"))
+    config = configmod.load(path, *overrides, require_repository=True)
+    try:
+        pwd.getpwnam(config.trainer.user)
+    except KeyError:
+        raise ConfigError("trainer.user", f"no such user {config.trainer.user!r} on this machine",
+                          "config") from None
+    if config.metadata != base.metadata:
+        metadata = MetadataClient.from_config(config.metadata)
+    return config, metadata
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config, _ = load_config(args.config, use_user_data=not args.no_user_data)
+    print(f"ok: job {config.job.id}, repository {config.code.repository} @ {config.code.ref}")
+    return 0
+
+
+def build_lifecycle(config: Config, metadata):
+    """The lifecycle with its real edges."""
+    from spotrun import checkout as checkoutmod
+    from spotrun import ec2, fleet, identity, monitor, volumes
+    from spotrun.lifecycle import Lifecycle
+
+    def region_of(ident) -> str:
+        return config.aws.region or ident.region
+
+    def do_checkout(ident) -> str:
+        code = config.code
+        credentials = checkoutmod.load_credentials(code, aws_cfg=config.aws, region=region_of(ident))
+        return checkoutmod.checkout(code.repository, code.ref, Path(code.workspace),
+                                    credentials=credentials, owner=config.trainer.user)
+
+    def cancel_fleet(launched_by) -> str:
+        if launched_by is None:
+            logmod.get_logger("lifecycle").warning(
+                "nothing_to_cancel", reason="this instance was not launched by a fleet or group")
+            return "nothing (not launched by a fleet or group)"
+        region = config.aws.region or metadata.get("meta-data/placement/region")
+        return fleet.cancel(launched_by, ec2_client=ec2.client("ec2", config.aws, region),
+                            autoscaling_client=ec2.client("autoscaling", config.aws, region))
+
+    return Lifecycle(
+        config,
+        metadata=metadata,
+        identify=lambda: identity.identify(
+            metadata, ec2_client_factory=lambda region: ec2.client("ec2", config.aws, region)),
+        volume_manager=lambda ident: volumes.VolumeManager(config, ident),
+        checkout=do_checkout,
+        monitor=lambda on_event: monitor.InterruptionMonitor(
+            metadata, poll_interval_s=config.metadata.poll_interval_s, on_event=on_event),
+        cancel_fleet=cancel_fleet,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logmod.configure()
+    log = logmod.get_logger("agent")
+    try:
+        config, metadata = load_config(args.config, use_user_data=not args.no_user_data)
+    except ConfigError as exc:
+        log.error("config_invalid", key=exc.key, source=exc.source, error=str(exc))
+        raise
+    logmod.configure(level=config.agent.log_level, job=config.job.id)
+    log = logmod.get_logger("agent")
+    log.info("agent_starting", config=str(args.config), repository=config.code.repository,
+             ref=config.code.ref)
+    lifecycle = build_lifecycle(config, metadata)
+    try:
+        code = lifecycle.run()
+    except Exception as exc:
+        log.error("agent_failed", error=str(exc), error_type=type(exc).__name__,
+                  phase=lifecycle.phase.value if lifecycle.phase else None)
+        raise
+    if not args.exit_when_done:
+        lifecycle.wait_for_termination()
+    return code
+
+
+def print_local_status(args: argparse.Namespace) -> int:
+    from spotrun.errors import SpotrunError
+    from spotrun.state import StateFile
+
+    try:
+        state_dir = configmod.load(args.config).state_path
+    except ConfigError:
+        state_dir = Path(configmod.AgentConfig().state_dir)
+    state = StateFile(state_dir / "state.json").read()
+    if not state:
+        raise SpotrunError(f"no agent state at {state_dir / 'state.json'}: is the agent running here?")
+    if getattr(args, "json", False):
+        json.dump(state, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    trainer = state.get("trainer") or {}
+    progress = state.get("progress") or {}
+    rows = [
+        ("phase", state.get("phase")),
+        ("status", state.get("status")),
+        ("job", state.get("job")),
+        ("instance", f"{state.get('instance_id')} in {state.get('az')}"),
+        ("volume", f"{state.get('volume_id')} at {state.get('mount_point')}"),
+        ("commit", state.get("commit")),
+        ("trainer", f"pid {trainer.get('pid')} {trainer.get('state')}, restarts {trainer.get('restarts')}"
+         if trainer else "not running"),
+        ("progress", f"epoch {progress.get('epoch')}, step {progress.get('step')}" if progress else "-"),
+        ("last checkpoint", _age(progress.get("last_checkpoint_time"))),
+        ("interruptions", state.get("interruptions")),
+        ("next", state.get("next")),
+        ("updated", state.get("updated")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value if value is not None else '-'}")
+    return 0
+
+
+def _age(when) -> str:
+    if not isinstance(when, (int, float)):
+        return "-"
+    return f"{max(0.0, time.time() - when):.0f} s ago"

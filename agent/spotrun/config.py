@@ -119,6 +119,11 @@ class AwsConfig:
 class AgentConfig:
     state_dir: str = "/var/lib/spotrun"
     log_level: str = "info"
+    # Seconds a `systemctl stop` (or shutdown) may take to drain; keep it below the unit's
+    # TimeoutStopSec so systemd never SIGKILLs a drain half-way.
+    stop_budget_s: float = 100.0
+    # Scheduled maintenance is drained this long before its NotBefore (like a 2-minute notice).
+    maintenance_lead_s: float = 120.0
 
 
 @dataclass(frozen=True)

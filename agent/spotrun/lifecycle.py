@@ -1,0 +1,415 @@
+"""The agent's lifecycle on one instance, as a state machine.
+
+identify → acquire-volume → (completed? → finish) → checkout → train ⇄ (rebalance: checkpoint now)
+→ notice: drain → release | exit 0: finish | crash: restart with backoff → give up: fail-policy
+
+Every step is idempotent and starts from what AWS and the disk say, so the agent restarted at
+any point (crash, `systemctl restart`, reboot) simply runs again. Side effects live in the edge
+modules (imds, ec2/volumes, blockdev, checkout, trainerproc, monitor, fleet); this module only
+decides. Each transition is one structured event, one systemd STATUS= line, one rewrite of the
+state file and (when it changes what the operator should see) a tag on the job's volume.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from spotrun import blockdev
+from spotrun import tags as T
+from spotrun.config import Config
+from spotrun.log import bind, get_logger
+from spotrun.notify import Notifier
+from spotrun.state import StateFile, kill_leftover_trainer
+from spotrun.trainerproc import (Supervisor, SupervisorDone, SupervisorOutcome, SupervisorResult,
+                                 TrainerExited, TrainerProcess, TrainerStarted)
+
+log = get_logger("lifecycle")
+
+COMPLETION_RECORD = ".spotrun-completed.json"
+PROGRESS_FILE = ".spotrun-progress.json"  # in the checkpoints directory, written by the trainer
+# A trainer always gets this long to checkpoint, even for a notice whose time is (nearly) past.
+MIN_TRAINER_DRAIN_S = 5.0
+STATUS_INTERVAL_S = 5.0
+TAG_INTERVAL_S = 60.0
+
+
+class Phase(enum.Enum):
+    IDENTIFYING = "identifying"
+    ACQUIRING = "acquiring-volume"
+    CHECKING_OUT = "checking-out"
+    TRAINING = "training"
+    DRAINING = "draining"
+    RELEASED = "released"  # drained after a notice; waiting to be terminated
+    STOPPED = "stopped"  # drained for a stop/hibernate notice: the volume stays attached
+    FINISHING = "finishing"
+    DONE = "done"  # training complete, fleet cancelled
+    FAILED = "failed"  # the failure policy applied
+
+
+# What the agent does next, for `spotrun status` and STATUS=.
+NEXT = {
+    Phase.IDENTIFYING: "find the job's volume",
+    Phase.ACQUIRING: "check out the training code",
+    Phase.CHECKING_OUT: "start the trainer",
+    Phase.TRAINING: "train until done or interrupted",
+    Phase.DRAINING: "unmount, snapshot, detach and release the volume",
+    Phase.RELEASED: "wait to be terminated; the next instance resumes",
+    Phase.STOPPED: "wait to be stopped; training resumes on start",
+    Phase.FINISHING: "cancel the fleet",
+    Phase.DONE: "nothing: the job is complete",
+    Phase.FAILED: "nothing: see the failure reason on the volume's tags",
+}
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    """SIGTERM/SIGINT to the agent (systemctl stop, shutdown): drain like a notice."""
+
+    signal: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def write_json_durably(path: Path, data: dict) -> None:
+    """temp file → fsync → rename → fsync dir: the record is either old or new, never torn."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Lifecycle:
+    """One agent run. Collaborators are injected so tests can drive the same code."""
+
+    def __init__(self, config: Config, *, metadata, notifier: Notifier | None = None,
+                 identify: Callable[[], Any], volume_manager: Callable[[Any], Any],
+                 checkout: Callable[[Any], str], monitor: Callable[[Callable[[object], None]], Any],
+                 cancel_fleet: Callable[[Any], str], clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.metadata = metadata
+        self.notifier = notifier or Notifier()
+        self._identify = identify
+        self._volume_manager = volume_manager
+        self._checkout = checkout
+        self._monitor_factory = monitor
+        self._cancel_fleet = cancel_fleet
+        self.clock = clock
+        self.events: queue.Queue = queue.Queue()
+        self.state = StateFile(config.state_path / "state.json")
+        self.phase: Phase | None = None
+        self.identity = None
+        self.volumes = None
+        self.volume_id: str | None = None
+        self.commit: str | None = None
+        self.supervisor: Supervisor | None = None
+        self.interruptions = 0
+        self._last_tags = 0.0
+        self._stop_event = threading.Event()
+
+    # -- transitions --------------------------------------------------------------------
+
+    def transition(self, phase: Phase, **fields: Any) -> None:
+        previous = self.phase
+        self.phase = phase
+        bind(phase=phase.value)
+        log.info("phase_changed", previous=previous.value if previous else None, **fields)
+        self.notifier.status(self.status_line())
+        self._write_state()
+        if self.volumes is not None and self.volume_id is not None:
+            self._record_tags({T.PHASE: phase.value}, force=True)
+
+    def status_line(self) -> str:
+        phase = self.phase.value if self.phase else "starting"
+        if self.phase is Phase.TRAINING:
+            progress = self.progress()
+            if progress:
+                parts = [f"training epoch {progress.get('epoch', '?')}"
+                         + (f"/{progress['epochs']}" if progress.get("epochs") else "")]
+                if progress.get("step") is not None:
+                    parts.append(f"step {progress['step']}")
+                age = self._checkpoint_age(progress)
+                if age is not None:
+                    parts.append(f"last checkpoint {age:.0f} s ago")
+                return ", ".join(parts)
+        return f"{phase}: next, {NEXT[self.phase]}" if self.phase else phase
+
+    def progress(self) -> dict:
+        path = self.config.checkpoints_path / PROGRESS_FILE
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _checkpoint_age(progress: dict) -> float | None:
+        when = progress.get("last_checkpoint_time")
+        return max(0.0, time.time() - float(when)) if isinstance(when, (int, float)) else None
+
+    def _write_state(self) -> None:
+        trainer = None
+        if self.supervisor is not None and self.supervisor.current is not None:
+            proc = self.supervisor.current
+            trainer = {"pid": proc.pid, "state": proc.state.value, "restarts": self.supervisor.restarts}
+        ident = self.identity
+        self.state.write({
+            "phase": self.phase.value if self.phase else None,
+            "job": self.config.job.id,
+            "instance_id": ident.instance_id if ident else None,
+            "az": ident.availability_zone if ident else None,
+            "volume_id": self.volume_id,
+            "mount_point": str(self.config.mount_point),
+            "commit": self.commit,
+            "trainer": trainer,
+            "progress": self.progress() if self.phase is Phase.TRAINING else None,
+            "interruptions": self.interruptions,
+            "next": NEXT.get(self.phase) if self.phase else None,
+            "status": self.status_line(),
+        })
+
+    def _record_tags(self, values: dict[str, str], *, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._last_tags < TAG_INTERVAL_S:
+            return
+        self._last_tags = now
+        try:
+            self.volumes.record(**values)
+        except Exception as exc:  # progress tags are a report; never stop training for them
+            log.warning("progress_tags_failed", error=str(exc))
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        kill_leftover_trainer(self.state.read())
+        self.transition(Phase.IDENTIFYING)
+        self.identity = self._identify()
+        bind(**self.identity.log_context())
+        self.volumes = self._volume_manager(self.identity)
+
+        if self._completed_by_tags():
+            return self.finish(already_complete=True)
+        self.transition(Phase.ACQUIRING)
+        acquired = self.volumes.acquire()
+        self.volume_id = acquired.volume_id
+        bind(volume_id=self.volume_id)
+        self.notifier.ready(self.status_line())
+        if (self.config.mount_point / COMPLETION_RECORD).exists():
+            return self.finish(already_complete=True)
+
+        self.transition(Phase.CHECKING_OUT)
+        self.commit = self._checkout(self.identity)
+        self._record_tags({T.COMMIT: self.commit, T.FAILURE: "-"}, force=True)
+        return self.train()
+
+    def _completed_by_tags(self) -> bool:
+        for volume in self.volumes.job_volumes():
+            if T.as_dict(volume.get("Tags")).get(T.COMPLETED):
+                self.volume_id = volume["VolumeId"]
+                log.info("job_already_completed", volume_id=self.volume_id)
+                return True
+        return False
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum, _frame):
+            self.events.put(StopRequested(signum))
+            self._stop_event.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+
+    def _trainer_env(self) -> dict[str, str]:
+        cfg = self.config
+        env = dict(cfg.trainer.env)
+        env.update({
+            "SPOTRUN_JOB_ID": cfg.job.id,
+            "SPOTRUN_DATA_DIR": str(cfg.datasets_path),
+            "SPOTRUN_CHECKPOINT_DIR": str(cfg.checkpoints_path),
+            "SPOTRUN_CODE_COMMIT": self.commit or "",
+            "SPOTRUN_PROGRESS_FILE": str(cfg.checkpoints_path / PROGRESS_FILE),
+        })
+        return env
+
+    def _new_trainer(self) -> TrainerProcess:
+        cfg = self.config
+        workspace = Path(cfg.code.workspace)
+        return TrainerProcess(
+            cfg.trainer.command, user=cfg.trainer.user,
+            cwd=workspace / cfg.trainer.working_dir if cfg.trainer.working_dir else workspace,
+            env=self._trainer_env(), path_prepend=cfg.trainer.path_prepend,
+            log_path=cfg.state_path / "trainer.log")
+
+    def train(self) -> int:
+        cfg = self.config.trainer
+        self.supervisor = Supervisor(self._new_trainer, max_restarts=cfg.max_restarts,
+                                     backoff_s=cfg.restart_backoff_s,
+                                     backoff_max_s=cfg.restart_backoff_max_s,
+                                     on_event=self.events.put)
+        monitor = self._monitor_factory(self.events.put)
+        self.transition(Phase.TRAINING)
+        self.supervisor.start()
+        monitor.start()
+        try:
+            return self._training_loop()
+        finally:
+            monitor.stop()
+
+    def _training_loop(self) -> int:
+        from spotrun.monitor import Maintenance, Rebalance, SpotNotice
+
+        while True:
+            try:
+                event = self.events.get(timeout=STATUS_INTERVAL_S)
+            except queue.Empty:
+                event = Tick()
+            if isinstance(event, Tick):
+                self.notifier.status(self.status_line())
+                self._write_state()
+                progress = self.progress()
+                if progress:
+                    self._record_tags({T.PROGRESS: _progress_tag(progress)})
+            elif isinstance(event, (TrainerStarted, TrainerExited)):
+                self._write_state()
+            elif isinstance(event, Rebalance):
+                log.warning("rebalance_recommendation", notice_time=str(event.notice_time))
+                self.supervisor.checkpoint_now()
+            elif isinstance(event, Maintenance):
+                self._schedule_maintenance(event)
+            elif isinstance(event, SpotNotice):
+                log.warning("interruption_notice", action=event.action, time=_iso(event.time))
+                return self.drain(event.action, event.time)
+            elif isinstance(event, StopRequested):
+                log.warning("stop_requested", signal=signal.Signals(event.signal).name)
+                budget = self.config.agent.stop_budget_s
+                return self.drain("stop-request", _utcnow().timestamp() + budget)
+            elif isinstance(event, SupervisorDone):
+                return self._trainer_done(event.result)
+
+    def _schedule_maintenance(self, event) -> None:
+        """Scheduled maintenance: like a notice whose time is the event's NotBefore."""
+        from spotrun.monitor import SpotNotice
+
+        lead = self.config.agent.maintenance_lead_s
+        delay = max(0.0, (event.not_before - _utcnow()).total_seconds() - lead)
+        log.warning("maintenance_scheduled", code=event.code, not_before=_iso(event.not_before),
+                    drain_in_s=round(delay, 1))
+        timer = threading.Timer(delay, self.events.put,
+                                args=(SpotNotice(action="terminate", time=event.not_before),))
+        timer.daemon = True
+        timer.start()
+
+    # -- endings --------------------------------------------------------------------------
+
+    def _trainer_done(self, result: SupervisorResult) -> int:
+        if result.outcome is SupervisorOutcome.FINISHED:
+            return self.finish()
+        if result.outcome is SupervisorOutcome.PREEMPTED:  # stopped without a drain: treat as one
+            return self.drain("trainer-stopped", _utcnow().timestamp())
+        return self.fail(result)
+
+    def drain(self, action: str, notice_time: datetime | float) -> int:
+        """Checkpoint and stop the trainer inside the notice, then hand the volume on."""
+        when = notice_time if isinstance(notice_time, datetime) else datetime.fromtimestamp(
+            notice_time, timezone.utc)
+        reserve = self.config.trainer.drain_reserve_s
+        trainer_s = max(MIN_TRAINER_DRAIN_S, (when - _utcnow()).total_seconds() - reserve)
+        self.interruptions += 1
+        self.transition(Phase.DRAINING, action=action, notice_time=_iso(when),
+                        trainer_budget_s=round(trainer_s, 1))
+        started = self.clock()
+        result = self.supervisor.drain(self.clock() + trainer_s, clock=self.clock)
+        log.info("trainer_drained", outcome=result.outcome.value, killed=result.killed,
+                 seconds=round(self.clock() - started, 3))
+        self._record_tags({T.INTERRUPTIONS: self._interruptions_total(),
+                           T.PROGRESS: _progress_tag(self.progress())}, force=True)
+        if action in ("stop", "hibernate"):
+            # A stopped instance keeps its EBS volumes: flush and unmount cleanly, stay attached.
+            blockdev.sync(self.config.mount_point)
+            blockdev.unmount(self.config.mount_point)
+            self.transition(Phase.STOPPED)
+        else:
+            self.volumes.release()
+            self.transition(Phase.RELEASED, drain_s=round(self.clock() - started, 3))
+        self.notifier.stopping(self.status_line())
+        return 0
+
+    def _interruptions_total(self) -> str:
+        """Interruptions of the whole job: the volume's count (kept across instances) + 1."""
+        for volume in self.volumes.job_volumes():
+            if volume["VolumeId"] == self.volume_id:
+                previous = T.as_dict(volume.get("Tags")).get(T.INTERRUPTIONS, "0")
+                return str(int(previous) + 1 if previous.isdigit() else 1)
+        return "1"
+
+    def finish(self, *, already_complete: bool = False) -> int:
+        """Completion record durable → unmount/release → tag → cancel the fleet, last."""
+        self.transition(Phase.FINISHING, already_complete=already_complete)
+        record_path = self.config.mount_point / COMPLETION_RECORD
+        if self.volume_id is not None and not already_complete:
+            metrics = {}
+            metrics_path = self.config.checkpoints_path / "final_metrics.json"
+            try:
+                metrics = json.loads(metrics_path.read_text())
+            except (OSError, ValueError):
+                pass
+            write_json_durably(record_path, {"time": _iso(_utcnow()), "commit": self.commit,
+                                             "instance_id": self.identity.instance_id,
+                                             "metrics": metrics})
+            log.info("completion_recorded", path=str(record_path), metrics=metrics)
+        if self.volumes is not None:
+            self.volumes.release(snapshot=False)
+            self._record_tags({T.COMPLETED: _iso(_utcnow()), T.PHASE: Phase.DONE.value,
+                               T.PROGRESS: _progress_tag(self.progress())}, force=True)
+        what = self._cancel_fleet(self.identity.launched_by)
+        self.transition(Phase.DONE, cancelled=what)
+        return 0
+
+    def fail(self, result: SupervisorResult) -> int:
+        reason = (result.reason or "trainer gave up")[:250]
+        log.error("failure_policy", policy=self.config.trainer.failure_policy, reason=reason,
+                  restarts=result.restarts)
+        self._record_tags({T.FAILURE: reason}, force=True)
+        self.volumes.release(snapshot=False)
+        cancelled = None
+        if self.config.trainer.failure_policy == "cancel":
+            cancelled = self._cancel_fleet(self.identity.launched_by)
+        self.transition(Phase.FAILED, reason=reason, cancelled=cancelled)
+        return 0
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """After a drain or the end: stay up (systemd sees us alive) until stopped or killed."""
+        return self._stop_event.wait(timeout)
+
+
+def _progress_tag(progress: dict) -> str:
+    keep = {k: progress[k] for k in ("epoch", "epochs", "step", "global_step", "last_checkpoint_time")
+            if k in progress}
+    return json.dumps(keep, separators=(",", ":"))[:T.MAX_VALUE]
