@@ -1,0 +1,119 @@
+"""Fault injection for the EC2 API, decided per request with a seeded RNG so runs replay.
+
+Three kinds, all as EC2 really answers them (botocore's EC2 parser reads the
+``<Response><Errors><Error><Code>`` body and raises ``ClientError`` with that code):
+
+* ``throttle``: ``RequestLimitExceeded``, HTTP 503 -- EC2's request-rate throttling
+  (https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html).
+* ``server_error``: ``InternalError`` (HTTP 500) or ``Unavailable`` (HTTP 503), the two
+  server-side codes the EC2 API reference lists (errors-overview, "Server error codes").
+* ``performed_then_5xx``: the request is performed (forwarded to moto, data plane work
+  done) and then answered ``InternalError``/500, as happens when EC2's front end fails after
+  the back end acted. A client that retries a CreateVolume without a ClientToken then
+  makes a second volume -- exactly what agents must be robust against.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# Actions where "performed, then answered 5xx" is meaningful (the issue's list); others
+# are accepted too, the proxy performs whatever it forwards.
+PERFORMED_THEN_5XX_ACTIONS = ("AttachVolume", "CreateVolume", "CreateSnapshot")
+
+
+@dataclass(frozen=True)
+class InjectedError:
+    kind: str  # throttle | server_error | performed_then_5xx
+    code: str
+    http_status: int
+    message: str
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The XML EC2 sends with an error; botocore parses Code/Message/RequestID from it."""
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Response><Errors><Error><Code>{code}</Code><Message>{_escape(message)}</Message>"
+            f"</Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>").encode()
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _check_rate(name: str, rate: float) -> float:
+    if not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"ec2_faults: {name} must be a rate between 0 and 1, got {rate!r}")
+    return float(rate)
+
+
+@dataclass
+class FaultPlan:
+    """What to inject. Rates are probabilities per matching request (0..1)."""
+
+    throttle: float = 0.0
+    server_error: float = 0.0
+    performed_then_5xx: Mapping[str, float] = field(default_factory=dict)
+    # Only these EC2 actions get throttle/server_error faults; empty = every EC2 action.
+    actions: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.throttle = _check_rate("throttle", self.throttle)
+        self.server_error = _check_rate("server_error", self.server_error)
+        if not isinstance(self.performed_then_5xx, Mapping):
+            raise ValueError("ec2_faults: performed_then_5xx must map an action name to a rate")
+        self.performed_then_5xx = {str(action): _check_rate(f"performed_then_5xx[{action}]", rate)
+                                   for action, rate in self.performed_then_5xx.items()}
+        self.actions = tuple(self.actions)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.throttle or self.server_error or any(self.performed_then_5xx.values()))
+
+
+class FaultInjector:
+    """Thread-safe decisions for the proxy; one RNG so a seeded run replays the same faults."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._plan = FaultPlan()
+        self._rng = random.Random(0)
+
+    @property
+    def plan(self) -> FaultPlan:
+        return self._plan
+
+    def configure(self, plan: FaultPlan) -> None:
+        with self._lock:
+            self._plan = plan
+            self._rng = random.Random(plan.seed)
+
+    def before(self, action: str) -> InjectedError | None:
+        """A fault that replaces the answer (the request is not performed), or None."""
+        with self._lock:
+            plan = self._plan
+            if plan.actions and action not in plan.actions:
+                return None
+            if plan.throttle and self._rng.random() < plan.throttle:
+                return InjectedError("throttle", "RequestLimitExceeded", 503,
+                                     "Request limit exceeded.")
+            if plan.server_error and self._rng.random() < plan.server_error:
+                if self._rng.random() < 0.5:
+                    return InjectedError("server_error", "InternalError", 500,
+                                         "An internal error has occurred.")
+                return InjectedError("server_error", "Unavailable", 503,
+                                     "The server is overloaded and can't handle the request.")
+        return None
+
+    def after(self, action: str) -> InjectedError | None:
+        """A 5xx to answer after the request was performed, or None."""
+        with self._lock:
+            rate = self._plan.performed_then_5xx.get(action, 0.0)
+            if rate and self._rng.random() < rate:
+                return InjectedError("performed_then_5xx", "InternalError", 500,
+                                     "An internal error has occurred.")
+        return None

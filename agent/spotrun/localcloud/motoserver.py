@@ -1,0 +1,73 @@
+"""moto's server on loopback: the local cloud's AWS API (EC2, DynamoDB, IAM, SSM, ...).
+
+moto keeps its state in process-wide backends keyed by account id, so two clouds in one
+process would see each other's resources. Each LocalCloud therefore gets its own account:
+the first one in a process uses moto's default account (so a bare boto3 client on
+``moto_endpoint`` sees it), later concurrent ones get a fresh account id, which the proxy
+sends to moto in the ``x-moto-account-id`` header.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import threading
+
+from moto.server import ThreadedMotoServer
+
+from spotrun.log import get_logger
+
+DEFAULT_ACCOUNT_ID = "123456789012"
+ACCOUNT_HEADER = "x-moto-account-id"
+log = get_logger("localcloud.moto")
+# The services the project uses through the local cloud.
+RESET_SERVICES = ("ec2", "ebs", "dynamodb", "iam", "ssm", "sts", "autoscaling",
+                  "secretsmanager", "s3", "cloudwatch", "logs")
+
+_accounts_lock = threading.Lock()
+_accounts_in_use: set[str] = set()
+
+
+def claim_account_id() -> str:
+    with _accounts_lock:
+        account = DEFAULT_ACCOUNT_ID
+        while account in _accounts_in_use:
+            account = f"{random.randrange(10**11, 10**12):012d}"
+        _accounts_in_use.add(account)
+        return account
+
+
+def release_account_id(account: str) -> None:
+    with _accounts_lock:
+        _accounts_in_use.discard(account)
+
+
+def reset_account(account: str) -> None:
+    """Forget every resource of ``account`` in moto's loaded backends (start empty)."""
+    from moto.backends import get_backend
+
+    for name in RESET_SERVICES:
+        if f"moto.{name}" not in sys.modules:
+            continue  # never used in this process: nothing to forget
+        backend_dict = get_backend(name)
+        if account in backend_dict:
+            del backend_dict[account]
+
+
+class MotoServer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        # werkzeug logs every request on stderr; the proxy logs what matters instead.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self._server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+        self.endpoint = ""
+
+    def start(self) -> str:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        log.info("moto_started", endpoint=self.endpoint)
+        return self.endpoint
+
+    def stop(self) -> None:
+        self._server.stop()
+        log.info("moto_stopped", endpoint=self.endpoint)

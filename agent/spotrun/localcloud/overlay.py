@@ -1,0 +1,399 @@
+"""What EC2 does around EBS that moto does not: asynchronous states and the data plane.
+
+moto is synchronous: a volume is ``available`` at once, a snapshot ``completed`` with
+progress ``100%``, an attachment ``attached`` in the AttachVolume call, a detach immediate
+even while the volume is mounted, and TerminateInstances detaches every volume on the spot.
+EC2 does none of that, so the proxy routes the EBS actions through this overlay, which:
+
+* does the data plane work (ebs.py) for each action moto performs;
+* remembers when each transition completes (TimingModel) and rewrites moto's answers to
+  DescribeVolumes / DescribeSnapshots (and the Create*/Attach answers) to show the states
+  EC2 shows meanwhile: ``creating``, ``pending`` + progress, ``attaching``, ``detaching``,
+  ``busy``, and ``in-use`` for a terminated instance's volumes;
+* refuses what EC2 refuses in those states (attaching a ``creating`` volume, creating a
+  volume from a ``pending`` snapshot, attaching or deleting a volume still held by a
+  terminated instance);
+* defers moto's own DetachVolume until the detach has really completed, i.e. after
+  ``detach_s`` and once the device is no longer mounted (or Force=true) -- on EC2 a detach
+  of a mounted volume stays in ``detaching``/``busy`` until the OS lets go.
+
+Why rewrite answers rather than change moto's objects: moto's model has no field for
+these states (Volume.status is computed from the attachment, Snapshot.progress is a
+constant, terminate detaches in place), so changing them would mean patching moto's
+internals; the answer XML is AWS's documented wire format and does not change with moto.
+The price: moto's own endpoint (``moto_endpoint``) shows the underlying, untimed state.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from spotrun.localcloud.ebs import DataPlaneError, EbsDataPlane
+from spotrun.localcloud.ec2xml import (Ec2Response, child, child_text, error_response,
+                                       filters_of, matches, set_child_text)
+from spotrun.localcloud.timing import TimingModel
+from spotrun.log import get_logger
+
+log = get_logger("localcloud.ec2")
+Forward = Callable[[dict], Ec2Response]
+# DescribeVolumes/DescribeSnapshots filters on the states this overlay changes: moto
+# would filter on its untimed state, so they are applied here, after the rewrite.
+VOLUME_STATE_FILTERS = {"status": "status", "attachment.status": "attachment.status",
+                        "attachment.instance-id": "attachment.instance-id",
+                        "attachment.device": "attachment.device"}
+SNAPSHOT_STATE_FILTERS = {"status": "status"}
+
+
+@dataclass
+class Attachment:
+    instance_id: str
+    device: str
+    attach_time: str
+    state: str  # attaching | attached | detaching | busy | orphaned (instance terminated)
+    due: float  # when the current transition may complete
+    force: bool = False
+
+
+@dataclass
+class VolumeState:
+    volume_id: str
+    ready_at: float
+    attachment: Attachment | None = None
+
+
+@dataclass
+class SnapshotState:
+    snapshot_id: str
+    started: float
+    done_at: float
+
+
+class Ec2Overlay:
+    def __init__(self, dataplane: EbsDataPlane, timing: TimingModel, moto: Forward,
+                 device_dir_for: Callable[[str], Path | None],
+                 record_event: Callable[..., None],
+                 before_power_off: Callable[[str, set[str]], None] | None = None):
+        self.dataplane = dataplane
+        self.timing = timing
+        self._moto = moto  # call moto directly (no faults), for the overlay's own requests
+        self._device_dir_for = device_dir_for
+        self._record = record_event
+        # The cloud's hook: kill the instances' processes and drop their mounts first.
+        self._before_power_off = before_power_off or (lambda state, ids: None)
+        self._lock = threading.RLock()
+        self._volumes: dict[str, VolumeState] = {}
+        self._snapshots: dict[str, SnapshotState] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="localcloud-ebs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- dispatch -----------------------------------------------------------------------
+    def handle(self, action: str, params: dict, forward: Forward) -> Ec2Response:
+        handler = getattr(self, f"_on_{action}", None)
+        return handler(params, forward) if handler else forward(params)
+
+    def _on_CreateVolume(self, params: dict, forward: Forward) -> Ec2Response:
+        snapshot_id = params.get("SnapshotId")
+        with self._lock:
+            snap = self._snapshots.get(snapshot_id) if snapshot_id else None
+            if snap and time.monotonic() < snap.done_at:
+                # EC2 creates volumes only from completed snapshots.
+                return error_response(400, "IncorrectState",
+                                      f"Snapshot '{snapshot_id}' is not in a valid state: pending")
+        response = forward(params)
+        if response.status != 200:
+            return response
+        root = response.xml()
+        volume_id, size = child_text(root, "volumeId"), int(child_text(root, "size") or 1)
+        self.dataplane.create_volume(volume_id, size, snapshot_id)
+        with self._lock:
+            self._volumes[volume_id] = VolumeState(
+                volume_id, time.monotonic() + self.timing.volume_create_s)
+        # EC2 answers CreateVolume with state "creating"; it becomes "available" later.
+        set_child_text(root, "status", "creating")
+        self._record("volume_created", volume_id=volume_id, size_gib=size,
+                     snapshot_id=snapshot_id, availability_zone=child_text(root, "availabilityZone"))
+        self._wake.set()
+        return response.with_xml(root)
+
+    def _on_DeleteVolume(self, params: dict, forward: Forward) -> Ec2Response:
+        volume_id = params.get("VolumeId", "")
+        with self._lock:
+            state = self._volumes.get(volume_id)
+            if state and state.attachment:
+                return _in_use(volume_id, state.attachment.instance_id)
+        response = forward(params)
+        if response.status == 200:
+            self.dataplane.delete_volume(volume_id)
+            with self._lock:
+                self._volumes.pop(volume_id, None)
+            self._record("volume_deleted", volume_id=volume_id)
+        return response
+
+    def _on_AttachVolume(self, params: dict, forward: Forward) -> Ec2Response:
+        volume_id, instance_id = params.get("VolumeId", ""), params.get("InstanceId", "")
+        now = time.monotonic()
+        with self._lock:
+            state = self._volumes.get(volume_id)
+            if state and now < state.ready_at:
+                return error_response(400, "IncorrectState",
+                                      f"vol '{volume_id}' is not 'available'.")
+            if state and state.attachment:
+                return _in_use(volume_id, state.attachment.instance_id)
+        response = forward(params)
+        if response.status != 200 or state is None:
+            return response  # a volume the data plane does not know (an AMI's root volume)
+        root = response.xml()
+        with self._lock:
+            state.attachment = Attachment(instance_id, params.get("Device", ""),
+                                          child_text(root, "attachTime"), "attaching",
+                                          now + self.timing.attach_s)
+        set_child_text(root, "status", "attaching")
+        self._record("volume_attaching", volume_id=volume_id, instance_id=instance_id)
+        self._wake.set()
+        return response.with_xml(root)
+
+    def _on_DetachVolume(self, params: dict, forward: Forward) -> Ec2Response:
+        volume_id = params.get("VolumeId", "")
+        force = params.get("Force", "").lower() == "true"
+        with self._lock:
+            state = self._volumes.get(volume_id)
+            att = state.attachment if state else None
+            if att is None or att.state == "orphaned":
+                return forward(params)  # moto answers the errors (not attached, unknown id)
+            wanted = params.get("InstanceId")
+            if wanted and wanted != att.instance_id:
+                return error_response(400, "IncorrectState",
+                                      f"Volume '{volume_id}' is not attached to '{wanted}'.")
+            if att.state in ("attached", "attaching"):
+                att.state, att.due = "detaching", time.monotonic() + self.timing.detach_s
+            att.force = att.force or force
+            instance_id, device, attach_time = att.instance_id, att.device, att.attach_time
+        self._record("volume_detaching", volume_id=volume_id, instance_id=instance_id, force=force)
+        self._wake.set()
+        # moto detaches at once (and fails without InstanceId); its DetachVolume is called when
+        # the detach completes, so this answer is EC2's, built here.
+        return Ec2Response.document(
+            "DetachVolumeResponse", volumeId=volume_id, instanceId=instance_id,
+            device=device, status="detaching", attachTime=attach_time)
+
+    def _on_CreateSnapshot(self, params: dict, forward: Forward) -> Ec2Response:
+        volume_id = params.get("VolumeId", "")
+        response = forward(params)
+        if response.status != 200:
+            return response
+        root = response.xml()
+        snapshot_id = child_text(root, "snapshotId")
+        if self.dataplane.has_volume(volume_id):
+            self.dataplane.snapshot(volume_id, snapshot_id)
+        now = time.monotonic()
+        with self._lock:
+            self._snapshots[snapshot_id] = SnapshotState(snapshot_id, now,
+                                                         now + self.timing.snapshot_s)
+        # EC2 answers CreateSnapshot with "pending"; the data was captured at this call.
+        set_child_text(root, "status", "pending")
+        set_child_text(root, "progress", "0%")
+        self._record("snapshot_created", snapshot_id=snapshot_id, volume_id=volume_id)
+        return response.with_xml(root)
+
+    def _on_DeleteSnapshot(self, params: dict, forward: Forward) -> Ec2Response:
+        snapshot_id = params.get("SnapshotId", "")
+        response = forward(params)
+        if response.status == 200:
+            self.dataplane.delete_snapshot(snapshot_id)
+            with self._lock:
+                self._snapshots.pop(snapshot_id, None)
+            self._record("snapshot_deleted", snapshot_id=snapshot_id)
+        return response
+
+    def _on_DescribeVolumes(self, params: dict, forward: Forward) -> Ec2Response:
+        params, own_filters = filters_of(params, VOLUME_STATE_FILTERS)
+        response = forward(params)
+        if response.status != 200:
+            return response
+        root = response.xml()
+        volume_set = child(root, "volumeSet")
+        for item in list(volume_set if volume_set is not None else []):
+            self._rewrite_volume(item)
+            if own_filters and not matches(item, own_filters, _volume_value):
+                volume_set.remove(item)
+        return response.with_xml(root)
+
+    def _on_DescribeSnapshots(self, params: dict, forward: Forward) -> Ec2Response:
+        params, own_filters = filters_of(params, SNAPSHOT_STATE_FILTERS)
+        response = forward(params)
+        if response.status != 200:
+            return response
+        root = response.xml()
+        snapshot_set = child(root, "snapshotSet")
+        now = time.monotonic()
+        for item in list(snapshot_set if snapshot_set is not None else []):
+            with self._lock:
+                snap = self._snapshots.get(child_text(item, "snapshotId"))
+            if snap and now < snap.done_at:
+                done = (now - snap.started) / max(snap.done_at - snap.started, 1e-9)
+                set_child_text(item, "status", "pending")
+                set_child_text(item, "progress", f"{min(int(done * 100), 99)}%")
+            if own_filters and not matches(item, own_filters,
+                                           lambda it, name: [child_text(it, "status")]):
+                snapshot_set.remove(item)
+        return response.with_xml(root)
+
+    def _on_TerminateInstances(self, params: dict, forward: Forward) -> Ec2Response:
+        instance_ids = _instance_ids(params)
+        self._before_power_off("terminated", instance_ids)
+        response = forward(params)
+        if response.status == 200:
+            self.orphan_attachments(instance_ids)
+        return response
+
+    def _on_StopInstances(self, params: dict, forward: Forward) -> Ec2Response:
+        # A stopped instance keeps its EBS attachments (AWS); only its processes and mounts go.
+        self._before_power_off("stopped", _instance_ids(params))
+        return forward(params)
+
+    # -- what terminations do to attachments ---------------------------------------------
+    def orphan_attachments(self, instance_ids: set[str]) -> None:
+        """A terminated instance's volumes stay ``in-use`` for detach_after_terminate_s.
+
+        moto has already dropped the attachments; the overlay keeps showing them (AWS:
+        the volume stays attached while the instance shuts down) and releases the device
+        when the delay is over.
+        """
+        due = time.monotonic() + self.timing.detach_after_terminate_s
+        with self._lock:
+            for state in self._volumes.values():
+                att = state.attachment
+                if att and att.instance_id in instance_ids and att.state != "orphaned":
+                    att.state, att.due, att.force = "orphaned", due, True
+                    self._record("volume_orphaned", volume_id=state.volume_id,
+                                 instance_id=att.instance_id)
+        self._wake.set()
+
+    # -- the describe rewrite -------------------------------------------------------------
+    def _rewrite_volume(self, item: ET.Element) -> None:
+        with self._lock:
+            state = self._volumes.get(child_text(item, "volumeId"))
+            if state is None:
+                return
+            att = state.attachment
+            if time.monotonic() < state.ready_at:
+                set_child_text(item, "status", "creating")
+            if att is None:
+                return
+            attachment_set = child(item, "attachmentSet")
+            if attachment_set is None:
+                attachment_set = ET.SubElement(item, _tag(item, "attachmentSet"))
+            entries = [e for e in attachment_set if child_text(e, "instanceId") == att.instance_id]
+            if not entries:  # moto dropped it at termination; EC2 still shows it
+                entry = ET.SubElement(attachment_set, _tag(item, "item"))
+                for name, value in (("volumeId", state.volume_id), ("instanceId", att.instance_id),
+                                    ("device", att.device), ("status", "detaching"),
+                                    ("attachTime", att.attach_time),
+                                    ("deleteOnTermination", "false")):
+                    ET.SubElement(entry, _tag(item, name)).text = value
+                entries = [entry]
+            shown = "detaching" if att.state == "orphaned" else att.state
+            for entry in entries:
+                set_child_text(entry, "status", shown)
+            set_child_text(item, "status", "in-use")
+
+    # -- the clock -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._advance()
+            except Exception:  # noqa: BLE001 - never let the clock die; log and carry on
+                log.exception("ebs_clock_error")
+            self._wake.wait(self.timing.poll_s)
+            self._wake.clear()
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [(s.volume_id, s.attachment) for s in self._volumes.values()
+                   if s.attachment and s.attachment.due <= now]
+        for volume_id, att in due:
+            if att.state == "attaching":
+                self._complete_attach(volume_id, att)
+            elif att.state in ("detaching", "busy", "orphaned"):
+                self._complete_detach(volume_id, att)
+
+    def _complete_attach(self, volume_id: str, att: Attachment) -> None:
+        device_dir = self._device_dir_for(att.instance_id)
+        if device_dir is not None:
+            try:
+                link = self.dataplane.attach(volume_id, device_dir)
+            except DataPlaneError as exc:
+                # EC2 leaves such an attachment stuck in "attaching"; so does this.
+                att.due = float("inf")
+                self._record("volume_attach_stuck", volume_id=volume_id, error=str(exc))
+                return
+        else:
+            link = None
+        with self._lock:
+            att.state = "attached"
+        self._record("volume_attached", volume_id=volume_id, instance_id=att.instance_id,
+                     link=str(link) if link else None)
+
+    def _complete_detach(self, volume_id: str, att: Attachment) -> None:
+        if not att.force and self.dataplane.is_busy(volume_id):
+            if att.state != "busy":
+                att.state = "busy"  # EC2's attachment state while the OS holds the volume
+                self._record("volume_detach_busy", volume_id=volume_id,
+                             instance_id=att.instance_id,
+                             device=self.dataplane.device_of(volume_id))
+            return
+        self.dataplane.detach(volume_id, force=True)
+        if att.state != "orphaned":
+            answer = self._moto({"Action": "DetachVolume", "VolumeId": volume_id,
+                                 "InstanceId": att.instance_id, "Device": att.device})
+            if answer.status != 200:
+                log.warning("moto_detach_failed", volume_id=volume_id, status=answer.status,
+                            body=answer.body[:300].decode(errors="replace"))
+        with self._lock:
+            state = self._volumes.get(volume_id)
+            if state is not None:
+                state.attachment = None
+        self._record("volume_detached", volume_id=volume_id, instance_id=att.instance_id,
+                     after_termination=att.state == "orphaned")
+
+    def shutdown_dataplane(self) -> None:
+        """Release every device (cloud stop): nothing of this cloud stays bound."""
+        self.dataplane.release_all()
+
+
+def _instance_ids(params: dict) -> set[str]:
+    return {value for key, value in params.items() if key.startswith("InstanceId.")}
+
+
+def _in_use(volume_id: str, instance_id: str) -> Ec2Response:
+    return error_response(400, "VolumeInUse",
+                          f"{volume_id} is already attached to an instance ({instance_id})")
+
+
+def _tag(reference: ET.Element, name: str) -> str:
+    namespace = reference.tag[:reference.tag.index("}") + 1] if reference.tag.startswith("{") else ""
+    return namespace + name
+
+
+def _volume_value(item: ET.Element, name: str) -> list[str]:
+    if name == "status":
+        return [child_text(item, "status")]
+    attachment_set = child(item, "attachmentSet")
+    entries = list(attachment_set) if attachment_set is not None else []
+    field = {"attachment.status": "status", "attachment.instance-id": "instanceId",
+             "attachment.device": "device"}[name]
+    return [child_text(entry, field) for entry in entries]
