@@ -212,9 +212,13 @@ class MetadataClient:
             self._sleep(delay)
         log().warning("imds_unavailable", path=path, endpoint=self.endpoint, attempts=attempt,
                     reason=last_reason, deadline_s=budget)
+        hint = ""
+        if last_reason.startswith("token PUT failed"):
+            # AWS drops token answers that would cross more hops than the instance allows.
+            hint = "; in a container, the instance's metadata hop limit may be too low (set it to 2)"
         raise MetadataUnavailable(
             f"instance metadata {self.endpoint}/latest/{path}: no answer within {budget:g} s "
-            f"({attempt} attempts; last: {last_reason})",
+            f"({attempt} attempts; last: {last_reason}){hint}",
             path,
         )
 

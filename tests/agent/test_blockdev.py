@@ -63,6 +63,7 @@ def test_nvme_serial_is_used_where_udev_made_no_link(tmp_path):
     assert found == dev / "nvme1n1"
 
 
+@pytest.mark.loopdev
 def test_a_directory_backed_volume_is_found_and_bind_mounted(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root (mount)")
