@@ -1,0 +1,48 @@
+"""Fixtures for the local spot cloud: a started LocalCloud that is always stopped.
+
+``cloud`` yields a LocalCloud on tmp_path with the fast timing model; ``cloud_factory``
+makes more (other timing, directory volumes, ...), all stopped at teardown -- which also
+unmounts whatever a test mounted under the cloud's root and releases its loop devices,
+whether the test passed or not.
+"""
+from __future__ import annotations
+
+import pytest
+
+from localcloud_helpers import loop_devices_backed_by, mounts_under
+from localcloud_helpers import wait_until as _wait_until
+from spotrun.localcloud import LocalCloud, TimingModel
+
+
+@pytest.fixture
+def cloud_factory(tmp_path):
+    clouds: list[LocalCloud] = []
+
+    def make(timing: TimingModel | None = None, name: str = "cloud", **options) -> LocalCloud:
+        cloud = LocalCloud(root=tmp_path / name, timing=timing or TimingModel.fast(), **options)
+        clouds.append(cloud)
+        return cloud.start()
+
+    yield make
+    for cloud in reversed(clouds):
+        cloud.stop()
+    # Whatever the test did (and however it ended), nothing of the clouds stays behind.
+    assert loop_devices_backed_by(tmp_path) == [], "loop devices left bound"
+    assert mounts_under(tmp_path) == [], "mounts left under the cloud root"
+
+
+@pytest.fixture
+def wait_until():
+    """``wait_until(predicate, timeout=10, what=...)``: poll a real condition with a deadline."""
+    return _wait_until
+
+
+@pytest.fixture
+def cloud(cloud_factory) -> LocalCloud:
+    return cloud_factory()
+
+
+@pytest.fixture
+def ec2(cloud):
+    """EC2 on the proxy without retries, so injected faults surface as they are."""
+    return cloud.client("ec2", max_attempts=1)

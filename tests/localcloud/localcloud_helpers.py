@@ -1,0 +1,34 @@
+"""Helpers for the local cloud's tests (a unique module name: tests/ has no packages)."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
+               what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def loop_devices_backed_by(root: Path) -> list[str]:
+    """Loop devices whose backing file lives under ``root`` (what a cloud must release)."""
+    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines()
+            if len(line.split()) > 1 and line.split()[1].startswith(str(root))]
+
+
+def mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        points = [line.split()[4] for line in handle]
+    return [p for p in points if p.startswith(str(root))]
