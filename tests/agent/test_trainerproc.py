@@ -1,6 +1,7 @@
 """spotrun.trainerproc with real processes, a real unprivileged user and real signals."""
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -98,6 +99,8 @@ def test_exit0_is_finished_as_the_user_with_a_clean_env(state_dir, procs, monkey
     seen = json.loads((state_dir / "env.json").read_text())
     account = pwd.getpwnam(USER)
     assert seen["uid"] == account.pw_uid and seen["gid"] == account.pw_gid
+    expected_groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if USER in g.gr_mem}
+    assert set(seen["groups"]) <= expected_groups  # the agent's own (root) groups are dropped
     assert seen["pgid"] == proc.pid and seen["sid"] == proc.pid  # its own session and group
     assert seen["cwd"] == str(state_dir)
     env = seen["env"]
