@@ -107,15 +107,11 @@ class FleetMember:
 
 def moto_ec2_client(cloud: Any):
     """EC2 on moto directly: the fleet is AWS's side, so the client's fault proxy is bypassed."""
-    client = boto3.client("ec2", endpoint_url=cloud.moto_endpoint, region_name=cloud.region,
-                          aws_access_key_id="testing", aws_secret_access_key="testing",
-                          config=Config(retries={"max_attempts": 3, "mode": "standard"}))
-    account = _account_id(cloud)
-    if account != DEFAULT_ACCOUNT_ID:
-        def add_account(request, **_: Any) -> None:
-            request.headers["x-moto-account-id"] = account
-        client.meta.events.register("before-sign.ec2.*", add_account)
-    return client
+    if hasattr(cloud, "moto_client"):
+        return cloud.moto_client("ec2")
+    return boto3.client("ec2", endpoint_url=cloud.moto_endpoint, region_name=cloud.region,
+                        aws_access_key_id="testing", aws_secret_access_key="testing",
+                        config=Config(retries={"max_attempts": 3, "mode": "standard"}))
 
 
 def _account_id(cloud: Any) -> str:
@@ -157,6 +153,11 @@ class SpotFleet:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_launch_at = 0.0
+        listen = getattr(cloud, "on_instance_terminated", None)
+        if callable(listen):
+            # Woken by the termination itself; the poll only catches what bypasses the cloud
+            # (a TerminateInstances call from the agent straight to the EC2 API).
+            listen(lambda _instance: self.poke())
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> str:
@@ -271,16 +272,20 @@ class SpotFleet:
         instance = self.cloud.launch_instance(az=az, instance_type=self.launch.instance_type,
                                               tags=tags, user_data=self.launch.user_data)
         member = FleetMember(instance=instance, az=az, launched_at=time.monotonic())
-        with self._lock:
-            self.members.append(member)
-            self._changed.notify_all()
         self._record("fleet_instance_launched", instance_id=member.instance_id, az=az,
-                     replacement=len(self.members) > self.target_capacity)
+                     replacement=len(self.members) >= self.target_capacity)
         if self.boot is not None:
-            member.process = self.boot(self.cloud, instance)
+            try:
+                member.process = self.boot(self.cloud, instance)
+            except Exception as exc:  # noqa: BLE001 - the instance exists, bootable or not
+                self._record("fleet_boot_failed", instance_id=member.instance_id,
+                             error=f"{type(exc).__name__}: {exc}")
             if member.process is not None:
                 self._record("fleet_instance_booted", instance_id=member.instance_id,
                              pid=member.process.pid)
+        with self._lock:  # published once booted, so watchers see it whole
+            self.members.append(member)
+            self._changed.notify_all()
         return member
 
     def _notice_gone_instances(self) -> None:
@@ -291,7 +296,10 @@ class SpotFleet:
         states = {i["InstanceId"]: i["State"]["Name"]
                   for r in answer["Reservations"] for i in r["Instances"]}
         for member in live:
-            state = states.get(member.instance_id, "terminated")
+            # The cloud's own record first: it knows before moto does (power-off comes first).
+            local = getattr(member.instance, "state", None)
+            state = "terminated" if local == "terminated" else states.get(member.instance_id,
+                                                                          "terminated")
             if state in GONE_STATES:
                 self._mark_gone(member, state)
                 if self.replacement_delay_s:

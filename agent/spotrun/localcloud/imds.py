@@ -282,6 +282,16 @@ class MetadataServer:
             self._listen()
         self._record("imds_fault_ended", kind=kind)
 
+    def describe(self) -> dict[str, Any]:
+        """What is injected right now, for the local cloud's status."""
+        with self._lock:
+            notice, rebalance = self._notice, self._rebalance
+            return {"endpoint": self.endpoint, "listening": self.listening,
+                    "faults": sorted(self._faults),
+                    "notice": {"action": notice[0], "time": iso_z(notice[1])} if notice else None,
+                    "rebalance": iso_z(rebalance) if rebalance else None,
+                    "maintenance": [e["EventId"] for e in self._scheduled]}
+
     def active_faults(self) -> list[str]:
         with self._lock:
             return sorted(self._faults)
