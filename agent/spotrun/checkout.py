@@ -100,6 +100,8 @@ def redact_url(url: str) -> str:
         return url
     host = parts.hostname or ""
     netloc = host + (f":{parts.port}" if parts.port else "")
+    if parts.scheme in ("ssh", "git+ssh") and parts.username:
+        netloc = f"{parts.username}@{netloc}"  # an ssh login name; https puts tokens there
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 

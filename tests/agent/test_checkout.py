@@ -174,3 +174,39 @@ def test_credentials_parsing_and_url_redaction():
         Credentials.parse("  \n", "f")
     assert redact_url("https://alice:pw@git.example.com:8443/r.git") == "https://git.example.com:8443/r.git"
     assert redact_url("file:///srv/repo") == "file:///srv/repo"
+
+
+def test_commit_only_reachable_from_a_non_branch_ref(origin, tmp_path):
+    """A pinned commit of a pull request (refs/pull/N/head): fetched by its full id."""
+    repo, url, shas = origin
+    git(repo, "checkout", "-q", "-b", "pr")
+    pr_commit = commit(repo, "pr.py", "pull request")
+    git(repo, "update-ref", "refs/pull/1/head", pr_commit)
+    git(repo, "checkout", "-q", "main")
+    git(repo, "branch", "-q", "-D", "pr")
+    workspace = tmp_path / "ws"
+    assert checkout(url, pr_commit, workspace) == pr_commit
+    assert (workspace / "pr.py").read_text() == "pull request"
+
+
+def test_ssh_deploy_key_reaches_ssh_through_a_private_file(tmp_path, monkeypatch):
+    """No SSH server here: a stand-in ``ssh`` on PATH records what git hands it."""
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nZmFrZS1rZXk=\n-----END OPENSSH PRIVATE KEY-----"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "ssh-args"
+    fake_ssh = bindir / "ssh"
+    fake_ssh.write_text("#!/bin/sh\n"
+                        f"echo \"$@\" > {record}\n"
+                        "for a in \"$@\"; do [ -f \"$a\" ] && stat -c '%a' \"$a\" >> "
+                        f"{record} && cat \"$a\" >> {record}; done\n"
+                        "echo 'fake ssh: no server' >&2; exit 255\n")
+    fake_ssh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    with pytest.raises(CheckoutError, match="cannot check out 'main' of ssh://git@example.invalid/r.git"):
+        checkout("ssh://git@example.invalid/r.git", "main", tmp_path / "ws",
+                 credentials=Credentials.parse(key, "test"), attempts=1)
+    seen = record.read_text()
+    assert "BatchMode=yes" in seen and "IdentitiesOnly=yes" in seen
+    assert "\n600\n" in seen and "ZmFrZS1rZXk=" in seen  # the key, in a file only its owner reads
+    assert "ZmFrZS1rZXk=" not in seen.splitlines()[0]  # never on the command line
