@@ -49,21 +49,21 @@ SAVE_POINTS = ("tmp_created", "during_file", "after_files", "during_manifest",
                "during_prune", "saved")
 
 
-def _logger():
+def _logger(component: str):
     try:  # the agent's structured logger when it is installed; plain logging otherwise
         from spotrun.log import get_logger
-        return get_logger("trainer.store")
+        return get_logger(component)
     except Exception:  # noqa: BLE001 - the store must work without the agent package
         return None
 
 
-def _log(level: str, event: str, **fields: Any) -> None:
-    structured = _logger()
+def _log(level: str, event: str, component: str = "trainer.store", **fields: Any) -> None:
+    structured = _logger(component)
     if structured is not None:
         getattr(structured, level)(event, **fields)
         return
-    logging.getLogger("spotrun_trainer.store").log(
-        logging.WARNING if level == "warning" else logging.INFO,
+    logging.getLogger("spotrun_" + component.replace(".", "_")).log(
+        {"warning": logging.WARNING, "error": logging.ERROR}.get(level, logging.INFO),
         "%s %s", event, json.dumps(fields, default=str, sort_keys=True))
 
 
