@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import http.server
+import os
+import re
+import sys
 import threading
 from pathlib import Path
 
 import boto3
 import pytest
-import requests
 from moto.server import ThreadedMotoServer
 
-from spotrun.cli import main
+from spotrun.config import ConfigError
+from spotrun.errors import SpotrunError
+from spotrun.operator import cli as operator_cli
 
 REGION = "us-west-2"
 
@@ -31,6 +35,7 @@ size_gib = 20
 
 [aws]
 region = "{region}"
+lease_table = "leases-{job_id}"
 
 [launch]
 image_id = "ami-0123456789abcdef0"
@@ -38,12 +43,16 @@ instance_types = ["p3.2xlarge", "p2.xlarge"]
 availability_zones = ["us-west-2a", "us-west-2b"]
 volume_availability_zone = "us-west-2b"
 fleet = "{fleet}"
+spot_fleet_role = "fleet-role-{job_id}"
 {extra}
 """
 
 
 @pytest.fixture(scope="session")
 def moto_server():
+    # AWS's managed policies (AmazonEC2SpotFleetTaggingRole for the Spot Fleet role) exist on
+    # AWS; moto loads them only when asked. The server runs in this process.
+    os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -68,8 +77,8 @@ def aws_env(monkeypatch, tmp_path):
 
 @pytest.fixture
 def moto(moto_server, aws_env):
-    """A fresh moto state per test; yields the endpoint."""
-    requests.post(f"{moto_server}/moto-api/reset", timeout=10).raise_for_status()
+    """The shared server. Not reset between tests (loading AWS's managed policies again costs
+    seconds): each test uses its own job id, lease table and fleet role instead."""
     yield moto_server
 
 
@@ -109,14 +118,42 @@ def recorder(aws_env):
         thread.join(timeout=10)
 
 
+def _job_id_for(node_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", node_name.removeprefix("test_"))[:50].strip("-")
+
+
 @pytest.fixture
-def job_file(tmp_path):
-    def write(job_id: str = "cifar10", fleet: str = "ec2-fleet", extra: str = "", text: str | None = None) -> Path:
+def job_id(request) -> str:
+    return _job_id_for(request.node.name)
+
+
+@pytest.fixture
+def job_file(tmp_path, job_id):
+    default_id = job_id
+
+    def write(job_id: str = default_id, fleet: str = "ec2-fleet", extra: str = "", text: str | None = None) -> Path:
         path = tmp_path / f"{job_id}-{fleet}.toml"
         path.write_text(text if text is not None else
                         JOB_TOML.format(job_id=job_id, fleet=fleet, region=REGION, extra=extra))
         return path
     return write
+
+
+def main(argv: list[str]) -> int:
+    """``spotrun.cli.main`` with only the operator's subcommands registered, so these tests
+    don't depend on other areas' modules importing cleanly; same error-to-exit mapping."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="spotrun")
+    operator_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"spotrun: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except SpotrunError as exc:
+        print(f"spotrun: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ def test_round_trip_gives_the_agent_the_job(job_file):
     assert raw.startswith(b"#spotrun-config v1\n")
     overrides = userdata.parse(raw)
     agent = config.load(None, (overrides, "user-data"))
-    assert agent.job.id == "cifar10"
+    assert agent.job.id == job.id
     assert agent.code.repository == "https://github.com/example-org/spot-training.git"
     assert agent.code.ref == "v1.0"
     assert agent.trainer.command == ("python", "train.py", "--epochs", "30")
     assert agent.trainer.env == {"EPOCHS": "30"}
     assert agent.volume.size_gib == 20
-    assert agent.aws.lease_table == jobfile.DEFAULT_LEASE_TABLE
+    assert agent.aws.lease_table == f"leases-{job.id}"
     # The operator's own settings stay on the laptop.
     assert "launch" not in overrides and "region" not in overrides.get("aws", {})
     assert b"ami-" not in raw and b"p3.2xlarge" not in raw

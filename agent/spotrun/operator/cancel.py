@@ -10,12 +10,10 @@ from typing import Any
 
 from spotrun import tags
 from spotrun.errors import SpotrunError
-from spotrun.log import get_logger
 from spotrun.operator import fleets
-from spotrun.operator.aws import Aws
+from spotrun.operator.aws import Aws, oplog as _log
 from spotrun.operator.progress import Reporter
 
-_log = get_logger("operator")
 
 
 def _terminate_stragglers(aws: Aws, job_id: str) -> list[str]:

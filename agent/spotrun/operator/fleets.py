@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spotrun import tags
-from spotrun.log import get_logger
-from spotrun.operator.aws import Aws, error_code
+from spotrun.operator.aws import Aws, error_code, oplog as _log
 from spotrun.operator.jobfile import Job
 
-_log = get_logger("operator")
 
 _EC2_FLEET_DONE = {"deleted", "deleted_running", "deleted_terminating", "failed"}
 _SPOT_FLEET_DONE = {"cancelled", "cancelled_running", "cancelled_terminating", "failed"}

@@ -14,12 +14,10 @@ from typing import Any
 
 from spotrun import tags
 from spotrun.errors import SpotrunError
-from spotrun.log import get_logger
-from spotrun.operator.aws import Aws, error_code
+from spotrun.operator.aws import Aws, error_code, oplog as _log
 from spotrun.operator.jobfile import Job
 from spotrun.operator.progress import Reporter
 
-_log = get_logger("operator")
 
 EC2_TRUST = {"Version": "2012-10-17", "Statement": [{
     "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}

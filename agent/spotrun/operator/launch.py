@@ -12,14 +12,12 @@ from typing import Any
 
 from spotrun import tags, userdata
 from spotrun.errors import SpotrunError, UsageError
-from spotrun.log import get_logger
 from spotrun.operator import fleets
-from spotrun.operator.aws import Aws, error_code
+from spotrun.operator.aws import Aws, error_code, oplog as _log
 from spotrun.operator.init import find_volumes
 from spotrun.operator.jobfile import Job
 from spotrun.operator.progress import Reporter
 
-_log = get_logger("operator")
 
 # Spot Fleet spells its strategies in camelCase.
 _SPOT_FLEET_STRATEGY = {"price-capacity-optimized": "priceCapacityOptimized",

@@ -10,9 +10,8 @@ import time
 from typing import Callable, TextIO
 
 from spotrun.errors import SpotrunError
-from spotrun.log import get_logger
+from spotrun.operator.aws import oplog as _log
 
-_log = get_logger("operator")
 
 
 class Reporter:
