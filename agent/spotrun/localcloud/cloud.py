@@ -136,7 +136,8 @@ class LocalCloud(ComputeMixin):
         if not self._started:
             raise RuntimeError("LocalCloud is not started")
         if max_attempts is not None:
-            kwargs["config"] = Config(retries={"max_attempts": max_attempts, "mode": "standard"})
+            kwargs["config"] = Config(retries={"total_max_attempts": max_attempts,
+                                               "mode": "standard"})
         return boto3.client(service, region_name=self.region,
                             endpoint_url=self.ec2_endpoint if faults else self.checker_endpoint,
                             aws_access_key_id=DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],

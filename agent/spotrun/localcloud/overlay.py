@@ -87,6 +87,7 @@ class Ec2Overlay:
         self._lock = threading.RLock()
         self._volumes: dict[str, VolumeState] = {}
         self._snapshots: dict[str, SnapshotState] = {}
+        self._client_tokens: dict[str, tuple[dict, Ec2Response]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="localcloud-ebs", daemon=True)
@@ -105,6 +106,26 @@ class Ec2Overlay:
         return handler(params, forward) if handler else forward(params)
 
     def _on_CreateVolume(self, params: dict, forward: Forward) -> Ec2Response:
+        # EC2 makes CreateVolume idempotent by ClientToken (botocore fills one in and keeps
+        # it across its retries); moto ignores it, so a retried call would make a second
+        # volume. Same token, same request: the first answer again; other request: refused.
+        token = params.get("ClientToken")
+        request = {k: v for k, v in params.items() if k != "ClientToken"}
+        if token:
+            with self._lock:
+                seen = self._client_tokens.get(token)
+            if seen is not None:
+                if seen[0] != request:
+                    return error_response(400, "IdempotentParameterMismatch",
+                                          "The client token has been used with other parameters.")
+                return seen[1]
+        response = self._create_volume(params, forward)
+        if token and response.status == 200:
+            with self._lock:
+                self._client_tokens[token] = (request, response)
+        return response
+
+    def _create_volume(self, params: dict, forward: Forward) -> Ec2Response:
         snapshot_id = params.get("SnapshotId")
         with self._lock:
             snap = self._snapshots.get(snapshot_id) if snapshot_id else None
