@@ -7,7 +7,14 @@ whether the test passed or not.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# pytest runs with --import-mode=importlib (tests/ has no packages): make this folder's
+# helper module importable by name for the tests next to it.
+sys.path.insert(0, str(Path(__file__).parent))
 
 from localcloud_helpers import loop_devices_backed_by, mounts_under
 from localcloud_helpers import wait_until as _wait_until

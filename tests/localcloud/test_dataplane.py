@@ -204,3 +204,22 @@ def test_terminated_instance_keeps_its_volume_in_use_for_the_modelled_delay(clou
     assert elapsed >= 1.5
     assert not link.exists()
     assert loop_devices_backed_by(cloud.root) == []
+
+
+def test_attach_refuses_what_ec2_refuses(cloud, ec2):
+    in_b = cloud.launch_instance(az="us-east-1b")
+    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+    refused = pytest.raises(ec2.exceptions.ClientError)
+    with refused as creating:  # still "creating"
+        ec2.attach_volume(VolumeId=vol, InstanceId=in_b.instance_id, Device="/dev/sdf")
+    assert creating.value.response["Error"]["Code"] == "IncorrectState"
+    wait_volume_state(ec2, vol, "available")
+    with pytest.raises(ec2.exceptions.ClientError) as other_az:
+        ec2.attach_volume(VolumeId=vol, InstanceId=in_b.instance_id, Device="/dev/sdf")
+    assert other_az.value.response["Error"]["Code"] == "InvalidVolume.ZoneMismatch"
+    gone = cloud.launch_instance(az="us-east-1a")
+    cloud.terminate(gone.instance_id)
+    with pytest.raises(ec2.exceptions.ClientError) as terminated:
+        ec2.attach_volume(VolumeId=vol, InstanceId=gone.instance_id, Device="/dev/sdf")
+    assert terminated.value.response["Error"]["Code"] == "IncorrectInstanceState"
+    assert volume(ec2, vol)["State"] == "available"

@@ -10,9 +10,10 @@ EC2 does none of that, so the proxy routes the EBS actions through this overlay,
   DescribeVolumes / DescribeSnapshots (and the Create*/Attach answers) to show the states
   EC2 shows meanwhile: ``creating``, ``pending`` + progress, ``attaching``, ``detaching``,
   ``busy``, and ``in-use`` for a terminated instance's volumes;
-* refuses what EC2 refuses in those states (attaching a ``creating`` volume, creating a
-  volume from a ``pending`` snapshot, attaching or deleting a volume still held by a
-  terminated instance);
+* refuses what EC2 refuses and moto allows: attaching a ``creating`` volume, attaching a
+  volume to an instance in another AZ (``InvalidVolume.ZoneMismatch``) or to a terminated
+  one, creating a volume from a ``pending`` snapshot, attaching or deleting a volume still
+  held by a terminated instance, reusing a CreateVolume ClientToken;
 * defers moto's own DetachVolume until the detach has really completed, i.e. after
   ``detach_s`` and once the device is no longer mounted (or Force=true) -- on EC2 a detach
   of a mounted volume stays in ``detaching``/``busy`` until the OS lets go.
@@ -62,6 +63,7 @@ class Attachment:
 class VolumeState:
     volume_id: str
     ready_at: float
+    az: str = ""
     attachment: Attachment | None = None
 
 
@@ -141,7 +143,8 @@ class Ec2Overlay:
         self.dataplane.create_volume(volume_id, size, snapshot_id)
         with self._lock:
             self._volumes[volume_id] = VolumeState(
-                volume_id, time.monotonic() + self.timing.volume_create_s)
+                volume_id, time.monotonic() + self.timing.volume_create_s,
+                child_text(root, "availabilityZone"))
         # EC2 answers CreateVolume with state "creating"; it becomes "available" later.
         set_child_text(root, "status", "creating")
         self._record("volume_created", volume_id=volume_id, size_gib=size,
@@ -173,6 +176,10 @@ class Ec2Overlay:
                                       f"vol '{volume_id}' is not 'available'.")
             if state and state.attachment:
                 return _in_use(volume_id, state.attachment.instance_id)
+        if state is not None:
+            refusal = self._check_instance_for(state, instance_id)
+            if refusal is not None:
+                return refusal
         response = forward(params)
         if response.status != 200 or state is None:
             return response  # a volume the data plane does not know (an AMI's root volume)
@@ -185,6 +192,25 @@ class Ec2Overlay:
         self._record("volume_attaching", volume_id=volume_id, instance_id=instance_id)
         self._wake.set()
         return response.with_xml(root)
+
+    def _check_instance_for(self, state: VolumeState, instance_id: str) -> Ec2Response | None:
+        """What EC2 checks and moto does not: same AZ, and an instance that still exists."""
+        answer = self._moto({"Action": "DescribeInstances", "InstanceId.1": instance_id})
+        if answer.status != 200:
+            return answer  # moto's own InvalidInstanceID.NotFound
+        root = answer.xml()
+        zone = next((e.text for e in root.iter() if e.tag.endswith("}availabilityZone")), "")
+        placement_state = next((child_text(e, "name") for e in root.iter()
+                                if e.tag.endswith("}instanceState")), "")
+        if placement_state in ("shutting-down", "terminated"):
+            return error_response(400, "IncorrectInstanceState",
+                                  f"The instance '{instance_id}' is not in a valid state "
+                                  f"for this operation.")
+        if state.az and zone and zone != state.az:
+            return error_response(400, "InvalidVolume.ZoneMismatch",
+                                  f"The volume '{state.volume_id}' is not in the same "
+                                  f"availability zone as instance '{instance_id}'")
+        return None
 
     def _on_DetachVolume(self, params: dict, forward: Forward) -> Ec2Response:
         volume_id = params.get("VolumeId", "")
