@@ -107,6 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--detach", action="store_true",
                     help="run in the background (log in <root>/localcloud.log)")
     up.add_argument("--control-port", type=int, default=0, help="control API port (default: any)")
+    up.add_argument("--imdsv1", action="store_true",
+                    help="metadata also answers without a token (IMDSv1 'optional' mode)")
+    up.add_argument("--no-tags-in-metadata", action="store_true",
+                    help="instance tags are not exposed under meta-data/tags/instance")
     up.set_defaults(func=cmd_up)
 
     down = commands.add_parser("down", parents=[common], help="stop the local cloud")
@@ -228,7 +232,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalCloud(root=root, timing=_timing(args.timing)) as cloud:
+    with LocalCloud(root=root, timing=_timing(args.timing), require_imds_token=not args.imdsv1,
+                    tags_in_metadata=not args.no_tags_in_metadata) as cloud:
         server = control.ControlServer(cloud, on_down=stop.set, port=args.control_port).start()
         try:
             info = {"pid": os.getpid(), "control": server.endpoint, "control_key": server.key,
@@ -254,6 +259,7 @@ def _detach(args: argparse.Namespace, root: Path) -> int:
     log_path = root / "localcloud.log"
     argv = [sys.executable, "-m", "spotrun", "localcloud", "up", "--root", str(root),
             "--timing", args.timing, "--control-port", str(args.control_port)]
+    argv += ["--imdsv1"] * args.imdsv1 + ["--no-tags-in-metadata"] * args.no_tags_in_metadata
     (root / control.STATE_FILE).unlink(missing_ok=True)  # a stale one from a dead cloud
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,

@@ -245,7 +245,9 @@ class SpotFleet:
             self._cancelled_with_termination()
             return
         if moto_state == "cancelled_running" and self.state == "active":
-            self.state = "cancelled_running"
+            with self._lock:
+                self.state = "cancelled_running"
+                self._changed.notify_all()
             self._record("fleet_cancelled", terminate_instances=False)
         self._notice_gone_instances()
         self._reap_processes()
