@@ -220,7 +220,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     if pid:
         raise SpotrunError(f"a local cloud is already running under {root} (pid {pid}); "
                            f"stop it with: spotrun localcloud down --root {root}")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpotrunError(f"--root {root}: cannot create it ({exc.strerror})") from None
     if args.detach:
         return _detach(args, root)
     return _serve(args, root)

@@ -129,7 +129,7 @@ class SpotFleet:
                  launch: LaunchSpec | Mapping[str, Any] | None = None,
                  az_policy: str = "random", boot: Boot | None = None,
                  fleet_type: str = "maintain", seed: int | None = None,
-                 poll_s: float = 0.2, replacement_delay_s: float = 0.0):
+                 poll_s: float = 0.5, replacement_delay_s: float = 0.0):
         if not isinstance(target_capacity, int) or target_capacity < 0:
             raise ValueError(f"target_capacity must be an integer >= 0, got {target_capacity!r}")
         if fleet_type not in FLEET_TYPES:

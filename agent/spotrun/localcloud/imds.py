@@ -19,7 +19,6 @@ import json
 import math
 import re
 import secrets
-import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -475,9 +474,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_DELETE = do_PATCH = _not_allowed
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (for callers that want to know it before starting)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
