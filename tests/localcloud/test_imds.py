@@ -261,3 +261,23 @@ def test_injections_are_recorded_in_order(server):
     assert names == ["imds_started", "spot_notice", "rebalance_recommendation",
                      "maintenance_scheduled", "notices_cleared"]
     assert all(e["instance_id"] == "i-0123456789abcdef0" for e in server.events)
+
+
+def test_botocore_own_metadata_client_reads_the_region(server):
+    """botocore's IMDS fetcher (token PUT, then GET) works against the emulator unchanged."""
+    from botocore.utils import InstanceMetadataRegionFetcher
+
+    fetcher = InstanceMetadataRegionFetcher(timeout=2, num_attempts=1,
+                                            base_url=server.endpoint + "/", env={})
+    assert fetcher.retrieve_region() == "us-east-1"
+
+
+def test_events_are_forwarded_to_a_listener(http):
+    seen: list[dict] = []
+    srv = MetadataServer(make_md(), on_event=seen.append).start()
+    try:
+        srv.notice("terminate")
+        get(http, srv, "/latest/meta-data/spot/instance-action", token(http, srv))
+    finally:
+        srv.stop()
+    assert [e["event"] for e in seen] == ["imds_started", "spot_notice", "notice_served"]

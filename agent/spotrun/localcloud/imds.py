@@ -116,8 +116,10 @@ class MetadataServer:
     """
 
     def __init__(self, md: InstanceMetadata, host: str = "127.0.0.1", port: int = 0,
-                 require_token: bool = True, clock: Callable[[], float] = time.monotonic):
+                 require_token: bool = True, clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[[dict[str, Any]], None] | None = None):
         self.md = md
+        self.on_event = on_event  # e.g. LocalCloud.record_event: one timeline for everything
         self.host = host
         self.port = port
         self.require_token = require_token
@@ -305,6 +307,8 @@ class MetadataServer:
         with self._lock:
             self.events.append(entry)
         _log.info(event, **{k: v for k, v in entry.items() if k not in ("at", "event")})
+        if self.on_event is not None:
+            self.on_event(dict(entry))
 
     # ---- tokens ----------------------------------------------------------------------
     def issue_token(self, ttl: int) -> str:
