@@ -49,7 +49,7 @@ class LaunchSpec:
     """What each fleet instance is launched with (the request's launch specification)."""
 
     instance_type: str = "p3.2xlarge"
-    image_id: str = "ami-0123456789abcdef0"
+    image_id: str | None = None  # None: the local cloud's default AMI
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     user_data: bytes | None = None
 
@@ -161,8 +161,9 @@ class SpotFleet:
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> str:
-        spec: dict[str, Any] = {"ImageId": self.launch.image_id,
-                                "InstanceType": self.launch.instance_type}
+        image_id = (self.launch.image_id or getattr(self.cloud, "ami_id", None)
+                    or getattr(self.cloud, "_ami_id", None) or "ami-12c6146b")
+        spec: dict[str, Any] = {"ImageId": image_id, "InstanceType": self.launch.instance_type}
         answer = self._ec2.request_spot_fleet(SpotFleetRequestConfig={
             "IamFleetRole": DEFAULT_IAM_FLEET_ROLE.format(account=_account_id(self.cloud)),
             "AllocationStrategy": "lowestPrice",
@@ -271,8 +272,10 @@ class SpotFleet:
     def _launch_one(self) -> FleetMember:
         az = self.policy.choose()
         tags = {**self.launch.tags, tagkeys.SPOT_FLEET_REQUEST: self.request_id}
+        options = {"image_id": self.launch.image_id} if self.launch.image_id else {}
         instance = self.cloud.launch_instance(az=az, instance_type=self.launch.instance_type,
-                                              tags=tags, user_data=self.launch.user_data)
+                                              tags=tags, user_data=self.launch.user_data,
+                                              **options)
         member = FleetMember(instance=instance, az=az, launched_at=time.monotonic())
         self._record("fleet_instance_launched", instance_id=member.instance_id, az=az,
                      replacement=len(self.members) >= self.target_capacity)
