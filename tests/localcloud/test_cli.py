@@ -212,3 +212,30 @@ def test_up_detached_then_down(tmp_path, capsys):
     finally:
         if pid and control.pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
+
+
+def test_up_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "lc"
+    proc = subprocess.Popen([sys.executable, "-m", "spotrun", "localcloud", "up", "--root",
+                             str(root), "--timing", "instant"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / control.STATE_FILE).exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the cloud did not come up"
+            time.sleep(0.05)  # polling for the state file, with a deadline
+        assert control.read_state(root)["pid"] == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "local cloud down" in err
+        assert not (root / control.STATE_FILE).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
