@@ -1,0 +1,27 @@
+"""The smallest spot-safe Keras script: the two spotrun lines are marked.
+
+    python examples/quickstart/train.py          # run it, Ctrl-C or `kill -TERM` it, run it again
+
+It checkpoints every 60 s and on SIGTERM (what the spotrun agent sends on a spot notice),
+and a rerun continues at the step after the last checkpoint, with the same data order.
+Without the agent, checkpoints go to ./spotrun-checkpoints (or $SPOTRUN_CHECKPOINT_DIR).
+"""
+import keras
+import numpy as np
+
+from spotrun_trainer import SpotCheckpoint
+
+keras.utils.set_random_seed(0)  # same initial weights on every start (then overwritten on resume)
+rng = np.random.default_rng(0)
+y = rng.integers(0, 3, 3000)
+x = rng.normal(size=(3000, 20)).astype("float32") + y[:, None]
+
+model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, activation="relu"),
+                          keras.layers.Dense(3)])
+model.compile(optimizer="adam", metrics=["accuracy"],
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+spot = SpotCheckpoint(every_seconds=60)                          # spotrun line 1
+spot.fit(model, x, y, batch_size=32, epochs=20, verbose=2)       # spotrun line 2
+
+spot.write_final_metrics(model.evaluate(x, y, verbose=0, return_dict=True))
