@@ -125,6 +125,12 @@ def test_stop_notice_stops_the_instance_keeping_its_attachments(cloud):
     wait_until(lambda: inst.state == "stopped", what="instance stopped")
     attachments = ec2.describe_volumes(VolumeIds=[vol])["Volumes"][0]["Attachments"]
     assert attachments and attachments[0]["InstanceId"] == inst.instance_id
+    with pytest.raises(requests.ConnectionError):
+        imds_get(inst, "meta-data/instance-id")
+    ec2.start_instances(InstanceIds=[inst.instance_id])
+    assert inst.state == "running"
+    assert imds_get(inst, "meta-data/instance-id").text == inst.instance_id
+    assert imds_get(inst, "meta-data/spot/instance-action").status_code == 404
 
 
 def test_two_clouds_do_not_see_each_other(cloud_factory):

@@ -136,8 +136,13 @@ class ComputeMixin:
                 self._power_off(inst, state)
 
     def _power_off(self, inst: Instance, state: str) -> None:
-        if inst.state == "terminated" or inst.state == state:
-            return
+        # The notice timer, the API and stop() may race to power the same instance off.
+        with inst.power_lock:
+            if inst.state == "terminated" or inst.state == state:
+                return
+            self._power_off_locked(inst, state)
+
+    def _power_off_locked(self, inst: Instance, state: str) -> None:
         killed = inst.kill_processes()
         if inst.metadata is not None:
             inst.metadata.stop()
@@ -152,6 +157,20 @@ class ComputeMixin:
                     listener(inst)
                 except Exception:  # noqa: BLE001 - a listener's bug must not stop the cloud
                     log.exception("terminated_listener_failed", instance_id=inst.instance_id)
+
+    def _after_power_on(self, instance_ids: set[str]) -> None:
+        """StartInstances: a stopped instance runs again with its attachments; its metadata
+        comes back without the old notices. Nothing is booted: that is the fleet's job."""
+        for instance_id in instance_ids:
+            inst = self.instances.get(instance_id)
+            if inst is None or inst.state != "stopped":
+                continue
+            with inst.power_lock:
+                if inst.metadata is not None:
+                    inst.metadata.clear_notices()
+                    inst.metadata.start()
+                inst.state = "running"
+            self.record_event("instance_started", instance_id=instance_id)
 
     def _device_dir_for(self, instance_id: str) -> Path | None:
         inst = self.instances.get(instance_id)

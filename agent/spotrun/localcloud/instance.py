@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class Instance:
     metadata: Any = None  # spotrun.localcloud.imds.MetadataServer, once started
     state: str = "running"  # running | stopped | terminated
     processes: list[subprocess.Popen] = field(default_factory=list)
+    power_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def device_dir(self) -> Path:

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import threading
 import time
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from spotrun.localcloud.ebs import DataPlaneError, EbsDataPlane
+from spotrun.localcloud.ebsstates import (Attachment, SnapshotState, VolumeState,
+                                          rewrite_snapshot_item, rewrite_volume_item,
+                                          volume_filter_values)
 from spotrun.localcloud.ec2xml import (Ec2Response, child, child_text, error_response,
                                        filters_of, matches, set_child_text)
 from spotrun.localcloud.timing import TimingModel
@@ -49,36 +50,12 @@ VOLUME_STATE_FILTERS = {"status": "status", "attachment.status": "attachment.sta
 SNAPSHOT_STATE_FILTERS = {"status": "status"}
 
 
-@dataclass
-class Attachment:
-    instance_id: str
-    device: str
-    attach_time: str
-    state: str  # attaching | attached | detaching | busy | orphaned (instance terminated)
-    due: float  # when the current transition may complete
-    force: bool = False
-
-
-@dataclass
-class VolumeState:
-    volume_id: str
-    ready_at: float
-    az: str = ""
-    attachment: Attachment | None = None
-
-
-@dataclass
-class SnapshotState:
-    snapshot_id: str
-    started: float
-    done_at: float
-
-
 class Ec2Overlay:
     def __init__(self, dataplane: EbsDataPlane, timing: TimingModel, moto: Forward,
                  device_dir_for: Callable[[str], Path | None],
                  record_event: Callable[..., None],
-                 before_power_off: Callable[[str, set[str]], None] | None = None):
+                 before_power_off: Callable[[str, set[str]], None] | None = None,
+                 after_power_on: Callable[[set[str]], None] | None = None):
         self.dataplane = dataplane
         self.timing = timing
         self._moto = moto  # call moto directly (no faults), for the overlay's own requests
@@ -86,6 +63,7 @@ class Ec2Overlay:
         self._record = record_event
         # The cloud's hook: kill the instances' processes and drop their mounts first.
         self._before_power_off = before_power_off or (lambda state, ids: None)
+        self._after_power_on = after_power_on or (lambda ids: None)
         self._lock = threading.RLock()
         self._volumes: dict[str, VolumeState] = {}
         self._snapshots: dict[str, SnapshotState] = {}
@@ -273,8 +251,11 @@ class Ec2Overlay:
         root = response.xml()
         volume_set = child(root, "volumeSet")
         for item in list(volume_set if volume_set is not None else []):
-            self._rewrite_volume(item)
-            if own_filters and not matches(item, own_filters, _volume_value):
+            with self._lock:
+                state = self._volumes.get(child_text(item, "volumeId"))
+                if state is not None:
+                    rewrite_volume_item(item, state, time.monotonic())
+            if own_filters and not matches(item, own_filters, volume_filter_values):
                 volume_set.remove(item)
         return response.with_xml(root)
 
@@ -289,10 +270,8 @@ class Ec2Overlay:
         for item in list(snapshot_set if snapshot_set is not None else []):
             with self._lock:
                 snap = self._snapshots.get(child_text(item, "snapshotId"))
-            if snap and now < snap.done_at:
-                done = (now - snap.started) / max(snap.done_at - snap.started, 1e-9)
-                set_child_text(item, "status", "pending")
-                set_child_text(item, "progress", f"{min(int(done * 100), 99)}%")
+            if snap is not None:
+                rewrite_snapshot_item(item, snap, now)
             if own_filters and not matches(item, own_filters,
                                            lambda it, name: [child_text(it, "status")]):
                 snapshot_set.remove(item)
@@ -310,6 +289,12 @@ class Ec2Overlay:
         # A stopped instance keeps its EBS attachments (AWS); only its processes and mounts go.
         self._before_power_off("stopped", _instance_ids(params))
         return forward(params)
+
+    def _on_StartInstances(self, params: dict, forward: Forward) -> Ec2Response:
+        response = forward(params)
+        if response.status == 200:
+            self._after_power_on(_instance_ids(params))
+        return response
 
     # -- what terminations do to attachments ---------------------------------------------
     def orphan_attachments(self, instance_ids: set[str]) -> None:
@@ -330,33 +315,6 @@ class Ec2Overlay:
         self._wake.set()
 
     # -- the describe rewrite -------------------------------------------------------------
-    def _rewrite_volume(self, item: ET.Element) -> None:
-        with self._lock:
-            state = self._volumes.get(child_text(item, "volumeId"))
-            if state is None:
-                return
-            att = state.attachment
-            if time.monotonic() < state.ready_at:
-                set_child_text(item, "status", "creating")
-            if att is None:
-                return
-            attachment_set = child(item, "attachmentSet")
-            if attachment_set is None:
-                attachment_set = ET.SubElement(item, _tag(item, "attachmentSet"))
-            entries = [e for e in attachment_set if child_text(e, "instanceId") == att.instance_id]
-            if not entries:  # moto dropped it at termination; EC2 still shows it
-                entry = ET.SubElement(attachment_set, _tag(item, "item"))
-                for name, value in (("volumeId", state.volume_id), ("instanceId", att.instance_id),
-                                    ("device", att.device), ("status", "detaching"),
-                                    ("attachTime", att.attach_time),
-                                    ("deleteOnTermination", "false")):
-                    ET.SubElement(entry, _tag(item, name)).text = value
-                entries = [entry]
-            shown = "detaching" if att.state == "orphaned" else att.state
-            for entry in entries:
-                set_child_text(entry, "status", shown)
-            set_child_text(item, "status", "in-use")
-
     # -- the clock -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -417,10 +375,6 @@ class Ec2Overlay:
         self._record("volume_detached", volume_id=volume_id, instance_id=att.instance_id,
                      after_termination=att.state == "orphaned")
 
-    def shutdown_dataplane(self) -> None:
-        """Release every device (cloud stop): nothing of this cloud stays bound."""
-        self.dataplane.release_all()
-
 
 def _instance_ids(params: dict) -> set[str]:
     return {value for key, value in params.items() if key.startswith("InstanceId.")}
@@ -429,18 +383,3 @@ def _instance_ids(params: dict) -> set[str]:
 def _in_use(volume_id: str, instance_id: str) -> Ec2Response:
     return error_response(400, "VolumeInUse",
                           f"{volume_id} is already attached to an instance ({instance_id})")
-
-
-def _tag(reference: ET.Element, name: str) -> str:
-    namespace = reference.tag[:reference.tag.index("}") + 1] if reference.tag.startswith("{") else ""
-    return namespace + name
-
-
-def _volume_value(item: ET.Element, name: str) -> list[str]:
-    if name == "status":
-        return [child_text(item, "status")]
-    attachment_set = child(item, "attachmentSet")
-    entries = list(attachment_set) if attachment_set is not None else []
-    field = {"attachment.status": "status", "attachment.instance-id": "instanceId",
-             "attachment.device": "device"}[name]
-    return [child_text(entry, field) for entry in entries]
