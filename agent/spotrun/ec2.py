@@ -27,7 +27,9 @@ from spotrun.config import AwsConfig
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 
-log = get_logger("ec2")
+def log():
+    """Looked up per call, so the process's logging configuration (made later) applies."""
+    return get_logger("ec2")
 
 # Test-only: when set, every AWS operation this process calls is appended (one JSON line)
 # to this file, so the IAM test can check the policy covers exactly what the agent did.
@@ -121,14 +123,14 @@ def create_once(
         found = find_existing()
         if found is not None:
             if attempt:
-                log.info("create_found_after_failure", what=what, attempt=attempt)
+                log().info("create_found_after_failure", what=what, attempt=attempt)
             return found
         try:
             return create()
         except (ClientError, BotoCoreError) as exc:
             if not is_transient(exc) or time.monotonic() > deadline:
                 raise
-            log.warning("create_retry", what=what, attempt=attempt, error=str(exc)[:200])
+            log().warning("create_retry", what=what, attempt=attempt, error=str(exc)[:200])
             attempt += 1
             time.sleep(backoff(attempt))
 
@@ -145,7 +147,7 @@ def call_retrying(what: str, call: Callable[[], Any], *, deadline_s: float = 120
             if settled is not None and is_transient(exc):
                 try:
                     if settled():
-                        log.info("call_performed_despite_error", what=what, error=str(exc)[:200])
+                        log().info("call_performed_despite_error", what=what, error=str(exc)[:200])
                         return None
                 except (ClientError, BotoCoreError):
                     pass

@@ -23,7 +23,11 @@ from spotrun import ec2 as ec2mod
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 
-log = get_logger("lease")
+
+def log():
+    """Looked up per call, so the process's logging configuration (made later) applies."""
+    return get_logger("lease")
+
 
 KEY = "job"
 ALIVE_STATES = ("pending", "running")
@@ -104,7 +108,7 @@ class Lease:
         waited = False
         while True:
             if self._put(f"attribute_not_exists({KEY}) OR holder = :me", me):
-                log.info("lease_acquired", table=self.table, waited=waited)
+                log().info("lease_acquired", table=self.table, waited=waited)
                 return
             current = self.holder()
             if current is None:
@@ -113,7 +117,7 @@ class Lease:
             state = instance_state(self.ec2, other)
             if state not in ALIVE_STATES:
                 if self._put("holder = :old", {":old": {"S": other}}):
-                    log.warning("lease_taken_over", table=self.table, previous_holder=other,
+                    log().warning("lease_taken_over", table=self.table, previous_holder=other,
                                 previous_state=state)
                     return
                 continue
@@ -123,7 +127,7 @@ class Lease:
                     f"{current.get('az', '?')}, since {current.get('since', '?')}); this instance "
                     f"waited {deadline_s:.0f} s and will not touch the job's volume")
             if not waited:
-                log.info("lease_wait", table=self.table, holder=other, holder_state=state)
+                log().info("lease_wait", table=self.table, holder=other, holder_state=state)
                 waited = True
             time.sleep(self.poll_s)
 
@@ -132,11 +136,11 @@ class Lease:
             self.db.delete_item(TableName=self.table, Key={KEY: {"S": self.job_id}},
                                 ConditionExpression="holder = :me",
                                 ExpressionAttributeValues={":me": {"S": self.instance_id}})
-            log.info("lease_released", table=self.table)
+            log().info("lease_released", table=self.table)
         except ClientError as exc:
             if ec2mod.error_code(exc) != "ConditionalCheckFailedException":
                 raise
-            log.warning("lease_not_ours_at_release", table=self.table)
+            log().warning("lease_not_ours_at_release", table=self.table)
 
 
 def wait_until_unheld(ec2, volume_id: str, instance_id: str, deadline_s: float,
@@ -162,7 +166,7 @@ def wait_until_unheld(ec2, volume_id: str, instance_id: str, deadline_s: float,
                     f"volume {volume_id} is still {att['State']} to instance {att['InstanceId']} "
                     f"({holder_state}) after {deadline_s:.0f} s; not touching it")
             if not logged:
-                log.info("volume_held_wait", volume_id=volume_id, holder=att["InstanceId"],
+                log().info("volume_held_wait", volume_id=volume_id, holder=att["InstanceId"],
                          holder_state=holder_state, attachment_state=att["State"])
                 logged = True
         if time.monotonic() >= deadline:

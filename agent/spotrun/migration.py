@@ -32,7 +32,11 @@ from spotrun.crashpoints import crashpoint
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 
-log = get_logger("migration")
+
+def log():
+    """Looked up per call, so the process's logging configuration (made later) applies."""
+    return get_logger("migration")
+
 
 # Journal tag keys (volumes.py and the lead's lifecycle read them through this module).
 SOURCE_VOLUME = "spotrun:source-volume"
@@ -174,7 +178,7 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str) -> dict:
     """Start (or find, if a previous try got that far) the snapshot of ``volume``'s current data."""
     existing = fresh_snapshot(ec2, job_id, volume)
     if existing is not None:
-        log.info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
+        log().info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
                  state=existing["State"])
         return existing
     tags = snapshot_tags(job_id, volume, role)
@@ -189,7 +193,7 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str) -> dict:
         return next((s for s in found if s["State"] != "error"), None)
 
     snapshot = ec2mod.create_once(f"snapshot of {volume['VolumeId']}", create, find)
-    log.info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],
+    log().info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],
              role=role)
     return snapshot
 
@@ -202,13 +206,13 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     Resumable: a fresh snapshot and a volume with this attempt's create token are reused.
     """
     job_id = config.job.id
-    log.info("migration_start", source_volume=source["VolumeId"],
+    log().info("migration_start", source_volume=source["VolumeId"],
              source_az=source["AvailabilityZone"], target_az=identity.availability_zone,
              generation=generation(source))
     snapshot = start_snapshot(ec2, ec2_once, job_id, source, ROLE_MIGRATION_SNAPSHOT)
     crashpoint("migration.snapshot_requested")
     snapshot = ec2mod.wait_for_snapshot(ec2, snapshot["SnapshotId"], config.volume.snapshot_timeout_s)
-    log.info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
+    log().info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
     crashpoint("migration.snapshot_completed")
     create_token = token("migrate", source["VolumeId"], str(mounts(source)),
                          identity.availability_zone)
@@ -239,7 +243,7 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
 
     created = ec2mod.create_once(f"volume from {snapshot['SnapshotId']}",
                                  lambda: ec2_once.create_volume(**params), find)
-    log.info("migration_volume_created", new_volume=created["VolumeId"],
+    log().info("migration_volume_created", new_volume=created["VolumeId"],
              snapshot_id=snapshot["SnapshotId"], az=identity.availability_zone)
     volume = ec2mod.wait_for_volume(ec2, created["VolumeId"], ("available", "in-use"),
                                     deadline_create_s)
@@ -254,7 +258,7 @@ def this_attempts_token(source: dict, az: str) -> str:
 def set_step(ec2, volume_id: str, step: str, **extra: str) -> None:
     ec2mod.call_retrying(f"tagging {volume_id}", lambda: ec2.create_tags(
         Resources=[volume_id], Tags=T.as_list({STEP: step, **extra})))
-    log.info("migration_step", volume_id=volume_id, step=step)
+    log().info("migration_step", volume_id=volume_id, step=step)
 
 
 def delete_volume(ec2, volume: dict, why: str, deadline_s: float) -> None:
@@ -271,7 +275,7 @@ def delete_volume(ec2, volume: dict, why: str, deadline_s: float) -> None:
     except Exception as exc:  # noqa: BLE001 - NotFound after a performed-then-5xx is success
         if ec2mod.error_code(exc) not in ("InvalidVolume.NotFound",):
             raise
-    log.info("volume_deleted", volume_id=volume_id, reason=why)
+    log().info("volume_deleted", volume_id=volume_id, reason=why)
     ec2mod.wait_for_volume_deleted(ec2, volume_id, deadline_s, poll_s=1.0)
 
 
@@ -282,7 +286,7 @@ def finish(ec2, source: dict, new_volume_id: str, deadline_s: float) -> None:
     delete_volume(ec2, source, f"migrated to {new_volume_id}", deadline_s)
     crashpoint("migration.after_delete")
     set_step(ec2, new_volume_id, STEP_DONE)
-    log.info("migration_done", source_volume=source["VolumeId"], new_volume=new_volume_id)
+    log().info("migration_done", source_volume=source["VolumeId"], new_volume=new_volume_id)
 
 
 def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days: float) -> list[str]:
@@ -312,5 +316,5 @@ def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days:
                              lambda sid=s["SnapshotId"]: ec2.delete_snapshot(SnapshotId=sid))
         deleted.append(s["SnapshotId"])
     if deleted:
-        log.info("snapshots_pruned", snapshot_ids=deleted, retention_days=retention_days)
+        log().info("snapshots_pruned", snapshot_ids=deleted, retention_days=retention_days)
     return deleted

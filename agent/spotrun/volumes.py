@@ -26,7 +26,11 @@ from spotrun.crashpoints import crashpoint
 from spotrun.errors import SpotrunError
 from spotrun.log import bind, get_logger
 
-log = get_logger("volumes")
+
+def log():
+    """Looked up per call, so the process's logging configuration (made later) applies."""
+    return get_logger("volumes")
+
 
 MARKER = ".spotrun-volume.json"
 MARKER_FORMAT = 1
@@ -147,7 +151,7 @@ class VolumeManager:
         self._acquired = AcquiredVolume(volume_id, generation, device, self.config.mount_point,
                                         created, source is not None)
         self.record(instance=self.me)
-        log.info("volume_ready", generation=generation, device=str(device),
+        log().info("volume_ready", generation=generation, device=str(device),
                  mount_point=str(self.config.mount_point), created=created,
                  migrated=source is not None)
         return self._acquired
@@ -185,7 +189,7 @@ class VolumeManager:
 
         volume = ec2mod.create_once("the job's first volume",
                                     lambda: self.ec2_once.create_volume(**params), find)
-        log.info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
+        log().info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
                  az=self.identity.availability_zone)
         return ec2mod.wait_for_volume(self.ec2, volume["VolumeId"], ("available",),
                                       vc.create_timeout_s)
@@ -240,14 +244,14 @@ class VolumeManager:
                     continue
                 raise
             break
-        log.info("volume_attach_requested", volume_id=volume_id, device_name=name)
+        log().info("volume_attach_requested", volume_id=volume_id, device_name=name)
 
     # -- filesystem and mount -------------------------------------------------------------
 
     def _mount(self, volume: dict, device: Path) -> None:
         mount_point = self.config.mount_point
         if blockdev.mounted_device(mount_point) == Path(os.path.realpath(device)):
-            log.info("volume_already_mounted", device=str(device))
+            log().info("volume_already_mounted", device=str(device))
             return
         volume_id = volume["VolumeId"]
         fstype = blockdev.filesystem_type(device)
@@ -259,7 +263,7 @@ class VolumeManager:
                     f"no filesystem; refusing to make one over restored data")
             blockdev.make_filesystem(device, FS_LABEL)
         elif tags.get(M.MOUNT_STATE, M.CLEAN) != M.CLEAN:
-            log.info("fsck_needed", volume_id=volume_id, mount_state=tags.get(M.MOUNT_STATE))
+            log().info("fsck_needed", volume_id=volume_id, mount_state=tags.get(M.MOUNT_STATE))
             blockdev.check_filesystem(device)
         # Recorded before mounting: a snapshot with the old count is no longer fresh.
         self._tag(volume_id, {M.MOUNTS: str(M.mounts(volume) + 1),
@@ -290,14 +294,14 @@ class VolumeManager:
         if data.get("generation") != generation or not marker.exists():
             data["generation"] = generation
             _write_json_atomic(marker, data)
-        log.info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
+        log().info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
         return generation
 
     def _verify_checkpoint(self, volume_id: str) -> None:
         try:
             from spotrun_trainer.store import CheckpointError, CheckpointStore, IncompatibleCheckpoint
         except ImportError:  # the trainer library is not installed with this agent
-            log.warning("checkpoint_verify_skipped", reason="spotrun_trainer not importable")
+            log().warning("checkpoint_verify_skipped", reason="spotrun_trainer not importable")
             return
         store = CheckpointStore(self.config.checkpoints_path)
         if not store.list():
@@ -305,15 +309,15 @@ class VolumeManager:
         try:
             latest = store.latest_valid()
         except IncompatibleCheckpoint as exc:  # readable, by another library version
-            log.warning("checkpoint_other_format", reason=str(exc))
+            log().warning("checkpoint_other_format", reason=str(exc))
             return
         except CheckpointError as exc:
             latest = None
-            log.warning("checkpoint_unreadable", reason=str(exc))
+            log().warning("checkpoint_unreadable", reason=str(exc))
         if latest is None:
             raise VolumeError(f"volume {volume_id} (migrated): no checkpoint under "
                               f"{self.config.checkpoints_path} verifies; the source volume is kept")
-        log.info("checkpoint_verified", step=latest.step, path=str(latest.path))
+        log().info("checkpoint_verified", step=latest.step, path=str(latest.path))
 
     # -- release --------------------------------------------------------------------------
 
@@ -349,7 +353,7 @@ class VolumeManager:
                 VolumeId=volume_id, InstanceId=self.me), settled=detached)
             ec2mod.wait_for_attachment(self.ec2, volume_id, self.me,
                                        self.config.volume.attach_timeout_s, state="detached")
-            log.info("volume_released", volume_id=volume_id, snapshot=take_snapshot)
+            log().info("volume_released", volume_id=volume_id, snapshot=take_snapshot)
         if self.lease is not None:
             self.lease.release()
         self._acquired = None

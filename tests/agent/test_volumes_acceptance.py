@@ -1,0 +1,196 @@
+"""Acceptance on the local spot cloud (moto + fault proxy + EBS on real loop devices): the
+agent's volume handling run as a real process per instance (tests/agent/helpers/c2_agent.py).
+Every AWS call those processes make is recorded and must be in iam.AGENT_CALLS."""
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from c2_cloud import JOB, USER, wait_until, world  # noqa: E402,F401
+
+from spotrun import lease  # noqa: E402
+from spotrun import migration as M  # noqa: E402
+from spotrun import tags as T  # noqa: E402
+from spotrun_trainer.store import CheckpointStore  # noqa: E402
+
+pytestmark = pytest.mark.loopdev
+
+
+def seed(world, az="us-east-1a", *, config_extra=None, release=True, snapshot="no"):
+    """A first boot in ``az``: create the volume, write data and a checkpoint, release it."""
+    inst = world.cloud.launch_instance(az=az, tags={T.JOB: JOB})
+    args = ["--write", "datasets/data.txt=from " + az, "--checkpoint", "7"]
+    if release:
+        args += ["--release", "--snapshot", snapshot]
+    run = world.run(inst, *args, config=world.config(inst, **(config_extra or {})))
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.result["created"] is True
+    return inst, run
+
+
+def assert_data(inst, az="us-east-1a"):
+    assert (inst.mount_point / "datasets" / "data.txt").read_text() == "from " + az
+    latest = CheckpointStore(inst.mount_point / "checkpoints").latest_valid()
+    assert latest is not None and latest.step == 7
+
+
+def test_same_az_boot_then_second_boot_is_a_no_op(world):
+    inst, first = seed(world, release=False)
+    volume_id = first.result["volume_id"]
+    assert Path(first.result["mount_point"]) == inst.mount_point
+    nobody = pwd.getpwnam(USER)
+    for sub in ("datasets", "checkpoints"):
+        stat = os.stat(inst.mount_point / sub)
+        assert (stat.st_uid, stat.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    marker = (inst.mount_point / ".spotrun-volume.json").read_text()
+    assert f'"job": "{JOB}"' in marker
+    tags_before = M.tags_of(world.job_volumes()[0])
+
+    again = world.run(inst)
+    assert again.rc == 0, again.stderr[-3000:]
+    assert again.result == {**first.result, "created": False}
+    assert "volume_already_mounted" in again.events() and "filesystem_made" not in again.events()
+    assert M.tags_of(world.job_volumes()[0])[M.MOUNTS] == tags_before[M.MOUNTS] == "1"
+    assert [v["VolumeId"] for v in world.job_volumes()] == [volume_id]
+    assert_data(inst)
+    world.assert_calls_listed()
+
+
+def test_cross_az_boot_moves_the_data_and_keeps_one_volume(world):
+    _, first = seed(world)
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    run = world.run(inst_b)
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.result["migrated"] is True and run.result["generation"] == 2
+    assert_data(inst_b)
+    volumes = world.job_volumes()
+    assert [(v["VolumeId"], v["AvailabilityZone"]) for v in volumes] == \
+        [(run.result["volume_id"], "us-east-1b")]
+    assert run.result["volume_id"] != first.result["volume_id"]
+    events = run.events()
+    # The old volume goes only after the new one is mounted and verified (invariant 2).
+    assert events.index("mounted") < events.index("checkpoint_verified") \
+        < events.index("volume_verified") < events.index("volume_deleted")
+    assert "filesystem_made" not in events
+    assert world.job_snapshots() == [], "migration snapshot kept past a retention of 0"
+    world.assert_calls_listed()
+
+
+def test_api_faults_still_boot_and_create_nothing_twice(world):
+    seed(world)
+    world.cloud.ec2_faults(throttle=0.3, performed_then_5xx={"AttachVolume": 0.1, "CreateVolume": 0.1},
+                           seed=3)
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    run = world.run(inst_b)
+    assert run.rc == 0, run.stderr[-3000:]
+    assert_data(inst_b)
+    assert len(world.job_volumes()) == 1
+
+
+def test_every_create_and_attach_answered_5xx_after_doing_it(world):
+    world.cloud.ec2_faults(performed_then_5xx={"AttachVolume": 1.0, "CreateVolume": 1.0,
+                                               "CreateSnapshot": 1.0})
+    seed(world)
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    run = world.run(inst_b)
+    assert run.rc == 0, run.stderr[-3000:]
+    assert "create_found_after_failure" in run.events()
+    assert "call_performed_despite_error" in run.events()
+    assert_data(inst_b)
+    assert len(world.job_volumes()) == 1
+    world.assert_calls_listed()
+
+
+def test_replacement_waits_for_the_drain_and_gets_the_final_checkpoint(world, tmp_path):
+    inst_a = world.cloud.launch_instance(az="us-east-1a", tags={T.JOB: JOB})
+    go = tmp_path / "go"
+    old = world.start(inst_a, "--write", "datasets/data.txt=from us-east-1a", "--checkpoint", "7",
+                      "--hold-until", str(go), "--release")
+    wait_until(lambda: '"holding"' in Path(old.c2_files[0].name).read_text(), timeout=120,
+               what="the old instance to hold the volume")
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    new = world.start(inst_b)
+    wait_until(lambda: "volume_held_wait" in world.log_text(new), timeout=120,
+               what="the new instance to wait for the holder")
+    # The old instance writes its final checkpoint while the new one waits.
+    (inst_a.mount_point / "checkpoints" / "final.txt").write_text("final")
+    go.touch()
+    old_run, new_run = world.finish(old), world.finish(new)
+    assert old_run.rc == 0, old_run.stderr[-3000:]
+    assert new_run.rc == 0, new_run.stderr[-3000:]
+    assert (inst_b.mount_point / "checkpoints" / "final.txt").read_text() == "final"
+    assert_data(inst_b)
+    # The drain snapshot made ahead of need was the one the migration used.
+    assert "snapshot_reused" in new_run.events() and "snapshot_started" not in new_run.events()
+    assert len(world.job_volumes()) == 1
+    world.assert_calls_listed()
+
+
+def test_race_two_agents_in_two_azs_one_wins(world):
+    world.cloud.client("dynamodb", faults=False).create_table(**lease.table_definition("leases"))
+    with_lease = {"aws": {"lease_table": "leases"}}
+    seed(world, config_extra=with_lease)
+    instances = [world.cloud.launch_instance(az=az, tags={T.JOB: JOB})
+                 for az in ("us-east-1b", "us-east-1c")]
+    procs = [world.start(i, "--holder-wait", "5", config=world.config(i, **with_lease))
+             for i in instances]
+    runs = [world.finish(p) for p in procs]
+    assert sorted(r.rc for r in runs) == [0, 1], [r.stderr[-2000:] for r in runs]
+    winner, loser = (runs[0], runs[1]) if runs[0].rc == 0 else (runs[1], runs[0])
+    winner_inst = instances[runs.index(winner)]
+    assert "is held by instance " + winner_inst.instance_id in loser.stderr
+    assert_data(winner_inst)
+    volumes = world.job_volumes()
+    assert [v["AvailabilityZone"] for v in volumes] == [winner_inst.az]
+    world.assert_calls_listed()
+
+
+# -- bad input: a clear error naming what is wrong, non-zero exit, nothing deleted -----------
+
+def test_no_volume_and_creation_disabled(world):
+    inst = world.cloud.launch_instance(az="us-east-1a", tags={T.JOB: JOB})
+    run = world.run(inst, config=world.config(inst, volume={"create_if_missing": False}))
+    assert run.rc == 1
+    assert "volume.create_if_missing is false" in run.stderr and "DL-datasets-checkpoints" in run.stderr
+    assert world.job_volumes() == []
+
+
+def test_two_unrelated_volumes_are_left_alone(world):
+    ec2 = world.checker
+    ids = []
+    for az in ("us-east-1a", "us-east-1b"):
+        ids.append(ec2.create_volume(AvailabilityZone=az, Size=1, TagSpecifications=[{
+            "ResourceType": "volume", "Tags": T.as_list({T.NAME: "DL-datasets-checkpoints",
+                                                         T.JOB: JOB})}])["VolumeId"])
+    inst = world.cloud.launch_instance(az="us-east-1c", tags={T.JOB: JOB})
+    run = world.run(inst)
+    assert run.rc == 1 and "no migration journal links them" in run.stderr
+    assert all(i in run.stderr for i in ids)
+    assert sorted(v["VolumeId"] for v in world.job_volumes()) == sorted(ids)
+    assert world.job_snapshots() == []
+
+
+def test_device_that_never_appears(world, tmp_path):
+    _, first = seed(world)
+    inst_b = world.cloud.launch_instance(az="us-east-1a", tags={T.JOB: JOB})
+    elsewhere = tmp_path / "no-devices-here"
+    elsewhere.mkdir()
+    run = world.run(inst_b, config=world.config(
+        inst_b, volume={"device_dir": str(elsewhere), "device_timeout_s": 1.0}))
+    assert run.rc == 1
+    assert f"volume {first.result['volume_id']}: no device appeared within 1 s" in run.stderr
+    assert [v["VolumeId"] for v in world.job_volumes()] == [first.result["volume_id"]]
+
+
+def test_metadata_service_down(world):
+    inst = world.cloud.launch_instance(az="us-east-1a", tags={T.JOB: JOB})
+    world.cloud.imds_fault(inst.instance_id, "refused", duration_s=120)
+    run = world.run(inst, config=world.config(inst, metadata={"deadline_s": 2.0}))
+    assert run.rc == 1
+    assert "metadata" in run.stderr.lower() and inst.imds_endpoint.split("//")[1] in run.stderr
+    assert world.job_volumes() == []
