@@ -94,3 +94,49 @@ def test_malformed_user_data_names_the_field(raw, key):
     with pytest.raises(ConfigError) as err:
         userdata.parse(raw)
     assert err.value.key == key and err.value.source.startswith("user-data")
+
+
+def test_awkward_values_survive_the_round_trip():
+    overrides = {"job": {"id": "j"}, "code": {"repository": "https://example.com/r.git", "ref": "release/1.0"},
+                 "trainer": {"command": ["python", "-c", "print('a \"b\" \\\\ c')"],
+                             "env": {"WITH SPACE": "x y", "DOTTED.NAME": "1", "UNICODE": "é\u2603", "NL": "a\nb"}},
+                 "volume": {"encrypted": False, "snapshot_retention_days": 1.5, "size_gib": 500}}
+    raw = userdata.render(overrides)
+    assert userdata.parse(raw) == overrides
+    assert raw.count(b"\n") == 2 + 4 + 8  # header, sections, one line per key: arrays/tables inline
+
+
+def test_progress_is_drawn_on_a_terminal_and_silent_otherwise():
+    import io
+
+    from spotrun.operator.progress import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    states = iter(["creating", "creating", "available"])
+
+    def check():
+        state = next(states)
+        return state == "available", state
+
+    screen = Terminal()
+    assert Reporter(stream=screen, interval_s=0).wait("volume vol-1", check, timeout_s=30) == "available"
+    drawn = screen.getvalue()
+    assert "waiting for volume vol-1: creating (0s so far)" in drawn and "volume vol-1: available after" in drawn
+    pipe = io.StringIO()
+    states = iter(["creating", "available"])
+    Reporter(stream=pipe, interval_s=0).wait("volume vol-2", check, timeout_s=30)
+    assert pipe.getvalue() == ""
+
+
+def test_a_wait_that_never_ends_says_what_it_waited_for():
+    import io
+
+    from spotrun.errors import SpotrunError
+    from spotrun.operator.progress import Reporter
+
+    with pytest.raises(SpotrunError) as err:
+        Reporter(stream=io.StringIO(), interval_s=0.01).wait("snapshot snap-1", lambda: (False, "pending 40%"), 0.05)
+    assert "snapshot snap-1" in str(err.value) and "pending 40%" in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -127,7 +128,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     args.watch_line = False
     if args.dry_run:
         plan = launch_mod.plan(job)
-        _emit(args, plan, json.dumps(plan, indent=2))
+        _emit(args, plan, _launch_plan_text(job, plan))
         return 0
     result = launch_mod.apply(_aws(args, job), job, reporter, wait=args.wait, timeout_s=args.timeout)
     text = (f"launched job {job.id}: {result['fleet']['kind']} {result['fleet']['id']}, launch template "
@@ -136,6 +137,23 @@ def cmd_launch(args: argparse.Namespace) -> int:
             + (f" --job-file {args.job_file}" if args.job_file else ""))
     _emit(args, result, text)
     return 0
+
+
+def _launch_plan_text(job: jobfile.Job, plan: dict) -> str:
+    meta = plan["launch_template"]["data"]["MetadataOptions"]
+    where = ", ".join(job.launch.subnets or job.launch.availability_zones) or "any AZ of the region"
+    price = f"at most ${job.launch.max_price:.4f}/h" if job.launch.max_price else "up to the on-demand price"
+    lines = [f"spotrun launch {job.id}: plan (dry run, no AWS call)",
+             f"  launch template  {plan['launch_template']['name']} (new version): {job.launch.image_id}, "
+             f"profile {job.role_name}, HttpTokens={meta['HttpTokens']}, "
+             f"hop limit {meta['HttpPutResponseHopLimit']}, tags in metadata {meta['InstanceMetadataTags']}",
+             f"  capacity         {job.launch.fleet}, {job.launch.allocation_strategy}, "
+             f"{job.launch.target_capacity} spot instance(s) of {', '.join(job.launch.instance_types)} "
+             f"in {where}, {price}",
+             f"  user data        {plan['user_data_bytes']} bytes (limit 16384):"]
+    lines += [f"    {line}" for line in plan["user_data"].splitlines()]
+    lines.append("  (--json shows the exact API requests)")
+    return "\n".join(lines)
 
 
 def _job_from_args(args: argparse.Namespace) -> tuple[str, jobfile.Job | None]:
@@ -157,6 +175,9 @@ def _local_status(args: argparse.Namespace) -> int:
     except ImportError:
         print_local_status = None
     if print_local_status is not None and LOCAL_STATE.exists():
+        from spotrun import config as agent_config
+
+        args.config = Path(os.environ.get("SPOTRUN_CONFIG", agent_config.DEFAULT_CONFIG_PATH))
         return int(print_local_status(args) or 0)
     raise UsageError(f"no job given: pass --job ID or --job-file PATH (or run where ./{jobfile.DEFAULT_JOB_FILE} "
                      "is; on an instance, `spotrun agent status` shows the local agent)")
