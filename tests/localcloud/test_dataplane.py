@@ -223,3 +223,11 @@ def test_attach_refuses_what_ec2_refuses(cloud, ec2):
         ec2.attach_volume(VolumeId=vol, InstanceId=gone.instance_id, Device="/dev/sdf")
     assert terminated.value.response["Error"]["Code"] == "IncorrectInstanceState"
     assert volume(ec2, vol)["State"] == "available"
+
+
+def test_detach_of_a_detached_volume_is_an_ec2_error(cloud, ec2):
+    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+    wait_volume_state(ec2, vol, "available")
+    with pytest.raises(ec2.exceptions.ClientError) as refused:
+        ec2.detach_volume(VolumeId=vol)
+    assert refused.value.response["Error"]["Code"] == "IncorrectState"

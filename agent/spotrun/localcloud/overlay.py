@@ -110,9 +110,10 @@ class Ec2Overlay:
         with self._lock:
             snap = self._snapshots.get(snapshot_id) if snapshot_id else None
             if snap and time.monotonic() < snap.done_at:
-                # EC2 creates volumes only from completed snapshots.
+                # EC2 creates volumes only from completed snapshots (IncorrectState; e.g.
+                # github.com/velero-io/velero/issues/1799).
                 return error_response(400, "IncorrectState",
-                                      f"Snapshot '{snapshot_id}' is not in a valid state: pending")
+                                      "Snapshot is in invalid state - pending")
         response = forward(params)
         if response.status != 200:
             return response
@@ -196,15 +197,20 @@ class Ec2Overlay:
         with self._lock:
             state = self._volumes.get(volume_id)
             att = state.attachment if state else None
-            if att is None or att.state == "orphaned":
-                return forward(params)  # moto answers the errors (not attached, unknown id)
+            if state is None:
+                return forward(params)  # moto answers for volumes it alone knows
+            if att is None:
+                # (moto answers this with a 500 when InstanceId is left out.)
+                return error_response(400, "IncorrectState",
+                                      f"Volume '{volume_id}' is in the 'available' state.")
             wanted = params.get("InstanceId")
             if wanted and wanted != att.instance_id:
                 return error_response(400, "IncorrectState",
                                       f"Volume '{volume_id}' is not attached to '{wanted}'.")
             if att.state in ("attached", "attaching"):
                 att.state, att.due = "detaching", time.monotonic() + self.timing.detach_s
-            att.force = att.force or force
+            if att.state != "orphaned":  # a terminated instance's volume is detaching anyway
+                att.force = att.force or force
             instance_id, device, attach_time = att.instance_id, att.device, att.attach_time
         self._record("volume_detaching", volume_id=volume_id, instance_id=instance_id, force=force)
         self._wake.set()
