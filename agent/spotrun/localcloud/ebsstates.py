@@ -23,6 +23,7 @@ class VolumeState:
     ready_at: float
     az: str = ""
     attachment: Attachment | None = None
+    announced: bool = False  # the "volume_available" event was recorded
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SnapshotState:
     snapshot_id: str
     started: float
     done_at: float
+    announced: bool = False  # the "snapshot_completed" event was recorded
 
 
 def rewrite_volume_item(item: ET.Element, state: VolumeState, now: float) -> None:

@@ -336,6 +336,15 @@ class Ec2Overlay:
         with self._lock:
             due = [(s.volume_id, s.attachment) for s in self._volumes.values()
                    if s.attachment and s.attachment.due <= now]
+            ready = [s for s in self._volumes.values() if not s.announced and s.ready_at <= now]
+            done = [s for s in self._snapshots.values() if not s.announced and s.done_at <= now]
+            for finished in ready + done:
+                finished.announced = True
+        # One event per modelled transition, so tests and people can await them.
+        for volume in ready:
+            self._record("volume_available", volume_id=volume.volume_id)
+        for snapshot in done:
+            self._record("snapshot_completed", snapshot_id=snapshot.snapshot_id)
         for volume_id, att in due:
             if att.state == "attaching":
                 self._complete_attach(volume_id, att)
