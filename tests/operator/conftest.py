@@ -164,3 +164,11 @@ def spotrun(capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs():
+    """structlog is process-global: point it at this test's stderr, not an earlier test's."""
+    from spotrun import log
+    log.configure("warning", stream=sys.stderr)
+    yield
