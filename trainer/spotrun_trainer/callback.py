@@ -236,7 +236,12 @@ class SpotCheckpoint(keras.callbacks.Callback):
         self._write_progress(force=True)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_offset = self.step_in_epoch if epoch == self.epoch else 0
+        # Only SpotCheckpoint.fit positions the data mid-epoch; a plain model.fit replays the
+        # epoch from its first batch (epoch-granular resume, like BackupAndRestore).
+        resumes_mid_epoch = epoch == self.epoch and self._dataset is not None and self._inside_fit
+        self._epoch_offset = self.step_in_epoch if resumes_mid_epoch else 0
+        if not resumes_mid_epoch and epoch == self.epoch:
+            self.global_step -= self.step_in_epoch
         self.epoch, self.step_in_epoch = epoch, self._epoch_offset
         if self._dataset is not None:
             self._dataset.epoch = epoch
@@ -262,6 +267,14 @@ class SpotCheckpoint(keras.callbacks.Callback):
             self._save_now.clear()
             self._checkpoint(wait=not self.async_save)
         self._write_progress()
+
+    def on_test_batch_end(self, batch, logs=None):
+        # A SIGTERM during the validation that ends an epoch: the training state is the
+        # epoch's last step, so checkpoint it now instead of after validating.
+        if self._stop.is_set() and self._inside_fit and not self.stopped_by_signal:
+            self.stopped_by_signal = True
+            self._checkpoint(wait=True)
+            raise _StopRequested()
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.model.stop_training:
