@@ -19,6 +19,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from localcloud_helpers import loop_devices_backed_by, mounts_under
 from localcloud_helpers import wait_until as _wait_until
 from spotrun.localcloud import LocalCloud, TimingModel
+from spotrun.localcloud.ebs import probe_loop_devices
+
+
+@pytest.fixture(scope="session")
+def loop_devices_usable(tmp_path_factory) -> tuple[bool, str]:
+    return probe_loop_devices(tmp_path_factory.mktemp("loop-probe"))
+
+
+@pytest.fixture(autouse=True)
+def _skip_loopdev_without_loop_devices(request):
+    """``loopdev`` tests need root and loop devices; elsewhere they skip, saying why."""
+    if request.node.get_closest_marker("loopdev") is not None:
+        usable, reason = request.getfixturevalue("loop_devices_usable")
+        if not usable:
+            pytest.skip(f"loop devices unavailable: {reason}")
 
 
 @pytest.fixture
