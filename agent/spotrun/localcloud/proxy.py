@@ -135,6 +135,9 @@ def _ec2_params(headers: list[tuple[str, str]], body: bytes) -> dict | None:
 class _Handler(BaseHTTPRequestHandler):
     owner: Ec2Proxy
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle and the client's
+    # delayed ACK add ~40 ms to every answer.
+    disable_nagle_algorithm = True
 
     def _relay(self) -> None:
         try:
