@@ -41,10 +41,14 @@ def test_save_and_load_roundtrip_keeps_last_n(tmp_path):
 def test_streamed_payload_and_same_step_resave(tmp_path):
     store = CheckpointStore(tmp_path)
     _save(store, 3, {"big.bin": lambda fh: [fh.write(b"x" * 1000) for _ in range(5)]})
-    again = _save(store, 3, {"big.bin": b"y" * 10})
-    assert store.latest_valid().read_bytes("big.bin") == b"y" * 10
-    assert again.manifest["files"]["big.bin"]["size"] == 10
+    assert store.latest_valid().read_bytes("big.bin") == b"x" * 5000
+    _save(store, 3, {"big.bin": b"y" * 10})  # a valid checkpoint of that step stays
+    assert store.latest_valid().read_bytes("big.bin") == b"x" * 5000
+    (store.list()[0].path / "big.bin").write_bytes(b"torn")  # a corrupt one is replaced
+    _save(store, 3, {"big.bin": b"z" * 10})
+    assert store.latest_valid().read_bytes("big.bin") == b"z" * 10
     assert len(store.list()) == 1
+    assert not [p for p in (tmp_path / "spotrun").iterdir() if p.name.startswith(".tmp-")]
 
 
 _KILLER = textwrap.dedent("""

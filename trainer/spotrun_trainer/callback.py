@@ -253,7 +253,9 @@ class SpotCheckpoint(keras.callbacks.Callback):
         self._raise_writer_error()
         if self._stop.is_set():
             self.stopped_by_signal = True
-            self._checkpoint(wait=True)
+            if self._last_saved_step != self.global_step:
+                self._checkpoint(wait=True)
+            self.wait_for_save()
             self.model.stop_training = True
             if self._inside_fit:
                 raise _StopRequested()
@@ -273,7 +275,9 @@ class SpotCheckpoint(keras.callbacks.Callback):
         # epoch's last step, so checkpoint it now instead of after validating.
         if self._stop.is_set() and self._inside_fit and not self.stopped_by_signal:
             self.stopped_by_signal = True
-            self._checkpoint(wait=True)
+            if self._last_saved_step != self.global_step:
+                self._checkpoint(wait=True)
+            self.wait_for_save()
             raise _StopRequested()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -23,6 +23,10 @@ class ResumableBatches(keras.utils.PyDataset):
 
     def __init__(self, x, y, batch_size: int, seed: int = 0, shuffle: bool = True,
                  sample_weight=None, **pydataset_kwargs):
+        if pydataset_kwargs.get("use_multiprocessing"):
+            # Worker processes would not see the epoch the callback sets on this object.
+            raise ValueError("ResumableBatches does not support use_multiprocessing=True; "
+                             "use workers=N (threads)")
         super().__init__(**pydataset_kwargs)
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")

@@ -315,8 +315,17 @@ class CheckpointStore:
         if not final.exists():
             os.rename(tmp, final)
             return
-        # Same step saved again (e.g. SIGTERM right after a periodic save): swap the old one
-        # out under a temporary name first, so some complete checkpoint is always in place.
+        # The same step saved again. A directory cannot be renamed over a non-empty one, and
+        # moving a good checkpoint aside first would leave a window with none (keep=1): so a
+        # valid one stays and the new copy is dropped (a step's state is the same state).
+        try:
+            self.verify(final)
+        except CheckpointError:
+            pass
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _log("info", "checkpoint_exists", path=str(final))
+            return
         old = self.root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
         os.rename(tmp, final)
