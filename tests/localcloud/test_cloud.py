@@ -221,3 +221,19 @@ def _alive(pid):
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_another_region_is_served_whole(cloud_factory):
+    cloud = cloud_factory(region="eu-west-1", azs=("eu-west-1a", "eu-west-1b"))
+    ec2 = cloud.client("ec2")
+    inst = cloud.launch_instance(az="eu-west-1b")
+    vol = ec2.create_volume(Size=1, AvailabilityZone="eu-west-1b")["VolumeId"]
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[vol])["Volumes"][0]["State"] == "available")
+    ec2.attach_volume(VolumeId=vol, InstanceId=inst.instance_id, Device="/dev/sdf")
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[vol])["Volumes"][0]["Attachments"][0][
+        "State"] == "attached", what="attached")
+    ec2.detach_volume(VolumeId=vol)  # the overlay's own moto calls go to the same region
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[vol])["Volumes"][0]["State"] == "available",
+               what="detached")
+    assert cloud.moto_client("ec2").describe_volumes(VolumeIds=[vol])["Volumes"][0][
+        "Attachments"] == []

@@ -35,8 +35,8 @@ class LocalCloud(ComputeMixin):
         self.root = Path(root).absolute()
         self.timing = timing or TimingModel.fast()
         self.region = region
-        self.azs = list(azs or DEFAULT_AZS if region == "us-east-1" else
-                        tuple(f"{region}{s}" for s in "abc"))
+        default_azs = DEFAULT_AZS if region == "us-east-1" else tuple(f"{region}{s}" for s in "abc")
+        self.azs = list(azs or default_azs)
         self.require_imds_token = require_imds_token
         self.tags_in_metadata = tags_in_metadata
         self.account_id = ""
@@ -62,6 +62,7 @@ class LocalCloud(ComputeMixin):
         if self._started:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
+        self.instances, self.fleets = {}, {}  # a restarted cloud starts empty, as moto does
         try:
             self.dataplane = EbsDataPlane(self.root, self._use_loop_devices)
             self.dataplane.release_all()  # what a crashed run on this root left behind
@@ -69,7 +70,7 @@ class LocalCloud(ComputeMixin):
             reset_account(self.account_id)
             self._moto = MotoServer()
             self.moto_endpoint = self._moto.start()
-            upstream = MotoUpstream(self.moto_endpoint, self.account_id)
+            upstream = MotoUpstream(self.moto_endpoint, self.account_id, self.region)
             self._overlay = Ec2Overlay(self.dataplane, self.timing, upstream.ec2,
                                        self._device_dir_for, self.record_event,
                                        before_power_off=self._before_power_off,

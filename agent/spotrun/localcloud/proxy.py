@@ -24,20 +24,23 @@ from spotrun.log import get_logger
 
 log = get_logger("localcloud.proxy")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-               "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+               "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+               "expect"}  # the proxy answered any 100-continue itself
 _SERVICE = re.compile(r"Credential=[^/]*/[^/]*/[^/]*/([^/]+)/")
-# What the overlay signs its own EC2 calls to moto with (moto routes on the service name).
-_EC2_AUTH = ("AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request, "
+# What the overlay signs its own EC2 calls to moto with: moto routes on the service name
+# and picks the region from the credential scope (it does not check signatures).
+_EC2_AUTH = ("AWS4-HMAC-SHA256 Credential=testing/20260101/{region}/ec2/aws4_request, "
              "SignedHeaders=host, Signature=0")
 
 
 class MotoUpstream:
     """Plain HTTP to moto's server, with this cloud's account header."""
 
-    def __init__(self, endpoint: str, account_id: str):
+    def __init__(self, endpoint: str, account_id: str, region: str = "us-east-1"):
         parts = urlsplit(endpoint)
         self.host, self.port = parts.hostname, parts.port
         self.account_id = account_id
+        self.region = region
 
     def send(self, method: str, path: str, headers: list[tuple[str, str]],
              body: bytes) -> Ec2Response:
@@ -61,7 +64,7 @@ class MotoUpstream:
         """One EC2 call straight to moto (no faults, no overlay)."""
         params = {"Version": "2016-11-15", **params}
         return self.send("POST", "/", [("Content-Type", "application/x-www-form-urlencoded"),
-                                       ("Authorization", _EC2_AUTH)],
+                                       ("Authorization", _EC2_AUTH.format(region=self.region))],
                          urlencode(params).encode())
 
 
