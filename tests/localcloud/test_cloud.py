@@ -184,6 +184,7 @@ def test_directory_volumes_where_loop_devices_are_unavailable(cloud_factory):
     assert cloud.uses_loop_devices is False
     assert any(e["event"] == "localcloud_started" and e["uses_loop_devices"] is False
                for e in cloud.events)
+    assert cloud.wait_for_event("loop_devices_unavailable", timeout=0)["reason"]
     ec2 = cloud.client("ec2")
     inst = cloud.launch_instance()
     vol = ec2.create_volume(Size=1, AvailabilityZone=inst.az)["VolumeId"]

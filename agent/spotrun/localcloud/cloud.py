@@ -25,6 +25,7 @@ from spotrun.log import get_logger
 
 log = get_logger("localcloud")
 DEFAULT_AZS = ("us-east-1a", "us-east-1b", "us-east-1c")
+_WARNING_EVENTS = ("ec2_fault_injected", "volume_attach_stuck", "loop_devices_unavailable")
 
 
 class LocalCloud(ComputeMixin):
@@ -89,8 +90,8 @@ class LocalCloud(ComputeMixin):
                           moto_endpoint=self.moto_endpoint, root=str(self.root),
                           uses_loop_devices=self.uses_loop_devices, account_id=self.account_id)
         if not self.uses_loop_devices:
-            log.warning("loop_devices_unavailable", reason=self.dataplane.no_loop_reason,
-                        consequence="volumes are directories; nothing to mount")
+            self.record_event("loop_devices_unavailable", reason=self.dataplane.no_loop_reason,
+                              consequence="volumes are directories; nothing to mount")
         return self
 
     def stop(self) -> None:
@@ -165,7 +166,7 @@ class LocalCloud(ComputeMixin):
             entry.setdefault("at", datetime.now(timezone.utc).isoformat())
         else:
             entry = {"at": datetime.now(timezone.utc).isoformat(), "event": event, **fields}
-            level = "warning" if event.startswith(("ec2_fault", "volume_attach_stuck")) else "info"
+            level = "warning" if event.startswith(_WARNING_EVENTS) else "info"
             getattr(log, level)(event, **fields)
         with self._events_changed:
             self.events.append(entry)
