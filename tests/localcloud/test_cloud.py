@@ -238,3 +238,13 @@ def test_another_region_is_served_whole(cloud_factory):
                what="detached")
     assert cloud.moto_client("ec2").describe_volumes(VolumeIds=[vol])["Volumes"][0][
         "Attachments"] == []
+
+
+def test_instance_tags_in_metadata_follow_create_and_delete_tags(cloud):
+    inst = cloud.launch_instance(tags={"Name": "trainer"})
+    ec2 = cloud.client("ec2")
+    ec2.create_tags(Resources=[inst.instance_id], Tags=[{"Key": "spotrun:phase", "Value": "train"}])
+    assert imds_get(inst, "meta-data/tags/instance/spotrun:phase").text == "train"
+    ec2.delete_tags(Resources=[inst.instance_id], Tags=[{"Key": "Name"}])
+    assert imds_get(inst, "meta-data/tags/instance/Name").status_code == 404
+    assert inst.tags == {"spotrun:phase": "train"}

@@ -75,7 +75,8 @@ class LocalCloud(ComputeMixin):
             self._overlay = Ec2Overlay(self.dataplane, self.timing, upstream.ec2,
                                        self._device_dir_for, self.record_event,
                                        before_power_off=self._before_power_off,
-                                       after_power_on=self._after_power_on)
+                                       after_power_on=self._after_power_on,
+                                       tags_changed=self._instance_tags_changed)
             self._overlay.start()
             fault_proxy = Ec2Proxy(upstream, self._overlay, self._faults, self.record_event)
             checker_proxy = Ec2Proxy(upstream, self._overlay, None, self.record_event)

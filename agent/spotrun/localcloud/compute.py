@@ -172,6 +172,19 @@ class ComputeMixin:
                 inst.state = "running"
             self.record_event("instance_started", instance_id=instance_id)
 
+    def _instance_tags_changed(self, resource_ids: set[str], added: dict,
+                               removed: dict) -> None:
+        for resource_id in resource_ids:
+            inst = self.instances.get(resource_id)
+            if inst is None:
+                continue
+            views = [inst.tags] + ([inst.metadata.md.tags] if inst.metadata is not None else [])
+            for tags in views:
+                tags.update({k: v or "" for k, v in added.items()})
+                for key, value in removed.items():
+                    if value is None or tags.get(key) == value:
+                        tags.pop(key, None)
+
     def _device_dir_for(self, instance_id: str) -> Path | None:
         inst = self.instances.get(instance_id)
         return inst.device_dir if inst is not None else None

@@ -55,7 +55,8 @@ class Ec2Overlay:
                  device_dir_for: Callable[[str], Path | None],
                  record_event: Callable[..., None],
                  before_power_off: Callable[[str, set[str]], None] | None = None,
-                 after_power_on: Callable[[set[str]], None] | None = None):
+                 after_power_on: Callable[[set[str]], None] | None = None,
+                 tags_changed: Callable[[set[str], dict, dict], None] | None = None):
         self.dataplane = dataplane
         self.timing = timing
         self._moto = moto  # call moto directly (no faults), for the overlay's own requests
@@ -64,6 +65,7 @@ class Ec2Overlay:
         # The cloud's hook: kill the instances' processes and drop their mounts first.
         self._before_power_off = before_power_off or (lambda state, ids: None)
         self._after_power_on = after_power_on or (lambda ids: None)
+        self._tags_changed = tags_changed or (lambda ids, added, removed: None)
         self._lock = threading.RLock()
         self._volumes: dict[str, VolumeState] = {}
         self._snapshots: dict[str, SnapshotState] = {}
@@ -302,6 +304,19 @@ class Ec2Overlay:
             self._after_power_on(_instance_ids(params))
         return response
 
+    def _on_CreateTags(self, params: dict, forward: Forward) -> Ec2Response:
+        # Instance metadata's tags/instance follows the instance's tags (when enabled).
+        response = forward(params)
+        if response.status == 200:
+            self._tags_changed(_numbered(params, "ResourceId"), _tag_params(params), {})
+        return response
+
+    def _on_DeleteTags(self, params: dict, forward: Forward) -> Ec2Response:
+        response = forward(params)
+        if response.status == 200:
+            self._tags_changed(_numbered(params, "ResourceId"), {}, _tag_params(params))
+        return response
+
     # -- what terminations do to attachments ---------------------------------------------
     def orphan_attachments(self, instance_ids: set[str]) -> None:
         """A terminated instance's volumes stay ``in-use`` for detach_after_terminate_s.
@@ -392,7 +407,23 @@ class Ec2Overlay:
 
 
 def _instance_ids(params: dict) -> set[str]:
-    return {value for key, value in params.items() if key.startswith("InstanceId.")}
+    return _numbered(params, "InstanceId")
+
+
+def _numbered(params: dict, name: str) -> set[str]:
+    """The values of a query-protocol list ``Name.1``, ``Name.2``, ..."""
+    return {value for key, value in params.items()
+            if key.startswith(name + ".") and key[len(name) + 1:].isdigit()}
+
+
+def _tag_params(params: dict) -> dict[str, str | None]:
+    """``Tag.N.Key``/``Tag.N.Value`` as {key: value or None}."""
+    tags: dict[str, str | None] = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "Tag" and parts[2] == "Key":
+            tags[value] = params.get(f"Tag.{parts[1]}.Value")
+    return tags
 
 
 def _in_use(volume_id: str, instance_id: str) -> Ec2Response:
