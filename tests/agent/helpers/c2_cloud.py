@@ -140,8 +140,14 @@ def world(tmp_path):
         yield World(cloud, tmp_path)
     finally:
         cloud.stop()
-        assert loop_devices_backed_by(tmp_path) == [], "loop devices left bound"
-        assert mounts_under(tmp_path) == [], "mounts left under the test's directory"
+        # The cloud releases its devices as it stops; give the kernel a moment to agree.
+        left = []
+        try:
+            wait_until(lambda: not (loop_devices_backed_by(tmp_path) or mounts_under(tmp_path)),
+                       timeout=10, what="loop devices and mounts to be released")
+        except AssertionError:
+            left = loop_devices_backed_by(tmp_path) + mounts_under(tmp_path)
+        assert left == [], "loop devices or mounts left behind"
 
 
 __all__ = ["world", "World", "Run", "JOB", "NAME", "USER", "wait_until"]
