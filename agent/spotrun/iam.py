@@ -6,7 +6,8 @@ snapshots only when it tags them for the job in the same request, may add tags a
 only from CreateVolume/CreateSnapshot, and may never rewrite the ``spotrun:job`` tag of an
 existing resource. Describe calls cannot be scoped by resource in EC2, so they are ``*``.
 ``packaging/iam/agent-policy.json`` is this policy rendered for job ``EXAMPLE``
-(``python -m spotrun.iam > packaging/iam/agent-policy.json``; a test keeps them equal).
+(``python -m spotrun.iam > packaging/iam/agent-policy.json``; a test keeps them equal), and
+``packaging/iam/README.md`` lists the calls (``python -m spotrun.iam --calls``).
 """
 from __future__ import annotations
 
@@ -103,7 +104,17 @@ def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def main() -> int:
+def calls_table() -> str:
+    """AGENT_CALLS as a Markdown table (packaging/iam/README.md carries it)."""
+    rows = ["| action | why |", "|---|---|"]
+    rows += [f"| `{action}` | {why} |" for action, why in AGENT_CALLS]
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    if (argv if argv is not None else sys.argv[1:]) == ["--calls"]:
+        sys.stdout.write(calls_table())
+        return 0
     json.dump(agent_policy("EXAMPLE", lease_table="spotrun-leases"), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -242,6 +242,12 @@ class VolumeManager:
                         and "device" in str(exc).lower():
                     tried.add(name)
                     continue
+                if ec2mod.error_code(exc) == "VolumeInUse":
+                    holder = ec2mod.attachment_of(ec2mod.describe_volume(self.ec2, volume_id))
+                    raise VolumeError(
+                        f"volume {volume_id} was attached by another instance "
+                        f"({holder['InstanceId'] if holder else 'unknown'}) at the same time; "
+                        f"this instance leaves it alone (use a lease table to make one wait)") from None
                 raise
             break
         log().info("volume_attach_requested", volume_id=volume_id, device_name=name)

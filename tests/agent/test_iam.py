@@ -112,3 +112,7 @@ def test_calls_made_by_migration_and_lease_are_listed(aws, tmp_path, monkeypatch
     held.release()
     made = assert_listed(record)
     assert {"ec2:CreateSnapshot", "ec2:CreateVolume", "ec2:DeleteVolume", "dynamodb:PutItem"} <= made
+
+
+def test_readme_lists_every_call():
+    assert iam.calls_table() in (ROOT / "packaging" / "iam" / "README.md").read_text()
