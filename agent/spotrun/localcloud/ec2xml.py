@@ -1,4 +1,5 @@
-"""EC2 query-protocol answers: parse, rewrite and build them as EC2 sends them."""
+"""EC2 query protocol: read requests' parameters; parse, rewrite and build answers as EC2
+sends them."""
 from __future__ import annotations
 
 import fnmatch
@@ -120,3 +121,23 @@ def matches(item: ET.Element, filters: dict[str, list[str]],
                    for value in values for pattern in patterns):
             return False
     return True
+
+
+def instance_ids(params: dict) -> set[str]:
+    return numbered(params, "InstanceId")
+
+
+def numbered(params: dict, name: str) -> set[str]:
+    """The values of a query-protocol list ``Name.1``, ``Name.2``, ..."""
+    return {value for key, value in params.items()
+            if key.startswith(name + ".") and key[len(name) + 1:].isdigit()}
+
+
+def tag_params(params: dict) -> dict[str, str | None]:
+    """``Tag.N.Key``/``Tag.N.Value`` as {key: value or None}."""
+    tags: dict[str, str | None] = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "Tag" and parts[2] == "Key":
+            tags[value] = params.get(f"Tag.{parts[1]}.Value")
+    return tags

@@ -31,16 +31,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from spotrun.localcloud.ebs import DataPlaneError, EbsDataPlane
+from spotrun.localcloud.ebs import EbsDataPlane
+from spotrun.localcloud.ebsclock import EbsClock
 from spotrun.localcloud.ebsstates import (Attachment, SnapshotState, VolumeState,
                                           rewrite_snapshot_item, rewrite_volume_item,
                                           volume_filter_values)
 from spotrun.localcloud.ec2xml import (Ec2Response, child, child_text, error_response,
-                                       filters_of, matches, set_child_text)
+                                       filters_of, instance_ids, matches, numbered,
+                                       set_child_text, tag_params)
 from spotrun.localcloud.timing import TimingModel
-from spotrun.log import get_logger
 
-log = get_logger("localcloud.ec2")
 Forward = Callable[[dict], Ec2Response]
 # DescribeVolumes/DescribeSnapshots filters on the states this overlay changes: moto
 # would filter on its untimed state, so they are applied here, after the rewrite.
@@ -50,7 +50,7 @@ VOLUME_STATE_FILTERS = {"status": "status", "attachment.status": "attachment.sta
 SNAPSHOT_STATE_FILTERS = {"status": "status"}
 
 
-class Ec2Overlay:
+class Ec2Overlay(EbsClock):
     def __init__(self, dataplane: EbsDataPlane, timing: TimingModel, moto: Forward,
                  device_dir_for: Callable[[str], Path | None],
                  record_event: Callable[..., None],
@@ -286,144 +286,36 @@ class Ec2Overlay:
         return response.with_xml(root)
 
     def _on_TerminateInstances(self, params: dict, forward: Forward) -> Ec2Response:
-        instance_ids = _instance_ids(params)
-        self._before_power_off("terminated", instance_ids)
+        ids = instance_ids(params)
+        self._before_power_off("terminated", ids)
         response = forward(params)
         if response.status == 200:
-            self.orphan_attachments(instance_ids)
+            self.orphan_attachments(ids)
         return response
 
     def _on_StopInstances(self, params: dict, forward: Forward) -> Ec2Response:
         # A stopped instance keeps its EBS attachments (AWS); only its processes and mounts go.
-        self._before_power_off("stopped", _instance_ids(params))
+        self._before_power_off("stopped", instance_ids(params))
         return forward(params)
 
     def _on_StartInstances(self, params: dict, forward: Forward) -> Ec2Response:
         response = forward(params)
         if response.status == 200:
-            self._after_power_on(_instance_ids(params))
+            self._after_power_on(instance_ids(params))
         return response
 
     def _on_CreateTags(self, params: dict, forward: Forward) -> Ec2Response:
         # Instance metadata's tags/instance follows the instance's tags (when enabled).
         response = forward(params)
         if response.status == 200:
-            self._tags_changed(_numbered(params, "ResourceId"), _tag_params(params), {})
+            self._tags_changed(numbered(params, "ResourceId"), tag_params(params), {})
         return response
 
     def _on_DeleteTags(self, params: dict, forward: Forward) -> Ec2Response:
         response = forward(params)
         if response.status == 200:
-            self._tags_changed(_numbered(params, "ResourceId"), {}, _tag_params(params))
+            self._tags_changed(numbered(params, "ResourceId"), {}, tag_params(params))
         return response
-
-    # -- what terminations do to attachments ---------------------------------------------
-    def orphan_attachments(self, instance_ids: set[str]) -> None:
-        """A terminated instance's volumes stay ``in-use`` for detach_after_terminate_s.
-
-        moto has already dropped the attachments; the overlay keeps showing them (AWS:
-        the volume stays attached while the instance shuts down) and releases the device
-        when the delay is over.
-        """
-        due = time.monotonic() + self.timing.detach_after_terminate_s
-        with self._lock:
-            for state in self._volumes.values():
-                att = state.attachment
-                if att and att.instance_id in instance_ids and att.state != "orphaned":
-                    att.state, att.due, att.force = "orphaned", due, True
-                    self._record("volume_orphaned", volume_id=state.volume_id,
-                                 instance_id=att.instance_id)
-        self._wake.set()
-
-    # -- the describe rewrite -------------------------------------------------------------
-    # -- the clock -------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._advance()
-            except Exception:  # noqa: BLE001 - never let the clock die; log and carry on
-                log.exception("ebs_clock_error")
-            self._wake.wait(self.timing.poll_s)
-            self._wake.clear()
-
-    def _advance(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            due = [(s.volume_id, s.attachment) for s in self._volumes.values()
-                   if s.attachment and s.attachment.due <= now]
-            ready = [s for s in self._volumes.values() if not s.announced and s.ready_at <= now]
-            done = [s for s in self._snapshots.values() if not s.announced and s.done_at <= now]
-            for finished in ready + done:
-                finished.announced = True
-        # One event per modelled transition, so tests and people can await them.
-        for volume in ready:
-            self._record("volume_available", volume_id=volume.volume_id)
-        for snapshot in done:
-            self._record("snapshot_completed", snapshot_id=snapshot.snapshot_id)
-        for volume_id, att in due:
-            if att.state == "attaching":
-                self._complete_attach(volume_id, att)
-            elif att.state in ("detaching", "busy", "orphaned"):
-                self._complete_detach(volume_id, att)
-
-    def _complete_attach(self, volume_id: str, att: Attachment) -> None:
-        device_dir = self._device_dir_for(att.instance_id)
-        if device_dir is not None:
-            try:
-                link = self.dataplane.attach(volume_id, device_dir)
-            except DataPlaneError as exc:
-                # EC2 leaves such an attachment stuck in "attaching"; so does this.
-                att.due = float("inf")
-                self._record("volume_attach_stuck", volume_id=volume_id, error=str(exc))
-                return
-        else:
-            link = None
-        with self._lock:
-            att.state = "attached"
-        self._record("volume_attached", volume_id=volume_id, instance_id=att.instance_id,
-                     link=str(link) if link else None)
-
-    def _complete_detach(self, volume_id: str, att: Attachment) -> None:
-        if not att.force and self.dataplane.is_busy(volume_id):
-            if att.state != "busy":
-                att.state = "busy"  # EC2's attachment state while the OS holds the volume
-                self._record("volume_detach_busy", volume_id=volume_id,
-                             instance_id=att.instance_id,
-                             device=self.dataplane.device_of(volume_id))
-            return
-        self.dataplane.detach(volume_id, force=True)
-        if att.state != "orphaned":
-            answer = self._moto({"Action": "DetachVolume", "VolumeId": volume_id,
-                                 "InstanceId": att.instance_id, "Device": att.device})
-            if answer.status != 200:
-                log.warning("moto_detach_failed", volume_id=volume_id, status=answer.status,
-                            body=answer.body[:300].decode(errors="replace"))
-        with self._lock:
-            state = self._volumes.get(volume_id)
-            if state is not None:
-                state.attachment = None
-        self._record("volume_detached", volume_id=volume_id, instance_id=att.instance_id,
-                     after_termination=att.state == "orphaned")
-
-
-def _instance_ids(params: dict) -> set[str]:
-    return _numbered(params, "InstanceId")
-
-
-def _numbered(params: dict, name: str) -> set[str]:
-    """The values of a query-protocol list ``Name.1``, ``Name.2``, ..."""
-    return {value for key, value in params.items()
-            if key.startswith(name + ".") and key[len(name) + 1:].isdigit()}
-
-
-def _tag_params(params: dict) -> dict[str, str | None]:
-    """``Tag.N.Key``/``Tag.N.Value`` as {key: value or None}."""
-    tags: dict[str, str | None] = {}
-    for key, value in params.items():
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "Tag" and parts[2] == "Key":
-            tags[value] = params.get(f"Tag.{parts[1]}.Value")
-    return tags
 
 
 def _in_use(volume_id: str, instance_id: str) -> Ec2Response:
