@@ -5,7 +5,9 @@ With a lease table (``aws.lease_table``, created by the operator's ``spotrun ini
 writes, so "who holds it" is decided atomically on AWS's side. It is taken when free or
 already ours, taken over only when the holder instance is no longer running (EC2 says so),
 and released after the volume is detached on drain. There is no time-based expiry on
-purpose: a slow drain must never let a second agent in while the first still writes.
+purpose: a slow drain must never let a second agent in while the first still writes. A
+stopped holder still holds (its volume stays attached and it may start again); one that is
+shutting down, terminated or unknown to EC2 does not.
 
 Without a table (single-instance fleets) :func:`wait_until_unheld` is the guard: the agent
 never touches a volume that is attached to, or being released by, another instance; it
@@ -30,7 +32,8 @@ def log():
 
 
 KEY = "job"
-ALIVE_STATES = ("pending", "running")
+# A stopped instance keeps its volumes attached and may start again: it still holds the job.
+ALIVE_STATES = ("pending", "running", "stopping", "stopped")
 
 
 class LeaseHeld(SpotrunError):

@@ -102,6 +102,23 @@ class VolumeManager:
         bind(job=self.config.job.id, instance_id=self.me)
         if self.lease is not None:
             self.lease.acquire(self.holder_wait_s)
+        try:
+            return self._acquire()
+        except BaseException:
+            self._let_go_of_lease_unless_attached()
+            raise
+
+    def _let_go_of_lease_unless_attached(self) -> None:
+        """After a failed acquire: holding the job with nothing attached would block others."""
+        if self.lease is None:
+            return
+        try:
+            if self._my_volume() is None:
+                self.lease.release()
+        except Exception as exc:  # noqa: BLE001 - the acquire's own error is the one to report
+            log().warning("lease_release_after_failure_failed", error=str(exc)[:200])
+
+    def _acquire(self) -> AcquiredVolume:
         plan = M.resolve(self.job_volumes())
         created = False
         if plan is None:

@@ -122,3 +122,12 @@ def test_no_table_guard_waits_for_the_holder_to_detach(aws):
 def test_instance_state_of_unknown_instance_is_absent(aws):
     ec2, _ = clients(aws)
     assert L.instance_state(ec2, "i-0123456789abcdef0") == "absent"
+
+
+def test_a_stopped_holder_still_holds(world):
+    ec2, _ = world
+    a, b = launch(ec2, "us-east-1a"), launch(ec2, "us-east-1b")
+    lease_for(world, a).acquire(1)
+    ec2.stop_instances(InstanceIds=[a.instance_id])
+    with pytest.raises(L.LeaseHeld, match="stopped"):
+        lease_for(world, b).acquire(0.3)

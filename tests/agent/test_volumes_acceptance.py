@@ -153,11 +153,16 @@ def test_race_two_agents_in_two_azs_one_wins(world):
 # -- bad input: a clear error naming what is wrong, non-zero exit, nothing deleted -----------
 
 def test_no_volume_and_creation_disabled(world):
+    table = world.cloud.client("dynamodb", faults=False)
+    table.create_table(**lease.table_definition("leases"))
     inst = world.cloud.launch_instance(az="us-east-1a", tags={T.JOB: JOB})
-    run = world.run(inst, config=world.config(inst, volume={"create_if_missing": False}))
+    run = world.run(inst, config=world.config(inst, volume={"create_if_missing": False},
+                                              aws={"lease_table": "leases"}))
     assert run.rc == 1
     assert "volume.create_if_missing is false" in run.stderr and "DL-datasets-checkpoints" in run.stderr
     assert world.job_volumes() == []
+    # A failed acquire with nothing attached does not keep the job locked.
+    assert "Item" not in table.get_item(TableName="leases", Key={"job": {"S": JOB}})
 
 
 def test_two_unrelated_volumes_are_left_alone(world):
