@@ -7,7 +7,10 @@
 Each mode trains the same model for --seconds (after a warm-up that compiles the step) on
 random data shaped like CIFAR-10, and counts steps. Checkpoints go to a temporary directory
 on --dir's filesystem (put it on the disk you care about, e.g. the EBS volume). Prints a
-table and one JSON object (last line).
+table and one JSON object (last line). "ckpts" includes the final checkpoint written after
+the measured window; "blocked ms/ckpt" is the median time the training thread waited per
+checkpoint (snapshot + write when synchronous, snapshot only when asynchronous), which a busy
+shared machine blurs less than steps/s.
 """
 from __future__ import annotations
 
@@ -75,6 +78,9 @@ def run_mode(mode: str, args, x, y, workdir: Path) -> dict:
             "samples_per_s": round(measured * args.batch_size / stopper.elapsed, 1)
             if stopper.elapsed else None,
             "checkpoints": spot.saves if spot else 0,
+            # Robust to noisy neighbours: how long the training thread waited per checkpoint.
+            "blocked_ms_per_checkpoint": round(1000 * float(np.median(spot.blocked_seconds)), 2)
+            if spot and spot.blocked_seconds else 0.0,
             "checkpoint_mib_on_disk": round(size / 2**20, 1)}
 
 
@@ -107,10 +113,12 @@ def main() -> int:
     device = _device()
     print(f"model={args.model} batch={args.batch_size} interval={args.interval}s "
           f"backend={keras.backend.backend()} device={device}")
-    print(f"{'mode':6} {'steps/s':>9} {'samples/s':>10} {'ckpts':>6} {'MiB':>7} {'overhead':>9}")
+    print(f"{'mode':6} {'steps/s':>9} {'samples/s':>10} {'ckpts':>6} {'MiB':>7} {'overhead':>9} "
+          f"{'blocked ms/ckpt':>16}")
     for r in results:
         print(f"{r['mode']:6} {r['steps_per_s']:>9} {r['samples_per_s']:>10} {r['checkpoints']:>6} "
-              f"{r['checkpoint_mib_on_disk']:>7} {str(r['overhead_pct']) + '%':>9}")
+              f"{r['checkpoint_mib_on_disk']:>7} {str(r['overhead_pct']) + '%':>9} "
+              f"{r['blocked_ms_per_checkpoint']:>16}")
     print(json.dumps({"benchmark": "trainer_overhead", "model": args.model, "batch_size": args.batch_size,
                       "interval_s": args.interval, "seconds_per_mode": args.seconds,
                       "backend": keras.backend.backend(), "keras": keras.__version__,

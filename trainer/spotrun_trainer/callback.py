@@ -95,6 +95,7 @@ class SpotCheckpoint(keras.callbacks.Callback):
         self.restored: Checkpoint | None = None
         self.stopped_by_signal = False
         self.saves = 0
+        self.blocked_seconds: list[float] = []  # training-thread time spent in each checkpoint
         self.last_checkpoint_time: float | None = None
         self._dataset: ResumableBatches | None = None
         self._epoch_offset = 0
@@ -301,6 +302,7 @@ class SpotCheckpoint(keras.callbacks.Callback):
 
     def _checkpoint(self, wait: bool) -> None:
         """Snapshot the state to host memory now; write it now or in a background thread."""
+        started = time.perf_counter()
         self.wait_for_save()  # never two saves at once
         model = self.model
         # Real copies: a backend may reuse the device buffers at the next step (JAX donates them).
@@ -330,10 +332,12 @@ class SpotCheckpoint(keras.callbacks.Callback):
 
         if wait:
             write()
-            self._raise_writer_error()
         else:
             self._writer = threading.Thread(target=write, name="spotrun-checkpoint", daemon=True)
             self._writer.start()
+        self.blocked_seconds.append(time.perf_counter() - started)
+        if wait:
+            self._raise_writer_error()
 
     # ------------------------------------------------------------ progress / results
     def _write_progress(self, force: bool = False) -> None:
