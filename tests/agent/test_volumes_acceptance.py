@@ -199,3 +199,24 @@ def test_metadata_service_down(world):
     assert run.rc == 1
     assert "metadata" in run.stderr.lower() and inst.imds_endpoint.split("//")[1] in run.stderr
     assert world.job_volumes() == []
+
+
+def test_volume_in_error_is_named_and_kept(world):
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.elastic_block_store import Volume
+
+    class VolumeInError(Volume):
+        @property
+        def status(self) -> str:
+            return "error"
+
+    created = world.cloud.moto_client("ec2").create_volume(
+        AvailabilityZone="us-east-1a", Size=1, TagSpecifications=[{"ResourceType": "volume", "Tags": T.as_list(
+            {T.NAME: "DL-datasets-checkpoints", T.JOB: JOB})}])
+    # moto cannot fail a volume; EC2 can (a failed restore): make this one report 'error'.
+    ec2_backends[world.cloud.account_id][world.cloud.region].volumes[created["VolumeId"]].__class__ = VolumeInError
+    assert world.job_volumes()[0]["State"] == "error"
+    inst = world.cloud.launch_instance(az="us-east-1a", tags={T.JOB: JOB})
+    run = world.run(inst)
+    assert run.rc == 1 and f"job volume {created['VolumeId']} is in state 'error'" in run.stderr
+    assert [v["VolumeId"] for v in world.job_volumes()] == [created["VolumeId"]]
