@@ -1,6 +1,7 @@
 # spotrun — every target installs what it needs on a fresh Debian 12 machine (as root).
 SHELL := /bin/bash
-PYTHON ?= python3
+# Debian's own interpreter: the trainer runs as an unprivileged user, who must be able to run it.
+PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

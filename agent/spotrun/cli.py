@@ -14,7 +14,7 @@ from spotrun.errors import SpotrunError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spotrun import agentcmd
+    from spotrun import agentcmd, rehearsal
     from spotrun.localcloud import cli as localcloud_cli
     from spotrun.operator import cli as operator_cli
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     agentcmd.register(subparsers)
     operator_cli.register(subparsers)
     localcloud_cli.register(subparsers)
+    rehearsal.register(subparsers)
     return parser
 
 

@@ -168,6 +168,21 @@ class Lifecycle:
         except (OSError, ValueError):
             return {}
 
+    def latest_checkpoint(self) -> dict:
+        """Step and time of the newest verified spotrun checkpoint on the volume ({} if none).
+
+        Scripts that keep their own checkpoints (the seed's, say) have none here: that is fine."""
+        try:
+            from spotrun_trainer.store import CheckpointStore
+
+            checkpoint = CheckpointStore(self.config.checkpoints_path).latest_valid()
+        except Exception as exc:  # a report: an incompatible or unreadable store is the trainer's call
+            log.warning("checkpoint_unreadable", error=str(exc))
+            return {}
+        if checkpoint is None:
+            return {}
+        return {"checkpoint_step": checkpoint.step, "checkpoint_time": checkpoint.manifest.get("time")}
+
     @staticmethod
     def _checkpoint_age(progress: dict) -> float | None:
         when = progress.get("last_checkpoint_time")
@@ -274,6 +289,7 @@ class Lifecycle:
                                      backoff_max_s=cfg.restart_backoff_max_s,
                                      on_event=self.events.put)
         monitor = self._monitor_factory(self.events.put)
+        log.info("resume_point", **self.latest_checkpoint())
         self.transition(Phase.TRAINING)
         self.supervisor.start()
         monitor.start()
@@ -347,7 +363,8 @@ class Lifecycle:
         started = self.clock()
         result = self.supervisor.drain(self.clock() + trainer_s, clock=self.clock)
         log.info("trainer_drained", outcome=result.outcome.value, killed=result.killed,
-                 seconds=round(self.clock() - started, 3))
+                 seconds=round(self.clock() - started, 3), reached_step=self.progress().get("global_step"),
+                 **self.latest_checkpoint())
         self._record_tags({T.INTERRUPTIONS: self._interruptions_total(),
                            T.PROGRESS: _progress_tag(self.progress())}, force=True)
         if action in ("stop", "hibernate"):
@@ -373,8 +390,8 @@ class Lifecycle:
         """Completion record durable → unmount/release → tag → cancel the fleet, last."""
         self.transition(Phase.FINISHING, already_complete=already_complete)
         record_path = self.config.mount_point / COMPLETION_RECORD
+        metrics: dict = {}
         if self.volume_id is not None and not already_complete:
-            metrics = {}
             metrics_path = self.config.checkpoints_path / "final_metrics.json"
             try:
                 metrics = json.loads(metrics_path.read_text())
@@ -386,8 +403,10 @@ class Lifecycle:
             log.info("completion_recorded", path=str(record_path), metrics=metrics)
         if self.volumes is not None:
             self.volumes.release(snapshot=False)
-            self._record_tags({T.COMPLETED: _iso(_utcnow()), T.PHASE: Phase.DONE.value,
-                               T.PROGRESS: _progress_tag(self.progress())}, force=True)
+            done = {T.COMPLETED: _iso(_utcnow()), T.PHASE: Phase.DONE.value}
+            if metrics:
+                done[T.RESULT] = json.dumps(metrics, separators=(",", ":"), default=str)[:T.MAX_VALUE]
+            self._record_tags(done, force=True)
         what = self._cancel_fleet(self.identity.launched_by)
         self.transition(Phase.DONE, cancelled=what)
         return 0

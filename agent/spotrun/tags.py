@@ -20,6 +20,7 @@ PHASE = "spotrun:phase"
 PROGRESS = "spotrun:progress"  # JSON: {"epoch":..,"step":..,"checkpoint_time":..}
 INTERRUPTIONS = "spotrun:interruptions"
 COMPLETED = "spotrun:completed"  # ISO time once the completion record is durable
+RESULT = "spotrun:result"  # compact JSON of the trainer's final metrics
 FAILURE = "spotrun:failure"  # why the failure policy applied
 COMMIT = "spotrun:commit"  # the training code commit last run
 INSTANCE = "spotrun:instance"  # the instance that last held the volume

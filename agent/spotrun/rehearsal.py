@@ -1,0 +1,388 @@
+"""`spotrun rehearse`: a whole spot job on the local spot cloud, with the real agent.
+
+A Spot Fleet (capacity 1, maintain) boots instances whose "AMI" runs `spotrun agent run`; the
+agent finds (or creates) the job's volume, checks out the training code from a git repository,
+and trains. The rehearsal sends spot notices at chosen training steps; the fleet replaces each
+terminated instance in another AZ, the agent migrates the volume there and resumes; when
+training finishes the agent cancels the fleet. The report is built from what the agents
+logged (their JSON events) and what the cloud holds at the end.
+
+It is `make demo`, the end-to-end tests' harness, and a way for users to rehearse their own
+script's interruption handling (`--repository`, `--command`) before paying for GPUs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spotrun import tags as T
+from spotrun.log import get_logger
+
+log = get_logger("rehearsal")
+
+DEMO_TRAIN_PY = '''\
+"""Rehearsal training code: spotrun's reference trainer (tiny model) on a small synthetic
+CIFAR10-format data set, generated onto the volume on first run (labelled as synthetic)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+data = Path(os.environ["SPOTRUN_DATA_DIR"])
+if not (data / "cifar-10-batches-py" / "test_batch").exists():
+    subprocess.run([sys.executable, "-m", "spotrun_trainer.datasets", "synth", "--dest", str(data),
+                    "--train", os.environ.get("DEMO_TRAIN", "2048"),
+                    "--test", os.environ.get("DEMO_TEST", "512"), "--seed", "7"], check=True)
+args = [sys.executable, "-m", "spotrun_trainer.resnet_cifar", "--model", "tiny",
+        "--epochs", os.environ.get("DEMO_EPOCHS", "3"),
+        "--batch-size", os.environ.get("DEMO_BATCH", "32")] + sys.argv[1:]
+os.execv(sys.executable, args)  # the trainer takes this process's place: signals reach it
+'''
+
+
+@dataclass
+class RehearsalPlan:
+    out: Path
+    job_id: str = "rehearsal"
+    repository: str = ""  # "" = a generated repository with the reference trainer
+    ref: str = "main"
+    command: list[str] = field(default_factory=lambda: [sys.executable, "train.py"])
+    trainer_env: dict[str, str] = field(default_factory=dict)
+    trainer_user: str = "nobody"
+    interrupt_at_steps: list[int] = field(default_factory=lambda: [40])
+    notice_s: float = 20.0  # the two-minute notice, scaled down so the demo is quick
+    az_policy: str = "round-robin"
+    timeout_s: float = 900.0
+    lease_table: str = ""
+
+
+@dataclass
+class InterruptionRecord:
+    instance_id: str
+    az: str
+    at_step: int
+    notice_wall: float
+    reached_step: int | None = None
+    checkpoint_step: int | None = None
+    checkpoint_wall: float | None = None
+    resumed_from: int | None = None
+    drain_s: float | None = None
+
+    @property
+    def notice_to_durable_s(self) -> float | None:
+        if self.checkpoint_wall is None:
+            return None
+        return self.checkpoint_wall - self.notice_wall
+
+    @property
+    def steps_redone(self) -> int | None:
+        if self.reached_step is None or self.resumed_from is None:
+            return None
+        return max(0, self.reached_step - self.resumed_from)
+
+
+def read_events(path: Path) -> list[dict]:
+    """The JSON events of an agent log (lines shaped `<N>{...}`); other lines are skipped."""
+    events = []
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return events
+    for line in text.splitlines():
+        if line.startswith("<") and ">" in line[:4]:
+            try:
+                events.append(json.loads(line[line.index(">") + 1:]))
+            except ValueError:
+                continue
+    return events
+
+
+def _wall(iso: str | None) -> float | None:
+    from datetime import datetime
+
+    if not iso:
+        return None
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def make_demo_repository(path: Path) -> str:
+    """A git repository holding the rehearsal's training code; returns its file:// URL."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "train.py").write_text(DEMO_TRAIN_PY)
+    git = ["git", "-c", "user.name=spotrun", "-c", "user.email=spotrun@localhost", "-C", str(path)]
+    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
+    subprocess.run(git + ["add", "train.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "rehearsal training code"], check=True)
+    return f"file://{path}"
+
+
+class Rehearsal:
+    def __init__(self, plan: RehearsalPlan, cloud=None):
+        self.plan = plan
+        self.out = Path(plan.out).absolute()
+        self._own_cloud = cloud is None
+        self.cloud = cloud
+        self.fleet = None
+        self.interruptions: list[InterruptionRecord] = []
+        self.boots: list[dict] = []
+        self._lock = threading.Lock()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _agent_config(self, inst) -> dict:
+        overrides = inst.agent_overrides()
+        overrides["metadata"]["poll_interval_s"] = 0.5
+        overrides["volume"]["size_gib"] = 1
+        overrides["volume"]["create_timeout_s"] = 120.0
+        overrides["trainer"] = {"user": self.plan.trainer_user, "drain_reserve_s": 5.0,
+                                "restart_backoff_s": 1.0}
+        if self.plan.lease_table:
+            overrides["aws"]["lease_table"] = self.plan.lease_table
+        return overrides
+
+    def _job_overrides(self) -> dict:
+        plan = self.plan
+        return {"job": {"id": plan.job_id},
+                "code": {"repository": plan.repository, "ref": plan.ref},
+                "trainer": {"command": list(plan.command), "env": dict(plan.trainer_env)}}
+
+    def boot(self, cloud, inst) -> subprocess.Popen:
+        """What the AMI does at boot: systemd starts `spotrun agent run` (here, a process)."""
+        import tomli_w
+
+        config_path = inst.root / "agent.toml"
+        config_path.write_text(tomli_w.dumps(self._agent_config(inst)))
+        log_file = open(inst.root / "agent.log", "ab")
+        argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
+        with self._lock:
+            self.boots.append({"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
+                               "log": str(inst.root / "agent.log")})
+        log.info("instance_booting", instance_id=inst.instance_id, az=inst.az)
+        return cloud.start_process(inst, argv, stdout=log_file, stderr=subprocess.STDOUT)
+
+    def start(self) -> None:
+        from spotrun import userdata
+        from spotrun.localcloud import LocalCloud, TimingModel
+        from spotrun.localcloud.fleet import LaunchSpec
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.plan.repository:
+            self.plan.repository = make_demo_repository(self.out / "repo")
+        if self.cloud is None:
+            self.cloud = LocalCloud(self.out / "cloud", TimingModel.fast()).start()
+        launch = LaunchSpec(instance_type="p3.2xlarge",
+                            user_data=userdata.render(self._job_overrides()))
+        request_id = self.cloud.request_spot_fleet(1, launch=launch, az_policy=self.plan.az_policy,
+                                                   boot=self.boot)
+        self.fleet = self.cloud.fleets[request_id]
+        log.info("fleet_requested", fleet=request_id, az_policy=self.plan.az_policy)
+
+    def stop(self) -> None:
+        if self.cloud is not None and self._own_cloud:
+            self.cloud.stop()
+
+    # -- watching -------------------------------------------------------------------------
+
+    def current_instance(self):
+        members = self.fleet.live_members() if self.fleet else []
+        return self.cloud.instance(members[-1].instance_id) if members else None
+
+    @staticmethod
+    def progress_of(inst) -> dict:
+        path = inst.mount_point / "checkpoints" / ".spotrun-progress.json"
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _await(self, what: str, condition, deadline: float, interval: float = 0.1):
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(interval)  # watching another process's files: nothing to wait on
+        raise TimeoutError(f"rehearsal: timed out waiting for {what}")
+
+    def run(self) -> dict:
+        plan = self.plan
+        deadline = time.monotonic() + plan.timeout_s
+        self.start()
+        try:
+            for target in plan.interrupt_at_steps:
+                def reached():
+                    if self._fleet_cancelled():
+                        raise RuntimeError(f"the fleet was cancelled before training step {target}; "
+                                           f"see the agent and trainer logs under {self.out}")
+                    inst = self.current_instance()
+                    if inst is None:
+                        return None
+                    step = self.progress_of(inst).get("global_step")
+                    return (inst, step) if isinstance(step, int) and step >= target else None
+
+                inst, step = self._await(f"training step {target}", reached, deadline)
+                record = InterruptionRecord(inst.instance_id, inst.az, step, time.time())
+                self.cloud.interrupt(inst.instance_id, "terminate", in_seconds=plan.notice_s)
+                self.interruptions.append(record)
+                log.info("notice_sent", instance_id=inst.instance_id, at_step=step)
+                self._await(f"{inst.instance_id} to drain",
+                            lambda: self._drained_event(inst.instance_id), deadline)
+            self._await("the fleet to be cancelled", lambda: self._fleet_cancelled(), deadline)
+            return self.report()
+        finally:
+            self.stop()
+
+    def _agent_events(self, instance_id: str) -> list[dict]:
+        for boot in self.boots:
+            if boot["instance_id"] == instance_id:
+                return read_events(Path(boot["log"]))
+        return []
+
+    def _drained_event(self, instance_id: str) -> dict | None:
+        for event in self._agent_events(instance_id):
+            if event.get("event") == "phase_changed" and event.get("phase") == "released":
+                return event
+        return None
+
+    def _fleet_cancelled(self) -> bool:
+        return self.fleet.state.startswith("cancelled")
+
+    # -- the report -----------------------------------------------------------------------
+
+    def report(self) -> dict:
+        boots = []
+        for index, boot in enumerate(self.boots):
+            events = read_events(Path(boot["log"]))
+            first = {}
+            for event in events:
+                first.setdefault(event.get("event"), event)
+                if event.get("event") == "phase_changed":
+                    first.setdefault(f"phase:{event.get('phase')}", event)
+            resume = first.get("resume_point", {})
+            boot_report = {
+                "instance_id": boot["instance_id"], "az": boot["az"],
+                "migrated": bool(first.get("volume_ready", {}).get("migrated")),
+                "resumed_from_step": resume.get("checkpoint_step"),
+                "boot_to_training_s": _delta(boot["boot_wall"], _wall(first.get("phase:training", {}).get("ts"))),
+                "ended": next((e.get("phase") for e in reversed(events)
+                               if e.get("event") == "phase_changed"), None),
+            }
+            boots.append(boot_report)
+            for record in self.interruptions:
+                if record.instance_id == boot["instance_id"]:
+                    drained = first.get("trainer_drained", {})
+                    record.reached_step = drained.get("reached_step")
+                    record.checkpoint_step = drained.get("checkpoint_step")
+                    record.checkpoint_wall = drained.get("checkpoint_time")
+                    record.drain_s = drained.get("seconds")
+                    if index + 1 < len(self.boots):
+                        nxt = read_events(Path(self.boots[index + 1]["log"]))
+                        record.resumed_from = next((e.get("checkpoint_step") for e in nxt
+                                                    if e.get("event") == "resume_point"), None)
+        ec2 = self.cloud.moto_client("ec2")
+        filters = T.job_filters(self.plan.job_id)
+        volumes = ec2.describe_volumes(Filters=filters)["Volumes"]
+        snapshots = ec2.describe_snapshots(Filters=filters, OwnerIds=["self"])["Snapshots"]
+        tags = T.as_dict(volumes[0].get("Tags")) if len(volumes) == 1 else {}
+        result = {}
+        try:
+            result = json.loads(tags.get(T.RESULT, "{}"))
+        except ValueError:
+            pass
+        return {
+            "job": self.plan.job_id,
+            "interruptions": [{
+                "instance_id": r.instance_id, "az": r.az, "notice_at_step": r.at_step,
+                "trainer_reached_step": r.reached_step, "checkpoint_step": r.checkpoint_step,
+                "resumed_from_step": r.resumed_from, "steps_redone": r.steps_redone,
+                "notice_to_durable_checkpoint_s": _round(r.notice_to_durable_s),
+                "drain_trainer_s": r.drain_s} for r in self.interruptions],
+            "instances": boots,
+            "volumes_left": [{"id": v["VolumeId"], "az": v["AvailabilityZone"], "state": v["State"]}
+                             for v in volumes],
+            "snapshots_left": [{"id": s["SnapshotId"], "role": T.as_dict(s.get("Tags")).get(T.ROLE)}
+                               for s in snapshots],
+            "fleet_state": "cancelled" if self._fleet_cancelled() else "active",
+            "completed": tags.get(T.COMPLETED),
+            "final_metrics": result,
+            "interruptions_on_volume": tags.get(T.INTERRUPTIONS),
+        }
+
+
+def _delta(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round(end - start, 3)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"spotrun rehearsal — job {report['job']}", ""]
+    lines.append("instances:")
+    for boot in report["instances"]:
+        lines.append(f"  {boot['instance_id']} {boot['az']:<11} migrated={str(boot['migrated']):<5} "
+                     f"resumed_from_step={boot['resumed_from_step']} "
+                     f"boot→training={boot['boot_to_training_s']} s  ended={boot['ended']}")
+    lines.append("interruptions:")
+    for r in report["interruptions"]:
+        lines.append(f"  {r['instance_id']} notice at step {r['notice_at_step']}: trainer reached "
+                     f"{r['trainer_reached_step']}, checkpoint {r['checkpoint_step']}, resumed from "
+                     f"{r['resumed_from_step']} → steps redone {r['steps_redone']}; "
+                     f"notice→durable checkpoint {r['notice_to_durable_checkpoint_s']} s")
+    lines.append(f"volumes left: {', '.join(v['id'] + ' (' + v['az'] + ')' for v in report['volumes_left'])}")
+    lines.append(f"snapshots left: {len(report['snapshots_left'])} "
+                 f"({', '.join(str(s['role']) for s in report['snapshots_left'])})")
+    lines.append(f"fleet: {report['fleet_state']}; completed: {report['completed']}")
+    lines.append(f"final metrics: {json.dumps(report['final_metrics'])}")
+    return "\n".join(lines)
+
+
+def cmd_rehearse(args) -> int:
+    from spotrun import log as logmod
+
+    logmod.configure(stream=open(os.devnull, "w") if args.quiet else sys.stderr)
+    plan = RehearsalPlan(out=Path(args.out), job_id=args.job, repository=args.repository or "",
+                         ref=args.ref, interrupt_at_steps=args.interrupt_at_step or [40],
+                         notice_s=args.notice_seconds, az_policy=args.az_policy,
+                         timeout_s=args.timeout)
+    if args.command:
+        plan.command = args.command
+    report = Rehearsal(plan).run()
+    out = Path(args.out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = format_report(report)
+    (out / "report.txt").write_text(table + "\n")
+    print(table)
+    ok = (report["fleet_state"] == "cancelled" and report["completed"]
+          and len(report["volumes_left"]) == 1)
+    return 0 if ok else 1
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "rehearse", help="run a whole spot job on the local spot cloud (the demo)",
+        description="Train on the local spot cloud with the real agent: notices at chosen steps, "
+                    "replacement in another AZ, migration, resume, completion, fleet cancelled.")
+    parser.add_argument("--out", default="demo-out", help="working directory and report location")
+    parser.add_argument("--job", default="rehearsal", help="job id")
+    parser.add_argument("--repository", help="your training code (git URL or file://); default: "
+                                             "the reference trainer on synthetic data")
+    parser.add_argument("--ref", default="main", help="git ref to run")
+    parser.add_argument("--command", nargs="+", help="trainer command (default: python train.py)")
+    parser.add_argument("--interrupt-at-step", type=int, action="append",
+                        help="send a spot notice when training reaches this global step (repeatable)")
+    parser.add_argument("--notice-seconds", type=float, default=20.0,
+                        help="time from notice to termination (AWS: 120; scaled down by default)")
+    parser.add_argument("--az-policy", default="round-robin",
+                        help="where replacements launch: random, round-robin, fixed:<az>")
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument("--quiet", action="store_true", help="only the report")
+    parser.set_defaults(func=cmd_rehearse)

@@ -1,0 +1,37 @@
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary directory the unprivileged training user can traverse (pytest's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="spotrun-e2e-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def counting_repo(shared_tmp):
+    """A git repository whose training code is the counting trainer."""
+    repo = shared_tmp / "repo"
+    repo.mkdir()
+    shutil.copy(HERE / "counting_trainer.py", repo / "train.py")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "counting trainer"], check=True)
+    return f"file://{repo}"
+
+
+@pytest.fixture
+def expected_sum():
+    return lambda steps: steps * (steps + 1) // 2
