@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian tools the tests and the demo drive for real: loop devices and ext4 (util-linux,
 # e2fsprogs), git for checkout, systemd-nspawn + debootstrap for the system test, debhelper,
-# dh-virtualenv and lintian for the package.
+# lintian for the package (dependencies vendored: docs/packaging.md).
 APT_PACKAGES := python3 python3-venv python3-dev git e2fsprogs util-linux mount kmod \
-	systemd-container debootstrap debhelper dh-virtualenv dpkg-dev lintian fakeroot \
+	systemd-container debootstrap debhelper dpkg-dev lintian fakeroot \
 	ca-certificates rsync procps
 
 .PHONY: all deps apt venv test test-fast demo bench soak soak-long deb system-test lock clean
@@ -56,11 +56,12 @@ soak: deps
 soak-long: deps
 	$(VENV)/bin/spotrun soak --profile long
 
-deb: apt
+# dist/spotrun_<version>_all.deb; vendors requirements/agent.lock with the venv's pip.
+deb: deps
 	packaging/build-deb.sh
 
 system-test: deps deb
-	$(VENV)/bin/pytest tests/system -m system
+	$(VENV)/bin/pytest tests/system
 
 lock:
 	rm -rf /tmp/spotrun-lock-venv && $(PYTHON) -m venv /tmp/spotrun-lock-venv

@@ -153,3 +153,37 @@ def test_config_error_is_logged_by_key_and_not_retried(installed):
     finally:
         config.write_text(shipped)
         container.run(["systemctl", "reset-failed", UNIT], check=False)
+
+
+# Paths that change by themselves on a running system (logs, apt's and dpkg's own records,
+# systemd's runtime state) and the .deb the test copied in.
+_VOLATILE = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/var/log", "/var/cache",
+             "/var/lib/apt", "/var/lib/dpkg", "/var/lib/systemd", "/root")
+
+
+def _files(container) -> set[str]:
+    prune = " -o ".join(f"-path {p}" for p in _VOLATILE)
+    out = container.sh(f"find / -xdev \\( {prune} \\) -prune -o -print").stdout
+    return set(out.splitlines())
+
+
+def test_purge_leaves_nothing_but_what_the_admin_made(container_factory, deb):
+    container = container_factory()
+    before = _files(container)
+    apt_install(container, deb)
+    # What a machine accumulates: the admin edits the shipped config and adds a file of
+    # their own; the agent writes its state and checks out code; python3 runs the agent.
+    config = container.path("/etc/spotrun/agent.toml")
+    config.write_text(config.read_text() + '\n[job]\nid = "edited-by-admin"\n')
+    container.path("/etc/spotrun/site.toml").write_text("# the admin's own file\n")
+    container.sh("echo '{}' > /var/lib/spotrun/state.json && "
+                 "mkdir -p /var/lib/spotrun/workspace/repo && spotrun --help >/dev/null")
+
+    container.run(["apt-get", "purge", "-y", "spotrun"], timeout=300)
+
+    assert container.run(["dpkg-query", "-W", "-f=${Status}", "spotrun"],
+                         check=False).stdout.strip() in ("", "unknown ok not-installed")
+    left = _files(container) - before
+    assert left == {"/etc/spotrun", "/etc/spotrun/site.toml"}, sorted(left)
+    assert container.run(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() in (
+        "", "not-found")
