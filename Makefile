@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian tools the tests and the demo drive for real: loop devices and ext4 (util-linux,
 # e2fsprogs), git for checkout, systemd-nspawn + debootstrap for the system test, debhelper,
-# lintian for the package (dependencies vendored: docs/packaging.md).
+# lintian for the package (dependencies vendored: docs/packaging.md), packer to
+# validate the AMI recipe.
 APT_PACKAGES := python3 python3-venv python3-dev git e2fsprogs util-linux mount kmod \
-	systemd-container debootstrap debhelper dpkg-dev lintian fakeroot \
+	systemd-container debootstrap debhelper dpkg-dev lintian fakeroot packer \
 	ca-certificates rsync procps
 
 .PHONY: all deps apt venv test test-fast demo bench soak soak-long deb system-test lock clean
