@@ -35,11 +35,11 @@ def _job_of(tag_list: list[dict] | None) -> str | None:
     return tags.as_dict(tag_list).get(tags.JOB)
 
 
-def _ec2_fleets(ec2: Any, job_id: str, include_done: bool) -> list[Capacity]:
+def _ec2_fleets(ec2: Any, job_id: str | None, include_done: bool, ids: list[str] | None = None) -> list[Capacity]:
     found = []
-    for page in ec2.get_paginator("describe_fleets").paginate():
+    for page in ec2.get_paginator("describe_fleets").paginate(**({"FleetIds": ids} if ids else {})):
         for fleet in page["Fleets"]:
-            if _job_of(fleet.get("Tags")) != job_id:
+            if job_id is not None and _job_of(fleet.get("Tags")) != job_id:
                 continue
             if not include_done and fleet.get("FleetState") in _EC2_FLEET_DONE:
                 continue
@@ -52,11 +52,12 @@ def _ec2_fleets(ec2: Any, job_id: str, include_done: bool) -> list[Capacity]:
     return found
 
 
-def _spot_fleets(ec2: Any, job_id: str, include_done: bool) -> list[Capacity]:
+def _spot_fleets(ec2: Any, job_id: str | None, include_done: bool, ids: list[str] | None = None) -> list[Capacity]:
     found = []
-    for page in ec2.get_paginator("describe_spot_fleet_requests").paginate():
+    for page in ec2.get_paginator("describe_spot_fleet_requests").paginate(
+            **({"SpotFleetRequestIds": ids} if ids else {})):
         for req in page["SpotFleetRequestConfigs"]:
-            if _job_of(req.get("Tags")) != job_id:
+            if job_id is not None and _job_of(req.get("Tags")) != job_id:
                 continue
             state = req.get("SpotFleetRequestState", "?")
             if not include_done and state in _SPOT_FLEET_DONE:
@@ -71,13 +72,13 @@ def _spot_fleets(ec2: Any, job_id: str, include_done: bool) -> list[Capacity]:
     return found
 
 
-def _groups(autoscaling: Any, job_id: str) -> list[Capacity]:
+def _groups(autoscaling: Any, job_id: str | None, names: list[str] | None = None) -> list[Capacity]:
     found = []
-    pages = autoscaling.get_paginator("describe_auto_scaling_groups").paginate(
-        Filters=[{"Name": f"tag:{tags.JOB}", "Values": [job_id]}])
-    for page in pages:
+    query = ({"AutoScalingGroupNames": names} if names
+             else {"Filters": [{"Name": f"tag:{tags.JOB}", "Values": [job_id]}]})
+    for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate(**query):
         for group in page["AutoScalingGroups"]:
-            if _job_of(group.get("Tags")) != job_id:  # the filter is trusted, but checked
+            if job_id is not None and _job_of(group.get("Tags")) != job_id:  # the filter is trusted, but checked
                 continue
             instances = [i for i in group.get("Instances", [])
                          if i.get("LifecycleState") not in ("Terminating", "Terminated")]
@@ -93,6 +94,27 @@ def find(aws: Aws, job_id: str, include_done: bool = False) -> list[Capacity]:
     ec2 = aws.client("ec2")
     return (_ec2_fleets(ec2, job_id, include_done) + _groups(aws.client("autoscaling"), job_id)
             + _spot_fleets(ec2, job_id, include_done))
+
+
+def launched_by(aws: Aws, instances: list[dict], known: set[str]) -> list[Capacity]:
+    """The fleets/groups that launched these instances (AWS's own instance tags), for status:
+    capacity requested by hand or by another tool, without the job tag. Never used to cancel."""
+    wanted: dict[str, set[str]] = {"ec2-fleet": set(), "spot-fleet": set(), "asg": set()}
+    for inst in instances:
+        itags = tags.as_dict(inst.get("Tags"))
+        for kind, key in (("ec2-fleet", tags.EC2_FLEET), ("spot-fleet", tags.SPOT_FLEET_REQUEST),
+                          ("asg", tags.AUTOSCALING_GROUP)):
+            if itags.get(key) and itags[key] not in known:
+                wanted[kind].add(itags[key])
+    ec2 = aws.client("ec2")
+    found = []
+    if wanted["ec2-fleet"]:
+        found += _ec2_fleets(ec2, None, True, sorted(wanted["ec2-fleet"]))
+    if wanted["spot-fleet"]:
+        found += _spot_fleets(ec2, None, True, sorted(wanted["spot-fleet"]))
+    if wanted["asg"]:
+        found += _groups(aws.client("autoscaling"), None, sorted(wanted["asg"]))
+    return found
 
 
 def cancel(aws: Aws, capacity: Capacity) -> None:

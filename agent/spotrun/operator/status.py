@@ -49,14 +49,16 @@ def agent_view(volume_tags: dict[str, str], now: datetime) -> dict[str, Any]:
             progress = json.loads(raw)
         except ValueError:
             progress = {"unreadable": raw}
-    checkpoint = _parse_time(progress.get("checkpoint_time") if isinstance(progress, dict) else None)
+    # The agent writes last_checkpoint_time (the trainer library's key); checkpoint_time is accepted too.
+    stamp = (progress.get("checkpoint_time") or progress.get("last_checkpoint_time")) if isinstance(progress, dict) else None
+    checkpoint = _parse_time(stamp)
     return {
         "phase": volume_tags.get(tags.PHASE, "unknown (no agent has reported yet)"),
         "progress": progress,
         "checkpoint_age_s": round((now - checkpoint).total_seconds()) if checkpoint else None,
         "interruptions": int(volume_tags.get(tags.INTERRUPTIONS, "0") or 0),
         "completed": volume_tags.get(tags.COMPLETED),
-        "failure": volume_tags.get(tags.FAILURE),
+        "failure": volume_tags.get(tags.FAILURE) if volume_tags.get(tags.FAILURE) not in ("", "-") else None,
         "commit": volume_tags.get(tags.COMMIT),
         "last_instance": volume_tags.get(tags.INSTANCE),
     }
@@ -74,13 +76,16 @@ def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
     now = now or datetime.now(timezone.utc)
     ec2 = aws.client("ec2")
     capacity = fleets.find(aws, job_id)
-    fleet_ids = sorted({i for c in capacity for i in c.instance_ids})
+    volumes = ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
+    # The job's instances: tagged by our launch template, in its fleets, or holding its volume.
+    related = {i for c in capacity for i in c.instance_ids}
+    related |= {a["InstanceId"] for v in volumes for a in v.get("Attachments", [])}
     instances = {i["InstanceId"]: i for i in fleets.job_instances(aws, job_id, _ALL_STATES)}
-    for inst in fleets.describe_instances(aws, [i for i in fleet_ids if i not in instances]):
+    for inst in fleets.describe_instances(aws, sorted(i for i in related if i not in instances)):
         instances[inst["InstanceId"]] = inst
+    capacity += fleets.launched_by(aws, list(instances.values()), {c.id for c in capacity})
     for inst in instances.values():
         inst["_ended"] = _ended(inst)
-    volumes = ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
     snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=tags.job_filters(job_id))["Snapshots"]
     data_volumes = [v for v in volumes if tags.as_dict(v.get("Tags")).get(tags.ROLE, "volume") == "volume"]
     newest = max(data_volumes, key=_generation, default=None)

@@ -1,0 +1,77 @@
+"""`spotrun status` on the local spot cloud while the real agent trains: progress from the volume.
+
+The agent (`spotrun agent run`, a real process per emulated instance) checks out a git
+repository whose trainer follows the trainer protocol (it rewrites SPOTRUN_PROGRESS_FILE);
+the agent records phase and progress as tags on the job's volume; status reads them through
+the cloud's EC2 endpoint, with the fleet and instance found from the volume's attachment.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+TRAIN_PY = '''
+import json, os, signal, sys, time
+path = os.environ["SPOTRUN_PROGRESS_FILE"]
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+start = time.time()
+for step in range(1, 1000000):
+    with open(path + ".tmp", "w") as f:
+        json.dump({"epoch": 1, "epochs": 5, "step": step, "steps_per_epoch": 1000, "global_step": step,
+                   "time": time.time(), "last_checkpoint_time": start}, f)
+    os.replace(path + ".tmp", path)
+    time.sleep(0.5)  # the "training step"
+'''
+
+
+@pytest.fixture
+def training_job(tmp_path, aws_env):
+    from spotrun.localcloud import LocalCloud, TimingModel
+    from spotrun.rehearsal import Rehearsal, RehearsalPlan
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.py").write_text(TRAIN_PY)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
+    subprocess.run(git + ["add", "train.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "progress-writing trainer"], check=True)
+    cloud = LocalCloud(tmp_path / "cloud", TimingModel.fast()).start()
+    try:
+        # root: pytest's tmp_path is private to root, so "nobody" could not read the checkout.
+        plan = RehearsalPlan(out=tmp_path / "out", job_id="op-status", interrupt_at_steps=[],
+                             repository=f"file://{repo}", trainer_user="root")
+        Rehearsal(plan, cloud=cloud).start()
+        yield cloud, plan.job_id
+    finally:
+        cloud.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.loopdev
+def test_status_shows_progress_while_the_agent_trains(training_job, spotrun):
+    cloud, job_id = training_job
+    argv = ("status", "--json", "--job", job_id, "--region", cloud.region, "--endpoint-url", cloud.ec2_endpoint)
+    deadline = time.monotonic() + 240
+    view = {}
+    # The agent tags progress once a minute; poll the real condition with a deadline.
+    while time.monotonic() < deadline:
+        code, out, err = spotrun(*argv)
+        assert code == 0, err
+        view = json.loads(out)
+        if view["agent"]["progress"].get("step"):
+            break
+        time.sleep(2)
+    agent = view["agent"]
+    assert agent["phase"] == "training", view
+    assert agent["progress"]["epoch"] == 1 and agent["progress"]["step"] > 0
+    assert agent["checkpoint_age_s"] is not None and agent["failure"] is None
+    [volume] = view["volumes"]
+    assert volume["state"] == "in-use" and volume["attached_to"]
+    assert [i["id"] for i in view["instances"] if i["state"] == "running"] == volume["attached_to"]
+    assert [c["kind"] for c in view["capacity"]] == ["spot-fleet"]
+    code, text, _ = spotrun(*[a for a in argv if a != "--json"])
+    assert code == 0 and "phase          training" in text and "epoch 1/5" in text
