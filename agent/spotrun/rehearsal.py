@@ -61,6 +61,8 @@ class RehearsalPlan:
     az_policy: str = "round-robin"
     timeout_s: float = 900.0
     lease_table: str = ""
+    # Extra agent config per section (e.g. {"trainer": {"max_restarts": 1}}), over the defaults here.
+    agent_config: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +147,8 @@ class Rehearsal:
                                 "restart_backoff_s": 1.0}
         if self.plan.lease_table:
             overrides["aws"]["lease_table"] = self.plan.lease_table
+        for section, values in self.plan.agent_config.items():
+            overrides.setdefault(section, {}).update(values)
         return overrides
 
     def _job_overrides(self) -> dict:
@@ -161,11 +165,13 @@ class Rehearsal:
         config_path.write_text(tomli_w.dumps(self._agent_config(inst)))
         log_file = open(inst.root / "agent.log", "ab")
         argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
-        with self._lock:
-            self.boots.append({"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
-                               "log": str(inst.root / "agent.log")})
+        boot = {"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
+                "log": str(inst.root / "agent.log")}
         log.info("instance_booting", instance_id=inst.instance_id, az=inst.az)
-        return cloud.start_process(inst, argv, stdout=log_file, stderr=subprocess.STDOUT)
+        boot["process"] = cloud.start_process(inst, argv, stdout=log_file, stderr=subprocess.STDOUT)
+        with self._lock:
+            self.boots.append(boot)
+        return boot["process"]
 
     def start(self) -> None:
         from spotrun import userdata
@@ -244,6 +250,16 @@ class Rehearsal:
             if boot["instance_id"] == instance_id:
                 return read_events(Path(boot["log"]))
         return []
+
+    def await_agent_event(self, instance_id: str, event: str, timeout: float = 60.0, **match) -> dict:
+        """The first event named ``event`` (with fields equal to ``match``) in an agent's log."""
+        def found():
+            for item in self._agent_events(instance_id):
+                if item.get("event") == event and all(item.get(k) == v for k, v in match.items()):
+                    return item
+            return None
+
+        return self._await(f"{event} {match or ''} from {instance_id}", found, time.monotonic() + timeout)
 
     def _drained_event(self, instance_id: str) -> dict | None:
         for event in self._agent_events(instance_id):

@@ -4,7 +4,7 @@ Each "step" adds the step number to a running sum; checkpoints go through spotru
 (every CKPT_EVERY steps, on SIGUSR1, and on SIGTERM before exiting 0), and a restart resumes
 from the newest valid one. The final sum is only right if every step of the persisted
 lineage ran exactly once. Environment: STEPS (total), STEP_S (seconds a step takes),
-CKPT_EVERY, MODE ("obey" | "crash-at:<step>" | "ignore-term").
+CKPT_EVERY, MODE ("obey" | "crash-at:<step>" | "crash-once-at:<step>" | "ignore-term").
 """
 import json
 import os
@@ -64,6 +64,11 @@ while step < total:
     step += 1
     state["sum"] += step
     if mode.startswith("crash-at:") and step == int(mode.split(":")[1]):
+        sys.exit(3)
+    crashed_once = os.path.join(checkpoints, "crashed-once")
+    if mode.startswith("crash-once-at:") and step == int(mode.split(":")[1]) \
+            and not os.path.exists(crashed_once):
+        open(crashed_once, "w").close()
         sys.exit(3)
     if flags["stop"] or flags["save"] or step % every == 0:
         save()
