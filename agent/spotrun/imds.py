@@ -208,9 +208,9 @@ class MetadataClient:
                 continue
             delay = min(remaining, BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt - 1, 16))
             delay *= random.uniform(0.5, 1.0)
-            log().info("imds_retry", path=path, attempt=attempt, reason=last_reason, delay_s=round(delay, 3))
+            log().debug("imds_retry", path=path, attempt=attempt, reason=last_reason, delay_s=round(delay, 3))
             self._sleep(delay)
-        log().warning("imds_unavailable", path=path, endpoint=self.endpoint, attempts=attempt,
+        log().info("imds_unavailable", path=path, endpoint=self.endpoint, attempts=attempt,
                     reason=last_reason, deadline_s=budget)
         hint = ""
         if last_reason.startswith("token PUT failed"):
