@@ -116,3 +116,18 @@ def test_spot_prices_are_read_from_the_api(moto, client):
     prices = pricing.current_spot_prices(client("ec2"), ["m5.large"])
     assert prices and all(t == "m5.large" and z.startswith("us-west-2") for t, z in prices)
     assert all(isinstance(p, float) and p > 0 for p in prices.values())
+
+
+def test_status_on_an_instance_without_a_job_shows_the_local_agent(tmp_path, monkeypatch, spotrun):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "state.json").write_text(json.dumps({
+        "phase": "training", "job": "local-job", "instance_id": "i-0123", "az": "us-west-2b",
+        "progress": {"epoch": 2, "step": 17}}))
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nstate_dir = "{state_dir}"\n')
+    monkeypatch.setenv("SPOTRUN_CONFIG", str(config))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = spotrun("status")
+    assert code == 0, err
+    assert "training" in out and "local-job" in out and "epoch 2, step 17" in out

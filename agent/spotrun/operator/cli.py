@@ -174,10 +174,14 @@ def _local_status(args: argparse.Namespace) -> int:
         from spotrun.agentcmd import print_local_status
     except ImportError:
         print_local_status = None
-    if print_local_status is not None and LOCAL_STATE.exists():
-        from spotrun import config as agent_config
+    from spotrun import config as agent_config
 
-        args.config = Path(os.environ.get("SPOTRUN_CONFIG", agent_config.DEFAULT_CONFIG_PATH))
+    args.config = Path(os.environ.get("SPOTRUN_CONFIG", agent_config.DEFAULT_CONFIG_PATH))
+    try:
+        state = agent_config.load(args.config).state_path / "state.json"
+    except agent_config.ConfigError:
+        state = LOCAL_STATE
+    if print_local_status is not None and state.exists():
         return int(print_local_status(args) or 0)
     raise UsageError(f"no job given: pass --job ID or --job-file PATH (or run where ./{jobfile.DEFAULT_JOB_FILE} "
                      "is; on an instance, `spotrun agent status` shows the local agent)")
@@ -202,6 +206,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         shown += 1
         if not args.watch or (args.count and shown >= args.count):
             return 0
+        if view["agent"]["completed"] and not view["capacity"]:
+            return 0  # finished and its fleet cancelled: nothing more will change
         if not args.json and not sys.stdout.isatty():
             print("", flush=True)
         time.sleep(args.interval)
