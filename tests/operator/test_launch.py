@@ -90,3 +90,13 @@ def test_secret_in_the_job_file_stops_launch_before_any_call(job_file, recorder,
     path.write_text(path.read_text().replace('EPOCHS = "30"', 'EPOCHS = "30", WANDB_API_KEY = "abc123"'))
     code, _, err = spotrun("launch", "-f", path, "--endpoint-url", endpoint)
     assert code == 2 and "trainer.env.WANDB_API_KEY" in err and seen == []
+
+
+def test_a_completed_job_is_not_launched_again(moto, client, job_file, job_id, spotrun):
+    path = job_file()
+    _run_ok(spotrun, "init", "--json", "-f", path, "--endpoint-url", moto)
+    volume = client("ec2").describe_volumes(Filters=tags.job_filters(job_id))["Volumes"][0]
+    client("ec2").create_tags(Resources=[volume["VolumeId"]], Tags=[{"Key": tags.COMPLETED,
+                                                                      "Value": "2026-01-01T00:00:00+00:00"}])
+    code, _, err = spotrun("launch", "-f", path, "--endpoint-url", moto)
+    assert code == 1 and "completed" in err and "new job.id" in err

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from spotrun import tags
+from spotrun import iam, lease, tags
 from spotrun.errors import SpotrunError
 from spotrun.operator.aws import Aws, error_code, oplog as _log
 from spotrun.operator.jobfile import Job
@@ -61,8 +61,6 @@ def plan(job: Job) -> list[Step]:
 
 
 def agent_policy_for(job: Job, region: str, account_id: str) -> dict:
-    from spotrun import iam  # C2's module: the agent's calls and the policy allowing exactly those
-
     return iam.agent_policy(job.id, region=region, account_id=account_id,
                             lease_table=job.lease_table or None)
 
@@ -170,8 +168,6 @@ def _ensure_spot_fleet_role(iam: Any, job: Job, step: Step) -> None:
 
 
 def _ensure_lease_table(aws: Aws, job: Job, reporter: Reporter, step: Step) -> None:
-    from spotrun import lease  # C2's module owns the table's shape
-
     dynamodb = aws.client("dynamodb")
     try:
         dynamodb.describe_table(TableName=job.lease_table)

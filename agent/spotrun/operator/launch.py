@@ -170,8 +170,14 @@ def _ensure_template(ec2: Any, job: Job, data: dict) -> dict[str, str]:
 
 def _preflight(aws: Aws, job: Job) -> None:
     """What init must have made; a clear message instead of an EC2 error later."""
-    if not find_volumes(aws.client("ec2"), job):
+    volumes = find_volumes(aws.client("ec2"), job)
+    if not volumes:
         raise SpotrunError(f"job {job.id} has no volume tagged {tags.JOB}={job.id}; run `spotrun init` first")
+    completed = [tags.as_dict(v.get("Tags")).get(tags.COMPLETED) for v in volumes]
+    if any(completed):
+        # The agent would see the completion record, finish at once and cancel the fleet.
+        raise SpotrunError(f"job {job.id} completed at {next(c for c in completed if c)}; "
+                           "use a new job.id to train again (the volume and its checkpoints stay)")
     try:
         aws.client("iam").get_instance_profile(InstanceProfileName=job.role_name)
     except Exception as exc:  # noqa: BLE001
