@@ -100,3 +100,14 @@ def test_a_completed_job_is_not_launched_again(moto, client, job_file, job_id, s
                                                                       "Value": "2026-01-01T00:00:00+00:00"}])
     code, _, err = spotrun("launch", "-f", path, "--endpoint-url", moto)
     assert code == 1 and "completed" in err and "new job.id" in err
+
+
+def test_launch_wait_returns_the_running_instance(moto, client, job_file, job_id, spotrun):
+    path = job_file(extra='security_group_ids = ["sg-0123456789abcdef0"]')
+    _run_ok(spotrun, "init", "--json", "-f", path, "--endpoint-url", moto)
+    result = _run_ok(spotrun, "launch", "--json", "--wait", "--timeout", "60", "-f", path, "--endpoint-url", moto)
+    assert len(result["instances"]) == 1
+    [reservation] = client("ec2").describe_instances(InstanceIds=result["instances"])["Reservations"]
+    instance = reservation["Instances"][0]
+    assert instance["State"]["Name"] == "running" and instance["InstanceType"] in ("p3.2xlarge", "p2.xlarge")
+    assert tags.as_dict(instance.get("Tags"))[tags.JOB] == job_id  # from the template: what cancel finds

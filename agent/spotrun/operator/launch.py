@@ -47,12 +47,9 @@ def template_data(job: Job, user_data: bytes) -> dict[str, Any]:
     }
     if launch.key_name:
         data["KeyName"] = launch.key_name
-    if launch.security_group_ids and not launch.subnets:
+    if launch.security_group_ids:
+        # Group ids (not names) hold for every subnet of the VPC the fleet's overrides choose.
         data["SecurityGroupIds"] = list(launch.security_group_ids)
-    elif launch.security_group_ids:
-        # With subnets chosen per override, groups go on the interface (AWS requires it there).
-        data["NetworkInterfaces"] = [{"DeviceIndex": 0, "Groups": list(launch.security_group_ids),
-                                      "AssociatePublicIpAddress": True}]
     return data
 
 
