@@ -294,8 +294,11 @@ class Rehearsal:
             for record in self.interruptions:
                 if record.instance_id == boot["instance_id"]:
                     drained = first.get("trainer_drained", {})
-                    record.reached_step = drained.get("reached_step")
                     record.checkpoint_step = drained.get("checkpoint_step")
+                    # The progress file is throttled; a checkpoint at step S proves S was reached.
+                    reached = [s for s in (drained.get("reached_step"), record.checkpoint_step)
+                               if isinstance(s, int)]
+                    record.reached_step = max(reached) if reached else None
                     record.checkpoint_wall = drained.get("checkpoint_time")
                     record.drain_s = drained.get("seconds")
                     if index + 1 < len(self.boots):
@@ -346,7 +349,7 @@ def format_report(report: dict) -> str:
     for boot in report["instances"]:
         lines.append(f"  {boot['instance_id']} {boot['az']:<11} migrated={str(boot['migrated']):<5} "
                      f"resumed_from_step={boot['resumed_from_step']} "
-                     f"boot→training={boot['boot_to_training_s']} s  ended={boot['ended']}")
+                     f"boot→trainer started={boot['boot_to_training_s']} s  ended={boot['ended']}")
     lines.append("interruptions:")
     for r in report["interruptions"]:
         lines.append(f"  {r['instance_id']} notice at step {r['notice_at_step']}: trainer reached "

@@ -26,7 +26,9 @@ import secrets
 import shlex
 import threading
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from spotrun.localcloud.httpserver import LocalHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -73,7 +75,7 @@ class ControlServer:
         self.on_down = on_down
         self.key = secrets.token_urlsafe(24)
         handler = type("Handler", (_Handler,), {"control": self})
-        self._httpd = ThreadingHTTPServer((host, port), handler)
+        self._httpd = LocalHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
         self.endpoint = f"http://{host}:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever,

@@ -22,7 +22,9 @@ import secrets
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from spotrun.localcloud.httpserver import LocalHTTPServer
 from typing import Any, Callable
 
 from spotrun.log import get_logger
@@ -132,7 +134,7 @@ class MetadataServer:
         self._history: list[dict[str, str]] = []
         self._faults: dict[str, tuple[float | None, float]] = {}  # kind -> (until, delay_s)
         self._served_once: set[str] = set()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: LocalHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._timers: list[threading.Timer] = []
         self._stopping = threading.Event()
@@ -171,7 +173,7 @@ class MetadataServer:
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                httpd = ThreadingHTTPServer((self.host, self.port), handler)
+                httpd = LocalHTTPServer((self.host, self.port), handler)
                 break
             except OSError:
                 # Re-listening on the same port after a "refused" fault: the old socket may

@@ -12,7 +12,9 @@ from __future__ import annotations
 import http.client
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from spotrun.localcloud.httpserver import LocalHTTPServer
 from typing import Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -79,7 +81,7 @@ class Ec2Proxy:
         class Handler(_Handler):
             owner = proxy
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = LocalHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
                                         name="localcloud-proxy", daemon=True)
