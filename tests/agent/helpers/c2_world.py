@@ -5,7 +5,6 @@ from __future__ import annotations
 import types
 import urllib.request
 
-import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
