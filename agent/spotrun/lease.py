@@ -158,6 +158,8 @@ def wait_until_unheld(ec2, volume_id: str, instance_id: str, deadline_s: float,
         volume = ec2mod.describe_volume(ec2, volume_id)
         if volume is None:
             raise ec2mod.ResourceGone(f"volume {volume_id} no longer exists")
+        if volume["State"] == "error":
+            raise ec2mod.ResourceFailed(f"volume {volume_id} is in state 'error'")
         att = ec2mod.attachment_of(volume)
         if att is None or att["InstanceId"] == instance_id:
             if volume["State"] in ("available", "in-use"):

@@ -163,7 +163,8 @@ class VolumeManager:
         blockdev.prepare_layout(self.config.mount_point,
                                 [self.config.volume.datasets_dir, self.config.volume.checkpoints_dir],
                                 self.config.trainer.user)
-        M.prune_snapshots(self.ec2, self.config.job.id, {volume_id},
+        live = {v["VolumeId"] for v in self.job_volumes()} | {volume_id}
+        M.prune_snapshots(self.ec2, self.config.job.id, live,
                           self.config.volume.snapshot_retention_days)
         self._acquired = AcquiredVolume(volume_id, generation, device, self.config.mount_point,
                                         created, source is not None)
