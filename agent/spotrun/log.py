@@ -78,5 +78,6 @@ def bind(**context: Any) -> None:
 def get_logger(component: str | None = None) -> structlog.typing.FilteringBoundLogger:
     if not _configured:
         configure()
-    logger = structlog.get_logger()
-    return logger.bind(component=component) if component else logger
+    # Initial values keep structlog's proxy lazy: a module-level logger made at import time
+    # still follows a later configure() (the CLI's --json, a test's captured stream).
+    return structlog.get_logger(**({"component": component} if component else {}))

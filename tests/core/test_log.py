@@ -40,3 +40,11 @@ def test_debug_is_filtered_at_info():
     log.configure(level="info", stream=out)
     log.get_logger().debug("noise")
     assert _lines(out) == []
+
+
+def test_a_logger_made_before_configure_follows_it():
+    early = log.get_logger("early")
+    out = io.StringIO()
+    log.configure(stream=out)
+    early.info("late_event")
+    assert '"event":"late_event"' in out.getvalue() and '"component":"early"' in out.getvalue()
