@@ -179,6 +179,7 @@ class Rehearsal:
         from spotrun.localcloud.fleet import LaunchSpec
 
         self.out.mkdir(parents=True, exist_ok=True)
+        _check_reachable(self.plan.trainer_user, [self.out, Path(sys.executable).resolve().parent])
         if not self.plan.repository:
             self.plan.repository = make_demo_repository(self.out / "repo")
         if self.cloud is None:
@@ -335,6 +336,28 @@ class Rehearsal:
         }
 
 
+def _check_reachable(user: str, paths: list[Path]) -> None:
+    """The trainer runs as ``user``: it must be able to traverse to the work and interpreter."""
+    import pwd
+    import stat
+
+    from spotrun.errors import UsageError
+
+    if user == "root" or os.geteuid() != 0:
+        return
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"--trainer-user: no such user {user!r}") from None
+    for path in paths:
+        for directory in [path, *path.parents]:
+            if directory != Path("/") and not directory.stat().st_mode & stat.S_IXOTH:
+                raise UsageError(
+                    f"the trainer runs as {user!r}, who cannot enter {directory} (mode "
+                    f"{stat.filemode(directory.stat().st_mode)}): choose --out elsewhere, "
+                    f"allow it (chmod o+x {directory}), or use --trainer-user root")
+
+
 def _delta(start: float | None, end: float | None) -> float | None:
     return None if start is None or end is None else round(end - start, 3)
 
@@ -371,7 +394,7 @@ def cmd_rehearse(args) -> int:
     plan = RehearsalPlan(out=Path(args.out), job_id=args.job, repository=args.repository or "",
                          ref=args.ref, interrupt_at_steps=args.interrupt_at_step or [40],
                          notice_s=args.notice_seconds, az_policy=args.az_policy,
-                         timeout_s=args.timeout)
+                         timeout_s=args.timeout, trainer_user=args.trainer_user)
     if args.command:
         plan.command = args.command
     report = Rehearsal(plan).run()
@@ -403,5 +426,7 @@ def register(subparsers) -> None:
     parser.add_argument("--az-policy", default="round-robin",
                         help="where replacements launch: random, round-robin, fixed:<az>")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument("--trainer-user", default="nobody",
+                        help="unprivileged user the trainer runs as (on AWS: trainer.user, 'ubuntu')")
     parser.add_argument("--quiet", action="store_true", help="only the report")
     parser.set_defaults(func=cmd_rehearse)
