@@ -70,6 +70,23 @@ NEXT = {
 }
 
 
+# The state machine's edges; anything else is a bug in this module, not a cloud event.
+ALLOWED = {
+    None: {Phase.IDENTIFYING},
+    Phase.IDENTIFYING: {Phase.ACQUIRING, Phase.FINISHING},
+    Phase.ACQUIRING: {Phase.CHECKING_OUT, Phase.FINISHING},
+    Phase.CHECKING_OUT: {Phase.TRAINING},
+    Phase.TRAINING: {Phase.DRAINING, Phase.FINISHING, Phase.FAILED},
+    Phase.DRAINING: {Phase.RELEASED, Phase.STOPPED},
+    Phase.FINISHING: {Phase.DONE},
+    Phase.RELEASED: set(), Phase.STOPPED: set(), Phase.DONE: set(), Phase.FAILED: set(),
+}
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class StopRequested:
     """SIGTERM/SIGINT to the agent (systemctl stop, shutdown): drain like a notice."""
@@ -137,6 +154,8 @@ class Lifecycle:
 
     def transition(self, phase: Phase, **fields: Any) -> None:
         previous = self.phase
+        if phase not in ALLOWED[previous]:
+            raise TransitionError(f"lifecycle: {previous} → {phase} is not a transition")
         self.phase = phase
         bind(phase=phase.value)
         log.info("phase_changed", previous=previous.value if previous else None, **fields)
@@ -225,6 +244,9 @@ class Lifecycle:
         self._install_signal_handlers()
         kill_leftover_trainer(self.state.read())
         self.transition(Phase.IDENTIFYING)
+        # READY as soon as the lifecycle runs: `systemctl start` returns, and every later
+        # phase (a migration may take hours) is reported with STATUS= instead.
+        self.notifier.ready(self.status_line())
         self.identity = self._identify()
         bind(**self.identity.log_context())
         self.volumes = self._volume_manager(self.identity)
@@ -235,7 +257,6 @@ class Lifecycle:
         acquired = self.volumes.acquire()
         self.volume_id = acquired.volume_id
         bind(volume_id=self.volume_id)
-        self.notifier.ready(self.status_line())
         if (self.config.mount_point / COMPLETION_RECORD).exists():
             return self.finish(already_complete=True)
 

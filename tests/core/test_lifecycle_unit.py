@@ -1,0 +1,39 @@
+import pytest
+
+from spotrun import config
+from spotrun.lifecycle import ALLOWED, Lifecycle, Phase, TransitionError
+
+
+class _Quiet:
+    def status(self, text):
+        return True
+
+    def ready(self, text=""):
+        return True
+
+
+def _lifecycle(tmp_path):
+    cfg = config.from_mapping({"agent": {"state_dir": str(tmp_path)},
+                               "volume": {"mount_point": str(tmp_path / "mnt")}})
+    return Lifecycle(cfg, metadata=None, notifier=_Quiet(), identify=None, volume_manager=None,
+                     checkout=None, monitor=None, cancel_fleet=None)
+
+
+def test_every_phase_is_reachable_and_ends_somewhere():
+    reachable, frontier = set(), [None]
+    while frontier:
+        for nxt in ALLOWED[frontier.pop()]:
+            if nxt not in reachable:
+                reachable.add(nxt)
+                frontier.append(nxt)
+    assert reachable == set(Phase)
+    assert {p for p in Phase if not ALLOWED[p]} == {Phase.RELEASED, Phase.STOPPED, Phase.DONE, Phase.FAILED}
+
+
+def test_an_illegal_transition_is_refused_and_the_state_file_follows_legal_ones(tmp_path):
+    lc = _lifecycle(tmp_path)
+    lc.transition(Phase.IDENTIFYING)
+    assert lc.state.read()["phase"] == "identifying"
+    with pytest.raises(TransitionError):
+        lc.transition(Phase.TRAINING)  # never train on a volume that was not acquired
+    assert lc.phase is Phase.IDENTIFYING and lc.state.read()["phase"] == "identifying"
