@@ -300,11 +300,15 @@ def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days:
     keep_after = now - timedelta(days=retention_days)
     snapshots = [s for s in job_snapshots(ec2, job_id)
                  if tags_of(s).get(T.ROLE) in (ROLE_MIGRATION_SNAPSHOT, ROLE_DRAIN_SNAPSHOT)]
+    def age(snapshot: dict) -> tuple:
+        # The mount count orders snapshots of one volume even within one clock second.
+        return mounts(snapshot), snapshot["StartTime"]
+
     newest: dict[str, dict] = {}
     for s in snapshots:
         source = tags_of(s).get(SOURCE_VOLUME, "")
         if s["State"] == "completed" and source in live_volume_ids:
-            if source not in newest or s["StartTime"] > newest[source]["StartTime"]:
+            if source not in newest or age(s) > age(newest[source]):
                 newest[source] = s
     deleted = []
     for s in snapshots:
