@@ -15,6 +15,7 @@ from spotrun.errors import SpotrunError
 
 def build_parser() -> argparse.ArgumentParser:
     from spotrun import agentcmd, rehearsal
+    from spotrun import soak
     from spotrun.localcloud import cli as localcloud_cli
     from spotrun.operator import cli as operator_cli
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator_cli.register(subparsers)
     localcloud_cli.register(subparsers)
     rehearsal.register(subparsers)
+    soak.register(subparsers)
     return parser
 
 

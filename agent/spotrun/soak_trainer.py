@@ -1,0 +1,83 @@
+"""A protocol-aware trainer without a framework, for fast end-to-end tests of the agent.
+
+Each "step" adds the step number to a running sum; checkpoints go through spotrun_trainer.store
+(every CKPT_EVERY steps, on SIGUSR1, and on SIGTERM before exiting 0), and a restart resumes
+from the newest valid one. The final sum is only right if every step of the persisted
+lineage ran exactly once. Environment: STEPS (total), STEP_S (seconds a step takes),
+CKPT_EVERY, MODE ("obey" | "crash-at:<step>" | "crash-once-at:<step>" | "ignore-term").
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+from spotrun_trainer.store import CheckpointStore
+
+total = int(os.environ.get("STEPS", "200"))
+step_s = float(os.environ.get("STEP_S", "0.02"))
+every = int(os.environ.get("CKPT_EVERY", "50"))
+mode = os.environ.get("MODE", "obey")
+checkpoints = os.environ["SPOTRUN_CHECKPOINT_DIR"]
+progress_file = os.environ.get("SPOTRUN_PROGRESS_FILE")
+store = CheckpointStore(checkpoints)
+latest = store.latest_valid()
+step = latest.step if latest else 0
+state = json.loads(latest.read_bytes("state.json")) if latest else {"sum": 0, "runs": 0}
+state["runs"] += 1
+flags = {"stop": False, "save": False}
+last_checkpoint = latest.manifest["time"] if latest else None
+
+
+def on_term(signum, frame):
+    flags["stop"] = True
+
+
+def on_usr1(signum, frame):
+    flags["save"] = True
+
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore-term" else on_term)
+signal.signal(signal.SIGUSR1, on_usr1)
+print(json.dumps({"event": "trainer_start", "resume_step": step, "runs": state["runs"]}), flush=True)
+
+
+def save():
+    global last_checkpoint
+    store.save({"state.json": json.dumps(state).encode()}, step=step, epoch=0, step_in_epoch=step,
+               commit=os.environ.get("SPOTRUN_CODE_COMMIT"))
+    last_checkpoint = time.time()
+
+
+def progress():
+    if progress_file:
+        tmp = progress_file + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"epoch": 0, "epochs": 1, "step": step, "steps_per_epoch": total,
+                       "global_step": step, "time": time.time(),
+                       "last_checkpoint_time": last_checkpoint}, fh)
+        os.replace(tmp, progress_file)
+
+
+while step < total:
+    time.sleep(step_s)  # the "work" of one step
+    step += 1
+    state["sum"] += step
+    if mode.startswith("crash-at:") and step == int(mode.split(":")[1]):
+        sys.exit(3)
+    crashed_once = os.path.join(checkpoints, "crashed-once")
+    if mode.startswith("crash-once-at:") and step == int(mode.split(":")[1]) \
+            and not os.path.exists(crashed_once):
+        open(crashed_once, "w").close()
+        sys.exit(3)
+    if flags["stop"] or flags["save"] or step % every == 0:
+        save()
+        flags["save"] = False
+    progress()
+    if flags["stop"]:
+        print(json.dumps({"event": "trainer_preempted", "step": step}), flush=True)
+        sys.exit(0)
+with open(os.path.join(checkpoints, "final_metrics.json.tmp"), "w") as fh:
+    json.dump({"sum": state["sum"], "steps": step, "runs": state["runs"]}, fh)
+os.replace(os.path.join(checkpoints, "final_metrics.json.tmp"), os.path.join(checkpoints, "final_metrics.json"))
+print(json.dumps({"event": "trainer_finished", "sum": state["sum"]}), flush=True)

@@ -1,0 +1,274 @@
+"""The soak's checker: after every job, the invariants of DESIGN.md against the cloud's truth.
+
+Reads only the cloud's fault-free view (``cloud.client("ec2", faults=False)``), the agents'
+JSON logs and the trainers' own logs. Each violation is one sentence naming the invariant.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from spotrun import tags as T
+from spotrun.soakfaults import read_json_lines
+
+DECOY_JOB = "soak-decoy-other-job"
+SNAPSHOT_ROLES = ("migration-snapshot", "drain-snapshot")
+
+
+def _ec2(cloud):
+    return cloud.client("ec2", faults=False)
+
+
+def _await(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)  # the cloud's timed states: polled, as a client of EC2 would
+    raise TimeoutError(what)
+
+
+def make_decoy(cloud) -> dict:
+    """A volume and snapshot of another job, named like spotrun's: nothing may touch them."""
+    ec2 = _ec2(cloud)
+    tags = [{"ResourceType": "volume", "Tags": T.as_list(
+        {T.NAME: "DL-datasets-checkpoints", T.JOB: DECOY_JOB, T.ROLE: "volume"})}]
+    volume_id = ec2.create_volume(AvailabilityZone=cloud.azs[0], Size=1, VolumeType="gp3",
+                                  TagSpecifications=tags)["VolumeId"]
+    _await(lambda: ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["State"] == "available",
+           30, "decoy volume available")
+    snapshot_id = ec2.create_snapshot(VolumeId=volume_id, TagSpecifications=[{
+        "ResourceType": "snapshot", "Tags": T.as_list(
+            {T.NAME: "DL-datasets-checkpoints", T.JOB: DECOY_JOB, T.ROLE: "migration-snapshot",
+             "spotrun:source-volume": volume_id})}])["SnapshotId"]
+    return {"volume_id": volume_id, "snapshot_id": snapshot_id, "view": decoy_view(cloud, volume_id,
+                                                                                   snapshot_id)}
+
+
+def decoy_view(cloud, volume_id: str, snapshot_id: str) -> dict:
+    ec2 = _ec2(cloud)
+    try:
+        v = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+        s = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]
+    except Exception as exc:  # noqa: BLE001 - gone is exactly what the check reports
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"volume_tags": T.as_dict(v.get("Tags")), "volume_attachments": v.get("Attachments"),
+            "snapshot_tags": T.as_dict(s.get("Tags"))}
+
+
+def volume_ids(cloud) -> set[str]:
+    return {v["VolumeId"] for v in _ec2(cloud).describe_volumes()["Volumes"]}
+
+
+def _steps_redone(reached, resumed):
+    if not isinstance(reached, int) or not isinstance(resumed, int):
+        return None
+    return max(0, reached - resumed)
+
+
+def _trainer_starts(job, instance_id: str) -> list[dict]:
+    try:
+        return job.trainer_starts(instance_id)
+    except ValueError:
+        return []
+
+
+def _next_resume(job, instance_id: str) -> int | None:
+    """The step the trainer that ran after ``instance_id``'s went away resumed from."""
+    order = []
+    for boot in job.boots:
+        if boot["instance_id"] not in order:
+            order.append(boot["instance_id"])
+    for later in order[order.index(instance_id) + 1:] if instance_id in order else []:
+        starts = _trainer_starts(job, later)
+        if starts:
+            return starts[0].get("resume_step")
+    return None
+
+
+def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
+    plan = job.job_plan
+    cloud = job.cloud
+    violations: list[str] = []
+    if error:
+        violations.append(f"could not drive the job: {error}")
+    ec2 = _ec2(cloud)
+    every = plan.ckpt_every
+
+    # Settle: the last instance's volume detaches after its release.
+    def settled():
+        vols = ec2.describe_volumes(Filters=T.job_filters(plan.job_id))["Volumes"]
+        return vols if all(v["State"] in ("available", "error") for v in vols) else None
+    try:
+        volumes = _await(settled, 30, "job volumes settled")
+    except TimeoutError:
+        volumes = ec2.describe_volumes(Filters=T.job_filters(plan.job_id))["Volumes"]
+
+    # Invariant 1: exactly one volume of the job survives.
+    if len(volumes) != 1:
+        violations.append(f"inv1 one copy: {len(volumes)} volumes of the job "
+                          f"({[(v['VolumeId'], v['State']) for v in volumes]})")
+    tags = T.as_dict(volumes[0].get("Tags")) if len(volumes) == 1 else {}
+    # No orphans: every volume created during the job is the job's (or an instance's root).
+    new = [v for v in ec2.describe_volumes()["Volumes"] if v["VolumeId"] not in baseline]
+    orphans = [v["VolumeId"] for v in new if T.JOB not in T.as_dict(v.get("Tags"))
+               and not any(a.get("Device") == "/dev/sda1" for a in v.get("Attachments", []))]
+    if orphans:
+        violations.append(f"inv2 orphaned volumes without a job tag: {orphans}")
+    snapshots = ec2.describe_snapshots(Filters=T.job_filters(plan.job_id), OwnerIds=["self"])["Snapshots"]
+    live = {v["VolumeId"] for v in volumes}
+    kept = []
+    for s in snapshots:
+        st = T.as_dict(s.get("Tags"))
+        if st.get(T.ROLE) not in SNAPSHOT_ROLES:
+            violations.append(f"snapshot {s['SnapshotId']} of the job has no spotrun role: {st}")
+        kept.append({"id": s["SnapshotId"], "role": st.get(T.ROLE), "state": s["State"],
+                     "of_live_volume": st.get("spotrun:source-volume") in live})
+
+    # Invariant 5: only success cancels the fleet, and success does.
+    completed = bool(tags.get(T.COMPLETED))
+    cancelled = job._fleet_cancelled()
+    if cancelled != completed and not job.cancelled_by_soak:
+        violations.append(f"inv5 fleet cancelled={cancelled} but completed={completed}")
+    failures = [e for b in {b["instance_id"] for b in job.boots} for e in job.events_of(b)
+                if e.get("event") == "failure_policy"]
+    if failures:
+        violations.append(f"failure policy applied: {failures[0].get('reason')}")
+
+    # Invariant 4: resume is exact — the running sum, and the steps redone per interruption.
+    metrics = {}
+    try:
+        import json
+        metrics = json.loads(tags.get(T.RESULT, "{}"))
+    except ValueError:
+        pass
+    expected = plan.steps * (plan.steps + 1) // 2
+    if completed and metrics.get("sum") != expected:
+        violations.append(f"inv4 exact resume: final sum {metrics.get('sum')} != {expected}")
+    interruptions = []
+    lost: Counter = Counter()
+    for slot, outcome in zip(plan.slots, job.outcomes):
+        drained_ev = next((e for e in job.events_of(outcome.instance_id)
+                           if e.get("event") == "trainer_drained"), {})
+        resumed = _next_resume(job, outcome.instance_id)
+        if outcome.drained:
+            reached = drained_ev.get("reached_step")
+            limit = 1
+        else:
+            reached = drained_ev.get("reached_step", outcome.observed_step) \
+                if drained_ev else outcome.observed_step
+            limit = every
+        redone = _steps_redone(reached, resumed)
+        if redone is not None:
+            lost[outcome.cause] += redone
+        record = {"kind": slot.kind, "instance_id": outcome.instance_id, "drained": outcome.drained,
+                  "cause": outcome.cause, "reached": reached, "resumed": resumed,
+                  "redone": redone, "faults": outcome.faults}
+        interruptions.append(record)
+        if redone is not None and redone > limit:
+            violations.append(f"inv4 {slot.kind} on {outcome.instance_id}: {redone} steps redone "
+                              f"(reached {reached}, resumed {resumed}; allowed {limit})")
+        if redone is None and completed:
+            violations.append(f"inv4 {slot.kind} on {outcome.instance_id}: no resume observed "
+                              f"(reached {reached}, resumed {resumed})")
+    for note in job.undrained_notes:
+        starts = _trainer_starts(job, note["instance_id"])
+        after = starts[note["starts_before"]:]
+        resumed = after[0].get("resume_step") if after else None
+        redone = _steps_redone(note["observed_step"], resumed)
+        if redone is not None:
+            lost[note["cause"]] += redone
+            if redone > every * note["allowance"]:
+                violations.append(f"inv4 {note['cause']} on {note['instance_id']}: {redone} steps "
+                                  f"redone (allowed {every * note['allowance']})")
+
+    # Invariant 3: a checkpoint is never torn — corrupt ones are skipped only where we made them.
+    corrupt_seen = 0
+    for instance_id in {b["instance_id"] for b in job.boots}:
+        path = Path(cloud.instance(instance_id).state_dir) / "trainer.log"
+        try:
+            corrupt_seen += path.read_text(errors="replace").count("checkpoint_corrupt")
+        except OSError:
+            pass
+    if corrupt_seen and not job.corrupted:
+        violations.append(f"inv3 {corrupt_seen} corrupt checkpoint(s) met where none was injected")
+
+    # Invariant 6: nothing outside the job touched.
+    view = decoy_view(cloud, decoy["volume_id"], decoy["snapshot_id"])
+    if view != decoy["view"]:
+        violations.append(f"inv6 the decoy job's resources changed: {view}")
+
+    def off_moment(fault: str) -> bool:
+        return fault.endswith((":missed", ":late", ":not_reached"))
+
+    kinds = Counter(s.kind for s, o in zip(plan.slots, job.outcomes)
+                    if not any(off_moment(f) for f in o.faults))
+    extra = Counter(f for o in job.outcomes for f in o.faults if not off_moment(f))
+    missed = [f"{s.kind}/{f}" for s, o in zip(plan.slots, job.outcomes) for f in o.faults
+              if off_moment(f)]
+    return {"index": plan.index, "seed": plan.seed, "job": plan.job_id, "completed": completed,
+            "interruptions": interruptions, "kinds": dict(kinds), "extra_faults": dict(extra),
+            "missed": missed, "lost": dict(lost), "violations": violations,
+            "snapshots_left": kept, "undrained_notes": job.undrained_notes}
+
+
+def job_line(result: dict) -> str:
+    status = "OK " if not result["violations"] else "FAIL"
+    kinds = ",".join(i["kind"] for i in result["interruptions"])
+    line = (f"{status} job {result['index']:>3} {result['job']:<18} {len(result['interruptions'])} "
+            f"interruptions [{kinds}] {result.get('seconds', '?')} s")
+    for v in result["violations"]:
+        line += f"\n     violation: {v}"
+    return line
+
+
+def summarize(results: list[dict], *, profile: str, seed: int, seconds: float) -> dict:
+    kinds: Counter = Counter()
+    extra: Counter = Counter()
+    lost: defaultdict = defaultdict(int)
+    drained = undrained = 0
+    for r in results:
+        kinds.update(r["kinds"])
+        extra.update(r["extra_faults"])
+        for cause, steps in r["lost"].items():
+            lost[cause] += steps
+        for i in r["interruptions"]:
+            drained += i["drained"]
+            undrained += not i["drained"]
+    failing = [r for r in results if r["violations"]]
+    return {"profile": profile, "seed": seed, "jobs": len(results),
+            "completed": sum(r["completed"] for r in results),
+            "interruptions": drained + undrained, "drained": drained, "undrained": undrained,
+            "kinds": dict(sorted(kinds.items())), "extra_faults": dict(sorted(extra.items())),
+            "missed": dict(Counter(m for r in results for m in r["missed"])),
+            "violations": sum(len(r["violations"]) for r in results),
+            "lost": dict(sorted(lost.items())),
+            "failing": [{"index": r["index"], "job": r["job"], "violations": r["violations"]}
+                        for r in failing],
+            "seconds": round(seconds, 1)}
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"spotrun soak — profile {s['profile']}, seed {s['seed']}, {s['seconds']} s", "",
+             f"jobs run             {s['jobs']} ({s['completed']} completed)",
+             f"interruptions        {s['interruptions']} ({s['drained']} drained, "
+             f"{s['undrained']} undrained kills)",
+             f"invariant violations {s['violations']}", "", "faults injected by kind:"]
+    for kind, count in s["kinds"].items():
+        lines.append(f"  {kind:<28}{count:>5}")
+    for kind, count in s["extra_faults"].items():
+        lines.append(f"  + {kind:<26}{count:>5}")
+    if s["missed"]:
+        lines.append("  moments missed (injected as a plain notice instead, not counted above):")
+        lines.extend(f"    {what}: {count}" for what, count in sorted(s["missed"].items()))
+    lines.append("")
+    lines.append("work lost (steps redone) by cause:")
+    for cause, steps in s["lost"].items():
+        lines.append(f"  {cause:<28}{steps:>5}")
+    for f in s["failing"]:
+        lines.append(f"FAILED job {f['index']} ({f['job']}): replay with "
+                     f"`spotrun soak --profile {s['profile']} --seed {s['seed']} --only-job {f['index']}`")
+        lines.extend(f"    {v}" for v in f["violations"])
+    return "\n".join(lines)
