@@ -219,8 +219,8 @@ def _imds_fault_then_notice(kind: str, **options):
 
 
 def prepare_ec2_faults(job, slot) -> None:
-    job.set_ec2_faults(throttle=0.12, server_error=0.08,
-                       performed_then_5xx={a: 0.25 for a in (
+    job.set_ec2_faults(throttle=0.08, server_error=0.05,
+                       performed_then_5xx={a: 0.2 for a in (
                            "CreateVolume", "AttachVolume", "DetachVolume", "CreateSnapshot",
                            "DeleteVolume", "CreateTags")},
                        seed=slot.rng.randrange(1 << 30))

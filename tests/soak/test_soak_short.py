@@ -1,0 +1,62 @@
+"""The soak itself: its plans replay exactly, its checker can fail, and the short profile
+(real agent, real loop devices, moto, faults from the catalogue) ends with no violation."""
+from collections import Counter
+
+import pytest
+
+from spotrun import soak, soakcheck
+from spotrun.localcloud import LocalCloud
+from spotrun.soakfaults import CATALOGUE
+
+SHORT_SEED = 2
+
+
+def test_the_same_seed_gives_the_same_plan_and_another_seed_another():
+    first = [p.describe() for p in soak.plan_jobs("long", 7)]
+    assert first == [p.describe() for p in soak.plan_jobs("long", 7)]
+    assert first != [p.describe() for p in soak.plan_jobs("long", 8)]
+    # Replaying one job: its plan does not depend on how many jobs follow it.
+    assert soak.plan_jobs("long", 7, jobs=3)[2].describe() == first[2]
+
+
+def test_the_long_profile_plans_every_kind_ten_times_and_200_interruptions():
+    kinds = Counter(s.kind for p in soak.plan_jobs("long", 1) for s in p.slots)
+    assert sum(kinds.values()) >= 200
+    assert set(kinds) == set(CATALOGUE)
+    assert min(kinds.values()) >= 10, kinds
+
+
+def test_a_kind_that_acts_on_the_next_boot_is_never_a_jobs_first_slot():
+    for plan in soak.plan_jobs("long", 3):
+        assert CATALOGUE[plan.slots[0].kind].prepare is None, plan.describe()
+
+
+def test_the_decoy_check_sees_a_touched_resource(shared_tmp):
+    with LocalCloud(shared_tmp / "cloud") as cloud:
+        decoy = soakcheck.make_decoy(cloud)
+        assert soakcheck.decoy_view(cloud, decoy["volume_id"], decoy["snapshot_id"]) == decoy["view"]
+        cloud.client("ec2", faults=False).create_tags(
+            Resources=[decoy["snapshot_id"]], Tags=[{"Key": "spotrun:role", "Value": "drain-snapshot"}])
+        assert soakcheck.decoy_view(cloud, decoy["volume_id"], decoy["snapshot_id"]) != decoy["view"]
+
+
+def test_the_summary_names_the_failing_jobs_seed_for_replay():
+    result = {"index": 4, "job": "soak-9-4", "completed": False, "interruptions": [], "kinds": {},
+              "extra_faults": {}, "missed": [], "lost": {}, "violations": ["inv1 one copy: 2 volumes"]}
+    summary = soakcheck.summarize([result], profile="long", seed=9, seconds=1.0)
+    table = soakcheck.format_summary(summary)
+    assert summary["violations"] == 1
+    assert "spotrun soak --profile long --seed 9 --only-job 4" in table
+    assert "inv1 one copy" in table
+
+
+@pytest.mark.slow
+@pytest.mark.loopdev
+def test_short_profile_runs_every_job_through_its_faults_with_no_violation(shared_tmp):
+    lines = []
+    summary = soak.run_soak("short", SHORT_SEED, shared_tmp / "soak", echo=lines.append)
+    table = soakcheck.format_summary(summary)
+    assert summary["violations"] == 0, table + "\n" + "\n".join(lines)
+    assert summary["jobs"] == summary["completed"] == soak.PROFILES["short"]["jobs"]
+    assert summary["interruptions"] >= 6
+    assert "invariant violations 0" in table
