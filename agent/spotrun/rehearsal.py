@@ -126,8 +126,9 @@ def make_demo_repository(path: Path) -> str:
 
 
 class Rehearsal:
-    def __init__(self, plan: RehearsalPlan, cloud=None):
+    def __init__(self, plan: RehearsalPlan, cloud=None, narrate=None):
         self.plan = plan
+        self.say = narrate or (lambda message: None)
         self.out = Path(plan.out).absolute()
         self._own_cloud = cloud is None
         self.cloud = cloud
@@ -168,6 +169,7 @@ class Rehearsal:
         boot = {"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
                 "log": str(inst.root / "agent.log")}
         log.info("instance_booting", instance_id=inst.instance_id, az=inst.az)
+        self.say(f"instance {inst.instance_id} boots in {inst.az}: the agent starts")
         boot["process"] = cloud.start_process(inst, argv, stdout=log_file, stderr=subprocess.STDOUT)
         with self._lock:
             self.boots.append(boot)
@@ -183,7 +185,9 @@ class Rehearsal:
         if not self.plan.repository:
             self.plan.repository = make_demo_repository(self.out / "repo")
         if self.cloud is None:
+            self.say(f"starting the local spot cloud under {self.out / 'cloud'}")
             self.cloud = LocalCloud(self.out / "cloud", TimingModel.fast()).start()
+        self.say(f"requesting a Spot Fleet: capacity 1, maintain, replacements {self.plan.az_policy}")
         launch = LaunchSpec(instance_type="p3.2xlarge",
                             user_data=userdata.render(self._job_overrides()))
         request_id = self.cloud.request_spot_fleet(1, launch=launch, az_policy=self.plan.az_policy,
@@ -239,9 +243,15 @@ class Rehearsal:
                 self.cloud.interrupt(inst.instance_id, "terminate", in_seconds=plan.notice_s)
                 self.interruptions.append(record)
                 log.info("notice_sent", instance_id=inst.instance_id, at_step=step)
-                self._await(f"{inst.instance_id} to drain",
-                            lambda: self._drained_event(inst.instance_id), deadline)
+                self.say(f"spot interruption notice to {inst.instance_id} at training step {step} "
+                         f"(termination in {plan.notice_s:g} s)")
+                released = self._await(f"{inst.instance_id} to drain",
+                                       lambda: self._drained_event(inst.instance_id), deadline)
+                self.say(f"{inst.instance_id} drained in {released.get('drain_s')} s: checkpoint "
+                         f"durable, volume unmounted, snapshotted ahead of need and released")
+            self.say("training resumes on the replacement; waiting for completion")
             self._await("the fleet to be cancelled", lambda: self._fleet_cancelled(), deadline)
+            self.say("training complete: the agent recorded it on the volume and cancelled the fleet")
             return self.report()
         finally:
             self.stop()
@@ -331,6 +341,7 @@ class Rehearsal:
                                for s in snapshots],
             "fleet_state": "cancelled" if self._fleet_cancelled() else "active",
             "completed": tags.get(T.COMPLETED),
+            "steps_trained": result.get("global_step", result.get("steps")),
             "final_metrics": result,
             "interruptions_on_volume": tags.get(T.INTERRUPTIONS),
         }
@@ -383,6 +394,7 @@ def format_report(report: dict) -> str:
     lines.append(f"snapshots left: {len(report['snapshots_left'])} "
                  f"({', '.join(str(s['role']) for s in report['snapshots_left'])})")
     lines.append(f"fleet: {report['fleet_state']}; completed: {report['completed']}")
+    lines.append(f"steps trained: {report['steps_trained']}")
     lines.append(f"final metrics: {json.dumps(report['final_metrics'])}")
     return "\n".join(lines)
 
@@ -390,15 +402,18 @@ def format_report(report: dict) -> str:
 def cmd_rehearse(args) -> int:
     from spotrun import log as logmod
 
-    logmod.configure(stream=open(os.devnull, "w") if args.quiet else sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logmod.configure(stream=open(out / "rehearsal.log", "w"))
+    narrate = None if args.quiet else (lambda message: print(f"rehearse: {message}", file=sys.stderr,
+                                                              flush=True))
     plan = RehearsalPlan(out=Path(args.out), job_id=args.job, repository=args.repository or "",
                          ref=args.ref, interrupt_at_steps=args.interrupt_at_step or [40],
                          notice_s=args.notice_seconds, az_policy=args.az_policy,
                          timeout_s=args.timeout, trainer_user=args.trainer_user)
     if args.command:
         plan.command = args.command
-    report = Rehearsal(plan).run()
-    out = Path(args.out)
+    report = Rehearsal(plan, narrate=narrate).run()
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = format_report(report)
     (out / "report.txt").write_text(table + "\n")
