@@ -164,14 +164,14 @@ def test_external_sigusr1_saves_and_continues_then_sigterm_stops(tmp_path):
             proc.wait()
 
 
-def test_callback_runs_on_tensorflow_and_jax(tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_callback_runs_on_each_backend(tmp_path, backend):
     """Quick (not slow) check of both backends; the slow tests above also resume on both."""
     from spotrun_trainer.store import CheckpointStore
-    for backend in ("tensorflow", "jax"):
-        out = run_job(tmp_path, backend, backend).stdout
-        assert json.loads(out.strip().splitlines()[-1])["backend"] == backend
-        assert steps_trained(tmp_path, backend) == [TOTAL_STEPS]
-        final = CheckpointStore(tmp_path / backend).latest_valid()
-        meta = json.loads(final.read_bytes("training.json"))
-        assert meta["backend"] == backend and final.step == TOTAL_STEPS
-        assert meta["optimizer_iterations"] == TOTAL_STEPS
+    out = run_job(tmp_path, backend, backend).stdout
+    assert json.loads(out.strip().splitlines()[-1])["backend"] == backend
+    assert steps_trained(tmp_path, backend) == [TOTAL_STEPS]
+    final = CheckpointStore(tmp_path / backend).latest_valid()
+    meta = json.loads(final.read_bytes("training.json"))
+    assert meta["backend"] == backend and final.step == TOTAL_STEPS
+    assert meta["optimizer_iterations"] == TOTAL_STEPS
