@@ -1,0 +1,179 @@
+"""Figure 1: notice reaction — notice in metadata → SIGTERM in the trainer → checkpoint durable.
+
+The path measured is the real agent's: spotrun.monitor.InterruptionMonitor polling a real
+IMDSv2 metadata server over HTTP (the local spot cloud's MetadataServer), the notice handed
+to spotrun.lifecycle.Lifecycle's training loop, Lifecycle.drain → Supervisor.drain →
+TrainerProcess.request_stop → SIGTERM to the trainer's process group, and the trainer
+(bench/bench_trainer.py) checkpointing through spotrun_trainer.store. What is left out is what
+a notice does not go through: identity, volume acquisition and checkout run once per boot,
+before training (figure 3 times them), so each sample starts a fresh Lifecycle at its
+training phase with stand-in edges for the volume (nothing to release) — which is what lets
+one process take 30 notices per poll interval in a few minutes instead of 30 instance boots.
+
+Each sample: a fresh trainer starts; once it has trained a step, the notice is published
+after a random delay uniform in [0, poll interval) (so every phase of the poll cycle is
+hit), its wall time taken just before. The trainer logs the wall time SIGTERM reached it
+and the time its checkpoint was durable. The poll intervals run side by side (threads),
+since each sample mostly waits for the next poll.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import random
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TINY_STATE_BYTES = 100_000  # order of the tiny Keras model's checkpoint (weights + RMSprop slots)
+
+
+class _NoVolume:
+    """The volume edge during a notice: the figure stops at the durable checkpoint, before
+    unmount/snapshot/detach (those are the modelled AWS waits of figure 3)."""
+
+    def release(self, snapshot: bool = True) -> None:
+        pass
+
+    def record(self, **values) -> None:
+        pass
+
+    def job_volumes(self) -> list:
+        return []
+
+
+def _metadata_server():
+    from spotrun.localcloud.imds import InstanceMetadata, MetadataServer
+
+    md = InstanceMetadata(instance_id="i-0bench000000000001", instance_type="p3.2xlarge",
+                          availability_zone="us-east-1a", availability_zone_id="use1-az6",
+                          region="us-east-1", account_id="123456789012", ami_id="ami-0bench",
+                          private_ip="10.0.0.10", tags={}, user_data=None)
+    return MetadataServer(md).start()
+
+
+def _config(workdir: Path, endpoint: str, poll_s: float, events: Path):
+    from spotrun import config as configmod
+
+    (workdir / "ws").mkdir(parents=True, exist_ok=True)
+    (workdir / "vol" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    return configmod.from_mapping({
+        "job": {"id": "bench-reaction"},
+        "volume": {"mount_point": str(workdir / "vol")},
+        "code": {"workspace": str(workdir / "ws")},
+        "trainer": {"command": [sys.executable, str(HERE / "bench_trainer.py")], "user": user,
+                    "env": {"STEP_S": "0.05", "STATE_BYTES": str(TINY_STATE_BYTES),
+                            "BENCH_EVENTS": str(events)},
+                    "max_restarts": 0, "drain_reserve_s": 5.0},
+        "metadata": {"endpoint": endpoint, "poll_interval_s": poll_s},
+        "agent": {"state_dir": str(workdir / "state")},
+    }, "bench")
+
+
+def _lifecycle(config, client):
+    from spotrun.lifecycle import Lifecycle
+    from spotrun.monitor import InterruptionMonitor
+
+    return Lifecycle(config, metadata=client, identify=lambda: None, volume_manager=lambda ident: _NoVolume(),
+                     checkout=lambda ident: "bench",
+                     monitor=lambda on_event: InterruptionMonitor(
+                         client, poll_interval_s=config.metadata.poll_interval_s, on_event=on_event),
+                     cancel_fleet=lambda launched_by: "nothing")
+
+
+def _read_events(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _await(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)  # another process's file: nothing to wait on but the file
+    raise TimeoutError(f"bench reaction: timed out waiting for {what}")
+
+
+def measure(poll_s: float, notices: int, workdir: Path, seed: int = 0) -> list[dict]:
+    """``notices`` samples at one poll interval: dicts with notice→SIGTERM and →durable (s)."""
+    from spotrun.imds import MetadataClient
+    from spotrun.lifecycle import Phase
+
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = _metadata_server()
+    samples = []
+    try:
+        client = MetadataClient(server.endpoint, read_timeout_s=2.0, deadline_s=10.0)
+        for index in range(notices):
+            events = workdir / f"events-{index}.jsonl"
+            config = _config(workdir, server.endpoint, poll_s, events)
+            server.clear_notices()
+            lifecycle = _lifecycle(config, client)
+            # Where run() stands after acquiring the volume and checking out the code.
+            lifecycle.volumes = _NoVolume()
+            lifecycle.phase = Phase.CHECKING_OUT
+            outcome: dict = {}
+
+            def train() -> None:
+                try:
+                    outcome["rc"] = lifecycle.train()
+                except BaseException as exc:  # re-raised in the measuring thread
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=train, name=f"bench-lifecycle-{poll_s}", daemon=True)
+            thread.start()
+
+            def started() -> bool:
+                if "error" in outcome:
+                    raise outcome["error"]
+                return any(e["event"] == "trainer_start" for e in _read_events(events))
+
+            _await(started, 60, "the trainer to start")
+            time.sleep(0.1 + rng.uniform(0.0, poll_s))  # the random moment the notice appears
+            notice_wall = time.time()
+            server.notice("terminate", datetime.now(timezone.utc) + timedelta(seconds=120))
+            thread.join(60)
+            if thread.is_alive():
+                raise TimeoutError(f"bench reaction: the lifecycle did not drain (poll {poll_s} s)")
+            if "error" in outcome:
+                raise outcome["error"]
+            got = {e["event"]: e for e in _read_events(events)}
+            term, durable = got.get("sigterm_received"), got.get("checkpoint_durable")
+            samples.append({
+                "notice_to_sigterm_s": term["wall"] - notice_wall if term else None,
+                "notice_to_durable_s": durable["wall"] - notice_wall if durable else None,
+                "phase": lifecycle.phase.value if lifecycle.phase else None})
+    finally:
+        server.stop()
+    return samples
+
+
+def run(polls: list[float], notices: int, workdir: Path, seed: int = 0) -> dict[float, list[dict]]:
+    """The poll intervals side by side; returns {poll interval: samples}."""
+    results: dict[float, list[dict]] = {}
+    errors: list[BaseException] = []
+
+    def one(poll_s: float) -> None:
+        try:
+            results[poll_s] = measure(poll_s, notices, workdir / f"poll-{poll_s:g}", seed)
+        except BaseException as exc:  # reported by the caller, after the other threads end
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(p,), name=f"bench-poll-{p:g}") for p in polls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -1,0 +1,287 @@
+"""`make bench`: spotrun against the seed's scheme and Keras BackupAndRestore, in one run.
+
+    .venv/bin/python -m bench.run --out bench/results.json        # the full suite (≤ 15 min, 2 cores)
+    .venv/bin/python -m bench.run --quick --out /tmp/r.json       # few samples: is it all wired up?
+    .venv/bin/python -m bench.run --only reaction,footprint ...   # some figures
+
+Writes the JSON (one entry per figure: name, scheme, unit, samples, n, median, p99 where it
+applies, configuration, goal and whether it was met) and a Markdown table next to it
+(results.md). Goals are reported, never asserted. What each figure measures and how:
+docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.figures import figure
+
+HERE = Path(__file__).resolve().parent
+GROUPS = ("reaction", "schemes", "boots", "overhead", "footprint")
+
+
+def _profile(quick: bool) -> dict:
+    if quick:
+        return {"polls": [1.0, 2.0, 5.0], "notices": 2,
+                "job": {"epochs": 2, "samples": 256, "batch_size": 32, "save_steps": 3, "interruptions": 1},
+                "boots": {"interrupt_at": [20], "steps": 60},
+                "overhead": ["--seconds", "3", "--interval", "1", "--warmup-steps", "5", "--samples", "512"],
+                "footprint_s": 5.0}
+    return {"polls": [1.0, 2.0, 5.0], "notices": 30,
+            "job": {"epochs": 6, "samples": 1024, "batch_size": 32, "save_steps": 8, "interruptions": 3},
+            "boots": {"interrupt_at": [30, 80], "steps": 150},
+            "overhead": ["--seconds", "65", "--interval", "30"],
+            "footprint_s": 60.0}
+
+
+# -- figure 1 ------------------------------------------------------------------------------
+
+def reaction_figures(profile: dict, workdir: Path) -> list[dict]:
+    from bench import reaction
+
+    results = reaction.run(profile["polls"], profile["notices"], workdir / "reaction")
+    out = []
+    for poll, samples in sorted(results.items()):
+        config = {"poll_interval_s": poll, "notices": len(samples), "path": "monitor → lifecycle → "
+                  "supervisor → SIGTERM (real agent code in-process, IMDSv2 over HTTP)",
+                  "trainer": "bench/bench_trainer.py, 50 ms steps, 100 kB state via spotrun_trainer.store",
+                  "notice_time": "uniform in [0, poll interval) after the trainer's first step"}
+        default = poll == 1.0
+        out.append(figure("notice_to_sigterm", scheme=f"spotrun (poll {poll:g} s)", unit="s",
+                          samples=[s["notice_to_sigterm_s"] for s in samples if s["notice_to_sigterm_s"] is not None],
+                          config=config,
+                          goal="p99 <= 1.0 s" if default else None,
+                          meets=(lambda e: e["p99"] <= 1.0) if default else None))
+        out.append(figure("notice_to_durable_checkpoint", scheme=f"spotrun (poll {poll:g} s)", unit="s",
+                          samples=[s["notice_to_durable_s"] for s in samples if s["notice_to_durable_s"] is not None],
+                          config=config, goal="<= 5 s (tiny model)" if default else None,
+                          meets=(lambda e: e["p99"] <= 5.0) if default else None))
+    seed_note = ("the seed's per-batch callback polls metadata and then sleeps; it never checkpoints on a "
+                 "notice and installs no SIGTERM handler, so nothing becomes durable: the work since the "
+                 "last epoch-end file is lost instead (work_lost_per_interruption, scheme seed)")
+    out.append(figure("notice_to_sigterm", scheme="seed", unit="s", config={"source": "examples/seed_style/train.py"},
+                      note="n/a: no agent; the trainer only notices the notice at its next batch and sleeps"))
+    out.append(figure("notice_to_durable_checkpoint", scheme="seed", unit="s",
+                      config={"source": "examples/seed_style/train.py"}, note="never: " + seed_note))
+    return out
+
+
+# -- figures 2 and 3 -----------------------------------------------------------------------
+
+SCHEME_NAMES = {"spotrun": "spotrun", "seed": "seed (per-epoch ModelCheckpoint)",
+                "bnr-epoch": "Keras BackupAndRestore(epoch)", "bnr-step": "Keras BackupAndRestore(step {n})"}
+
+
+def scheme_figures(profile: dict, workdir: Path) -> list[dict]:
+    from bench import schemes
+
+    job = schemes.Job(**profile["job"])
+    results = schemes.run(job, workdir / "schemes")
+    config = {"model": "spotrun_trainer.resnet_cifar tiny", "backend": "jax", "epochs": job.epochs,
+              "steps_per_epoch": job.steps_per_epoch, "total_steps": job.total_steps,
+              "batch_size": job.batch_size, "interruption_positions": job.schedule(),
+              "interruption": "SIGTERM to the trainer process after the step reaching each position",
+              "schemes_ran": "side by side, one process per scheme at a time"}
+    out = []
+    goodput = {}
+    for key, run in results.items():
+        name = SCHEME_NAMES[key].format(n=job.save_steps)
+        spot = key == "spotrun"
+        out.append(figure("work_lost_per_interruption", scheme=name, unit="steps redone", samples=run.redone,
+                          config=config, goal="<= 1 step" if spot else None,
+                          meets=(lambda e: e["p99"] <= 1) if spot else None))
+        goodput[key] = job.total_steps / run.executed
+        out.append(figure("goodput", scheme=name, unit="useful steps / steps run", value=goodput[key],
+                          with_p99=False, config={**config, "steps_run": run.executed,
+                                                  "runs": run.runs},
+                          goal=">= 0.97" if spot else None,
+                          meets=(lambda e: e["median"] >= 0.97) if spot else None))
+        out.append(figure("job_wall_time", scheme=name, unit="s", value=run.wall_s, with_p99=False,
+                          config={**config, "what": "trainer processes' wall time summed (start-up and "
+                                  "compilation included; replacement instances not included: see boot_to_training)"}))
+        if spot:
+            out.append(figure("sigterm_to_exit_tiny_keras", scheme="spotrun", unit="s",
+                              samples=[r["sigterm_to_exit_s"] for r in run.runs if r["sigterm_to_exit_s"] is not None],
+                              config={**config, "what": "SIGTERM → SpotCheckpoint's checkpoint durable → process "
+                                      "exit (an upper bound on → durable), real tiny Keras model"}))
+    if "spotrun" in goodput and "seed" in goodput:
+        out.append(figure("goodput_ratio_to_seed", scheme="spotrun ÷ seed", unit="ratio",
+                          value=goodput["spotrun"] / goodput["seed"], with_p99=False, config=config))
+    return out
+
+
+# -- figure 3b: boots ----------------------------------------------------------------------
+
+def boot_figures(profile: dict, workdir: Path) -> list[dict]:
+    from bench import agent_runs
+
+    spec = profile["boots"]
+    runs = {policy: agent_runs.boots(workdir / "boots", policy, spec["interrupt_at"], spec["steps"])
+            for policy in ("fixed:us-east-1a", "round-robin")}
+    boots = [b for run in runs.values() for b in run["boots"]]
+    config = {"timing_model": "TimingModel.fast() (volume create 0.3 s, attach 0.2 s, snapshot 0.6 s, "
+              "detach after terminate 1.0 s)", "agent": "python -m spotrun agent run, poll 1 s",
+              "trainer": "bench/bench_trainer.py (framework-free: trainer start-up not included)",
+              "agent_share": "boot → training minus the modelled AWS waits on that path "
+              "(first: create + attach; same AZ: detach-after-terminate + attach; cross AZ: create + attach)"}
+    out = []
+    for kind in ("first", "same-az", "cross-az"):
+        of_kind = [b for b in boots if b["kind"] == kind]
+        out.append(figure("boot_to_training", scheme=f"spotrun ({kind})", unit="s",
+                          samples=[b["boot_to_training_s"] for b in of_kind if b["boot_to_training_s"] is not None],
+                          config={**config, "phases": [b["phases"] for b in of_kind]}))
+        out.append(figure("agent_share_of_boot", scheme=f"spotrun ({kind})", unit="s",
+                          samples=[b["agent_share_s"] for b in of_kind if b["agent_share_s"] is not None],
+                          config=config))
+    interruptions = [i for run in runs.values() for i in run["interruptions"]]
+    out.append(figure("notice_to_durable_checkpoint_whole_agent", scheme="spotrun (poll 1 s)", unit="s",
+                      samples=[i["notice_to_durable_checkpoint_s"] for i in interruptions
+                               if i["notice_to_durable_checkpoint_s"] is not None],
+                      config={**config, "what": "the agent process on an instance of the local cloud: "
+                              "notice → trainer's checkpoint durable (from the agent's trainer_drained event)"}))
+    out.append(figure("steps_redone_whole_agent", scheme="spotrun", unit="steps redone",
+                      samples=[i["steps_redone"] for i in interruptions if i["steps_redone"] is not None],
+                      config=config))
+    return out
+
+
+# -- figure 4 ------------------------------------------------------------------------------
+
+def overhead_figures(profile: dict, workdir: Path) -> list[dict]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(HERE / "trainer_overhead.py"), *profile["overhead"], "--dir", str(workdir)]
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench/trainer_overhead.py failed (exit {proc.returncode}): {proc.stderr[-800:]}")
+    report = json.loads(lines[-1])
+    config = {k: report[k] for k in ("model", "batch_size", "interval_s", "seconds_per_mode", "backend",
+                                     "keras", "device")}
+    config["command"] = " ".join(["python", "bench/trainer_overhead.py", *profile["overhead"]])
+    out = []
+    for result in report["results"]:
+        if result["mode"] == "none":
+            continue
+        asynchronous = result["mode"] == "async"
+        out.append(figure("checkpoint_overhead", scheme=f"spotrun ({result['mode']}, every {report['interval_s']:g} s)",
+                          unit="% throughput", value=result["overhead_pct"], with_p99=False,
+                          config={**config, **{k: result[k] for k in ("steps_per_s", "checkpoints",
+                                                                      "blocked_ms_per_checkpoint")}},
+                          goal="<= 3 % (CPU, tiny)" if asynchronous else None,
+                          meets=(lambda e: e["median"] <= 3.0) if asynchronous else None))
+        out.append(figure("checkpoint_blocked_time", scheme=f"spotrun ({result['mode']})", unit="ms per checkpoint",
+                          value=result["blocked_ms_per_checkpoint"], with_p99=False, config=config))
+    return out
+
+
+# -- figure 5 ------------------------------------------------------------------------------
+
+def footprint_figures(profile: dict, workdir: Path) -> list[dict]:
+    from bench import agent_runs
+
+    result = agent_runs.idle_footprint(workdir / "footprint", profile["footprint_s"])
+    config = {k: v for k, v in result.items() if k not in ("rss_mib",)}
+    return [
+        figure("idle_agent_rss", scheme="spotrun agent", unit="MiB", samples=result["rss_mib"], config=config,
+               goal="<= 60 MB", meets=lambda e: e["p99"] * 2**20 <= 60e6),
+        figure("idle_agent_cpu", scheme="spotrun agent", unit="% of one core",
+               value=result["cpu_percent_of_one_core"], with_p99=False, config=config,
+               goal="<= 1 %", meets=lambda e: e["median"] <= 1.0),
+    ]
+
+
+RUNNERS = {"reaction": reaction_figures, "schemes": scheme_figures, "boots": boot_figures,
+           "overhead": overhead_figures, "footprint": footprint_figures}
+
+
+# -- output --------------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def table(results: dict) -> str:
+    lines = [f"spotrun benchmarks — {results['mode']} run, {results['generated']}, "
+             f"{results['host']['cpus']} CPUs, {results['duration_s']:.0f} s", "",
+             "| figure | scheme | unit | n | median | p99 | goal | met |",
+             "|---|---|---|---:|---:|---:|---|---|"]
+    for f in results["figures"]:
+        met = {True: "yes", False: "**no**", None: ""}[f.get("goal_met")]
+        median = _fmt(f["median"]) if f["median"] is not None else (f.get("note", "—").split(":")[0])
+        lines.append(f"| {f['name']} | {f['scheme']} | {f['unit']} | {f['n'] or ''} | {median} | "
+                     f"{_fmt(f['p99']) if f['p99'] is not None else ''} | {f.get('goal', '')} | {met} |")
+    if results.get("errors"):
+        lines += ["", "Errors:"] + [f"- {group}: {error}" for group, error in results["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench/results.json", help="the JSON results (the table goes next to it, .md)")
+    parser.add_argument("--quick", action="store_true", help="few samples: checks the wiring, not the numbers")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated: {', '.join(GROUPS)}")
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: a new one under /tmp, removed)")
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.only.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"--only: unknown figure group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        parser.error(f"--out: directory {out.parent} does not exist")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="spotrun-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)  # the rehearsals' trainer runs as an unprivileged user
+
+    from spotrun import log as logmod
+    log_path = workdir / "bench.log"
+    logmod.configure(stream=open(log_path, "a"))
+    profile = _profile(args.quick)
+    started = time.monotonic()
+    figures, errors, timings = [], {}, {}
+    try:
+        for group in groups:
+            began = time.monotonic()
+            print(f"bench: {group} ...", file=sys.stderr, flush=True)
+            try:
+                figures += RUNNERS[group](profile, workdir / group)
+            except Exception as exc:  # one broken figure must not cost the others
+                errors[group] = f"{type(exc).__name__}: {exc}"
+                print(f"bench: {group} failed: {errors[group]}", file=sys.stderr, flush=True)
+            timings[group] = round(time.monotonic() - began, 1)
+    finally:
+        if not args.workdir and not errors:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results = {
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "mode": "quick" if args.quick else "full",
+        "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                 "load_average_at_end": list(os.getloadavg())},
+        "duration_s": round(time.monotonic() - started, 1), "group_seconds": timings,
+        "figures": figures, "errors": errors,
+        "scratch": str(workdir) if errors or args.workdir else None,
+    }
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
