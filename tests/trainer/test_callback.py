@@ -101,3 +101,21 @@ def test_fit_refuses_arguments_it_owns(tmp_path):
         SpotCheckpoint(tmp_path).fit(make_model(), x, y, initial_epoch=1)
     with pytest.raises(ValueError, match="compile"):
         SpotCheckpoint(tmp_path).restore(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+
+
+def test_stop_during_validation_checkpoints_the_finished_epoch(tmp_path):
+    x, y = arrays(40)
+
+    class StopWhileValidating(keras.callbacks.Callback):
+        def on_test_batch_end(self, batch, logs=None):
+            spot.request_stop()
+
+    spot = SpotCheckpoint(tmp_path, every_seconds=None, exit_on_stop=False)
+    history = spot.fit(make_model(), x, y, batch_size=8, epochs=3, validation_data=(x, y),
+                       callbacks=[StopWhileValidating()], verbose=0)
+    assert spot.stopped_by_signal and history is None  # stopped inside the first epoch's fit
+    latest = spot.store.latest_valid()
+    assert (latest.epoch, latest.step_in_epoch, latest.step) == (0, 5, 5)
+    resumed = SpotCheckpoint(tmp_path, every_seconds=None)
+    resumed.restore(make_model())
+    assert (resumed.epoch, resumed.step_in_epoch, resumed.initial_epoch) == (1, 0, 1)
