@@ -376,11 +376,14 @@ def make_repository(path: Path) -> str:
 
 
 def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
-             only_job: int | None = None, echo=print) -> dict:
+             only_job: int | None = None, echo=print, kinds: list[str] | None = None) -> dict:
     """Plan, run and check every job; returns the summary (``soakcheck.summarize``)."""
     from spotrun.localcloud import LocalCloud, TimingModel
 
-    plans = plan_jobs(profile, seed, jobs)
+    unknown = sorted(set(kinds or []) - set(CATALOGUE))
+    if unknown:
+        raise ValueError(f"--kinds: unknown fault kind(s) {unknown}; known: {sorted(CATALOGUE)}")
+    plans = plan_jobs(profile, seed, jobs, kinds)
     if only_job is not None:
         if not 0 <= only_job < len(plans):
             raise ValueError(f"--only-job: {only_job} is not a job of this plan (0..{len(plans) - 1})")
@@ -416,10 +419,24 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
 def cmd_soak(args) -> int:
     from spotrun import log as logmod
 
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    unknown = sorted(set(kinds or []) - set(CATALOGUE))
+    if unknown:
+        print(f"spotrun soak: --kinds: unknown fault kind(s) {unknown}; known: {sorted(CATALOGUE)}",
+              file=sys.stderr)
+        return 2
+    if args.jobs is not None and args.jobs < 1:
+        print("spotrun soak: --jobs: must be at least 1", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="spotrun-soak-"))
     out.mkdir(parents=True, exist_ok=True)
     logmod.configure(stream=open(out / "soak.log", "a") if not args.verbose else sys.stderr)
-    summary = run_soak(args.profile, args.seed, out, jobs=args.jobs, only_job=args.only_job)
+    try:
+        summary = run_soak(args.profile, args.seed, out, jobs=args.jobs, only_job=args.only_job,
+                           kinds=kinds)
+    except ValueError as exc:
+        print(f"spotrun soak: {exc}", file=sys.stderr)
+        return 2
     table = soakcheck.format_summary(summary)
     (out / "summary.txt").write_text(table + "\n")
     print(table)
@@ -437,6 +454,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=1, help="the plan's seed (default 1)")
     parser.add_argument("--jobs", type=int, help="number of jobs (default: the profile's)")
     parser.add_argument("--only-job", type=int, help="replay only this job index of the plan")
+    parser.add_argument("--kinds", help="only these fault kinds, comma-separated (default: all)")
     parser.add_argument("--out", help="working directory (default: a new temporary one)")
     parser.add_argument("--verbose", action="store_true", help="the soak's own log on stderr")
     parser.set_defaults(func=cmd_soak)

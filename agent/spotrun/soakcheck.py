@@ -153,13 +153,19 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         drained_ev = next((e for e in job.events_of(outcome.instance_id)
                            if e.get("event") == "trainer_drained"), {})
         resumed = _next_resume(job, outcome.instance_id)
+        # A trainer that never ran a step on this instance (the notice or kill came during
+        # acquire or checkout) "reached" what it would have resumed from.
+        own_resume = next((e.get("checkpoint_step", 0) for e in job.events_of(outcome.instance_id)
+                           if e.get("event") == "resume_point"), None)
         if outcome.drained:
-            reached = drained_ev.get("reached_step")
+            candidates = (drained_ev.get("reached_step"), drained_ev.get("checkpoint_step"), own_resume)
             limit = 1
         else:
-            reached = drained_ev.get("reached_step", outcome.observed_step) \
-                if drained_ev else outcome.observed_step
+            candidates = (drained_ev.get("reached_step"), outcome.observed_step, own_resume)
             limit = every
+        reached = next((v for v in candidates if isinstance(v, int)), None)
+        if reached is None and not _trainer_starts(job, outcome.instance_id):
+            reached = resumed  # never reached training at all: nothing to redo
         redone = _steps_redone(reached, resumed)
         if redone is not None:
             lost[outcome.cause] += redone
@@ -245,6 +251,7 @@ def summarize(results: list[dict], *, profile: str, seed: int, seconds: float) -
             "missed": dict(Counter(m for r in results for m in r["missed"])),
             "violations": sum(len(r["violations"]) for r in results),
             "lost": dict(sorted(lost.items())),
+            "snapshots_left": sum(len(r.get("snapshots_left", [])) for r in results),
             "failing": [{"index": r["index"], "job": r["job"], "violations": r["violations"]}
                         for r in failing],
             "seconds": round(seconds, 1)}
@@ -255,7 +262,9 @@ def format_summary(s: dict) -> str:
              f"jobs run             {s['jobs']} ({s['completed']} completed)",
              f"interruptions        {s['interruptions']} ({s['drained']} drained, "
              f"{s['undrained']} undrained kills)",
-             f"invariant violations {s['violations']}", "", "faults injected by kind:"]
+             f"invariant violations {s['violations']}",
+             f"snapshots left       {s.get('snapshots_left', 0)} (all jobs, after completion)",
+             "", "faults injected by kind:"]
     for kind, count in s["kinds"].items():
         lines.append(f"  {kind:<28}{count:>5}")
     for kind, count in s["extra_faults"].items():

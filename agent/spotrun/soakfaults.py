@@ -48,7 +48,10 @@ def _notice_and_drain(job, inst, cause: str, in_seconds: float | None = None,
     job.cloud.interrupt(inst.instance_id, "terminate", in_seconds=in_seconds)
     released = job.await_released_or_gone(inst, timeout=in_seconds + 60)
     if not released:  # the notice's time came first: killed mid-drain, the undrained case
-        return Outcome(inst.instance_id, False, "notice ran out mid-drain",
+        phase = job.current_phase(inst.instance_id)
+        why = "notice ran out mid-drain" if phase in ("draining", "training") else \
+            "notice ran out before training"  # the agent acts on notices once training
+        return Outcome(inst.instance_id, False, why,
                        observed_step=job.step_of(inst), faults=faults or [])
     # Released: the agent's part is over; the spot service would terminate it at the notice's
     # time, and nothing the agent does changes before then. Terminating now saves soak time.
