@@ -10,7 +10,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from spotrun import tags as T
-from spotrun.soakfaults import read_json_lines
 
 DECOY_JOB = "soak-decoy-other-job"
 SNAPSHOT_ROLES = ("migration-snapshot", "drain-snapshot")
