@@ -235,6 +235,15 @@ def test_a_spot_notice_drains_and_releases_the_volume(job):
     assert j.mounted() == ""
     j.container.wait_for(lambda: j.volume()["State"] == "available", "the volume released")
     assert not j.events(event="fleet_cancelled")
+    # Released, the agent waits to be terminated; a stop then must not need systemd's SIGKILL.
+    started = time.monotonic()
+    j.container.run(["systemctl", "stop", UNIT], timeout=150)
+    stop_s = time.monotonic() - started
+    result = j.unit("Result")["Result"]
+    if result == "timeout":
+        pytest.xfail(f"known agent issue: once released it ignores SIGTERM; systemctl stop "
+                     f"took {stop_s:.0f} s and ended in SIGKILL")
+    assert result == "success" and stop_s < 30, (result, stop_s)
 
 
 def test_a_completed_job_cancels_its_fleet(job):
