@@ -267,7 +267,7 @@ def format_summary(s: dict) -> str:
     for kind, count in s["kinds"].items():
         lines.append(f"  {kind:<28}{count:>5}")
     for kind, count in s["extra_faults"].items():
-        lines.append(f"  + {kind:<26}{count:>5}")
+        lines.append(f"  + {kind:<38}{count:>5}")
     if s["missed"]:
         lines.append("  moments missed (injected as a plain notice instead, not counted above):")
         lines.extend(f"    {what}: {count}" for what, count in sorted(s["missed"].items()))
