@@ -53,6 +53,10 @@ def moto_server():
     # AWS's managed policies (AmazonEC2SpotFleetTaggingRole for the Spot Fleet role) exist on
     # AWS; moto loads them only when asked. The server runs in this process.
     os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
+    # moto's backends live in the process: an IAM backend made by an earlier test (without the
+    # managed policies) would be reused. Drop it so the next one is made with them.
+    from moto.iam.models import iam_backends
+    iam_backends.reset()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
