@@ -93,6 +93,9 @@ class TrainerConfig:
     failure_policy: str = "cancel"
     # Seconds of the two-minute notice kept for unmount/snapshot/detach after the trainer stops.
     drain_reserve_s: float = 30.0
+    # Put on the trainer's PYTHONPATH when it exists, so a script run by the AMI's own Python
+    # (a conda env) can `import spotrun_trainer`; the .deb installs the library alone there.
+    library_path: str = "/usr/lib/spotrun/trainer-lib"
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,9 @@ class Lifecycle:
     def _trainer_env(self) -> dict[str, str]:
         cfg = self.config
         env = dict(cfg.trainer.env)
+        library = cfg.trainer.library_path
+        if library and Path(library).is_dir():
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (library, env.get("PYTHONPATH")) if p)
         env.update({
             "SPOTRUN_JOB_ID": cfg.job.id,
             "SPOTRUN_DATA_DIR": str(cfg.datasets_path),

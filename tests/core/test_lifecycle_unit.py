@@ -37,3 +37,21 @@ def test_an_illegal_transition_is_refused_and_the_state_file_follows_legal_ones(
     with pytest.raises(TransitionError):
         lc.transition(Phase.TRAINING)  # never train on a volume that was not acquired
     assert lc.phase is Phase.IDENTIFYING and lc.state.read()["phase"] == "identifying"
+
+
+def test_the_trainer_gets_the_protocol_and_the_library_path(tmp_path):
+    library = tmp_path / "trainer-lib"
+    library.mkdir()
+    cfg = config.from_mapping({"agent": {"state_dir": str(tmp_path)},
+                               "volume": {"mount_point": str(tmp_path / "mnt")},
+                               "job": {"id": "j1"},
+                               "trainer": {"library_path": str(library), "env": {"PYTHONPATH": "/mine"}}})
+    lc = Lifecycle(cfg, metadata=None, notifier=_Quiet(), identify=None, volume_manager=None,
+                   checkout=None, monitor=None, cancel_fleet=None)
+    lc.commit = "abc123"
+    env = lc._trainer_env()
+    assert env["PYTHONPATH"] == f"{library}:/mine"
+    assert env["SPOTRUN_JOB_ID"] == "j1" and env["SPOTRUN_CODE_COMMIT"] == "abc123"
+    assert env["SPOTRUN_DATA_DIR"] == str(tmp_path / "mnt" / "datasets")
+    assert env["SPOTRUN_CHECKPOINT_DIR"] == str(tmp_path / "mnt" / "checkpoints")
+    assert env["SPOTRUN_PROGRESS_FILE"].startswith(env["SPOTRUN_CHECKPOINT_DIR"])
