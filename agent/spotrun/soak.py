@@ -274,8 +274,9 @@ class SoakJob(Rehearsal):
                 outcome = kind.run(self, slot)
             except JobEnded as exc:
                 return str(exc)
-            except (TimeoutError, RuntimeError) as exc:
-                return f"slot {position} ({slot.kind}): {exc}"
+            except Exception as exc:  # noqa: BLE001 - one job's trouble is reported, the soak goes on
+                log.exception("soak_slot_failed", job=self.plan.job_id, slot=position, kind=slot.kind)
+                return f"slot {position} ({slot.kind}): {type(exc).__name__}: {exc}"
             self.outcomes.append(outcome)
             self.gone.append(outcome.instance_id)
             if slot.kind in ("ec2_faults", "slow_snapshots"):

@@ -206,7 +206,7 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         violations.append(f"inv6 the decoy job's resources changed: {view}")
 
     def off_moment(fault: str) -> bool:
-        return fault.endswith((":missed", ":late", ":not_reached"))
+        return fault.endswith((":missed", ":late", ":not_reached", ":no_failure"))
 
     kinds = Counter(s.kind for s, o in zip(plan.slots, job.outcomes)
                     if not any(off_moment(f) for f in o.faults))

@@ -210,6 +210,51 @@ def corrupt_latest_checkpoint(job, slot) -> Outcome:
     return _notice_and_drain(job, inst, "drained notice")
 
 
+def _fill(filler: Path) -> None:
+    """Allocate all free blocks to ``filler`` (as root: the reserved ones too)."""
+    stats = os.statvfs(filler.parent)
+    size = stats.f_bfree * stats.f_frsize
+    with open(filler, "wb", buffering=0) as fh:  # unbuffered: no ENOSPC left for close()
+        while size > 0:
+            try:
+                os.posix_fallocate(fh.fileno(), 0, size)
+                break
+            except OSError:
+                size -= 256 * 1024  # the extents' own metadata takes some blocks
+        chunk = b"\0" * 4096
+        try:
+            while True:  # the last partial blocks
+                fh.write(chunk)
+        except OSError:
+            pass
+
+
+def disk_full(job, slot) -> Outcome:
+    """Fill the job volume (to the last block an unprivileged writer may use) while training:
+    the next save fails with ENOSPC, the previous checkpoint stays, the trainer crashes and
+    is restarted; the space comes back (the filler removed) and training resumes."""
+    inst = _trained(job, slot)
+    mount = inst.mount_point
+    if not job.cloud.uses_loop_devices or not os.path.ismount(mount):
+        # A directory-backed volume is the host's disk: never fill that.
+        return _notice_and_drain(job, inst, "drained notice", faults=["disk_full:missed"])
+    step = job.step_of(inst)
+    filler = mount / ".soak-filler"
+    _fill(filler)
+    try:
+        job.await_event(inst.instance_id, "trainer_restart_scheduled", timeout=20)
+        failed = True
+    except TimeoutError:
+        failed = False
+    finally:
+        filler.unlink()
+    if failed:
+        job.note_undrained(inst.instance_id, step, "disk full")
+    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
+    return _notice_and_drain(job, inst, "drained notice",
+                             faults=[] if failed else ["disk_full:no_failure"])
+
+
 def _imds_fault_then_notice(kind: str, **options):
     def run(job, slot) -> Outcome:
         inst = _trained(job, slot)
@@ -289,6 +334,8 @@ CATALOGUE: dict[str, Kind] = {k.name: k for k in [
     Kind("kill_trainer", "trainer SIGKILLed; restarted by the agent; then a notice", kill_trainer),
     Kind("corrupt_checkpoint", "newest checkpoint corrupted, trainer killed; then a notice",
          corrupt_latest_checkpoint),
+    Kind("disk_full", "job volume filled while training: saves fail (ENOSPC), trainer restarted; "
+         "space freed, then a notice", disk_full),
     Kind("imds_outage", "metadata refused for seconds; the notice arrives during it",
          _imds_fault_then_notice("refused")),
     Kind("imds_5xx", "metadata answering 500s; the notice arrives during it",
