@@ -31,6 +31,7 @@ from spotrun.notify import Notifier
 from spotrun.state import StateFile, kill_leftover_trainer
 from spotrun.trainerproc import (Supervisor, SupervisorDone, SupervisorOutcome, SupervisorResult,
                                  TrainerExited, TrainerProcess, TrainerStarted)
+from spotrun_trainer.store import write_json_atomic
 
 log = get_logger("lifecycle")
 
@@ -105,21 +106,6 @@ def _utcnow() -> datetime:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def write_json_durably(path: Path, data: dict) -> None:
-    """temp file → fsync → rename → fsync dir: the record is either old or new, never torn."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Lifecycle:
@@ -421,7 +407,7 @@ class Lifecycle:
                 metrics = json.loads(metrics_path.read_text())
             except (OSError, ValueError):
                 pass
-            write_json_durably(record_path, {"time": _iso(_utcnow()), "commit": self.commit,
+            write_json_atomic(record_path, {"time": _iso(_utcnow()), "commit": self.commit,
                                              "instance_id": self.identity.instance_id,
                                              "metrics": metrics})
             log.info("completion_recorded", path=str(record_path), metrics=metrics)

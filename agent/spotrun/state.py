@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from spotrun.log import get_logger
+from spotrun_trainer.store import write_json_atomic
 
 log = get_logger("state")
 
@@ -48,9 +49,8 @@ class StateFile:
         if trainer and trainer.get("pid"):
             trainer["start_ticks"] = process_start_ticks(trainer["pid"])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.path)
+        # A report, rewritten on every phase change: atomic, but not worth an fsync.
+        write_json_atomic(self.path, json.loads(json.dumps(data, default=str)), fsync=False)
 
 
 def kill_leftover_trainer(previous_state: dict, grace_s: float = LEFTOVER_TRAINER_GRACE_S) -> bool:

@@ -25,6 +25,7 @@ from spotrun.config import Config
 from spotrun.crashpoints import crashpoint
 from spotrun.errors import SpotrunError
 from spotrun.log import bind, get_logger
+from spotrun_trainer.store import write_json_atomic
 
 
 def log():
@@ -317,7 +318,7 @@ class VolumeManager:
             self._verify_checkpoint(volume_id)
         if data.get("generation") != generation or not marker.exists():
             data["generation"] = generation
-            _write_json_atomic(marker, data)
+            write_json_atomic(marker, data)
         log().info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
         return generation
 
@@ -402,17 +403,3 @@ class VolumeManager:
     def _tag(self, volume_id: str, tags: dict[str, str]) -> None:
         ec2mod.call_retrying(f"tagging {volume_id}", lambda: self.ec2.create_tags(
             Resources=[volume_id], Tags=T.as_list(tags)))
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as out:
-        json.dump(data, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

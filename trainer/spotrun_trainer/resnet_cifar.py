@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from .callback import SpotCheckpoint
 from .datasets import DatasetError, is_synthetic, load_cifar10

@@ -217,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     job_id, job = _job_from_args(args)
     if not job_id:
-        raise UsageError(f"no job given: pass --job ID or --job-file PATH")
+        raise UsageError("no job given: pass --job ID or --job-file PATH")
     if args.delete_volume and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("--delete-volume deletes the job's data: confirm with --yes when not on a terminal")
