@@ -136,7 +136,8 @@ def create_once(
 
 
 def call_retrying(what: str, call: Callable[[], Any], *, deadline_s: float = 120.0,
-                  settled: Callable[[], bool] | None = None) -> Any:
+                  settled: Callable[[], bool] | None = None,
+                  transient: Callable[[BaseException], bool] = is_transient) -> Any:
     """Retry a transient failure until ``deadline_s``; ``settled()`` says the work was done anyway."""
     deadline = time.monotonic() + deadline_s
     attempt = 0
@@ -144,17 +145,18 @@ def call_retrying(what: str, call: Callable[[], Any], *, deadline_s: float = 120
         try:
             return call()
         except (ClientError, BotoCoreError) as exc:
-            if settled is not None and is_transient(exc):
+            if settled is not None and transient(exc):
                 try:
                     if settled():
                         log().info("call_performed_despite_error", what=what, error=str(exc)[:200])
                         return None
                 except (ClientError, BotoCoreError):
                     pass
-            if not is_transient(exc) or time.monotonic() > deadline:
+            if not transient(exc) or time.monotonic() > deadline:
                 raise
             attempt += 1
-            time.sleep(backoff(attempt))
+            log().info("call_retry", what=what, attempt=attempt, error=str(exc)[:200])
+            time.sleep(backoff(attempt))  # backoff between attempts, not synchronisation
 
 
 def describe_volume(ec2, volume_id: str) -> dict | None:

@@ -9,12 +9,11 @@ call that was performed but answered with an error all count as done. Transient 
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spotrun.ec2 import backoff, error_code, is_transient
+from spotrun.ec2 import call_retrying, error_code, is_transient
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 
@@ -40,26 +39,12 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _retrying(what: str, call: Callable, deadline_s: float, settled: Callable[[], bool] | None = None):
-    """``call()``, retried on transient errors until the deadline; None when ``settled()``
-    shows an errored call was performed anyway."""
-    deadline = time.monotonic() + deadline_s
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except (ClientError, BotoCoreError) as exc:
-            if settled is not None and _transient(exc):
-                try:
-                    if settled():
-                        log.info("fleet_call_performed_despite_error", what=what, error=str(exc)[:200])
-                        return None
-                except (ClientError, BotoCoreError):
-                    pass
-            if not _transient(exc) or time.monotonic() > deadline:
-                raise FleetError(f"{what}: {exc}") from None
-            attempt += 1
-            log.warning("fleet_call_retry", what=what, attempt=attempt, error=str(exc)[:200])
-            time.sleep(backoff(attempt))  # backoff between attempts, not synchronisation
+    """``call()``, retried on transient errors (Auto Scaling's busy answers too) until the
+    deadline; None when ``settled()`` shows an errored call was performed anyway."""
+    try:
+        return call_retrying(what, call, deadline_s=deadline_s, settled=settled, transient=_transient)
+    except (ClientError, BotoCoreError) as exc:
+        raise FleetError(f"{what}: {exc}") from None
 
 
 def cancel(launched_by: "LaunchedBy | None", *, ec2_client, autoscaling_client=None,
