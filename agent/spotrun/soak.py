@@ -61,6 +61,7 @@ class SoakJob(Rehearsal):
         self._clear_on_next_training = False
         self._base_timing = None
         self.cancelled_by_soak = False
+        self.bad_input_results: list[dict] = []
         self.slot_started = time.time()
 
     # -- boot, as systemd would -----------------------------------------------------------
@@ -226,6 +227,16 @@ class SoakJob(Rehearsal):
     def trainer_starts(self, instance_id: str) -> list[dict]:
         path = self.cloud.instance(instance_id).state_dir / "trainer.log"
         return [e for e in read_json_lines(path) if e.get("event") == "trainer_start"]
+
+    def job_resources(self) -> tuple[set[str], set[str]]:
+        """The ids of the job's volumes and snapshots, from the cloud's fault-free view."""
+        from spotrun import tags as T
+
+        ec2 = self.cloud.client("ec2", faults=False)
+        filters = T.job_filters(self.plan.job_id)
+        return ({v["VolumeId"] for v in ec2.describe_volumes(Filters=filters)["Volumes"]},
+                {s["SnapshotId"] for s in ec2.describe_snapshots(Filters=filters,
+                                                                  OwnerIds=["self"])["Snapshots"]})
 
     # -- faults that outlive one slot -----------------------------------------------------
 

@@ -200,6 +200,14 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     if corrupt_seen and not job.corrupted:
         violations.append(f"inv3 {corrupt_seen} corrupt checkpoint(s) met where none was injected")
 
+    # Invariant 7: bad input gets a clear error and changes nothing.
+    for bad in job.bad_input_results:
+        if bad["returncode"] != 2 or "error" not in bad["stderr"].lower():
+            violations.append(f"inv7 malformed {bad['where']}: exit {bad['returncode']}, "
+                              f"stderr {bad['stderr'][-200:]!r}")
+        if bad["changed"]:
+            violations.append(f"inv7 malformed {bad['where']} changed the job's volumes/snapshots")
+
     # Invariant 6: nothing outside the job touched.
     view = decoy_view(cloud, decoy["volume_id"], decoy["snapshot_id"])
     if view != decoy["view"]:
@@ -216,7 +224,8 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     return {"index": plan.index, "seed": plan.seed, "job": plan.job_id, "completed": completed,
             "interruptions": interruptions, "kinds": dict(kinds), "extra_faults": dict(extra),
             "missed": missed, "lost": dict(lost), "violations": violations,
-            "snapshots_left": kept, "undrained_notes": job.undrained_notes}
+            "snapshots_left": kept, "undrained_notes": job.undrained_notes,
+            "bad_inputs": job.bad_input_results}
 
 
 def job_line(result: dict) -> str:

@@ -255,6 +255,47 @@ def disk_full(job, slot) -> Outcome:
                              faults=[] if failed else ["disk_full:no_failure"])
 
 
+BAD_INPUTS = [
+    ("user-data", b"#spotrun-config v1\n[job]\nid = \"unterminated\n", None),
+    ("user-data", b"#spotrun-config v1\n[trainer]\nmax_restarts = \"three\"\n", None),
+    ("user-data", b"#!/bin/bash\necho not a spotrun stub\n", None),
+    ("config", None, {"trainer": {"max_restartz": 1}}),
+    ("config", None, {"volume": {"size_gib": -4}}),
+]
+
+
+def bad_input(job, slot) -> Outcome:
+    """While the job trains, a second instance boots the agent for the same job with a
+    malformed user data or config: it must stop with exit 2 naming the field, and change
+    nothing of the job (no volume, snapshot or tag of it created or deleted)."""
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    inst = _trained(job, slot)
+    where, user_data, bad = slot.rng.choice(BAD_INPUTS)
+    before = job.job_resources()
+    other = job.cloud.launch_instance(az=slot.rng.choice(job.cloud.azs),
+                                      user_data=user_data or job.fleet.launch.user_data)
+    try:
+        config = job._agent_config(other)
+        config.update({"job": {"id": job.plan.job_id},
+                       "code": {"repository": job.plan.repository}})
+        for section, values in (bad or {}).items():
+            config.setdefault(section, {}).update(values)
+        path = other.root / "agent.toml"
+        path.write_text(tomli_w.dumps(config))
+        proc = subprocess.run([sys.executable, "-m", "spotrun", "agent", "run", "--config", str(path)],
+                              env=other.env(), capture_output=True, text=True, timeout=60)
+    finally:
+        job.cloud.terminate(other.instance_id)
+    after = job.job_resources()
+    job.bad_input_results.append({"where": where, "returncode": proc.returncode,
+                                  "stderr": proc.stderr[-400:], "changed": before != after})
+    return _notice_and_drain(job, inst, "drained notice", faults=[f"bad_input:{where}"])
+
+
 def _imds_fault_then_notice(kind: str, **options):
     def run(job, slot) -> Outcome:
         inst = _trained(job, slot)
@@ -336,6 +377,8 @@ CATALOGUE: dict[str, Kind] = {k.name: k for k in [
          corrupt_latest_checkpoint),
     Kind("disk_full", "job volume filled while training: saves fail (ENOSPC), trainer restarted; "
          "space freed, then a notice", disk_full),
+    Kind("bad_input", "a second agent for the job boots with malformed user data or config",
+         bad_input),
     Kind("imds_outage", "metadata refused for seconds; the notice arrives during it",
          _imds_fault_then_notice("refused")),
     Kind("imds_5xx", "metadata answering 500s; the notice arrives during it",
