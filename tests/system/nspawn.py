@@ -70,8 +70,16 @@ def rootfs_cache() -> Path:
             raise ContainerError(f"debootstrap failed: {exc.stderr!r}") from exc
         finally:
             if partial.exists():
+                _unmount_under(partial)  # a failed debootstrap can leave /proc, /sys mounted
                 shutil.rmtree(partial, ignore_errors=True)
     return root
+
+
+def _unmount_under(directory: Path) -> None:
+    prefix = str(directory.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for target in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", target], check=False)
 
 
 def _alive(pid: int) -> bool:
@@ -94,6 +102,7 @@ class Container:
         self.console_log = self.workdir / "console.log"
         self._nspawn: subprocess.Popen | None = None
         self.leader: int | None = None
+        self.boot_state = ""
 
     # -- life cycle -------------------------------------------------------------------
     def boot(self, timeout: float = 120.0) -> "Container":

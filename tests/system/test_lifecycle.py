@@ -75,9 +75,9 @@ class Job:
                "code": {"repository": world.repository, "ref": "main"},
                "trainer": {"command": ["/usr/bin/python3", "train.py"],
                            "env": {"STEPS": str(steps), "STEP_S": "0.05",
-                                   "CKPT_EVERY": str(ckpt_every),
-                                   # The trainer library alone, as a conda env would get it.
-                                   "PYTHONPATH": "/usr/lib/spotrun/trainer-lib"}}}
+                                   "CKPT_EVERY": str(ckpt_every)}}}
+        # (The system python3 imports spotrun_trainer through trainer.library_path, the
+        # .deb's /usr/lib/spotrun/trainer-lib, as a DLAMI's conda env would.)
         self.user_data = userdata.render(job)
         booted: list = []
         self.fleet_id = self.cloud.request_spot_fleet(
