@@ -67,12 +67,15 @@ record("trainer_start", resume_step=step)
 while step < total:
     time.sleep(step_s)  # the "work" of one step; a signal handler runs at once (PEP 475)
     step += 1
-    if stop["at"] is not None or (every and step % every == 0):
+    # Read the flag once per step: a SIGTERM landing between a save check and an exit check
+    # would otherwise exit without its checkpoint.
+    stopping = stop["at"] is not None
+    if stopping or (every and step % every == 0):
         save()
-        if stop["at"] is not None:
+        if stopping:
             record("checkpoint_durable", step=step)
     progress()
-    if stop["at"] is not None:
+    if stopping:
         sys.exit(0)
 with open(os.path.join(store.directory, "final_metrics.json"), "w") as fh:
     json.dump({"steps": step}, fh)

@@ -75,15 +75,21 @@ def _config(workdir: Path, endpoint: str, poll_s: float, events: Path):
     }, "bench")
 
 
-def _lifecycle(config, client):
+def _lifecycle(config, client, detected: dict):
+    """The agent's lifecycle with the real monitor; ``detected["wall"]`` is when the monitor
+    handed the notice on (splits the figure into polling and the agent's own handling)."""
     from spotrun.lifecycle import Lifecycle
-    from spotrun.monitor import InterruptionMonitor
+    from spotrun.monitor import InterruptionMonitor, SpotNotice
+
+    def monitor(on_event):
+        def handed_on(event):
+            if isinstance(event, SpotNotice):
+                detected.setdefault("wall", time.time())
+            on_event(event)
+        return InterruptionMonitor(client, poll_interval_s=config.metadata.poll_interval_s, on_event=handed_on)
 
     return Lifecycle(config, metadata=client, identify=lambda: None, volume_manager=lambda ident: _NoVolume(),
-                     checkout=lambda ident: "bench",
-                     monitor=lambda on_event: InterruptionMonitor(
-                         client, poll_interval_s=config.metadata.poll_interval_s, on_event=on_event),
-                     cancel_fleet=lambda launched_by: "nothing")
+                     checkout=lambda ident: "bench", monitor=monitor, cancel_fleet=lambda launched_by: "nothing")
 
 
 def _read_events(path: Path) -> list[dict]:
@@ -118,7 +124,8 @@ def measure(poll_s: float, notices: int, workdir: Path, seed: int = 0) -> list[d
             events = workdir / f"events-{index}.jsonl"
             config = _config(workdir, server.endpoint, poll_s, events)
             server.clear_notices()
-            lifecycle = _lifecycle(config, client)
+            detected: dict = {}
+            lifecycle = _lifecycle(config, client, detected)
             # Where run() stands after acquiring the volume and checking out the code.
             lifecycle.volumes = _NoVolume()
             lifecycle.phase = Phase.CHECKING_OUT
@@ -150,6 +157,8 @@ def measure(poll_s: float, notices: int, workdir: Path, seed: int = 0) -> list[d
             got = {e["event"]: e for e in _read_events(events)}
             term, durable = got.get("sigterm_received"), got.get("checkpoint_durable")
             samples.append({
+                "notice_to_detected_s": detected["wall"] - notice_wall if "wall" in detected else None,
+                "detected_to_sigterm_s": term["wall"] - detected["wall"] if term and "wall" in detected else None,
                 "notice_to_sigterm_s": term["wall"] - notice_wall if term else None,
                 "notice_to_durable_s": durable["wall"] - notice_wall if durable else None,
                 "phase": lifecycle.phase.value if lifecycle.phase else None})
