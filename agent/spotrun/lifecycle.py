@@ -385,7 +385,8 @@ class Lifecycle:
         else:
             self.volumes.release()
             self.transition(Phase.RELEASED, drain_s=round(self.clock() - started, 3))
-        self.notifier.stopping(self.status_line())
+        # No STOPPING=1 here: systemd would take the unit for deactivating and a later
+        # `systemctl stop` (the shutdown after the notice) would send no SIGTERM at all.
         return 0
 
     def _interruptions_total(self) -> str:
