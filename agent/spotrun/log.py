@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from typing import Any, TextIO
 
 import structlog
@@ -61,7 +60,8 @@ def configure(level: str = "info", stream: TextIO | None = None, **context: Any)
             _SyslogJSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
+        # No stream: sys.stdout as it is when each event is written (not when configured).
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

@@ -1,7 +1,15 @@
 import io
 import json
 
+import pytest
+
 from spotrun import log
+
+
+@pytest.fixture(autouse=True)
+def _default_logging_afterwards():
+    yield
+    log.configure()  # later tests capture stdout; leave no StringIO configured
 
 
 def _lines(stream):
