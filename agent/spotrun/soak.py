@@ -94,6 +94,30 @@ class SoakJob(Rehearsal):
             self.boot(self.cloud, inst)
             return True
 
+    def _systemd_tick(self) -> None:
+        """Restart=on-failure, RestartSec, RestartPreventExitStatus=2: an agent that died by a
+        signal or a non-zero exit (not 2) on a running instance is started again."""
+        now = time.monotonic()
+        for boot in list(self.boots):
+            proc = boot["process"]
+            if boot.get("handled") or proc.poll() is None:
+                continue
+            if proc.returncode in (0, 2):
+                boot["handled"] = True
+                continue
+            boot.setdefault("died_at", now)
+            if now - boot["died_at"] >= self.restart_sec:
+                boot["handled"] = True
+                inst = self.cloud.instances.get(boot["instance_id"])
+                if inst is not None and self.restart_agent(inst):
+                    log.info("agent_restarted", instance_id=inst.instance_id,
+                             returncode=proc.returncode)
+
+    def await_agent_restart(self, instance_id: str) -> None:
+        count = sum(b["instance_id"] == instance_id for b in self.boots)
+        self.wait(f"{instance_id}'s agent to be restarted",
+                  lambda: sum(b["instance_id"] == instance_id for b in self.boots) > count, 30)
+
     # -- waiting on the job's truth -------------------------------------------------------
 
     def _check_alive(self) -> None:
@@ -103,6 +127,7 @@ class SoakJob(Rehearsal):
     def wait(self, what: str, condition, timeout: float | None = None):
         deadline = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
         while time.monotonic() < deadline:
+            self._systemd_tick()
             value = condition()
             if value:
                 return value
@@ -269,12 +294,13 @@ class SoakJob(Rehearsal):
 
     def run_slots(self) -> str | None:
         """Run every slot; returns an error string if the job could not be driven."""
-        self.start()
         slots = self.job_plan.slots
+        first = CATALOGUE[slots[0].kind]
+        if first.prepare is not None:  # before the first boot, which it is meant for
+            first.prepare(self, slots[0])
+        self.start()
         for position, slot in enumerate(slots):
             kind = CATALOGUE[slot.kind]
-            if position == 0 and kind.prepare is not None:
-                kind.prepare(self, slot)
             self.slot_started = time.time() - 0.5
             nxt = slots[position + 1] if position + 1 < len(slots) else None
             try:

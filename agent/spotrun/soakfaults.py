@@ -165,8 +165,7 @@ def kill_agent_and_restart(job, slot) -> Outcome:
     systemd_like = slot.rng.random() < 0.5
     if systemd_like and trainer is not None:
         _signal_pid(trainer, signal.SIGKILL)
-    job.pause(job.restart_sec)
-    job.restart_agent(inst)
+    job.await_agent_restart(inst.instance_id)  # systemd: Restart=on-failure, RestartSec
     job.note_undrained(inst.instance_id, step, "agent killed")
     job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
     return _notice_and_drain(job, inst, "drained notice", faults=[
@@ -348,8 +347,7 @@ def crash_in_migration(job, slot) -> Outcome:
     if point:
         crashed = job.await_agent_exit_or_training(inst.instance_id)
         if crashed:
-            job.pause(job.restart_sec)
-            job.restart_agent(inst)
+            job.await_agent_restart(inst.instance_id)
             faults.append(f"crashpoint:{point}")
         else:
             faults.append("crashpoint:not_reached")
