@@ -28,7 +28,7 @@ from nspawn import Container, apt_install  # noqa: E402
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.loopdev]
 
 REPO = Path(__file__).resolve().parents[2]
-COUNTING_TRAINER = REPO / "tests/e2e/counting_trainer.py"
+COUNTING_TRAINER = REPO / "agent/spotrun/soak_trainer.py"
 UNIT = "spotrun-agent"
 
 
