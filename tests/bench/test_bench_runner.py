@@ -49,7 +49,7 @@ def test_figure_reports_goal_without_asserting_it():
 
 def _bench(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=570)
 
 
 def test_unknown_figure_group_and_missing_out_directory_are_refused(tmp_path):
