@@ -126,7 +126,6 @@ def idle_footprint(workdir: Path, seconds: float, interval_s: float = 1.0) -> di
         agent = psutil.Process(boot["process"].pid)
         time.sleep(2.0)  # let the first trainer start and the monitor settle into its rhythm
         rss, cpu_before, wall_before = [], agent.cpu_times(), time.monotonic()
-        polls_before = _count_polls(boot)
         end = wall_before + seconds
         while time.monotonic() < end:
             rss.append(agent.memory_info().rss / 2**20)
@@ -136,13 +135,7 @@ def idle_footprint(workdir: Path, seconds: float, interval_s: float = 1.0) -> di
         share = 100.0 * used / (wall_after - wall_before)
         return {"rss_mib": rss, "cpu_percent_of_one_core": share, "seconds": round(wall_after - wall_before, 1),
                 "agent_pid": agent.pid, "trainer_excluded": True, "poll_interval_s": 1.0,
-                "threads": agent.num_threads(), "phase_during": "training",
-                "log_events_before": polls_before}
+                "threads": agent.num_threads(), "phase_during": "training"}
     finally:
         rehearsal.stop()
 
-
-def _count_polls(boot: dict) -> int:
-    from spotrun.rehearsal import read_events
-
-    return len(read_events(Path(boot["log"])))
