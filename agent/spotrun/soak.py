@@ -383,6 +383,12 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
             result["seconds"] = round(time.monotonic() - job_started, 1)
             results.append(result)
             echo(soakcheck.job_line(result))
+            # After every job, so a run stopped half-way still has its table.
+            partial = soakcheck.summarize(results, profile=profile, seed=seed,
+                                          seconds=time.monotonic() - started)
+            (out / "results.json").write_text(json.dumps({"summary": partial, "jobs": results},
+                                                         indent=1, default=str))
+            (out / "summary.txt").write_text(soakcheck.format_summary(partial) + "\n")
     summary = soakcheck.summarize(results, profile=profile, seed=seed,
                                   seconds=time.monotonic() - started)
     (out / "results.json").write_text(json.dumps({"summary": summary, "jobs": results}, indent=1,
