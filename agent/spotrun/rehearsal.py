@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotrun import tags as T
+from spotrun.errors import SpotrunError, UsageError
 from spotrun.log import get_logger
 
 log = get_logger("rehearsal")
@@ -54,7 +55,7 @@ class RehearsalPlan:
     ref: str = "main"
     command: list[str] = field(default_factory=lambda: [sys.executable, "train.py"])
     trainer_env: dict[str, str] = field(default_factory=dict)
-    trainer_user: str = "nobody"
+    trainer_user: str = "nobody"  # "" = nobody where it can reach the work, else root (said so)
     interrupt_at_steps: list[int] = field(default_factory=lambda: [40])
     notice_s: float = 20.0  # the two-minute notice, scaled down so the demo is quick
     az_policy: str = "round-robin"
@@ -180,7 +181,15 @@ class Rehearsal:
         from spotrun.localcloud.fleet import LaunchSpec
 
         self.out.mkdir(parents=True, exist_ok=True)
-        _check_reachable(self.plan.trainer_user, [self.out, Path(sys.executable).resolve().parent])
+        needed = [self.out, Path(sys.executable).parent]
+        if not self.plan.trainer_user:
+            try:
+                _check_reachable("nobody", needed)
+                self.plan.trainer_user = "nobody"
+            except SpotrunError as exc:
+                self.plan.trainer_user = "root"
+                self.say(f"the trainer runs as root here: {exc} (on AWS it runs as trainer.user)")
+        _check_reachable(self.plan.trainer_user, needed)
         if not self.plan.repository:
             self.plan.repository = make_demo_repository(self.out / "repo")
         if self.cloud is None:
@@ -351,8 +360,6 @@ def _check_reachable(user: str, paths: list[Path]) -> None:
     import pwd
     import stat
 
-    from spotrun.errors import UsageError
-
     if user == "root" or os.geteuid() != 0:
         return
     try:
@@ -440,7 +447,8 @@ def register(subparsers) -> None:
     parser.add_argument("--az-policy", default="round-robin",
                         help="where replacements launch: random, round-robin, fixed:<az>")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
-    parser.add_argument("--trainer-user", default="nobody",
-                        help="unprivileged user the trainer runs as (on AWS: trainer.user, 'ubuntu')")
+    parser.add_argument("--trainer-user", default="",
+                        help="user the trainer runs as (default: nobody, or root where nobody cannot "
+                             "reach the work directory or the interpreter; on AWS: trainer.user)")
     parser.add_argument("--quiet", action="store_true", help="only the report")
     parser.set_defaults(func=cmd_rehearse)
