@@ -1,0 +1,326 @@
+"""One soak job: a Spot Fleet on the shared local cloud whose instances run the real agent
+(booted, and restarted on failure, as systemd would) with the counting trainer, and the hooks
+the fault kinds of :mod:`spotrun.soakfaults` use to wait for their moment and inject."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spotrun.log import get_logger
+from spotrun.rehearsal import Rehearsal, RehearsalPlan, _wall, read_events
+from spotrun.soakfaults import CATALOGUE, read_json_lines
+from spotrun.soakplan import JobPlan
+
+log = get_logger("soak")
+
+
+class JobEnded(Exception):
+    """The job's fleet was cancelled while the soak still meant to interrupt it."""
+
+
+class SoakJob(Rehearsal):
+    """One planned job on a shared cloud: the rehearsal's fleet and boot, with fault hooks."""
+
+    notice_s = 6.0
+    restart_sec = 1.0          # systemd's RestartSec, scaled down like the notice
+    maintenance_lead_s = 3.0
+
+    def __init__(self, cloud, out: Path, plan: JobPlan, repository: str, timeout_s: float):
+        env = {"STEPS": str(plan.steps), "STEP_S": str(plan.step_s),
+               "CKPT_EVERY": str(plan.ckpt_every)}
+        super().__init__(RehearsalPlan(
+            out=out, job_id=plan.job_id, repository=repository,
+            command=[sys.executable, "train.py"], trainer_env=env, interrupt_at_steps=[],
+            notice_s=self.notice_s, timeout_s=timeout_s,
+            agent_config={"trainer": {"drain_reserve_s": 2.0, "restart_backoff_s": 0.5},
+                          "agent": {"maintenance_lead_s": self.maintenance_lead_s}}), cloud=cloud)
+        self.job_plan = plan
+        self.deadline = time.monotonic() + timeout_s
+        self.gone: list[str] = []               # instances interrupted, in order
+        self.outcomes = []                      # soakfaults.Outcome per slot
+        self.undrained_notes: list[dict] = []   # kills of agent/trainer inside one instance
+        self.corrupted: list[tuple[str, str]] = []
+        self.crash_next_boot: str | None = None
+        self.crash_armed: dict[str, str] = {}
+        self.ec2_faults_on = False
+        self.slow_timing_on = False
+        self._clear_on_next_training = False
+        self._base_timing = None
+        self.cancelled_by_soak = False
+        self.bad_input_results: list[dict] = []
+        self.slot_started = time.time()
+
+    # -- boot, as systemd would -----------------------------------------------------------
+
+    def boot(self, cloud, inst) -> subprocess.Popen:
+        import tomli_w
+
+        config_path = inst.root / "agent.toml"
+        if not config_path.exists():
+            config_path.write_text(tomli_w.dumps(self._agent_config(inst)))
+        env = inst.env()
+        point, self.crash_next_boot = self.crash_next_boot, None
+        if point:
+            env["SPOTRUN_CRASH_AT"] = point
+            self.crash_armed[inst.instance_id] = point
+        argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
+        with open(inst.root / "agent.log", "ab") as log_file:
+            boot = {"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
+                    "log": str(inst.root / "agent.log")}
+            boot["process"] = cloud.start_process(inst, argv, env=env, stdout=log_file,
+                                                  stderr=subprocess.STDOUT)
+        with self._lock:
+            self.boots.append(boot)
+        return boot["process"]
+
+    def restart_agent(self, inst) -> bool:
+        with inst.power_lock:  # a terminated instance boots nothing
+            if inst.state != "running":
+                return False
+            self.boot(self.cloud, inst)
+            return True
+
+    def _systemd_tick(self) -> None:
+        """Restart=on-failure, RestartSec, RestartPreventExitStatus=2: an agent that died by a
+        signal or a non-zero exit (not 2) on a running instance is started again."""
+        now = time.monotonic()
+        for boot in list(self.boots):
+            proc = boot["process"]
+            if boot.get("handled") or proc.poll() is None:
+                continue
+            if proc.returncode in (0, 2):
+                boot["handled"] = True
+                continue
+            boot.setdefault("died_at", now)
+            if now - boot["died_at"] >= self.restart_sec:
+                boot["handled"] = True
+                inst = self.cloud.instances.get(boot["instance_id"])
+                if inst is not None and self.restart_agent(inst):
+                    log.info("agent_restarted", instance_id=inst.instance_id,
+                             returncode=proc.returncode)
+
+    def await_agent_restart(self, instance_id: str) -> None:
+        count = sum(b["instance_id"] == instance_id for b in self.boots)
+        self.wait(f"{instance_id}'s agent to be restarted",
+                  lambda: sum(b["instance_id"] == instance_id for b in self.boots) > count, 30)
+
+    # -- waiting on the job's truth -------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._fleet_cancelled():
+            raise JobEnded(f"{self.plan.job_id}: fleet cancelled before the soak's last slot")
+
+    def wait(self, what: str, condition, timeout: float | None = None):
+        deadline = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+        while time.monotonic() < deadline:
+            self._systemd_tick()
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.05)  # another process's files and logs: nothing to block on
+        raise TimeoutError(f"{self.plan.job_id}: timed out waiting for {what}")
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)  # a deliberate delay in the fault schedule, not synchronisation
+
+    def await_current_instance(self):
+        def current():
+            self._check_alive()
+            for member in reversed(self.fleet.live_members() if self.fleet else []):
+                if member.instance_id not in self.gone and any(
+                        b["instance_id"] == member.instance_id for b in self.boots):
+                    return self.cloud.instance(member.instance_id)
+            return None
+        return self.wait("the current instance", current)
+
+    def events_of(self, instance_id: str) -> list[dict]:
+        for boot in self.boots:
+            if boot["instance_id"] == instance_id:
+                return read_events(Path(boot["log"]))
+        return []
+
+    def _matching(self, instance_id: str, event: str, since: float, match: dict) -> dict | None:
+        for item in self.events_of(instance_id):
+            if item.get("event") == event and all(item.get(k) == v for k, v in match.items()) \
+                    and (_wall(item.get("ts")) or 0) >= since:
+                return item
+        return None
+
+    def await_event(self, instance_id: str, event: str, timeout: float = 60.0, **match) -> dict:
+        since = self.slot_started
+
+        def found():
+            hit = self._matching(instance_id, event, since, match)
+            if not hit:
+                self._check_alive()
+            return hit
+        return self.wait(f"{event} {match or ''} from {instance_id}", found, timeout)
+
+    def await_released_or_gone(self, inst, timeout: float) -> bool:
+        """True once the agent released the volume; False if the instance went first."""
+        def ended():
+            if self._matching(inst.instance_id, "phase_changed", self.slot_started,
+                              {"phase": "released"}):
+                return "released"
+            if inst.state != "running":
+                return "gone"
+            self._check_alive()
+            return None
+        return self.wait(f"{inst.instance_id} to release or go", ended, timeout) == "released"
+
+    def await_event_or_training(self, instance_id: str, event: str, **match) -> bool:
+        def seen():
+            if self._matching(instance_id, event, 0, match):
+                return "seen"
+            if self._matching(instance_id, "phase_changed", 0, {"phase": "training"}):
+                return "training"
+            return None
+        return self.wait(f"{event} on {instance_id}", seen, 60) == "seen"
+
+    def await_agent_exit_or_training(self, instance_id: str) -> bool:
+        def ended():
+            proc = self.agent_process(instance_id)
+            if proc is not None and proc.poll() is not None:
+                return "exited"
+            if self._matching(instance_id, "phase_changed", 0, {"phase": "training"}):
+                return "training"
+            return None
+        return self.wait(f"{instance_id}'s agent to crash or train", ended, 90) == "exited"
+
+    def current_phase(self, instance_id: str) -> str | None:
+        phases = [e.get("phase") for e in self.events_of(instance_id) if e.get("event") == "phase_changed"]
+        return phases[-1] if phases else None
+
+    def agent_process(self, instance_id: str):
+        procs = [b["process"] for b in self.boots if b["instance_id"] == instance_id]
+        return procs[-1] if procs else None
+
+    def trainer_pid(self, inst) -> int | None:
+        started = [e for e in self.events_of(inst.instance_id) if e.get("event") == "trainer_started"]
+        return started[-1].get("pid") if started else None
+
+    def _fresh_progress(self, inst) -> dict:
+        """The progress file, only once this instance's latest trainer wrote it."""
+        started = [e for e in self.events_of(inst.instance_id) if e.get("event") == "trainer_started"]
+        if not started:
+            return {}
+        progress = self.progress_of(inst)
+        written = progress.get("time")
+        if not isinstance(written, (int, float)) or written < (_wall(started[-1].get("ts")) or 0):
+            return {}
+        return progress
+
+    def step_of(self, inst) -> int | None:
+        return self._fresh_progress(inst).get("global_step")
+
+    def await_training_step(self, target: int):
+        inst = self.await_current_instance()
+
+        def reached():
+            self._check_alive()
+            if inst.state != "running":
+                raise RuntimeError(f"{inst.instance_id} went away before step {target}")
+            step = self.step_of(inst)
+            return isinstance(step, int) and step >= target
+
+        self.wait(f"training step {target} on {inst.instance_id}", reached)
+        if self._clear_on_next_training:
+            self._clear_on_next_training = False
+            self.clear_faults()
+        return inst
+
+    def note_undrained(self, instance_id: str, step: int | None, cause: str, allowance: int = 1):
+        starts = self.trainer_starts(instance_id)
+        self.undrained_notes.append({"instance_id": instance_id, "observed_step": step,
+                                     "cause": cause, "starts_before": len(starts),
+                                     "allowance": allowance})
+
+    def trainer_starts(self, instance_id: str) -> list[dict]:
+        path = self.cloud.instance(instance_id).state_dir / "trainer.log"
+        return [e for e in read_json_lines(path) if e.get("event") == "trainer_start"]
+
+    def job_resources(self) -> tuple[set[str], set[str]]:
+        """The ids of the job's volumes and snapshots, from the cloud's fault-free view."""
+        from spotrun import tags as T
+
+        ec2 = self.cloud.client("ec2", faults=False)
+        filters = T.job_filters(self.plan.job_id)
+        return ({v["VolumeId"] for v in ec2.describe_volumes(Filters=filters)["Volumes"]},
+                {s["SnapshotId"] for s in ec2.describe_snapshots(Filters=filters,
+                                                                  OwnerIds=["self"])["Snapshots"]})
+
+    # -- faults that outlive one slot -----------------------------------------------------
+
+    def before_interruption(self) -> None:
+        """Arm the next slot's boot-time fault before this slot's instance goes."""
+        pending, self._prepare_next = getattr(self, "_prepare_next", None), None
+        if pending is not None:
+            kind, slot = pending
+            kind.prepare(self, slot)
+
+    def set_ec2_faults(self, **plan) -> None:
+        self.cloud.ec2_faults(**plan)
+        self.ec2_faults_on = True
+
+    def set_timing(self, **changes) -> None:
+        overlay = self.cloud._overlay  # the timing model the EBS overlay reads on every call
+        self._base_timing = self._base_timing or overlay.timing
+        overlay.timing = dataclasses.replace(overlay.timing, **changes)
+        self.slow_timing_on = True
+
+    def clear_faults(self) -> None:
+        if self.ec2_faults_on:
+            self.cloud.ec2_faults()
+            self.ec2_faults_on = False
+        if self.slow_timing_on:
+            self.cloud._overlay.timing = self._base_timing
+            self.slow_timing_on = False
+
+    # -- the job --------------------------------------------------------------------------
+
+    def run_slots(self) -> str | None:
+        """Run every slot; returns an error string if the job could not be driven."""
+        slots = self.job_plan.slots
+        first = CATALOGUE[slots[0].kind]
+        if first.prepare is not None:  # before the first boot, which it is meant for
+            first.prepare(self, slots[0])
+        self.start()
+        for position, slot in enumerate(slots):
+            kind = CATALOGUE[slot.kind]
+            self.slot_started = time.time() - 0.5
+            nxt = slots[position + 1] if position + 1 < len(slots) else None
+            try:
+                if nxt is not None and CATALOGUE[nxt.kind].prepare is not None:
+                    self._prepare_next = (CATALOGUE[nxt.kind], nxt)
+                else:
+                    self._prepare_next = None
+                outcome = kind.run(self, slot)
+            except JobEnded as exc:
+                return str(exc)
+            except Exception as exc:  # noqa: BLE001 - one job's trouble is reported, the soak goes on
+                log.exception("soak_slot_failed", job=self.plan.job_id, slot=position, kind=slot.kind)
+                return f"slot {position} ({slot.kind}): {type(exc).__name__}: {exc}"
+            self.outcomes.append(outcome)
+            self.gone.append(outcome.instance_id)
+            if slot.kind in ("ec2_faults", "slow_snapshots"):
+                self._clear_on_next_training = True
+        try:
+            self.wait("the fleet to be cancelled", self._fleet_cancelled)
+        except TimeoutError as exc:
+            return str(exc)
+        finally:
+            self.clear_faults()
+        return None
+
+    def cleanup(self) -> None:
+        self.clear_faults()
+        if self.fleet is not None and not self._fleet_cancelled():
+            self.cancelled_by_soak = True
+            self.fleet.cancel(terminate_instances=True)
+        for boot in self.boots:
+            inst = self.cloud.instances.get(boot["instance_id"])
+            if inst is not None and inst.state == "running":
+                self.cloud.terminate(inst.instance_id)
