@@ -10,6 +10,8 @@ import stat
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,3 +35,12 @@ def pytest_configure(config):
     if changed:
         print(f"tests: granted o+x on {', '.join(changed)} so the unprivileged trainer can run",
               file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _default_logging():
+    """No test leaves a logging level or a captured stream behind for the next one."""
+    yield
+    from spotrun import log
+
+    log.configure()

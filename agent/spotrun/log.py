@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from typing import Any, TextIO
 
 import structlog
@@ -44,12 +45,27 @@ class _SyslogJSONRenderer:
         return f"<{prio}>" + json.dumps(event_dict, default=str, separators=(",", ":"))
 
 
+class _Standard:
+    """sys.stdout / sys.stderr as they are at each write (pytest and tools swap them)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
 _configured = False
 
 
 def configure(level: str = "info", stream: TextIO | None = None, **context: Any) -> None:
     """Set up structlog for this process; ``context`` is bound to every event (e.g. job=...)."""
     global _configured
+    if stream is sys.stdout or stream is sys.stderr:
+        stream = _Standard("stdout" if stream is sys.stdout else "stderr")
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
