@@ -6,8 +6,10 @@ under a private directory (mode 0700, e.g. a mkdtemp) would stop it with "permis
 grant search permission (o+x, never read) along the path, and say so.
 """
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,28 @@ def _default_logging():
     from spotrun import log
 
     log.configure()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's real server on loopback (the AWS API of the tests), one per test module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary directory the unprivileged training user can traverse (pytest's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="spotrun-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

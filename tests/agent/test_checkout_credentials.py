@@ -14,7 +14,6 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
-from moto.server import ThreadedMotoServer
 
 from spotrun.checkout import CheckoutError, Credentials, checkout, load_credentials
 from spotrun.config import CodeConfig
@@ -114,17 +113,6 @@ class _Logs:
 @pytest.fixture
 def captured_logs(capsys):
     return _Logs(capsys)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def aws_client(service, endpoint):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import boto3
 import pytest
 from botocore.stub import Stubber
-from moto.server import ThreadedMotoServer
 
 from spotrun.fleet import FleetError, cancel
 from spotrun.identity import LaunchedBy
@@ -12,30 +11,19 @@ from spotrun.identity import LaunchedBy
 REGION = "us-east-1"
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-def client(service, endpoint):
-    return boto3.client(service, endpoint_url=endpoint, region_name=REGION,
+def client(service, moto_endpoint):
+    return boto3.client(service, endpoint_url=moto_endpoint, region_name=REGION,
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
 @pytest.fixture(scope="module")
-def ec2(endpoint):
-    return client("ec2", endpoint)
+def ec2(moto_endpoint):
+    return client("ec2", moto_endpoint)
 
 
 @pytest.fixture(scope="module")
-def autoscaling(endpoint):
-    return client("autoscaling", endpoint)
+def autoscaling(moto_endpoint):
+    return client("autoscaling", moto_endpoint)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import parliament
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from c2_world import JOB, aws, clients, job_volume, launch, make_config, moto_endpoint  # noqa: E402,F401
+from c2_world import JOB, aws, clients, job_volume, launch, make_config  # noqa: E402,F401
 
 from spotrun import ec2 as ec2mod  # noqa: E402
 from spotrun import iam  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from c2_world import JOB, aws, clients, job_volume, launch, moto_endpoint  # noqa: E402,F401
+from c2_world import JOB, aws, clients, job_volume, launch  # noqa: E402,F401
 
 from spotrun import lease as L  # noqa: E402
 from spotrun.errors import SpotrunError  # noqa: E402

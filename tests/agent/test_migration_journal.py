@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from c2_world import JOB, NAME, aws, clients, job_volume, launch, make_config, moto_endpoint  # noqa: E402,F401
+from c2_world import JOB, NAME, aws, clients, job_volume, launch, make_config  # noqa: E402,F401
 
 from spotrun import migration as M  # noqa: E402
 from spotrun import tags as T  # noqa: E402

@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from c2_world import JOB, REGION, aws, clients, make_config, moto_endpoint  # noqa: E402,F401
+from c2_world import JOB, REGION, aws, clients, make_config  # noqa: E402,F401
 
 from spotrun import ec2 as E  # noqa: E402
 from spotrun import tags as T  # noqa: E402

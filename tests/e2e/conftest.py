@@ -1,23 +1,11 @@
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 # The framework-free, protocol-aware trainer the soak drives too (exact resume via a running sum).
 COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
-
-
-@pytest.fixture
-def shared_tmp():
-    """A temporary directory the unprivileged training user can traverse (pytest's are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="spotrun-e2e-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

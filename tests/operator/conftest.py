@@ -12,9 +12,6 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from spotrun.config import ConfigError
-from spotrun.errors import SpotrunError
-from spotrun.operator import cli as operator_cli
 
 REGION = "us-west-2"
 
@@ -144,20 +141,10 @@ def job_file(tmp_path, job_id):
 
 
 def main(argv: list[str]) -> int:
-    """``spotrun.cli.main`` with only the operator's subcommands registered, so these tests
-    don't depend on other areas' modules importing cleanly; same error-to-exit mapping."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="spotrun")
-    operator_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"spotrun: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except SpotrunError as exc:
-        print(f"spotrun: {exc}", file=sys.stderr)
-        return exc.exit_code
+    """The real ``spotrun`` entry point (its error-to-exit mapping included)."""
+    from spotrun.cli import main as spotrun_main
+
+    return spotrun_main(argv)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import types
 import urllib.request
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from spotrun import config as configmod
 from spotrun import ec2 as ec2mod
@@ -15,17 +14,6 @@ from spotrun import tags as T
 REGION = "us-east-1"
 JOB = "job-c2"
 NAME = "DL-datasets-checkpoints"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture
