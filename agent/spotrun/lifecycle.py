@@ -166,12 +166,22 @@ class Lifecycle:
         return f"{phase}: next, {NEXT[self.phase]}" if self.phase else phase
 
     def progress(self) -> dict:
+        """The current trainer's progress; {} until it has written the file. Before that the
+        file on the volume is an earlier trainer's (the previous instance's, or one that
+        crashed) and says nothing about how far this one got."""
         path = self.config.checkpoints_path / PROGRESS_FILE
         try:
             data = json.loads(path.read_text())
-            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
+        if not isinstance(data, dict):
+            return {}
+        trainer = self.supervisor.current if self.supervisor is not None else None
+        since = getattr(trainer, "started_wall", None)
+        written = data.get("time")
+        if since is not None and isinstance(written, (int, float)) and written < since:
+            return {}
+        return data
 
     def latest_checkpoint(self) -> dict:
         """Step and time of the newest verified spotrun checkpoint on the volume ({} if none).
@@ -375,8 +385,9 @@ class Lifecycle:
         log.info("trainer_drained", outcome=result.outcome.value, killed=result.killed,
                  seconds=round(self.clock() - started, 3), reached_step=self.progress().get("global_step"),
                  **self.latest_checkpoint())
+        progress = self.progress()
         self._record_tags({T.INTERRUPTIONS: self._interruptions_total(),
-                           T.PROGRESS: _progress_tag(self.progress())}, force=True)
+                           **({T.PROGRESS: _progress_tag(progress)} if progress else {})}, force=True)
         if action in ("stop", "hibernate"):
             # A stopped instance keeps its EBS volumes: flush and unmount cleanly, stay attached.
             blockdev.sync(self.config.mount_point)

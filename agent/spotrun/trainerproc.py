@@ -112,6 +112,7 @@ class TrainerProcess:
         self._killed = False
         self.start_error: str | None = None
         self.started_at: float | None = None
+        self.started_wall: float | None = None  # to compare with the trainer's own timestamps
         self.exited_at: float | None = None
 
     # -- properties -------------------------------------------------------------------
@@ -215,6 +216,7 @@ class TrainerProcess:
                 if output is not None:
                     output.close()  # the child holds its own copy
             self.started_at = time.monotonic()
+            self.started_wall = time.time()
             self._transition(TrainerState.RUNNING)
             log.info("trainer_started", pid=self._popen.pid, command=self.command, user=self.user,
                      cwd=str(self.cwd), output="journal" if isinstance(output, socket.socket)

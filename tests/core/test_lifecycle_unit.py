@@ -1,7 +1,14 @@
+import getpass
+import json
+import sys
+import time
+from types import SimpleNamespace
+
 import pytest
 
 from spotrun import config
-from spotrun.lifecycle import ALLOWED, Lifecycle, Phase, TransitionError
+from spotrun.lifecycle import ALLOWED, PROGRESS_FILE, Lifecycle, Phase, TransitionError
+from spotrun.trainerproc import TrainerProcess
 
 
 class _Quiet:
@@ -55,3 +62,22 @@ def test_the_trainer_gets_the_protocol_and_the_library_path(tmp_path):
     assert env["SPOTRUN_DATA_DIR"] == str(tmp_path / "mnt" / "datasets")
     assert env["SPOTRUN_CHECKPOINT_DIR"] == str(tmp_path / "mnt" / "checkpoints")
     assert env["SPOTRUN_PROGRESS_FILE"].startswith(env["SPOTRUN_CHECKPOINT_DIR"])
+
+
+def test_progress_an_earlier_trainer_left_is_not_reported_as_the_current_ones(tmp_path):
+    """Found by the soak (long profile, seed 1, job 1): a notice 15 ms after the trainer started
+    drained it with reached_step 43 -- the step the previous instance's trainer had written
+    to the progress file before it was killed. This trainer had resumed from checkpoint 40
+    and run no step; the soak counted 3 steps redone by a drained notice."""
+    lc = _lifecycle(tmp_path)
+    progress_file = lc.config.checkpoints_path / PROGRESS_FILE
+    progress_file.parent.mkdir(parents=True)
+    progress_file.write_text(json.dumps({"global_step": 43, "time": time.time()}))
+    trainer = TrainerProcess([sys.executable, "-c", "pass"], user=getpass.getuser(), cwd=tmp_path,
+                             env={}, log_path=tmp_path / "trainer.log")
+    trainer.start()
+    assert trainer.wait(10) == 0
+    lc.supervisor = SimpleNamespace(current=trainer)
+    assert lc.progress() == {}
+    progress_file.write_text(json.dumps({"global_step": 40, "time": time.time()}))
+    assert lc.progress()["global_step"] == 40
