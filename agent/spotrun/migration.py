@@ -44,6 +44,8 @@ STEP = "spotrun:migration-step"
 CREATE_TOKEN = "spotrun:create-token"
 MOUNTS = "spotrun:mounts"
 MOUNT_STATE = "spotrun:mount-state"  # "clean" after a clean unmount, else "mounted:<instance>"
+ORIGIN = "spotrun:origin"
+CREATED_EMPTY = {ORIGIN: "created-empty"}  # the agent made it as the job's first volume
 CLEAN = "clean"
 
 ROLE_VOLUME = "volume"
@@ -59,7 +61,7 @@ PROVEN_STEPS = (STEP_VERIFIED, STEP_DONE)
 
 _GONE_STATES = ("deleting", "deleted")
 # Tags never copied from the source to its migrated copy.
-_NOT_COPIED = {SOURCE_VOLUME, STEP, CREATE_TOKEN, MOUNTS, MOUNT_STATE, T.GENERATION}
+_NOT_COPIED = {SOURCE_VOLUME, STEP, CREATE_TOKEN, MOUNTS, MOUNT_STATE, T.GENERATION, ORIGIN}
 
 
 class VolumeDecisionError(SpotrunError):
@@ -91,6 +93,14 @@ def mounts(volume: dict) -> int:
         return int(tags_of(volume).get(MOUNTS, "0"))
     except ValueError:
         return 0
+
+
+def never_used(volume: dict) -> bool:
+    """Made empty by an agent as the job's first volume and never mounted since: there is
+    nothing on it to carry to another AZ. (A volume the operator created may hold data put
+    there by hand; one restored from a snapshot holds the snapshot's.)"""
+    return (tags_of(volume).get(ORIGIN) == CREATED_EMPTY[ORIGIN] and mounts(volume) == 0
+            and not volume.get("SnapshotId"))
 
 
 def token(*parts: str) -> str:

@@ -128,8 +128,11 @@ class VolumeManager:
         if plan.source is not None:  # a verified copy exists: its source goes first
             M.finish(self.ec2, self._wait_unheld(plan.source), plan.current["VolumeId"],
                      self.config.volume.create_timeout_s)
-        current = plan.current
         az = self.identity.availability_zone
+        if plan.current["AvailabilityZone"] != az and M.never_used(plan.current):
+            plan = M.Plan(current=self._start_over_here(plan))
+            created = True
+        current = plan.current
         keep = M.this_attempts_token(current, az) if current["AvailabilityZone"] != az else None
         for copy in plan.unverified:
             if M.tags_of(copy).get(M.CREATE_TOKEN) != keep:
@@ -175,6 +178,30 @@ class VolumeManager:
                  migrated=source is not None)
         return self._acquired
 
+    def _start_over_here(self, plan: M.Plan) -> dict:
+        """The job's first boot died before it ever mounted its new volume: a copy would carry
+        nothing (and a restored blank looks like lost data), so the job starts here instead.
+        Each step is safe to crash after: copies and snapshots of the blank go first, the
+        blank itself last, and a boot that finds no volume and no snapshot creates one."""
+        blank = plan.current
+        deadline = self.config.volume.create_timeout_s
+        why = f"copy of {blank['VolumeId']}, which was never used"
+        for copy in plan.unverified:
+            M.delete_volume(self.ec2, self._wait_unheld(copy), why, deadline)
+        for snapshot in M.job_snapshots(self.ec2, self.config.job.id,
+                                        **{M.SOURCE_VOLUME: blank["VolumeId"]}):
+            try:
+                ec2mod.call_retrying(f"deleting {snapshot['SnapshotId']}",
+                                     lambda sid=snapshot["SnapshotId"]: self.ec2.delete_snapshot(
+                                         SnapshotId=sid))
+            except Exception as exc:  # noqa: BLE001 - NotFound after a performed-then-5xx is success
+                if ec2mod.error_code(exc) != "InvalidSnapshot.NotFound":
+                    raise
+            log().info("snapshot_deleted", snapshot_id=snapshot["SnapshotId"], reason=why)
+        M.delete_volume(self.ec2, self._wait_unheld(blank), "never used: the job starts over in "
+                        f"{self.identity.availability_zone}", deadline)
+        return self._create_first()
+
     def _create_first(self) -> dict:
         job, vc = self.config.job.id, self.config.volume
         where = (f"no volume tagged Name={vc.name_tag} and {T.JOB}={job} in "
@@ -190,7 +217,8 @@ class VolumeManager:
                 f"with the job's tags, or delete the snapshots to start the job afresh")
         create_token = M.token("create", job, self.me)
         tags = {T.NAME: vc.name_tag, T.JOB: job, T.ROLE: M.ROLE_VOLUME, T.GENERATION: "1",
-                M.CREATE_TOKEN: create_token, M.MOUNTS: "0", M.MOUNT_STATE: M.CLEAN}
+                M.CREATE_TOKEN: create_token, M.MOUNTS: "0", M.MOUNT_STATE: M.CLEAN,
+                **M.CREATED_EMPTY}
         params = {"AvailabilityZone": self.identity.availability_zone, "Size": vc.size_gib,
                   "VolumeType": vc.type, "Encrypted": vc.encrypted, "ClientToken": create_token,
                   "TagSpecifications": [{"ResourceType": "volume", "Tags": T.as_list(tags)}]}

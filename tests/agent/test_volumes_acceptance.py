@@ -220,3 +220,54 @@ def test_volume_in_error_is_named_and_kept(world):
     run = world.run(inst)
     assert run.rc == 1 and f"job volume {created['VolumeId']} is in state 'error'" in run.stderr
     assert [v["VolumeId"] for v in world.job_volumes()] == [created["VolumeId"]]
+
+
+def test_a_first_volume_never_mounted_is_not_migrated_but_the_job_starts_over_here(world):
+    """Found by the soak (long profile, seed 1, job 8): the job's first boot created its volume
+    and died before formatting it (a notice during acquire; AttachVolume answered 5xx). The
+    replacement in another AZ migrated the blank volume, found no filesystem on the restored
+    copy, refused to make one over restored data, and crash-looped with two volumes of the job."""
+    world.cloud.ec2_faults(server_error=1.0, actions=("AttachVolume",))
+    inst_a = world.cloud.launch_instance(az="us-east-1a", tags={T.JOB: JOB})
+    first = world.start(inst_a)
+    wait_until(lambda: "volume_created" in world.log_text(first), timeout=120,
+               what="the first boot to create the job's volume")
+    first.kill()
+    world.finish(first)
+    world.cloud.terminate(inst_a.instance_id)
+    world.cloud.ec2_faults()
+    [blank] = world.job_volumes()
+    assert M.mounts(blank) == 0
+    # What an agent before this fix left on its way: a migration snapshot of the blank volume.
+    world.checker.create_snapshot(VolumeId=blank["VolumeId"], TagSpecifications=[{
+        "ResourceType": "snapshot", "Tags": T.as_list(
+            M.snapshot_tags(JOB, blank, M.ROLE_MIGRATION_SNAPSHOT))}])
+
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    run = world.run(inst_b, "--write", "datasets/data.txt=from us-east-1b")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.result["created"] is True and run.result["migrated"] is False
+    assert "migration_start" not in run.events()
+    [volume] = world.job_volumes()
+    assert volume["AvailabilityZone"] == "us-east-1b" and volume["VolumeId"] != blank["VolumeId"]
+    assert world.job_snapshots() == []
+    assert (inst_b.mount_point / "datasets" / "data.txt").read_text() == "from us-east-1b"
+    world.assert_calls_listed()
+
+
+def test_a_volume_the_operator_created_is_migrated_even_if_spotrun_never_mounted_it(world):
+    """`spotrun init` creates the volume and the user may fill it by hand before the first
+    boot: only a volume the agent itself created empty may be started over."""
+    ec2 = world.checker
+    volume_id = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1, VolumeType="gp3",
+                                  TagSpecifications=[{"ResourceType": "volume", "Tags": T.as_list(
+                                      {T.NAME: "DL-datasets-checkpoints", T.JOB: JOB,
+                                       T.ROLE: "volume", T.GENERATION: "0"})}])["VolumeId"]
+    wait_until(lambda: world.job_volumes()[0]["State"] == "available", timeout=60,
+               what="the operator's volume")
+    [volume] = world.job_volumes()
+    assert not M.never_used(volume)
+    assert M.never_used({**volume, "Tags": T.as_list({**M.tags_of(volume), **M.CREATED_EMPTY})})
+    assert not M.never_used({**volume, "SnapshotId": "snap-1",
+                             "Tags": T.as_list({**M.tags_of(volume), **M.CREATED_EMPTY})})
+    assert volume_id == volume["VolumeId"]
