@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from spotrun import soakcheck
+from spotrun import lease, soakcheck
 from spotrun.log import get_logger
 from spotrun.soakfaults import CATALOGUE
-from spotrun.soakjob import JobEnded, SoakJob  # noqa: F401 - re-exported
+from spotrun.soakjob import LEASE_TABLE, JobEnded, SoakJob  # noqa: F401 - re-exported
 from spotrun.soakplan import PROFILES, JobPlan, Slot, plan_jobs  # noqa: F401 - re-exported
 
 log = get_logger("soak")
@@ -61,6 +61,7 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
     started = time.monotonic()
     with LocalCloud(out / "cloud", TimingModel.fast()) as cloud:
         decoy = soakcheck.make_decoy(cloud)
+        cloud.client("dynamodb", faults=False).create_table(**lease.table_definition(LEASE_TABLE))
         for plan in plans:
             job = SoakJob(cloud, out / plan.job_id, plan, repository, timeout_s)
             job_started = time.monotonic()

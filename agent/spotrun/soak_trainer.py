@@ -5,6 +5,7 @@ Each "step" adds the step number to a running sum; checkpoints go through spotru
 from the newest valid one. The final sum is only right if every step of the persisted
 lineage ran exactly once. Environment: STEPS (total), STEP_S (seconds a step takes),
 CKPT_EVERY, MODE ("obey" | "crash-at:<step>" | "crash-once-at:<step>" | "ignore-term").
+The soak can freeze it at a chosen point inside a save (``hold_at``).
 """
 import json
 import os
@@ -20,7 +21,32 @@ every = int(os.environ.get("CKPT_EVERY", "50"))
 mode = os.environ.get("MODE", "obey")
 checkpoints = os.environ["SPOTRUN_CHECKPOINT_DIR"]
 progress_file = os.environ.get("SPOTRUN_PROGRESS_FILE")
-store = CheckpointStore(checkpoints)
+# The soak's "freeze inside a save" request: a file naming one point of CheckpointStore.save;
+# at that point this trainer consumes it, says where it is, and stops itself (SIGSTOP), so a
+# fault can land exactly while a checkpoint is half written.
+hold_dir = os.path.dirname(progress_file) if progress_file else None
+
+
+def hold_at(point):
+    if not hold_dir:
+        return
+    request = os.path.join(hold_dir, ".soak-hold")
+    try:
+        with open(request) as fh:
+            wanted = fh.read().strip()
+    except OSError:
+        return
+    if wanted != point:
+        return
+    os.unlink(request)
+    held = os.path.join(hold_dir, f".soak-held-{os.getpid()}")
+    with open(held + ".tmp", "w") as fh:
+        json.dump({"point": point, "step": step, "pid": os.getpid()}, fh)
+    os.replace(held + ".tmp", held)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+store = CheckpointStore(checkpoints, fault_hook=hold_at)
 latest = store.latest_valid()
 step = latest.step if latest else 0
 state = json.loads(latest.read_bytes("state.json")) if latest else {"sum": 0, "runs": 0}

@@ -87,6 +87,12 @@ def _next_resume(job, instance_id: str) -> int | None:
     return None
 
 
+def race_violations(races: list[dict]) -> list[str]:
+    """Invariant 1 under a race: the agent that did not win the job touched nothing of it."""
+    return [f"inv1 two replacements: the one that did not win ({race['loser']}) acted on the "
+            f"job: {race['touched']}" for race in races if race["touched"]]
+
+
 def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     plan = job.job_plan
     cloud = job.cloud
@@ -208,13 +214,15 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         if bad["changed"]:
             violations.append(f"inv7 malformed {bad['where']} changed the job's volumes/snapshots")
 
+    violations.extend(race_violations(job.race_results))
+
     # Invariant 6: nothing outside the job touched.
     view = decoy_view(cloud, decoy["volume_id"], decoy["snapshot_id"])
     if view != decoy["view"]:
         violations.append(f"inv6 the decoy job's resources changed: {view}")
 
     def off_moment(fault: str) -> bool:
-        return fault.endswith((":missed", ":late", ":not_reached", ":no_failure"))
+        return fault.endswith((":missed", ":late", ":not_reached", ":no_failure", ":no_race"))
 
     kinds = Counter(s.kind for s, o in zip(plan.slots, job.outcomes)
                     if not any(off_moment(f) for f in o.faults))
@@ -225,7 +233,7 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
             "interruptions": interruptions, "kinds": dict(kinds), "extra_faults": dict(extra),
             "missed": missed, "lost": dict(lost), "violations": violations,
             "snapshots_left": kept, "undrained_notes": job.undrained_notes,
-            "bad_inputs": job.bad_input_results}
+            "bad_inputs": job.bad_input_results, "races": job.race_results}
 
 
 def job_line(result: dict) -> str:
@@ -274,16 +282,16 @@ def format_summary(s: dict) -> str:
              f"snapshots left       {s.get('snapshots_left', 0)} (all jobs, after completion)",
              "", "faults injected by kind:"]
     for kind, count in s["kinds"].items():
-        lines.append(f"  {kind:<28}{count:>5}")
+        lines.append(f"  {kind:<32}{count:>5}")
     for kind, count in s["extra_faults"].items():
-        lines.append(f"  + {kind:<38}{count:>5}")
+        lines.append(f"  + {kind:<30}{count:>5}")
     if s["missed"]:
         lines.append("  moments missed (injected as a plain notice instead, not counted above):")
         lines.extend(f"    {what}: {count}" for what, count in sorted(s["missed"].items()))
     lines.append("")
     lines.append("work lost (steps redone) by cause:")
     for cause, steps in s["lost"].items():
-        lines.append(f"  {cause:<28}{steps:>5}")
+        lines.append(f"  {cause:<32}{steps:>5}")
     for f in s["failing"]:
         lines.append(f"FAILED job {f['index']} ({f['job']}): replay with "
                      f"`spotrun soak --profile {s['profile']} --seed {s['seed']} --only-job {f['index']}`")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spotrun.crashpoints import CRASHPOINTS
+from spotrun_trainer.store import SAVE_POINTS
 
 
 @dataclass
@@ -42,10 +43,13 @@ class Kind:
 # -- helpers on the driver (``job`` is a soak.SoakJob) ------------------------------------------
 
 def _notice_and_drain(job, inst, cause: str, in_seconds: float | None = None,
-                      faults: list[str] | None = None) -> Outcome:
+                      faults: list[str] | None = None,
+                      after_notice: Callable[[], None] | None = None) -> Outcome:
     job.before_interruption()
     in_seconds = job.notice_s if in_seconds is None else in_seconds
     job.cloud.interrupt(inst.instance_id, "terminate", in_seconds=in_seconds)
+    if after_notice is not None:
+        after_notice()
     released = job.await_released_or_gone(inst, timeout=in_seconds + 60)
     if not released:  # the notice's time came first: killed mid-drain, the undrained case
         phase = job.current_phase(inst.instance_id)
@@ -254,6 +258,113 @@ def disk_full(job, slot) -> Outcome:
                              faults=[] if failed else ["disk_full:no_failure"])
 
 
+# Every point of a save but the last ("saved": the checkpoint is complete by then).
+SAVE_HOLD_POINTS = [p for p in SAVE_POINTS if p != "saved"]
+
+
+def _hold_in_next_save(job, slot, inst):
+    """Freeze the trainer inside its next checkpoint save at a random point of the save
+    (the counting trainer's ``hold_at``). Returns what it said when it stopped, or None."""
+    point = slot.rng.choice(SAVE_HOLD_POINTS)
+    where = inst.mount_point / "checkpoints"
+    request = where / ".soak-hold"
+    request.write_text(point)
+    wait_s = job.job_plan.ckpt_every * job.job_plan.step_s * 3 + 15
+
+    def held():
+        for marker in where.glob(".soak-held-*"):
+            try:
+                info = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue  # the trainer is still writing it
+            marker.unlink()
+            return info
+        return None
+    try:
+        return job.wait(f"the trainer on {inst.instance_id} to stop inside a save at {point}",
+                        held, wait_s)
+    except TimeoutError:
+        request.unlink(missing_ok=True)  # never leave the request for a later trainer
+        return None
+
+
+def notice_during_checkpoint_write(job, slot) -> Outcome:
+    """The notice lands while a checkpoint is half written: the trainer, frozen inside the
+    save, goes on after a moment with the drain's SIGTERM pending; the save it was in and the
+    drain's own save must both be whole, and the next boot resume from the drain's."""
+    inst = _trained(job, slot)
+    held = _hold_in_next_save(job, slot, inst)
+    if held is None:
+        return _notice_and_drain(job, inst, "drained notice", faults=["ckpt_write:missed"])
+
+    def release_the_trainer_mid_drain():
+        job.await_event(inst.instance_id, "phase_changed", phase="draining", timeout=30)
+        job.pause(slot.rng.uniform(0.0, 1.5))
+        _signal_pid(held["pid"], signal.SIGCONT)
+    return _notice_and_drain(job, inst, "drained notice", faults=[f"ckpt_write:{held['point']}"],
+                             after_notice=release_the_trainer_mid_drain)
+
+
+def kill_during_checkpoint_write(job, slot) -> Outcome:
+    """A checkpoint half written when the whole instance dies (no drain), or when the trainer
+    alone is SIGKILLed (the agent restarts it): the half save must never be loaded, and
+    what is lost is at most the checkpoint interval."""
+    inst = _trained(job, slot)
+    held = _hold_in_next_save(job, slot, inst)
+    if held is None:
+        return _notice_and_drain(job, inst, "drained notice", faults=["ckpt_kill:missed"])
+    fault = f"ckpt_kill:{held['point']}"
+    if slot.rng.random() < 0.5:
+        return _kill_instance(job, inst, "instance killed mid-save", faults=[fault])
+    step = job.step_of(inst)
+    _signal_pid(held["pid"], signal.SIGKILL)
+    _signal_pid(held["pid"], signal.SIGCONT)
+    job.await_event(inst.instance_id, "trainer_restart_scheduled", timeout=30)
+    job.note_undrained(inst.instance_id, step, "trainer killed mid-save")
+    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
+    return _notice_and_drain(job, inst, "drained notice", faults=[fault + "/trainer"])
+
+
+# What an agent that lost the race for the job must never have done.
+LOSER_MUST_NOT = ("lease_acquired", "lease_taken_over", "volume_created", "volume_attach_requested",
+                  "migration_start", "snapshot_started", "volume_deleted")
+
+
+def two_replacements(job, slot) -> Outcome:
+    """The fleet launches two replacements at once (its target raised to 2 as the instance
+    goes, drained or killed): both agents race for the job through the lease; exactly one
+    trains, the other waits without touching anything, and the fleet then ends the excess."""
+    inst = _trained(job, slot)
+    job.fleet.modify_target_capacity(2)
+    if slot.rng.random() < 0.5:
+        outcome = _notice_and_drain(job, inst, "drained notice")
+    else:
+        outcome = _kill_instance(job, inst, "instance killed")
+    job.gone.append(inst.instance_id)
+
+    def racers():
+        booted = {b["instance_id"] for b in job.boots}
+        new = [m.instance_id for m in job.fleet.live_members()
+               if m.instance_id not in job.gone and m.instance_id in booted]
+        return new if len(new) >= 2 else None
+    pair = job.wait("two replacements booted", racers, 60)
+
+    def winner():
+        training = [i for i in pair if job._matching(i, "phase_changed", 0, {"phase": "training"})]
+        return training[0] if training else None
+    won = job.wait("one replacement to train", winner, 120)
+    job.fleet.modify_target_capacity(1)
+    lost = next(i for i in pair if i != won)
+    job.gone.append(lost)
+    job.cloud.terminate(lost)  # the fleet ends its excess instance
+    loser_did = {e.get("event") for e in job.events_of(lost)}
+    raced = "lease_wait" in loser_did
+    job.race_results.append({"winner": won, "loser": lost, "raced": raced,
+                             "touched": sorted(loser_did & set(LOSER_MUST_NOT))})
+    outcome.faults.append("two_replacements:raced" if raced else "two_replacements:no_race")
+    return outcome
+
+
 BAD_INPUTS = [
     ("user-data", b"#spotrun-config v1\n[job]\nid = \"unterminated\n", None),
     ("user-data", b"#spotrun-config v1\n[trainer]\nmax_restarts = \"three\"\n", None),
@@ -375,6 +486,12 @@ CATALOGUE: dict[str, Kind] = {k.name: k for k in [
          corrupt_latest_checkpoint),
     Kind("disk_full", "job volume filled while training: saves fail (ENOSPC), trainer restarted; "
          "space freed, then a notice", disk_full),
+    Kind("notice_during_checkpoint_write", "notice while the trainer is frozen inside a save "
+         "(random point of it); it goes on mid-drain", notice_during_checkpoint_write),
+    Kind("kill_during_checkpoint_write", "a save half written when the instance (or the trainer "
+         "alone) is killed", kill_during_checkpoint_write),
+    Kind("two_replacements", "two replacements at once race for the job (lease); the fleet "
+         "ends the excess one", two_replacements),
     Kind("bad_input", "a second agent for the job boots with malformed user data or config",
          bad_input),
     Kind("imds_outage", "metadata refused for seconds; the notice arrives during it",

@@ -15,6 +15,7 @@ from spotrun.soakfaults import CATALOGUE, read_json_lines
 from spotrun.soakplan import JobPlan
 
 log = get_logger("soak")
+LEASE_TABLE = "soak-leases"  # one table for the soak's jobs, created with the cloud
 
 
 class JobEnded(Exception):
@@ -35,6 +36,7 @@ class SoakJob(Rehearsal):
             out=out, job_id=plan.job_id, repository=repository,
             command=[sys.executable, "train.py"], trainer_env=env, interrupt_at_steps=[],
             notice_s=self.notice_s, timeout_s=timeout_s,
+            lease_table=LEASE_TABLE if plan.lease else "",
             agent_config={"trainer": {"drain_reserve_s": 2.0, "restart_backoff_s": 0.5},
                           "agent": {"maintenance_lead_s": self.maintenance_lead_s}}), cloud=cloud)
         self.job_plan = plan
@@ -51,6 +53,7 @@ class SoakJob(Rehearsal):
         self._base_timing = None
         self.cancelled_by_soak = False
         self.bad_input_results: list[dict] = []
+        self.race_results: list[dict] = []
         self.slot_started = time.time()
 
     # -- boot, as systemd would -----------------------------------------------------------

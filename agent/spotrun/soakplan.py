@@ -4,16 +4,19 @@ comes up about equally. Each job's plan depends only on the jobs before it (repl
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from spotrun.soakfaults import CATALOGUE
 
 PROFILES = {
-    # jobs, interruptions per job (lo, hi), per-job timeout
+    # jobs (None: as many as it takes for every kind to come up min_per_kind times),
+    # interruptions per job (lo, hi), per-job timeout
     "short": {"jobs": 3, "slots": (2, 3), "timeout_s": 150.0},
-    "long": {"jobs": 55, "slots": (3, 5), "timeout_s": 300.0},
+    "long": {"jobs": None, "min_per_kind": 10, "slots": (3, 5), "timeout_s": 300.0},
 }
 NEXT_BOOT_KINDS = {name for name, kind in CATALOGUE.items() if kind.prepare is not None}
+NEEDS_LEASE = {"two_replacements"}
 
 
 @dataclass
@@ -32,10 +35,12 @@ class JobPlan:
     ckpt_every: int
     step_s: float
     slots: list[Slot]
+    lease: bool = False  # the agents coordinate through a DynamoDB lease table
 
     def describe(self) -> dict:
         return {"index": self.index, "seed": self.seed, "job": self.job_id, "steps": self.steps,
-                "ckpt_every": self.ckpt_every, "slots": [(s.kind, s.at_step) for s in self.slots]}
+                "ckpt_every": self.ckpt_every, "lease": self.lease,
+                "slots": [(s.kind, s.at_step) for s in self.slots]}
 
 
 def plan_jobs(profile: str, seed: int, jobs: int | None = None,
@@ -45,8 +50,17 @@ def plan_jobs(profile: str, seed: int, jobs: int | None = None,
     rng = random.Random(seed)
     catalogue = sorted(kinds or CATALOGUE)
     deck: list[str] = []
-    plans = []
-    for index in range(spec["jobs"] if jobs is None else jobs):
+    plans: list[JobPlan] = []
+    dealt: Counter = Counter()
+    jobs = spec["jobs"] if jobs is None else jobs
+
+    def enough() -> bool:
+        if jobs is not None:
+            return len(plans) >= jobs
+        return min(dealt[kind] for kind in catalogue) >= spec["min_per_kind"]
+
+    while not enough():
+        index = len(plans)
         job_rng = random.Random(rng.randrange(1 << 62))
         count = job_rng.randint(*spec["slots"])
         chosen = []
@@ -55,6 +69,7 @@ def plan_jobs(profile: str, seed: int, jobs: int | None = None,
                 deck = list(catalogue)
                 rng.shuffle(deck)
             chosen.append(deck.pop())
+        dealt.update(chosen)
         # A kind that acts on the next boot needs a replacement boot: not the first slot.
         if chosen[0] in NEXT_BOOT_KINDS:
             swap = next((i for i, k in enumerate(chosen) if k not in NEXT_BOOT_KINDS), None)
@@ -66,7 +81,10 @@ def plan_jobs(profile: str, seed: int, jobs: int | None = None,
         for kind in chosen:
             step += job_rng.randint(3 * every, 5 * every)
             slots.append(Slot(kind, step, random.Random(job_rng.randrange(1 << 62))))
+        # Both supported set-ups: with a lease table (what `spotrun init` creates) and without
+        # (a single-instance fleet). Two agents racing for one job need the table.
+        lease = any(kind in NEEDS_LEASE for kind in chosen) or job_rng.random() < 0.5
         # The tail leaves room for the last notice to land (metadata faults delay it).
         plans.append(JobPlan(index, seed, f"soak-{seed}-{index}", steps=step + max(4 * every, 90),
-                             ckpt_every=every, step_s=0.1, slots=slots))
+                             ckpt_every=every, step_s=0.1, slots=slots, lease=lease))
     return plans

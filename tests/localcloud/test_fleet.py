@@ -64,6 +64,24 @@ def test_terminate_instances_by_the_agent_through_the_api_is_replaced(cloud):
     assert victim not in fleet.instance_ids()
 
 
+def test_raising_the_target_launches_at_once_and_lowering_it_leaves_the_excess(cloud):
+    request_id = cloud.request_spot_fleet(target_capacity=1, az_policy="round-robin")
+    fleet = cloud.fleets[request_id]
+    ec2 = cloud.client("ec2", faults=False)
+    fleet.modify_target_capacity(2)
+    assert fleet.wait_for(lambda f: len(f.live_members()) == 2, 10)
+    assert fleet_request(ec2, request_id)["SpotFleetRequestConfig"]["TargetCapacity"] == 2
+    fleet.modify_target_capacity(1)
+    excess = fleet.live_members()[-1].instance_id
+    cloud.terminate(excess)  # the caller ends the excess; nothing replaces it
+    assert fleet.wait_for(lambda f: excess not in f.instance_ids(), 10)
+    fleet.poke()
+    assert not fleet.wait_for(lambda f: len(f.members) > 2, 1.5)
+    assert len(fleet.live_members()) == 1
+    with pytest.raises(ValueError, match="target_capacity"):
+        fleet.modify_target_capacity(-1)
+
+
 def test_cancel_with_terminate_via_the_api_ends_the_fleet(cloud):
     request_id = cloud.request_spot_fleet(target_capacity=2, az_policy="random", boot=sleeper)
     fleet = cloud.fleets[request_id]

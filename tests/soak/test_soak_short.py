@@ -1,5 +1,6 @@
 """The soak itself: its plans replay exactly, its checker can fail, and the short profile
 (real agent, real loop devices, moto, faults from the catalogue) ends with no violation."""
+import json
 from collections import Counter
 
 import pytest
@@ -8,7 +9,8 @@ from spotrun import soak, soakcheck
 from spotrun.localcloud import LocalCloud
 from spotrun.soakfaults import CATALOGUE
 
-SHORT_SEED = 4  # its 8 slots: disk_full, kill during drain, ec2_faults, crash_in_migration, ...
+SHORT_SEED = 4  # its 8 slots: disk_full, kill_instance, ec2_faults, crash_in_migration, a notice mid-save, ...
+AIMED_SEED = 5  # one job whose three slots are the three kinds of AIMED
 
 
 def test_the_same_seed_gives_the_same_plan_and_another_seed_another():
@@ -48,6 +50,34 @@ def test_the_summary_names_the_failing_jobs_seed_for_replay():
     assert summary["violations"] == 1
     assert "spotrun soak --profile long --seed 9 --only-job 4" in table
     assert "inv1 one copy" in table
+
+
+def test_the_race_check_fails_when_the_agent_that_lost_acted_on_the_job():
+    fair = {"winner": "i-1", "loser": "i-2", "raced": True, "touched": []}
+    assert soakcheck.race_violations([fair]) == []
+    unfair = dict(fair, touched=["migration_start", "snapshot_started"])
+    [violation] = soakcheck.race_violations([fair, unfair])
+    assert "i-2" in violation and "migration_start" in violation
+
+
+AIMED = ["notice_during_checkpoint_write", "kill_during_checkpoint_write", "two_replacements"]
+
+
+@pytest.mark.slow
+@pytest.mark.loopdev
+def test_faults_aimed_inside_a_save_and_a_race_of_two_replacements_hit_and_lose_nothing(shared_tmp):
+    plan = soak.plan_jobs("short", AIMED_SEED, jobs=1, kinds=AIMED)[0]
+    assert sorted(s.kind for s in plan.slots) == sorted(AIMED) and plan.lease
+    lines = []
+    summary = soak.run_soak("short", AIMED_SEED, shared_tmp / "soak", jobs=1, kinds=AIMED,
+                            echo=lines.append)
+    table = soakcheck.format_summary(summary)
+    assert summary["violations"] == 0, table + "\n" + "\n".join(lines)
+    assert summary["kinds"] == {kind: 1 for kind in AIMED}, table  # no moment missed
+    assert summary["extra_faults"].get("two_replacements:raced") == 1, table
+    [job] = json.loads((shared_tmp / "soak" / "results.json").read_text())["jobs"]
+    [race] = job["races"]
+    assert race["raced"] and race["touched"] == [] and race["winner"] != race["loser"]
 
 
 @pytest.mark.slow

@@ -202,6 +202,17 @@ class SpotFleet:
                                              TerminateInstances=terminate_instances)
         self.poke()
 
+    def modify_target_capacity(self, target_capacity: int) -> None:
+        """ModifySpotFleetRequest: a larger target launches at once; a smaller one leaves the
+        excess running for the caller to end (ExcessCapacityTerminationPolicy=noTermination)."""
+        if not isinstance(target_capacity, int) or target_capacity < 0:
+            raise ValueError(f"target_capacity must be an integer >= 0, got {target_capacity!r}")
+        with self._lock:
+            self.target_capacity = target_capacity
+        self._patch_moto(target_capacity=target_capacity)
+        self._record("fleet_target_modified", target_capacity=target_capacity)
+        self.poke()
+
     def poke(self) -> None:
         """Reconcile now instead of at the next poll (e.g. right after a termination)."""
         self._wake.set()
