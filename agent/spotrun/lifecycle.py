@@ -29,8 +29,9 @@ from spotrun.config import Config
 from spotrun.log import bind, get_logger
 from spotrun.notify import Notifier
 from spotrun.state import StateFile, kill_leftover_trainer
-from spotrun.trainerproc import (Supervisor, SupervisorDone, SupervisorOutcome, SupervisorResult,
-                                 TrainerExited, TrainerProcess, TrainerStarted)
+from spotrun.supervisor import (Supervisor, SupervisorDone, SupervisorOutcome, SupervisorResult,
+                                TrainerExited, TrainerStarted)
+from spotrun.trainerproc import TrainerProcess
 from spotrun_trainer.store import write_json_atomic
 
 log = get_logger("lifecycle")

@@ -11,6 +11,7 @@ index: ``spotrun soak --seed S --only-job I`` replays exactly that plan.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,10 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
     return summary
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_soak(args) -> int:
     from spotrun import log as logmod
 
@@ -102,12 +107,17 @@ def cmd_soak(args) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="spotrun-soak-"))
     out.mkdir(parents=True, exist_ok=True)
     logmod.configure(stream=open(out / "soak.log", "a") if not args.verbose else sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupted)  # like Ctrl-C: the cloud's loop devices go too
     try:
         summary = run_soak(args.profile, args.seed, out, jobs=args.jobs, only_job=args.only_job,
                            kinds=kinds)
     except ValueError as exc:
         print(f"spotrun soak: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"spotrun soak: stopped; the jobs run so far are in {out / 'summary.txt'}",
+              file=sys.stderr)
+        return 130
     table = soakcheck.format_summary(summary)
     (out / "summary.txt").write_text(table + "\n")
     print(table)

@@ -17,9 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spotrun.trainerproc import (Outcome, Supervisor, SupervisorDone, SupervisorOutcome, TrainerError,
-                                 TrainerExited, TrainerProcess, TrainerRestartScheduled, TrainerStarted,
-                                 TrainerState, TrainerStateError)
+from spotrun.supervisor import (Supervisor, SupervisorDone, SupervisorOutcome, TrainerExited,
+                                TrainerRestartScheduled, TrainerStarted)
+from spotrun.trainerproc import (Outcome, TrainerError, TrainerProcess, TrainerState,
+                                 TrainerStateError)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trainer.py"
 PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root, out of nobody's reach

@@ -90,3 +90,32 @@ def test_short_profile_runs_every_job_through_its_faults_with_no_violation(share
     assert summary["jobs"] == summary["completed"] == soak.PROFILES["short"]["jobs"]
     assert summary["interruptions"] >= 6
     assert "invariant violations 0" in table
+
+
+@pytest.mark.slow
+@pytest.mark.loopdev
+def test_a_stopped_soak_leaves_no_loop_device_mount_or_process_behind(shared_tmp):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = shared_tmp / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "spotrun", "soak", "--profile", "short",
+                             "--jobs", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "cloud" / "instances").glob("*/dltraining/checkpoints")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)  # another process's files: nothing to block on
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped" in err
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(out) not in loops
+    assert str(out) not in open("/proc/mounts").read()
+    leftover = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert leftover.strip() == "", leftover
+    assert os.path.exists(out / "plan.json")
