@@ -11,7 +11,8 @@ from pathlib import Path
 
 from spotrun.log import get_logger
 from spotrun.rehearsal import Rehearsal, RehearsalPlan, _wall, read_events
-from spotrun.soakfaults import CATALOGUE, read_json_lines
+from spotrun.soakfaults import CATALOGUE
+from spotrun.soakinject import read_json_lines
 from spotrun.soakplan import JobPlan
 
 log = get_logger("soak")
