@@ -22,22 +22,18 @@ import secrets
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler
-
-from spotrun.localcloud.httpserver import LocalHTTPServer
 from typing import Any, Callable
 
+from spotrun.localcloud.httpserver import LocalHTTPServer
+# The wire protocol lives in imdshttp; its names are part of this module's interface.
+from spotrun.localcloud.imdshttp import (MAX_TTL, MIN_TTL, TOKEN_HEADER, TTL_HEADER,  # noqa: F401
+                                         VERSIONED, MetadataHandler)
 from spotrun.log import get_logger
 
-TOKEN_HEADER = "X-aws-ec2-metadata-token"
-TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-MIN_TTL, MAX_TTL = 1, 21600
 ACTIONS = ("terminate", "stop", "hibernate")
 FAULT_KINDS = ("5xx", "slow", "refused", "401", "malformed")
 # Characters AWS allows in tag keys exposed in metadata (no spaces, no "/").
 _TAG_KEY_OK = re.compile(r"^[A-Za-z0-9+\-=._:@]+$")
-# "/latest/..." or a dated API version "/2021-07-15/...".
-_VERSIONED = re.compile(r"^/(latest|\d{4}-\d{2}-\d{2})(/.*)?$")
 
 _log = get_logger("localcloud.imds")
 
@@ -100,16 +96,6 @@ class _Json(str):
     """A leaf served as JSON (the ``malformed`` fault truncates these)."""
 
 
-def _html_error(status: int, reason: str) -> bytes:
-    # EC2's IMDS answers errors with a small XHTML page, not JSON.
-    return (f'<?xml version="1.0" encoding="iso-8859-1"?>\n'
-            f'<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
-            f'\t"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
-            f'<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
-            f' <head>\n  <title>{status} - {reason}</title>\n </head>\n'
-            f' <body>\n  <h1>{status} - {reason}</h1>\n </body>\n</html>\n').encode()
-
-
 class MetadataServer:
     """An HTTP metadata service for one instance, with notices and faults injectable.
 
@@ -169,7 +155,7 @@ class MetadataServer:
         self.stop()
 
     def _listen(self) -> None:
-        handler = type("Handler", (_Handler,), {"imds": self})
+        handler = type("Handler", (MetadataHandler,), {"imds": self})
         deadline = time.monotonic() + 5.0
         while True:
             try:
@@ -370,7 +356,7 @@ class MetadataServer:
         """(status, body) for a GET of ``path``, ignoring tokens and faults."""
         if path in ("", "/"):
             return 200, "latest"
-        match = _VERSIONED.match(path)
+        match = VERSIONED.match(path)
         if not match:
             return 404, ""
         node: Any = self._tree()
@@ -402,81 +388,3 @@ class MetadataServer:
 def _hostname(md: InstanceMetadata) -> str:
     suffix = "ec2.internal" if md.region == "us-east-1" else f"{md.region}.compute.internal"
     return f"ip-{md.private_ip.replace('.', '-')}.{suffix}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    imds: MetadataServer
-
-    def version_string(self) -> str:
-        return "EC2ws"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass  # every request is not an event; injections and notable answers are
-
-    def _send(self, status: int, body: bytes | str = b"", headers: dict[str, str] | None = None,
-              content_type: str = "text/plain") -> None:
-        if isinstance(body, str):
-            body = body.encode()
-        if status >= 400 and not body:
-            body = _html_error(status, self.responses.get(status, ("Error",))[0])
-            content_type = "text/html"
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _faulted(self) -> bool:
-        imds = self.imds
-        imds.requests += 1
-        slow = imds._fault("slow")
-        if slow:
-            imds._stopping.wait(slow[1])
-        if imds._fault("5xx"):
-            self._send(500)
-            return True
-        return False
-
-    def do_PUT(self) -> None:
-        if self._faulted():
-            return
-        path = self.path.split("?", 1)[0]
-        if not re.match(r"^/(latest|\d{4}-\d{2}-\d{2})/api/token/?$", path):
-            self._send(405 if _VERSIONED.match(path) else 404)
-            return
-        if self.headers.get("X-Forwarded-For") is not None:
-            # Documented: IMDS refuses token PUTs that went through a proxy.
-            self._send(403)
-            return
-        raw = (self.headers.get(TTL_HEADER) or "").strip()
-        ttl = int(raw) if re.fullmatch(r"[0-9]{1,9}", raw) else None
-        if ttl is None or not MIN_TTL <= ttl <= MAX_TTL:
-            self._send(400)
-            return
-        self._send(200, self.imds.issue_token(ttl), {TTL_HEADER: str(ttl)})
-
-    def do_GET(self) -> None:
-        if self._faulted():
-            return
-        imds = self.imds
-        token = self.headers.get(TOKEN_HEADER)
-        left = imds.token_ttl_left(token) if token is not None else None
-        if imds._fault("401") or (token is not None and left is None) or (
-                token is None and imds.require_token):
-            self._send(401)
-            return
-        status, body = imds.resolve(self.path.split("?", 1)[0])
-        headers = {TTL_HEADER: str(left)} if left is not None else {}
-        self._send(status, body, headers)
-
-    do_HEAD = do_GET
-
-    def _not_allowed(self) -> None:
-        if not self._faulted():
-            self._send(405, headers={"Allow": "OPTIONS, GET, HEAD, PUT"})
-
-    do_POST = do_DELETE = do_PATCH = _not_allowed
-
