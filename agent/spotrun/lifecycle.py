@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from spotrun import blockdev
 from spotrun import tags as T
 from spotrun.config import Config
 from spotrun.log import bind, get_logger
@@ -390,9 +389,7 @@ class Lifecycle:
         self._record_tags({T.INTERRUPTIONS: self._interruptions_total(),
                            **({T.PROGRESS: _progress_tag(progress)} if progress else {})}, force=True)
         if action in ("stop", "hibernate"):
-            # A stopped instance keeps its EBS volumes: flush and unmount cleanly, stay attached.
-            blockdev.sync(self.config.mount_point)
-            blockdev.unmount(self.config.mount_point)
+            self.volumes.unmount_in_place()  # a stopped instance keeps its EBS volumes
             self.transition(Phase.STOPPED)
         else:
             self.volumes.release()

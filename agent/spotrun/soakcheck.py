@@ -155,7 +155,8 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     interruptions = []
     lost: Counter = Counter()
     for slot, outcome in zip(plan.slots, job.outcomes):
-        drained_ev = next((e for e in job.events_of(outcome.instance_id)
+        # The last drain: an instance stopped and started again drained once before.
+        drained_ev = next((e for e in reversed(job.events_of(outcome.instance_id))
                            if e.get("event") == "trainer_drained"), {})
         resumed = _next_resume(job, outcome.instance_id)
         # A trainer that never ran a step on this instance (the notice or kill came during
@@ -189,11 +190,15 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         after = starts[note["starts_before"]:]
         resumed = after[0].get("resume_step") if after else None
         redone = _steps_redone(note["observed_step"], resumed)
+        allowed = note["limit"] if note.get("limit") is not None else every * note["allowance"]
         if redone is not None:
             lost[note["cause"]] += redone
-            if redone > every * note["allowance"]:
+            if redone > allowed:
                 violations.append(f"inv4 {note['cause']} on {note['instance_id']}: {redone} steps "
-                                  f"redone (allowed {every * note['allowance']})")
+                                  f"redone (allowed {allowed})")
+        elif completed:
+            violations.append(f"inv4 {note['cause']} on {note['instance_id']}: no resume observed "
+                              f"(reached {note['observed_step']}, resumed {resumed})")
 
     # Invariant 3: a checkpoint is never torn — corrupt ones are skipped only where we made them.
     corrupt_seen = 0

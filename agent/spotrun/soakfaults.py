@@ -83,6 +83,29 @@ def kill_instance_during_drain(job, slot) -> Outcome:
     return kill_now(job, inst, "instance killed during drain")
 
 
+def stop_and_start(job, slot) -> Outcome:
+    """A notice whose action is stop or hibernate: the agent checkpoints, unmounts and keeps the
+    volume attached; the instance stops at the notice's time, EC2 starts it again a little
+    later, and the agent, booted anew, resumes on the same volume (≤ 1 step redone). Then an
+    ordinary notice."""
+    inst = trained(job, slot)
+    action = slot.rng.choice(["stop", "hibernate"])
+    job.cloud.interrupt(inst.instance_id, action, in_seconds=job.notice_s)
+    drained = job.await_event(inst.instance_id, "trainer_drained", timeout=job.notice_s + 30)
+    job.await_event(inst.instance_id, "phase_changed", phase="stopped", timeout=30)
+    job.wait(f"{inst.instance_id} to stop", lambda: inst.state == "stopped", job.notice_s + 30)
+    job.end_boots(inst.instance_id)
+    job.pause(slot.rng.uniform(0.2, 2.0))
+    job.cloud.client("ec2", faults=False).start_instances(InstanceIds=[inst.instance_id])
+    job.wait(f"{inst.instance_id} to run again", lambda: inst.state == "running", 30)
+    reached = next((drained.get(k) for k in ("reached_step", "checkpoint_step")
+                    if isinstance(drained.get(k), int)), None)
+    job.note_undrained(inst.instance_id, reached, f"drained notice ({action})", limit=1)
+    job.boot(job.cloud, inst)
+    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
+    return notice_and_drain(job, inst, "drained notice", faults=[f"stop:{action}"])
+
+
 def _early_phase_notice(phase: str, label: str):
     def run(job, slot) -> Outcome:
         inst = job.await_current_instance()
@@ -278,6 +301,8 @@ CATALOGUE: dict[str, Kind] = {k.name: k for k in [
     Kind("maintenance", "scheduled maintenance: drain before NotBefore, then the instance goes",
          maintenance),
     Kind("notice_time_past", "a notice whose time is already past", notice_time_past),
+    Kind("stop_and_start", "a stop/hibernate notice: drained, the volume stays attached; the "
+         "instance stops, starts again and resumes; then a notice", stop_and_start),
     Kind("kill_instance", "whole instance killed, no notice (replacement while the old one "
          "still holds the volume)", kill_instance),
     Kind("kill_instance_during_drain", "notice, then the instance dies mid-drain",

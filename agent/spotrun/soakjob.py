@@ -236,11 +236,22 @@ class SoakJob(Rehearsal):
             self.clear_faults()
         return inst
 
-    def note_undrained(self, instance_id: str, step: int | None, cause: str, allowance: int = 1):
+    def note_undrained(self, instance_id: str, step: int | None, cause: str, allowance: int = 1,
+                       limit: int | None = None):
+        """An interruption inside one instance (the trainer or agent killed, or the instance
+        stopped and started): the next trainer on it must resume within ``limit`` steps of
+        ``step`` (default: ``allowance`` checkpoint intervals)."""
         starts = self.trainer_starts(instance_id)
         self.undrained_notes.append({"instance_id": instance_id, "observed_step": step,
                                      "cause": cause, "starts_before": len(starts),
-                                     "allowance": allowance})
+                                     "allowance": allowance, "limit": limit})
+
+    def end_boots(self, instance_id: str) -> None:
+        """The instance stopped: its agent went with it, and is booted anew on start, not
+        restarted (systemd's Restart= is for a unit that failed on a running system)."""
+        for boot in self.boots:
+            if boot["instance_id"] == instance_id:
+                boot["handled"] = True
 
     def trainer_starts(self, instance_id: str) -> list[dict]:
         path = self.cloud.instance(instance_id).state_dir / "trainer.log"

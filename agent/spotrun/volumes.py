@@ -381,6 +381,19 @@ class VolumeManager:
                 return volume
         return None
 
+    def unmount_in_place(self) -> None:
+        """For a stop/hibernate: sync, unmount and record the clean unmount (the next boot
+        needs no fsck). The volume stays attached, as EBS volumes do across a stop, and the
+        lease stays held: a stopped holder still holds the job."""
+        volume = self._my_volume()
+        mount_point = self.config.mount_point
+        if blockdev.is_mounted(mount_point):
+            blockdev.sync(mount_point)
+            blockdev.unmount(mount_point)
+        if volume is not None:
+            self._tag(volume["VolumeId"], {M.MOUNT_STATE: M.CLEAN})
+            log().info("volume_unmounted_in_place", volume_id=volume["VolumeId"])
+
     def release(self, *, snapshot: bool | None = None) -> None:
         """Sync, unmount, start the ahead-of-need snapshot, detach, release the lease."""
         take_snapshot = self.config.volume.snapshot_on_drain if snapshot is None else snapshot

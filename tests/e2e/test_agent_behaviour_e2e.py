@@ -173,3 +173,38 @@ def test_an_instance_that_boots_onto_a_completed_job_cancels_without_training(re
     second._await("the second fleet cancel", second._fleet_cancelled, time.monotonic() + 30)
     events = [e["event"] for e in second._agent_events(iid)]
     assert "trainer_started" not in events and "checkout_started" not in events
+
+
+@pytest.mark.parametrize("action", ["stop", "hibernate"])
+def test_a_stop_notice_keeps_the_volume_and_the_started_instance_resumes_on_it(rehearsal, action):
+    """Spot's stop/hibernate interruption: the volume stays attached across the stop. The
+    agent drains and unmounts cleanly (recorded, so the next boot needs no fsck), and the
+    agent booted on start resumes exactly where the drain left off.
+
+    Found by the soak's stop_and_start kind: the stop path unmounted without recording the
+    clean unmount, so every start ran fsck."""
+    r = rehearsal(env={"CKPT_EVERY": "1000", "STEPS": "400"})
+    iid = _first_instance(r)
+    inst = r.cloud.instance(iid)
+    r._await("step 30", lambda: (r.progress_of(inst).get("global_step") or 0) >= 30,
+             time.monotonic() + 60)
+    r.cloud.interrupt(iid, action, in_seconds=3.0)
+    drained = r.await_agent_event(iid, "trainer_drained")
+    r.await_agent_event(iid, "phase_changed", phase="stopped")
+    r._await("the instance to stop", lambda: inst.state == "stopped", time.monotonic() + 30)
+    [volume] = r.cloud.moto_client("ec2").describe_volumes(
+        Filters=T.job_filters(r.plan.job_id))["Volumes"]
+    assert [a["InstanceId"] for a in volume["Attachments"]] == [iid]
+    assert T.as_dict(volume["Tags"])["spotrun:mount-state"] == "clean"
+    assert not r._fleet_cancelled() and len(r.fleet.live_members()) == 1  # no replacement
+
+    first_boot_lines = len(r._agent_events(iid))
+    r.cloud.client("ec2", faults=False).start_instances(InstanceIds=[iid])
+    r._await("the instance to run", lambda: inst.state == "running", time.monotonic() + 30)
+    r.boot(r.cloud, inst)  # the unit is enabled: it starts at boot
+    done = r.await_agent_event(iid, "completion_recorded", timeout=120)
+    second_boot = [e["event"] for e in r._agent_events(iid)[first_boot_lines:]]
+    assert "fsck_needed" not in second_boot
+    resumed = [e for e in r._agent_events(iid)[first_boot_lines:] if e["event"] == "resume_point"]
+    assert resumed[0]["checkpoint_step"] == drained["reached_step"] >= 30
+    assert done["metrics"]["sum"] == 400 * 401 // 2 and done["metrics"]["runs"] == 2
