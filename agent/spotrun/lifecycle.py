@@ -23,10 +23,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from spotrun import progress as progressmod
 from spotrun import tags as T
 from spotrun.config import Config
 from spotrun.log import bind, get_logger
 from spotrun.notify import Notifier
+from spotrun.progress import PROGRESS_FILE
 from spotrun.state import StateFile, kill_leftover_trainer
 from spotrun.supervisor import (Supervisor, SupervisorDone, SupervisorOutcome, SupervisorResult,
                                 TrainerExited, TrainerStarted)
@@ -36,7 +38,6 @@ from spotrun_trainer.store import write_json_atomic
 log = get_logger("lifecycle")
 
 COMPLETION_RECORD = ".spotrun-completed.json"
-PROGRESS_FILE = ".spotrun-progress.json"  # in the checkpoints directory, written by the trainer
 # A trainer always gets this long to checkpoint, even for a notice whose time is (nearly) past.
 MIN_TRAINER_DRAIN_S = 5.0
 STATUS_INTERVAL_S = 5.0
@@ -153,55 +154,18 @@ class Lifecycle:
     def status_line(self) -> str:
         phase = self.phase.value if self.phase else "starting"
         if self.phase is Phase.TRAINING:
-            progress = self.progress()
-            if progress:
-                parts = [f"training epoch {progress.get('epoch', '?')}"
-                         + (f"/{progress['epochs']}" if progress.get("epochs") else "")]
-                if progress.get("step") is not None:
-                    parts.append(f"step {progress['step']}")
-                age = self._checkpoint_age(progress)
-                if age is not None:
-                    parts.append(f"last checkpoint {age:.0f} s ago")
-                return ", ".join(parts)
+            training = progressmod.training_status(self.progress())
+            if training:
+                return training
         return f"{phase}: next, {NEXT[self.phase]}" if self.phase else phase
 
     def progress(self) -> dict:
-        """The current trainer's progress; {} until it has written the file. Before that the
-        file on the volume is an earlier trainer's (the previous instance's, or one that
-        crashed) and says nothing about how far this one got."""
-        path = self.config.checkpoints_path / PROGRESS_FILE
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
         trainer = self.supervisor.current if self.supervisor is not None else None
-        since = getattr(trainer, "started_wall", None)
-        written = data.get("time")
-        if since is not None and isinstance(written, (int, float)) and written < since:
-            return {}
-        return data
+        return progressmod.read_progress(self.config.checkpoints_path,
+                                         getattr(trainer, "started_wall", None))
 
     def latest_checkpoint(self) -> dict:
-        """Step and time of the newest verified spotrun checkpoint on the volume ({} if none).
-
-        Scripts that keep their own checkpoints (the seed's, say) have none here: that is fine."""
-        try:
-            from spotrun_trainer.store import CheckpointStore
-
-            checkpoint = CheckpointStore(self.config.checkpoints_path).latest_valid()
-        except Exception as exc:  # a report: an incompatible or unreadable store is the trainer's call
-            log.warning("checkpoint_unreadable", error=str(exc))
-            return {}
-        if checkpoint is None:
-            return {}
-        return {"checkpoint_step": checkpoint.step, "checkpoint_time": checkpoint.manifest.get("time")}
-
-    @staticmethod
-    def _checkpoint_age(progress: dict) -> float | None:
-        when = progress.get("last_checkpoint_time")
-        return max(0.0, time.time() - float(when)) if isinstance(when, (int, float)) else None
+        return progressmod.latest_checkpoint(self.config.checkpoints_path)
 
     def _write_state(self) -> None:
         trainer = None
@@ -331,7 +295,7 @@ class Lifecycle:
                 self._write_state()
                 progress = self.progress()
                 if progress:
-                    self._record_tags({T.PROGRESS: _progress_tag(progress)})
+                    self._record_tags({T.PROGRESS: progressmod.progress_tag(progress)})
             elif isinstance(event, (TrainerStarted, TrainerExited)):
                 self._write_state()
             elif isinstance(event, Rebalance):
@@ -387,7 +351,7 @@ class Lifecycle:
                  **self.latest_checkpoint())
         progress = self.progress()
         self._record_tags({T.INTERRUPTIONS: self._interruptions_total(),
-                           **({T.PROGRESS: _progress_tag(progress)} if progress else {})}, force=True)
+                           **({T.PROGRESS: progressmod.progress_tag(progress)} if progress else {})}, force=True)
         if action in ("stop", "hibernate"):
             self.volumes.unmount_in_place()  # a stopped instance keeps its EBS volumes
             self.transition(Phase.STOPPED)
@@ -447,8 +411,3 @@ class Lifecycle:
         """After a drain or the end: stay up (systemd sees us alive) until stopped or killed."""
         return self._stop_event.wait(timeout)
 
-
-def _progress_tag(progress: dict) -> str:
-    keep = {k: progress[k] for k in ("epoch", "epochs", "step", "global_step", "last_checkpoint_time")
-            if k in progress}
-    return json.dumps(keep, separators=(",", ":"))[:T.MAX_VALUE]

@@ -10,10 +10,8 @@ snapshots tagged for this job are touched (invariant 6).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from spotrun import blockdev
@@ -23,9 +21,8 @@ from spotrun import migration as M
 from spotrun import tags as T
 from spotrun.config import Config
 from spotrun.crashpoints import crashpoint
-from spotrun.errors import SpotrunError
 from spotrun.log import bind, get_logger
-from spotrun_trainer.store import write_json_atomic
+from spotrun.volumecheck import VolumeError, verify_volume
 
 
 def log():
@@ -33,14 +30,8 @@ def log():
     return get_logger("volumes")
 
 
-MARKER = ".spotrun-volume.json"
-MARKER_FORMAT = 1
 FS_LABEL = "spotrun"
 DEVICE_NAMES = tuple(f"/dev/sd{c}" for c in "fghijklmnop")
-
-
-class VolumeError(SpotrunError):
-    """The job's volume cannot be used; the message names the volume and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +42,6 @@ class AcquiredVolume:
     mount_point: Path
     created: bool
     migrated: bool
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class VolumeManager:
@@ -159,7 +146,8 @@ class VolumeManager:
         if source is not None:
             M.set_step(self.ec2, volume_id, M.STEP_MOUNTED)
             crashpoint("migration.mounted")
-        generation = self._verify(volume, migrated=source is not None)
+        generation = M.generation(volume)
+        verify_volume(self.config, volume_id, generation, migrated=source is not None)
         if source is not None:
             M.finish(self.ec2, source, volume_id, self.config.volume.create_timeout_s)
         elif M.tags_of(volume).get(M.STEP) == M.STEP_VERIFIED:
@@ -322,55 +310,6 @@ class VolumeManager:
         self._tag(volume_id, {M.MOUNTS: str(M.mounts(volume) + 1),
                               M.MOUNT_STATE: f"mounted:{self.me}"})
         blockdev.mount(device, mount_point, self.config.volume.mount_options)
-
-    def _verify(self, volume: dict, *, migrated: bool) -> int:
-        """Check (and on first use write) the marker; after a migration, the latest checkpoint."""
-        volume_id = volume["VolumeId"]
-        generation = M.generation(volume)
-        marker = self.config.mount_point / MARKER
-        if marker.exists():
-            try:
-                data = json.loads(marker.read_text())
-                job = data["job"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise VolumeError(f"volume {volume_id}: {marker} is unreadable ({exc})") from None
-            if job != self.config.job.id:
-                raise VolumeError(f"volume {volume_id} is tagged for job {self.config.job.id!r} "
-                                  f"but its {marker} says job {job!r}; not using it")
-        elif migrated:
-            raise VolumeError(f"volume {volume_id} (migrated) has no {marker}: the copy is not "
-                              f"the job's data; the source volume is kept")
-        else:
-            data = {"job": self.config.job.id, "created": _now(), "format": MARKER_FORMAT}
-        if migrated:
-            self._verify_checkpoint(volume_id)
-        if data.get("generation") != generation or not marker.exists():
-            data["generation"] = generation
-            write_json_atomic(marker, data)
-        log().info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
-        return generation
-
-    def _verify_checkpoint(self, volume_id: str) -> None:
-        try:
-            from spotrun_trainer.store import CheckpointError, CheckpointStore, IncompatibleCheckpoint
-        except ImportError:  # the trainer library is not installed with this agent
-            log().warning("checkpoint_verify_skipped", reason="spotrun_trainer not importable")
-            return
-        store = CheckpointStore(self.config.checkpoints_path)
-        if not store.list():
-            return
-        try:
-            latest = store.latest_valid()
-        except IncompatibleCheckpoint as exc:  # readable, by another library version
-            log().warning("checkpoint_other_format", reason=str(exc))
-            return
-        except CheckpointError as exc:
-            latest = None
-            log().warning("checkpoint_unreadable", reason=str(exc))
-        if latest is None:
-            raise VolumeError(f"volume {volume_id} (migrated): no checkpoint under "
-                              f"{self.config.checkpoints_path} verifies; the source volume is kept")
-        log().info("checkpoint_verified", step=latest.step, path=str(latest.path))
 
     # -- release --------------------------------------------------------------------------
 

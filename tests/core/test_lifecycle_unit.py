@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from spotrun import config
-from spotrun.lifecycle import ALLOWED, PROGRESS_FILE, Lifecycle, Phase, TransitionError
+from spotrun.lifecycle import ALLOWED, Lifecycle, Phase, TransitionError
+from spotrun.progress import PROGRESS_FILE
 from spotrun.trainerproc import TrainerProcess
 
 

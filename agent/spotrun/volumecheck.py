@@ -1,0 +1,73 @@
+"""Is this mounted volume the job's? The marker file written on first use (job id and
+generation) and, after a migration, the newest checkpoint readable: the proof that the copy
+holds the job's data before its source may be deleted (invariant 2)."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from spotrun.config import Config
+from spotrun.errors import SpotrunError
+from spotrun.log import get_logger
+from spotrun_trainer.store import write_json_atomic
+
+MARKER = ".spotrun-volume.json"
+MARKER_FORMAT = 1
+
+
+def log():
+    """Looked up per call, so the process's logging configuration (made later) applies."""
+    return get_logger("volumes")
+
+
+class VolumeError(SpotrunError):
+    """The job's volume cannot be used; the message names the volume and what is wrong."""
+
+
+def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: bool) -> None:
+    """Check (and on first use write) the marker; after a migration, the latest checkpoint."""
+    marker = config.mount_point / MARKER
+    if marker.exists():
+        try:
+            data = json.loads(marker.read_text())
+            job = data["job"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VolumeError(f"volume {volume_id}: {marker} is unreadable ({exc})") from None
+        if job != config.job.id:
+            raise VolumeError(f"volume {volume_id} is tagged for job {config.job.id!r} "
+                              f"but its {marker} says job {job!r}; not using it")
+    elif migrated:
+        raise VolumeError(f"volume {volume_id} (migrated) has no {marker}: the copy is not "
+                          f"the job's data; the source volume is kept")
+    else:
+        data = {"job": config.job.id, "format": MARKER_FORMAT,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if migrated:
+        verify_latest_checkpoint(config, volume_id)
+    if data.get("generation") != generation or not marker.exists():
+        data["generation"] = generation
+        write_json_atomic(marker, data)
+    log().info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
+
+
+def verify_latest_checkpoint(config: Config, volume_id: str) -> None:
+    try:
+        from spotrun_trainer.store import CheckpointError, CheckpointStore, IncompatibleCheckpoint
+    except ImportError:  # the trainer library is not installed with this agent
+        log().warning("checkpoint_verify_skipped", reason="spotrun_trainer not importable")
+        return
+    store = CheckpointStore(config.checkpoints_path)
+    if not store.list():
+        return
+    try:
+        latest = store.latest_valid()
+    except IncompatibleCheckpoint as exc:  # readable, by another library version
+        log().warning("checkpoint_other_format", reason=str(exc))
+        return
+    except CheckpointError as exc:
+        latest = None
+        log().warning("checkpoint_unreadable", reason=str(exc))
+    if latest is None:
+        raise VolumeError(f"volume {volume_id} (migrated): no checkpoint under "
+                          f"{config.checkpoints_path} verifies; the source volume is kept")
+    log().info("checkpoint_verified", step=latest.step, path=str(latest.path))
