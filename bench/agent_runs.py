@@ -50,12 +50,12 @@ def _plan(where: Path, **kw):
 
 
 def _phase_times(events: list[dict], boot_wall: float) -> dict:
-    from spotrun.rehearsal import _wall
+    from spotrun.rehearsal_report import wall_time
 
     marks = {}
     for event in events:
         if event.get("event") == "phase_changed":
-            marks.setdefault(event.get("phase"), _wall(event.get("ts")))
+            marks.setdefault(event.get("phase"), wall_time(event.get("ts")))
     keys = ["identifying", "acquiring-volume", "checking-out", "training"]
     out, previous = {}, boot_wall
     for key in keys:
@@ -80,7 +80,8 @@ def modelled_waits(timing, kind: str) -> float:
 def boots(workdir: Path, az_policy: str, interrupt_at: list[int], steps: int, timeout_s: float = 300.0) -> dict:
     """One job with notices at ``interrupt_at``; per boot: kind, boot → training, phases."""
     from spotrun.localcloud import TimingModel
-    from spotrun.rehearsal import Rehearsal, read_events
+    from spotrun.rehearsal import Rehearsal
+    from spotrun.rehearsal_report import read_events
 
     where = _shared_dir(workdir, az_policy.replace(":", "-"))
     plan = _plan(where, env={"STEPS": str(steps)}, interrupt_at_steps=interrupt_at, notice_s=8.0,

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from spotrun.log import get_logger
-from spotrun.rehearsal import Rehearsal, RehearsalPlan, _wall, read_events
+from spotrun.rehearsal import Rehearsal, RehearsalPlan
+from spotrun.rehearsal_report import read_events, wall_time
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakinject import read_json_lines
 from spotrun.soakplan import JobPlan
@@ -149,7 +150,7 @@ class SoakJob(Rehearsal):
     def _matching(self, instance_id: str, event: str, since: float, match: dict) -> dict | None:
         for item in self.events_of(instance_id):
             if item.get("event") == event and all(item.get(k) == v for k, v in match.items()) \
-                    and (_wall(item.get("ts")) or 0) >= since:
+                    and (wall_time(item.get("ts")) or 0) >= since:
                 return item
         return None
 
@@ -213,7 +214,7 @@ class SoakJob(Rehearsal):
             return {}
         progress = self.progress_of(inst)
         written = progress.get("time")
-        if not isinstance(written, (int, float)) or written < (_wall(started[-1].get("ts")) or 0):
+        if not isinstance(written, (int, float)) or written < (wall_time(started[-1].get("ts")) or 0):
             return {}
         return progress
 
