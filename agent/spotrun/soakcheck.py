@@ -87,6 +87,15 @@ def _next_resume(job, instance_id: str) -> int | None:
     return None
 
 
+def resumed_after(job, note: dict) -> int | None:
+    """Where training resumed after an interruption inside one instance: the next trainer on
+    it, or, if none started there before the instance went, the next instance's first."""
+    after = _trainer_starts(job, note["instance_id"])[note["starts_before"]:]
+    if after:
+        return after[0].get("resume_step")
+    return _next_resume(job, note["instance_id"])
+
+
 def race_violations(races: list[dict]) -> list[str]:
     """Invariant 1 under a race: the agent that did not win the job touched nothing of it."""
     return [f"inv1 two replacements: the one that did not win ({race['loser']}) acted on the "
@@ -186,9 +195,7 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
             violations.append(f"inv4 {slot.kind} on {outcome.instance_id}: no resume observed "
                               f"(reached {reached}, resumed {resumed})")
     for note in job.undrained_notes:
-        starts = _trainer_starts(job, note["instance_id"])
-        after = starts[note["starts_before"]:]
-        resumed = after[0].get("resume_step") if after else None
+        resumed = resumed_after(job, note)
         redone = _steps_redone(note["observed_step"], resumed)
         allowed = note["limit"] if note.get("limit") is not None else every * note["allowance"]
         if redone is not None:

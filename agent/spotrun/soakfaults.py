@@ -101,7 +101,11 @@ def stop_and_start(job, slot) -> Outcome:
     reached = next((drained.get(k) for k in ("reached_step", "checkpoint_step")
                     if isinstance(drained.get(k), int)), None)
     job.note_undrained(inst.instance_id, reached, f"drained notice ({action})", limit=1)
+    started = len(job.trainer_starts(inst.instance_id))
     job.boot(job.cloud, inst)
+    # The progress on the volume is the stopped trainer's until the new one has started.
+    job.wait(f"a trainer on {inst.instance_id} again",
+             lambda: len(job.trainer_starts(inst.instance_id)) > started, 60)
     job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
     return notice_and_drain(job, inst, "drained notice", faults=[f"stop:{action}"])
 

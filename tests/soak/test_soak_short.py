@@ -119,3 +119,28 @@ def test_a_stopped_soak_leaves_no_loop_device_mount_or_process_behind(shared_tmp
     leftover = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
     assert leftover.strip() == "", leftover
     assert os.path.exists(out / "plan.json")
+
+
+class _Boots:
+    """The part of a soak job the resume lookup reads: boots in order, trainer starts each."""
+
+    def __init__(self, starts: dict):
+        self.boots = [{"instance_id": i} for i in starts]
+        self._starts = starts
+
+    def trainer_starts(self, instance_id):
+        return self._starts[instance_id]
+
+
+def test_an_interruption_inside_an_instance_is_measured_at_the_next_resume_wherever_it_is():
+    """Found by the long soak (seed 1, job 1): an instance stopped and started again; the
+    notice that ended it came before its new trainer had logged its start, so the next
+    resume was on the next instance, and the checker reported "no resume observed"."""
+    note = {"instance_id": "i-a", "starts_before": 1}
+    started_again = _Boots({"i-a": [{"resume_step": 0}, {"resume_step": 105}],
+                            "i-b": [{"resume_step": 110}]})
+    assert soakcheck.resumed_after(started_again, note) == 105
+    never_started_again = _Boots({"i-a": [{"resume_step": 0}], "i-b": [{"resume_step": 105}]})
+    assert soakcheck.resumed_after(never_started_again, note) == 105
+    job_ended = _Boots({"i-a": [{"resume_step": 0}]})
+    assert soakcheck.resumed_after(job_ended, note) is None
