@@ -96,6 +96,17 @@ def resumed_after(job, note: dict) -> int | None:
     return _next_resume(job, note["instance_id"])
 
 
+def finished_on(job, instance_id: str) -> bool:
+    """The job's completion was recorded on this instance."""
+    return any(e.get("event") == "completion_recorded" for e in job.events_of(instance_id))
+
+
+def is_off_moment(fault: str) -> bool:
+    """A fault that did not land where it was aimed (injected as something plainer)."""
+    return fault.endswith((":missed", ":late", ":not_reached", ":no_failure", ":no_race",
+                           ":after_completion"))
+
+
 def race_violations(races: list[dict]) -> list[str]:
     """Invariant 1 under a race: the agent that did not win the job touched nothing of it."""
     return [f"inv1 two replacements: the one that did not win ({race['loser']}) acted on the "
@@ -182,6 +193,11 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         if reached is None and not _trainer_starts(job, outcome.instance_id):
             reached = resumed  # never reached training at all: nothing to redo
         redone = _steps_redone(reached, resumed)
+        if redone is None and finished_on(job, outcome.instance_id):
+            # The job finished on this instance before the fault could interrupt it: nothing
+            # to resume and nothing lost; the fault's moment was missed.
+            redone = 0
+            outcome.faults.append(f"{slot.kind}:after_completion")
         if redone is not None:
             lost[outcome.cause] += redone
         record = {"kind": slot.kind, "instance_id": outcome.instance_id, "drained": outcome.drained,
@@ -233,14 +249,11 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     if view != decoy["view"]:
         violations.append(f"inv6 the decoy job's resources changed: {view}")
 
-    def off_moment(fault: str) -> bool:
-        return fault.endswith((":missed", ":late", ":not_reached", ":no_failure", ":no_race"))
-
     kinds = Counter(s.kind for s, o in zip(plan.slots, job.outcomes)
-                    if not any(off_moment(f) for f in o.faults))
-    extra = Counter(f for o in job.outcomes for f in o.faults if not off_moment(f))
+                    if not any(is_off_moment(f) for f in o.faults))
+    extra = Counter(f for o in job.outcomes for f in o.faults if not is_off_moment(f))
     missed = [f"{s.kind}/{f}" for s, o in zip(plan.slots, job.outcomes) for f in o.faults
-              if off_moment(f)]
+              if is_off_moment(f)]
     return {"index": plan.index, "seed": plan.seed, "job": plan.job_id, "completed": completed,
             "interruptions": interruptions, "kinds": dict(kinds), "extra_faults": dict(extra),
             "missed": missed, "lost": dict(lost), "violations": violations,

@@ -13,7 +13,7 @@ PROFILES = {
     # jobs (None: as many as it takes for every kind to come up min_per_kind times),
     # interruptions per job (lo, hi), per-job timeout
     "short": {"jobs": 3, "slots": (2, 3), "timeout_s": 150.0},
-    "long": {"jobs": None, "min_per_kind": 10, "slots": (3, 5), "timeout_s": 300.0},
+    "long": {"jobs": None, "min_per_kind": 11, "slots": (3, 5), "timeout_s": 300.0},
 }
 NEXT_BOOT_KINDS = {name for name, kind in CATALOGUE.items() if kind.prepare is not None}
 NEEDS_LEASE = {"two_replacements"}

@@ -144,3 +144,25 @@ def test_an_interruption_inside_an_instance_is_measured_at_the_next_resume_where
     assert soakcheck.resumed_after(never_started_again, note) == 105
     job_ended = _Boots({"i-a": [{"resume_step": 0}]})
     assert soakcheck.resumed_after(job_ended, note) is None
+
+
+class _Finished(_Boots):
+    def __init__(self, starts: dict, events: dict):
+        super().__init__(starts)
+        self._events = events
+
+    def events_of(self, instance_id):
+        return self._events.get(instance_id, [])
+
+
+def test_a_fault_that_lands_after_the_job_finished_on_that_instance_costs_nothing_and_is_missed():
+    """Found by the long soak (seed 1, job 63): the last slot's metadata outage and notice
+    came after the trainer had finished on that instance; the job completed there (exact
+    sum), and the checker, looking for a resume on a next instance, reported "no resume"."""
+    job = _Finished({"i-a": [{"resume_step": 222}]},
+                    {"i-a": [{"event": "resume_point", "checkpoint_step": 222},
+                             {"event": "completion_recorded"}]})
+    assert soakcheck.finished_on(job, "i-a")
+    assert not soakcheck.finished_on(job, "i-b")
+    assert soakcheck.is_off_moment("imds_outage:after_completion")
+    assert not soakcheck.is_off_moment("two_replacements:raced")
