@@ -346,10 +346,10 @@ class Lifecycle:
                         trainer_budget_s=round(trainer_s, 1))
         started = self.clock()
         result = self.supervisor.drain(self.clock() + trainer_s, clock=self.clock)
-        log.info("trainer_drained", outcome=result.outcome.value, killed=result.killed,
-                 seconds=round(self.clock() - started, 3), reached_step=self.progress().get("global_step"),
-                 **self.latest_checkpoint())
         progress = self.progress()
+        log.info("trainer_drained", outcome=result.outcome.value, killed=result.killed,
+                 seconds=round(self.clock() - started, 3), reached_step=progress.get("global_step"),
+                 **self.latest_checkpoint())
         self._record_tags({T.INTERRUPTIONS: self._interruptions_total(),
                            **({T.PROGRESS: progressmod.progress_tag(progress)} if progress else {})}, force=True)
         if action in ("stop", "hibernate"):

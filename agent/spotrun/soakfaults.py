@@ -127,7 +127,6 @@ notice_during_acquire = _early_phase_notice("acquiring-volume", "acquire")
 notice_during_checkout = _early_phase_notice("checking-out", "checkout")
 
 
-
 def kill_agent_and_restart(job, slot) -> Outcome:
     """SIGKILL the agent mid-training; systemd (Restart=on-failure) starts it again.
 

@@ -4,21 +4,10 @@ from __future__ import annotations
 import boto3
 from botocore.config import Config
 import pytest
-from moto.server import ThreadedMotoServer
 
 from spotrun.identity import (Identity, IdentityError, LaunchedBy, identify,
                               launched_by_from_tags)
 from spotrun.imds import MetadataClient, MetadataError
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield "http://%s:%d" % server.get_host_and_port()
-    finally:
-        server.stop()
 
 
 def _ec2(endpoint: str, region: str = "us-east-1"):

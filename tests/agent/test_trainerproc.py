@@ -6,10 +6,8 @@ import json
 import os
 import pwd
 import queue
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,14 +44,9 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def state_dir():
-    # /tmp/pytest-of-root is 0700: the trainer's user could not write there.
-    path = Path(tempfile.mkdtemp(prefix="spotrun-trainer-test-"))
-    path.chmod(0o777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
+def state_dir(shared_tmp):
+    shared_tmp.chmod(0o777)  # the trainer's user writes here, not only traverses
+    return shared_tmp
 
 
 @pytest.fixture

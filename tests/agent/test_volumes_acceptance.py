@@ -255,7 +255,7 @@ def test_a_first_volume_never_mounted_is_not_migrated_but_the_job_starts_over_he
     world.assert_calls_listed()
 
 
-def test_a_volume_the_operator_created_is_migrated_even_if_spotrun_never_mounted_it(world):
+def test_only_a_volume_the_agent_created_empty_counts_as_never_used(world):
     """`spotrun init` creates the volume and the user may fill it by hand before the first
     boot: only a volume the agent itself created empty may be started over."""
     ec2 = world.checker
