@@ -24,8 +24,13 @@ class VolumeError(SpotrunError):
     """The job's volume cannot be used; the message names the volume and what is wrong."""
 
 
-def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: bool) -> None:
-    """Check (and on first use write) the marker; after a migration, the latest checkpoint."""
+def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: bool,
+                  marker_expected: bool | None = None) -> None:
+    """Check (and on first use write) the marker; after a migration, the latest checkpoint.
+    ``marker_expected`` (default: ``migrated``) is false for a copy of a volume spotrun never
+    mounted: its source had no marker, so the copy's first use writes one."""
+    if marker_expected is None:
+        marker_expected = migrated
     marker = config.mount_point / MARKER
     if marker.exists():
         try:
@@ -36,7 +41,7 @@ def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: 
         if job != config.job.id:
             raise VolumeError(f"volume {volume_id} is tagged for job {config.job.id!r} "
                               f"but its {marker} says job {job!r}; not using it")
-    elif migrated:
+    elif marker_expected:
         raise VolumeError(f"volume {volume_id} (migrated) has no {marker}: the copy is not "
                           f"the job's data; the source volume is kept")
     else:

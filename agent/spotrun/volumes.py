@@ -142,12 +142,15 @@ class VolumeManager:
             crashpoint("migration.attached")
         device = blockdev.wait_for_device(volume_id, Path(self.config.volume.device_dir),
                                           self.config.volume.device_timeout_s)
-        self._mount(volume, device)
+        # A source spotrun never mounted has no marker (and perhaps no filesystem) to carry.
+        copy_of_unused = source is not None and M.mounts(source) == 0
+        self._mount(volume, device, copy_of_unused=copy_of_unused)
         if source is not None:
             M.set_step(self.ec2, volume_id, M.STEP_MOUNTED)
             crashpoint("migration.mounted")
         generation = M.generation(volume)
-        verify_volume(self.config, volume_id, generation, migrated=source is not None)
+        verify_volume(self.config, volume_id, generation, migrated=source is not None,
+                      marker_expected=source is not None and not copy_of_unused)
         if source is not None:
             M.finish(self.ec2, source, volume_id, self.config.volume.create_timeout_s)
         elif M.tags_of(volume).get(M.STEP) == M.STEP_VERIFIED:
@@ -289,7 +292,10 @@ class VolumeManager:
 
     # -- filesystem and mount -------------------------------------------------------------
 
-    def _mount(self, volume: dict, device: Path) -> None:
+    def _mount(self, volume: dict, device: Path, *, copy_of_unused: bool = False) -> None:
+        """Format on first use, fsck after an unclean stop, then mount. ``copy_of_unused``: the
+        volume was restored from a source spotrun never mounted, so a missing filesystem means
+        the source had none either (`spotrun init` leaves it unformatted), not lost data."""
         mount_point = self.config.mount_point
         if blockdev.mounted_device(mount_point) == Path(os.path.realpath(device)):
             log().info("volume_already_mounted", device=str(device))
@@ -298,7 +304,7 @@ class VolumeManager:
         fstype = blockdev.filesystem_type(device)
         tags = M.tags_of(volume)
         if fstype is None:
-            if volume.get("SnapshotId"):
+            if volume.get("SnapshotId") and not copy_of_unused:
                 raise VolumeError(
                     f"volume {volume_id} was restored from {volume['SnapshotId']} but {device} has "
                     f"no filesystem; refusing to make one over restored data")

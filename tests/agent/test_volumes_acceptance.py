@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
 import sys
 from pathlib import Path
 
@@ -271,3 +272,75 @@ def test_only_a_volume_the_agent_created_empty_counts_as_never_used(world):
     assert not M.never_used({**volume, "SnapshotId": "snap-1",
                              "Tags": T.as_list({**M.tags_of(volume), **M.CREATED_EMPTY})})
     assert volume_id == volume["VolumeId"]
+
+
+def _operator_volume(world, az="us-east-1a", *, filled_with: Path | None = None) -> str:
+    """A volume as `spotrun init` makes it (tags, generation 0, no filesystem); ``filled_with``
+    stands for an operator who formatted it and copied a data set on by hand before the first
+    boot, as the blog's steps do."""
+    volume_id = world.checker.create_volume(
+        AvailabilityZone=az, Size=1, VolumeType="gp3", TagSpecifications=[{
+            "ResourceType": "volume", "Tags": T.as_list({
+                T.NAME: "DL-datasets-checkpoints", T.JOB: JOB, T.ROLE: "volume",
+                T.GENERATION: "0"})}])["VolumeId"]
+    wait_until(lambda: world.job_volumes()[0]["State"] == "available", timeout=60,
+               what="the operator's volume")
+    if filled_with is not None:
+        image = world.cloud.dataplane.volume_path(volume_id)
+        subprocess.run(["mkfs.ext4", "-F", "-q", "-d", str(filled_with), str(image)], check=True)
+    return volume_id
+
+
+def test_an_operator_volume_never_formatted_is_formatted_after_it_moves(world):
+    """Found in review: `spotrun init` leaves the volume unformatted (the agent formats it on
+    first attach). A first boot in another AZ migrated it, found no filesystem on the restored
+    copy, refused to make one over "restored data" and crash-looped. A copy of a volume spotrun
+    never mounted holds what its source held: nothing, here; the copy is formatted as the
+    source would have been, and the source, proven copied, is deleted."""
+    source_id = _operator_volume(world)
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    run = world.run(inst_b, "--write", "datasets/data.txt=from us-east-1b", "--checkpoint", "3")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.result["migrated"] is True and run.result["created"] is False
+    assert "filesystem_made" in run.events()
+    [volume] = world.job_volumes()
+    assert volume["AvailabilityZone"] == "us-east-1b" and volume["VolumeId"] != source_id
+    assert M.tags_of(volume)[M.SOURCE_VOLUME] == source_id
+    assert f'"job": "{JOB}"' in (inst_b.mount_point / ".spotrun-volume.json").read_text()
+    again = world.run(inst_b)
+    assert again.rc == 0, again.stderr[-3000:]
+    assert (inst_b.mount_point / "datasets" / "data.txt").read_text() == "from us-east-1b"
+    assert CheckpointStore(inst_b.mount_point / "checkpoints").latest_valid().step == 3
+    world.assert_calls_listed()
+
+
+def test_an_operator_volume_filled_by_hand_moves_with_its_data(world, tmp_path):
+    """The same first boot in another AZ, for a volume the operator formatted and filled by hand
+    (no marker on it yet): its data set arrives and the copy is taken as the job's."""
+    hand = tmp_path / "by-hand"
+    (hand / "datasets").mkdir(parents=True)
+    (hand / "datasets" / "data.txt").write_text("from the operator")
+    source_id = _operator_volume(world, filled_with=hand)
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    run = world.run(inst_b)
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.result["migrated"] is True and "filesystem_made" not in run.events()
+    [volume] = world.job_volumes()
+    assert volume["AvailabilityZone"] == "us-east-1b" and volume["VolumeId"] != source_id
+    assert (inst_b.mount_point / "datasets" / "data.txt").read_text() == "from the operator"
+    assert f'"job": "{JOB}"' in (inst_b.mount_point / ".spotrun-volume.json").read_text()
+
+
+def test_a_copy_without_a_filesystem_of_a_volume_spotrun_mounted_is_refused(world):
+    """The refusal stays where it protects data: a restored copy with no filesystem, of a
+    source spotrun had mounted, is not formatted and the source is kept."""
+    _, first = seed(world)
+    source_id = first.result["volume_id"]
+    assert M.mounts(world.job_volumes()[0]) == 1
+    subprocess.run(["wipefs", "-a", "-q", str(world.cloud.dataplane.volume_path(source_id))],
+                   check=True)
+    inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
+    run = world.run(inst_b)
+    assert run.rc != 0
+    assert "no filesystem; refusing to make one over restored data" in run.stderr
+    assert source_id in {v["VolumeId"] for v in world.job_volumes()}
