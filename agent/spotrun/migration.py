@@ -299,6 +299,16 @@ def finish(ec2, source: dict, new_volume_id: str, deadline_s: float) -> None:
     log().info("migration_done", source_volume=source["VolumeId"], new_volume=new_volume_id)
 
 
+def delete_snapshot(ec2, snapshot_id: str) -> None:
+    """Delete one snapshot; "not found" on a retry means an earlier try (answered 5xx) did it."""
+    try:
+        ec2mod.call_retrying(f"deleting {snapshot_id}",
+                             lambda: ec2.delete_snapshot(SnapshotId=snapshot_id))
+    except Exception as exc:  # noqa: BLE001 - only NotFound is success
+        if ec2mod.error_code(exc) != "InvalidSnapshot.NotFound":
+            raise
+
+
 def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days: float) -> list[str]:
     """Delete the job's snapshots that are past retention and not worth keeping.
 
@@ -326,8 +336,7 @@ def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days:
             continue
         if retention_days and s["StartTime"] > keep_after:
             continue
-        ec2mod.call_retrying(f"deleting {s['SnapshotId']}",
-                             lambda sid=s["SnapshotId"]: ec2.delete_snapshot(SnapshotId=sid))
+        delete_snapshot(ec2, s["SnapshotId"])
         deleted.append(s["SnapshotId"])
     if deleted:
         log().info("snapshots_pruned", snapshot_ids=deleted, retention_days=retention_days)

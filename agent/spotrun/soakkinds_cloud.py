@@ -103,7 +103,7 @@ def prepare_ec2_faults(job, slot) -> None:
     job.set_ec2_faults(throttle=0.08, server_error=0.05,
                        performed_then_5xx={a: 0.2 for a in (
                            "CreateVolume", "AttachVolume", "DetachVolume", "CreateSnapshot",
-                           "DeleteVolume", "CreateTags")},
+                           "DeleteVolume", "DeleteSnapshot", "CreateTags")},
                        seed=slot.rng.randrange(1 << 30))
 
 

@@ -181,13 +181,7 @@ class VolumeManager:
             M.delete_volume(self.ec2, self._wait_unheld(copy), why, deadline)
         for snapshot in M.job_snapshots(self.ec2, self.config.job.id,
                                         **{M.SOURCE_VOLUME: blank["VolumeId"]}):
-            try:
-                ec2mod.call_retrying(f"deleting {snapshot['SnapshotId']}",
-                                     lambda sid=snapshot["SnapshotId"]: self.ec2.delete_snapshot(
-                                         SnapshotId=sid))
-            except Exception as exc:  # noqa: BLE001 - NotFound after a performed-then-5xx is success
-                if ec2mod.error_code(exc) != "InvalidSnapshot.NotFound":
-                    raise
+            M.delete_snapshot(self.ec2, snapshot["SnapshotId"])
             log().info("snapshot_deleted", snapshot_id=snapshot["SnapshotId"], reason=why)
         M.delete_volume(self.ec2, self._wait_unheld(blank), "never used: the job starts over in "
                         f"{self.identity.availability_zone}", deadline)

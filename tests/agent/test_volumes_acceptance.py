@@ -344,3 +344,17 @@ def test_a_copy_without_a_filesystem_of_a_volume_spotrun_mounted_is_refused(worl
     assert run.rc != 0
     assert "no filesystem; refusing to make one over restored data" in run.stderr
     assert source_id in {v["VolumeId"] for v in world.job_volumes()}
+
+
+def test_pruning_a_snapshot_whose_delete_answered_5xx_after_doing_it(world):
+    """DeleteSnapshot performed and then answered 500: the retry is told the snapshot does not
+    exist, which is the deletion done, not a failed boot."""
+    _, first = seed(world, snapshot="yes")
+    [snapshot] = world.job_snapshots()
+    wait_until(lambda: world.job_snapshots()[0]["State"] == "completed", timeout=60,
+               what="the drain snapshot")
+    world.cloud.ec2_faults(performed_then_5xx={"DeleteSnapshot": 1.0})
+    ec2 = world.cloud.client("ec2")
+    assert M.prune_snapshots(ec2, JOB, set(), 0.0) == [snapshot["SnapshotId"]]
+    assert world.job_snapshots() == []
+    assert [v["VolumeId"] for v in world.job_volumes()] == [first.result["volume_id"]]
