@@ -210,7 +210,7 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         if redone is None and completed:
             violations.append(f"inv4 {slot.kind} on {outcome.instance_id}: no resume observed "
                               f"(reached {reached}, resumed {resumed})")
-    for note in job.undrained_notes:
+    for note in job.same_instance_interruptions:
         resumed = resumed_after(job, note)
         redone = _steps_redone(note["observed_step"], resumed)
         allowed = note["limit"] if note.get("limit") is not None else every * note["allowance"]
@@ -257,7 +257,7 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     return {"index": plan.index, "seed": plan.seed, "job": plan.job_id, "completed": completed,
             "interruptions": interruptions, "kinds": dict(kinds), "extra_faults": dict(extra),
             "missed": missed, "lost": dict(lost), "violations": violations,
-            "snapshots_left": kept, "undrained_notes": job.undrained_notes,
+            "snapshots_left": kept, "same_instance_interruptions": job.same_instance_interruptions,
             "bad_inputs": job.bad_input_results, "races": job.race_results}
 
 

@@ -19,7 +19,8 @@ import signal
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from spotrun.soakinject import Kind, Outcome, kill_now, notice_and_drain, signal_pid, trained
+from spotrun.soakinject import (Kind, Outcome, kill_now, notice_and_drain, signal_pid,
+                               train_on_then_notice, trained)
 from spotrun.soakkinds_cloud import (bad_input, crash_in_migration, ec2_faults_notice,
                                      imds_fault_then_notice, prepare_crash_in_migration,
                                      prepare_ec2_faults, prepare_slow_snapshots,
@@ -100,14 +101,14 @@ def stop_and_start(job, slot) -> Outcome:
     job.wait(f"{inst.instance_id} to run again", lambda: inst.state == "running", 30)
     reached = next((drained.get(k) for k in ("reached_step", "checkpoint_step")
                     if isinstance(drained.get(k), int)), None)
-    job.note_undrained(inst.instance_id, reached, f"drained notice ({action})", limit=1)
+    job.expect_resume_on_same_instance(inst.instance_id, reached, f"drained notice ({action})",
+                                       limit=1)
     started = len(job.trainer_starts(inst.instance_id))
     job.boot(job.cloud, inst)
     # The progress on the volume is the stopped trainer's until the new one has started.
     job.wait(f"a trainer on {inst.instance_id} again",
              lambda: len(job.trainer_starts(inst.instance_id)) > started, 60)
-    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
-    return notice_and_drain(job, inst, "drained notice", faults=[f"stop:{action}"])
+    return train_on_then_notice(job, slot, inst, faults=[f"stop:{action}"])
 
 
 def _early_phase_notice(phase: str, label: str):
@@ -142,9 +143,8 @@ def kill_agent_and_restart(job, slot) -> Outcome:
     if systemd_like and trainer is not None:
         signal_pid(trainer, signal.SIGKILL)
     job.await_agent_restart(inst.instance_id)  # systemd: Restart=on-failure, RestartSec
-    job.note_undrained(inst.instance_id, step, "agent killed")
-    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
-    return notice_and_drain(job, inst, "drained notice", faults=[
+    job.expect_resume_on_same_instance(inst.instance_id, step, "agent killed")
+    return train_on_then_notice(job, slot, inst, faults=[
         "agent_restarted" if systemd_like else "agent_restarted_trainer_orphaned"])
 
 
@@ -155,10 +155,8 @@ def kill_trainer(job, slot) -> Outcome:
     step = job.step_of(inst)
     if pid is None or not signal_pid(pid, signal.SIGKILL):
         return notice_and_drain(job, inst, "drained notice", faults=["kill_trainer:missed"])
-    job.await_event(inst.instance_id, "trainer_restart_scheduled", timeout=30)
-    job.note_undrained(inst.instance_id, step, "trainer killed")
-    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
-    return notice_and_drain(job, inst, "drained notice")
+    job.expect_trainer_restart(inst.instance_id, step, "trainer killed")
+    return train_on_then_notice(job, slot, inst)
 
 
 def corrupt_latest_checkpoint(job, slot) -> Outcome:
@@ -179,10 +177,8 @@ def corrupt_latest_checkpoint(job, slot) -> Outcome:
     job.corrupted.append((inst.instance_id, ckpts[-1].name))
     signal_pid(pid, signal.SIGKILL)
     signal_pid(pid, signal.SIGCONT)
-    job.await_event(inst.instance_id, "trainer_restart_scheduled", timeout=30)
-    job.note_undrained(inst.instance_id, step, "corrupt checkpoint", allowance=2)
-    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
-    return notice_and_drain(job, inst, "drained notice")
+    job.expect_trainer_restart(inst.instance_id, step, "corrupt checkpoint", allowance=2)
+    return train_on_then_notice(job, slot, inst)
 
 
 def _fill(filler: Path) -> None:
@@ -224,10 +220,8 @@ def disk_full(job, slot) -> Outcome:
     finally:
         filler.unlink()
     if failed:
-        job.note_undrained(inst.instance_id, step, "disk full")
-    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
-    return notice_and_drain(job, inst, "drained notice",
-                            faults=[] if failed else ["disk_full:no_failure"])
+        job.expect_resume_on_same_instance(inst.instance_id, step, "disk full")
+    return train_on_then_notice(job, slot, inst, faults=[] if failed else ["disk_full:no_failure"])
 
 
 # Every point of a save but the last ("saved": the checkpoint is complete by then).
@@ -291,10 +285,8 @@ def kill_during_checkpoint_write(job, slot) -> Outcome:
     step = job.step_of(inst)
     signal_pid(held["pid"], signal.SIGKILL)
     signal_pid(held["pid"], signal.SIGCONT)
-    job.await_event(inst.instance_id, "trainer_restart_scheduled", timeout=30)
-    job.note_undrained(inst.instance_id, step, "trainer killed mid-save")
-    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
-    return notice_and_drain(job, inst, "drained notice", faults=[fault + "/trainer"])
+    job.expect_trainer_restart(inst.instance_id, step, "trainer killed mid-save")
+    return train_on_then_notice(job, slot, inst, faults=[fault + "/trainer"])
 
 
 CATALOGUE: dict[str, Kind] = {k.name: k for k in [

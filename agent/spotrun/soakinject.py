@@ -61,6 +61,12 @@ def kill_now(job, inst, cause: str, faults: list[str] | None = None) -> Outcome:
     return Outcome(inst.instance_id, False, cause, observed_step=step, faults=faults or [])
 
 
+def train_on_then_notice(job, slot, inst, faults: list[str] | None = None) -> Outcome:
+    """After a fault the instance survives: train 10-30 steps further, then a drained notice."""
+    job.await_training_step(slot.at_step + slot.rng.randint(10, 30))
+    return notice_and_drain(job, inst, "drained notice", faults=faults)
+
+
 def trained(job, slot):
     return job.await_training_step(slot.at_step)
 

@@ -45,7 +45,7 @@ class SoakJob(Rehearsal):
         self.deadline = time.monotonic() + timeout_s
         self.gone: list[str] = []               # instances interrupted, in order
         self.outcomes = []                      # soakfaults.Outcome per slot
-        self.undrained_notes: list[dict] = []   # kills of agent/trainer inside one instance
+        self.same_instance_interruptions: list[dict] = []  # checked at the next resume there
         self.corrupted: list[tuple[str, str]] = []
         self.crash_next_boot: str | None = None
         self.crash_armed: dict[str, str] = {}
@@ -154,6 +154,9 @@ class SoakJob(Rehearsal):
                 return item
         return None
 
+    def has_trained(self, instance_id: str) -> bool:
+        return self._matching(instance_id, "phase_changed", 0, {"phase": "training"}) is not None
+
     def await_event(self, instance_id: str, event: str, timeout: float = 60.0, **match) -> dict:
         since = self.slot_started
 
@@ -180,7 +183,7 @@ class SoakJob(Rehearsal):
         def seen():
             if self._matching(instance_id, event, 0, match):
                 return "seen"
-            if self._matching(instance_id, "phase_changed", 0, {"phase": "training"}):
+            if self.has_trained(instance_id):
                 return "training"
             return None
         return self.wait(f"{event} on {instance_id}", seen, 60) == "seen"
@@ -190,7 +193,7 @@ class SoakJob(Rehearsal):
             proc = self.agent_process(instance_id)
             if proc is not None and proc.poll() is not None:
                 return "exited"
-            if self._matching(instance_id, "phase_changed", 0, {"phase": "training"}):
+            if self.has_trained(instance_id):
                 return "training"
             return None
         return self.wait(f"{instance_id}'s agent to crash or train", ended, 90) == "exited"
@@ -237,15 +240,22 @@ class SoakJob(Rehearsal):
             self.clear_faults()
         return inst
 
-    def note_undrained(self, instance_id: str, step: int | None, cause: str, allowance: int = 1,
-                       limit: int | None = None):
+    def expect_resume_on_same_instance(self, instance_id: str, step: int | None, cause: str,
+                                       allowance: int = 1, limit: int | None = None):
         """An interruption inside one instance (the trainer or agent killed, or the instance
         stopped and started): the next trainer on it must resume within ``limit`` steps of
         ``step`` (default: ``allowance`` checkpoint intervals)."""
         starts = self.trainer_starts(instance_id)
-        self.undrained_notes.append({"instance_id": instance_id, "observed_step": step,
+        self.same_instance_interruptions.append({"instance_id": instance_id, "observed_step": step,
                                      "cause": cause, "starts_before": len(starts),
                                      "allowance": allowance, "limit": limit})
+
+    def expect_trainer_restart(self, instance_id: str, step: int | None, cause: str,
+                               allowance: int = 1) -> None:
+        """The trainer died under a running agent, which restarts it (with backoff) from the
+        newest checkpoint that verifies."""
+        self.await_event(instance_id, "trainer_restart_scheduled", timeout=30)
+        self.expect_resume_on_same_instance(instance_id, step, cause, allowance)
 
     def end_boots(self, instance_id: str) -> None:
         """The instance stopped: its agent went with it, and is booted anew on start, not

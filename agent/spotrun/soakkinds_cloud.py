@@ -32,7 +32,7 @@ def two_replacements(job, slot) -> Outcome:
     pair = job.wait("two replacements booted", racers, 60)
 
     def winner():
-        training = [i for i in pair if job._matching(i, "phase_changed", 0, {"phase": "training"})]
+        training = [i for i in pair if job.has_trained(i)]
         return training[0] if training else None
     won = job.wait("one replacement to train", winner, 120)
     job.fleet.modify_target_capacity(1)
