@@ -75,9 +75,8 @@ def test_raising_the_target_launches_at_once_and_lowering_it_leaves_the_excess(c
     excess = fleet.live_members()[-1].instance_id
     cloud.terminate(excess)  # the caller ends the excess; nothing replaces it
     assert fleet.wait_for(lambda f: excess not in f.instance_ids(), 10)
-    fleet.poke()
-    assert not fleet.wait_for(lambda f: len(f.members) > 2, 1.5)
-    assert len(fleet.live_members()) == 1
+    assert fleet.settle(10)
+    assert len(fleet.members) == 2 and len(fleet.live_members()) == 1
     with pytest.raises(ValueError, match="target_capacity"):
         fleet.modify_target_capacity(-1)
 

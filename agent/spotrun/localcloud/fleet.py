@@ -153,6 +153,7 @@ class SpotFleet:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_launch_at = 0.0
+        self._passes_started = self._passes_done = 0  # reconcile passes, run one at a time
         listen = getattr(cloud, "on_instance_terminated", None)
         if callable(listen):
             # Woken by the termination itself; the poll only catches what bypasses the cloud
@@ -217,6 +218,14 @@ class SpotFleet:
         """Reconcile now instead of at the next poll (e.g. right after a termination)."""
         self._wake.set()
 
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Reconcile now and block until a whole pass that began after this call is over:
+        what the fleet did not do by then, it was not going to do for the state at the call."""
+        with self._lock:
+            after = self._passes_started
+        self.poke()
+        return self.wait_for(lambda f: f._passes_done > after, timeout)
+
     # ---- queries ---------------------------------------------------------------------
     def live_members(self) -> list[FleetMember]:
         with self._lock:
@@ -252,6 +261,16 @@ class SpotFleet:
                 break
 
     def _reconcile(self) -> None:
+        with self._lock:
+            self._passes_started += 1
+        try:
+            self._reconcile_once()
+        finally:
+            with self._lock:
+                self._passes_done += 1
+                self._changed.notify_all()
+
+    def _reconcile_once(self) -> None:
         moto_state = self._moto_state()
         if moto_state in (None, "cancelled", "cancelled_terminating"):
             self._cancelled_with_termination()
