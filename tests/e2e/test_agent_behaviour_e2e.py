@@ -190,6 +190,8 @@ def test_a_stop_notice_keeps_the_volume_and_the_started_instance_resumes_on_it(r
              time.monotonic() + 60)
     r.cloud.interrupt(iid, action, in_seconds=3.0)
     drained = r.await_agent_event(iid, "trainer_drained")
+    # The drain's own checkpoint is what the started instance must resume from.
+    assert drained.get("checkpoint_step") == drained["reached_step"] >= 30, drained
     r.await_agent_event(iid, "phase_changed", phase="stopped")
     r._await("the instance to stop", lambda: inst.state == "stopped", time.monotonic() + 30)
     [volume] = r.cloud.moto_client("ec2").describe_volumes(
@@ -205,6 +207,9 @@ def test_a_stop_notice_keeps_the_volume_and_the_started_instance_resumes_on_it(r
     done = r.await_agent_event(iid, "completion_recorded", timeout=120)
     second_boot = [e["event"] for e in r._agent_events(iid)[first_boot_lines:]]
     assert "fsck_needed" not in second_boot
-    resumed = [e for e in r._agent_events(iid)[first_boot_lines:] if e["event"] == "resume_point"]
-    assert resumed[0]["checkpoint_step"] == drained["reached_step"] >= 30
+    second_boot_events = r._agent_events(iid)[first_boot_lines:]
+    resumed = [e for e in second_boot_events if e["event"] == "resume_point"]
+    assert resumed and resumed[0].get("checkpoint_step") == drained["reached_step"], (
+        f"the drain checkpointed step {drained['reached_step']}; the started instance's agent "
+        f"logged {second_boot_events[:40]}")
     assert done["metrics"]["sum"] == 400 * 401 // 2 and done["metrics"]["runs"] == 2
