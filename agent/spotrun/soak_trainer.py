@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from spotrun_trainer.store import CheckpointStore
+from spotrun_trainer.store import CheckpointStore, write_progress
 
 total = int(os.environ.get("STEPS", "200"))
 step_s = float(os.environ.get("STEP_S", "0.02"))
@@ -77,12 +77,8 @@ def save():
 
 def progress():
     if progress_file:
-        tmp = progress_file + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"epoch": 0, "epochs": 1, "step": step, "steps_per_epoch": total,
-                       "global_step": step, "time": time.time(),
-                       "last_checkpoint_time": last_checkpoint}, fh)
-        os.replace(tmp, progress_file)
+        write_progress(progress_file, epochs=1, global_step=step, steps_per_epoch=total,
+                       last_checkpoint_time=last_checkpoint)
 
 
 while step < total:

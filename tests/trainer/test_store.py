@@ -186,3 +186,20 @@ def test_bad_file_name_rejected(tmp_path):
     with pytest.raises(ValueError, match="manifest.json"):
         _save(CheckpointStore(tmp_path), 1, {"manifest.json": b"x"})
     assert not (Path(tmp_path) / "spotrun").exists() or not CheckpointStore(tmp_path).list()
+
+
+def test_the_progress_record_is_what_the_agent_reads(tmp_path):
+    """The trainer library writes the progress file; the agent's reader takes it only from
+    the trainer it supervises (a record older than that trainer's start is an earlier one's)."""
+    import time
+
+    from spotrun.progress import PROGRESS_FILE, read_progress, training_status
+
+    before = time.time()
+    store_mod.write_progress(tmp_path / PROGRESS_FILE, epoch=2, epochs=5, step=7,
+                             steps_per_epoch=10, global_step=27, last_checkpoint_time=before)
+    progress = read_progress(tmp_path, trainer_started_wall=before)
+    assert progress["global_step"] == 27 and progress["step"] == 7 and progress["epochs"] == 5
+    assert training_status(progress).startswith("training epoch 2/5, step 7")
+    assert read_progress(tmp_path, trainer_started_wall=time.time() + 1) == {}
+    assert [p.name for p in tmp_path.iterdir()] == [PROGRESS_FILE]  # no temporary left

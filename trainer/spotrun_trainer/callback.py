@@ -32,7 +32,8 @@ import keras
 import numpy as np
 
 from .data import ResumableBatches
-from .store import Checkpoint, CheckpointStore, IncompatibleCheckpoint, write_json_atomic
+from .store import (Checkpoint, CheckpointStore, IncompatibleCheckpoint, write_json_atomic,
+                    write_progress)
 from .store import _log as _store_log
 
 STATE_FILE = "state.npz"
@@ -350,10 +351,10 @@ class SpotCheckpoint(keras.callbacks.Callback):
         params = self.params or {}
         steps = self._dataset.steps_per_epoch if self._dataset else params.get("steps")
         try:
-            write_json_atomic(self.progress_file, {
-                "epoch": self.epoch, "epochs": self._epochs or params.get("epochs"), "step": self.step_in_epoch,
-                "steps_per_epoch": steps, "global_step": self.global_step, "time": time.time(),
-                "last_checkpoint_time": self.last_checkpoint_time}, fsync=False)
+            write_progress(self.progress_file, epoch=self.epoch,
+                           epochs=self._epochs or params.get("epochs"), step=self.step_in_epoch,
+                           steps_per_epoch=steps, global_step=self.global_step,
+                           last_checkpoint_time=self.last_checkpoint_time)
         except OSError as exc:  # progress is a report: never stop training for it
             _log("warning", "progress_write_failed", path=str(self.progress_file), reason=str(exc))
 

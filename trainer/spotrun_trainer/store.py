@@ -356,3 +356,16 @@ def write_json_atomic(path: Union[str, os.PathLike], data: Any, fsync: bool = Tr
     if fsync:
         _fsync_dir(path.parent)
 
+
+def write_progress(path: Union[str, os.PathLike], *, global_step: int, epoch: int = 0,
+                   epochs: int | None = None, step: int | None = None,
+                   steps_per_epoch: int | None = None,
+                   last_checkpoint_time: float | None = None) -> None:
+    """The progress record the agent reads from ``$SPOTRUN_PROGRESS_FILE`` (its status line,
+    the volume's progress tag, the step a drain reached). A report, rewritten often: atomic
+    but not fsynced. ``time`` is when it was written: the agent ignores a record older than
+    the trainer it supervises."""
+    write_json_atomic(path, {
+        "epoch": epoch, "epochs": epochs, "step": global_step if step is None else step,
+        "steps_per_epoch": steps_per_epoch, "global_step": global_step, "time": time.time(),
+        "last_checkpoint_time": last_checkpoint_time}, fsync=False)
