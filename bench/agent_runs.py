@@ -7,8 +7,6 @@ trainer as an unprivileged user), with bench/bench_trainer.py as the training co
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,14 +28,10 @@ def _shared_dir(parent: Path, name: str) -> Path:
 
 
 def _repository(where: Path) -> str:
-    repo = where / "repo"
-    repo.mkdir()
-    shutil.copy(HERE / "bench_trainer.py", repo / "train.py")
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "-C", str(repo)]
-    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "bench trainer"], check=True)
-    return f"file://{repo}"
+    from spotrun.rehearsal import commit_repository
+
+    return commit_repository(where / "repo", {"train.py": HERE / "bench_trainer.py"},
+                             "bench trainer")
 
 
 def _plan(where: Path, **kw):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -65,15 +66,26 @@ class RehearsalPlan:
     agent_config: dict = field(default_factory=dict)
 
 
-def make_demo_repository(path: Path) -> str:
-    """A git repository holding the rehearsal's training code; returns its file:// URL."""
+def commit_repository(path: Path, files: dict[str, str | Path], message: str) -> str:
+    """A one-commit git repository (branch main) at ``path`` holding ``files`` (name -> text,
+    or a file to copy); returns its file:// URL, as the agent's `code.repository` takes it."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "train.py").write_text(DEMO_TRAIN_PY)
+    for name, content in files.items():
+        target = path / name
+        if isinstance(content, Path):
+            shutil.copy(content, target)
+        else:
+            target.write_text(content)
     git = ["git", "-c", "user.name=spotrun", "-c", "user.email=spotrun@localhost", "-C", str(path)]
     subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    subprocess.run(git + ["add", "train.py"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "rehearsal training code"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", message], check=True)
     return f"file://{path}"
+
+
+def make_demo_repository(path: Path) -> str:
+    """A git repository holding the rehearsal's training code; returns its file:// URL."""
+    return commit_repository(path, {"train.py": DEMO_TRAIN_PY}, "rehearsal training code")
 
 
 class Rehearsal:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from spotrun import lease, soakcheck
 from spotrun.log import get_logger
+from spotrun.rehearsal import commit_repository
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakjob import LEASE_TABLE, JobEnded, SoakJob  # noqa: F401 - re-exported
 from spotrun.soakplan import PROFILES, JobPlan, Slot, plan_jobs  # noqa: F401 - re-exported
@@ -31,13 +31,7 @@ TRAINER_FILE = Path(__file__).with_name("soak_trainer.py")
 # -- the soak -------------------------------------------------------------------------------
 
 def make_repository(path: Path) -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "train.py").write_text(TRAINER_FILE.read_text())
-    git = ["git", "-c", "user.name=spotrun", "-c", "user.email=spotrun@localhost", "-C", str(path)]
-    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    subprocess.run(git + ["add", "train.py"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "soak trainer"], check=True)
-    return f"file://{path}"
+    return commit_repository(path, {"train.py": TRAINER_FILE}, "soak trainer")
 
 
 def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,

@@ -3,7 +3,6 @@ spotrun's reference trainer resumes mid-epoch to the same result as an uninterru
 seed's own script — which knows nothing of the protocol — still runs, resumes from its own
 per-epoch files, completes, and only then is the fleet cancelled."""
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.rehearsal import DEMO_TRAIN_PY, Rehearsal, RehearsalPlan
+from spotrun.rehearsal import DEMO_TRAIN_PY, Rehearsal, RehearsalPlan, commit_repository
 
 pytestmark = [pytest.mark.loopdev, pytest.mark.slow]
 PYTHON = sys.executable
@@ -30,15 +29,9 @@ os.execv(sys.executable, [sys.executable, "seed_train.py", "--model", "tiny", "-
 
 
 def _repo(path: Path) -> str:
-    path.mkdir()
-    (path / "train.py").write_text(DEMO_TRAIN_PY)
-    shutil.copy(ROOT / "examples" / "seed_style" / "train.py", path / "seed_train.py")
-    (path / "seed_wrapper.py").write_text(SEED_WRAPPER)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(path)]
-    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "training code"], check=True)
-    return f"file://{path}"
+    return commit_repository(path, {
+        "train.py": DEMO_TRAIN_PY, "seed_train.py": ROOT / "examples" / "seed_style" / "train.py",
+        "seed_wrapper.py": SEED_WRAPPER}, "training code")
 
 
 def test_reference_trainer_resumes_mid_epoch_to_the_uninterrupted_result(shared_tmp):

@@ -8,7 +8,6 @@ the cloud's EC2 endpoint, with the fleet and instance found from the volume's at
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
@@ -30,15 +29,10 @@ for step in range(1, 1000000):
 @pytest.fixture
 def training_job(tmp_path, aws_env):
     from spotrun.localcloud import LocalCloud, TimingModel
-    from spotrun.rehearsal import Rehearsal, RehearsalPlan
+    from spotrun.rehearsal import Rehearsal, RehearsalPlan, commit_repository
 
     repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "train.py").write_text(TRAIN_PY)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(repo)]
-    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    subprocess.run(git + ["add", "train.py"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "progress-writing trainer"], check=True)
+    commit_repository(repo, {"train.py": TRAIN_PY}, "progress-writing trainer")
     cloud = LocalCloud(tmp_path / "cloud", TimingModel.fast()).start()
     try:
         # root: pytest's tmp_path is private to root, so "nobody" could not read the checkout.

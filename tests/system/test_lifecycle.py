@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,18 +36,14 @@ def world(system_ready, deb):
     """The local spot cloud, a git repository of training code, and the booted system."""
     tomli_w = pytest.importorskip("tomli_w")
     from spotrun.localcloud import LocalCloud, TimingModel
+    from spotrun.rehearsal import commit_repository
 
     # Bound into the container and traversed by the training user: not pytest's 0700 tmp.
     shared = Path(tempfile.mkdtemp(prefix="spotrun-systest-"))
     shared.chmod(0o755)
     try:
         repo = shared / "repo"
-        repo.mkdir()
-        shutil.copy(COUNTING_TRAINER, repo / "train.py")
-        git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(repo)]
-        subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-        subprocess.run(git + ["add", "."], check=True)
-        subprocess.run(git + ["commit", "-q", "-m", "counting trainer"], check=True)
+        commit_repository(repo, {"train.py": COUNTING_TRAINER}, "counting trainer")
         with LocalCloud(shared / "cloud", TimingModel.fast()) as cloud:
             if not cloud.uses_loop_devices:
                 pytest.skip("the local cloud has no loop devices here")
