@@ -42,6 +42,17 @@ def umount(point):
     subprocess.run(["umount", str(point)], check=True)
 
 
+def mounted_new_volume(cloud, ec2):
+    """An instance in us-east-1a with a new 1 GiB volume attached, formatted and mounted."""
+    inst = cloud.launch_instance(az="us-east-1a")
+    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+    wait_volume_state(ec2, vol, "available")
+    link = attach_and_wait(ec2, inst, vol)
+    subprocess.run(["mkfs.ext4", "-q", "-F", os.path.realpath(link)], check=True)
+    mount(link, inst.mount_point)
+    return inst, vol, link
+
+
 def test_volume_with_data_moves_to_another_az_by_snapshot(cloud, ec2):
     assert cloud.uses_loop_devices
     first = cloud.launch_instance(az="us-east-1a")
@@ -103,12 +114,7 @@ def test_images_are_sparse_and_sized_in_gib(cloud, ec2):
 
 
 def test_snapshot_holds_the_data_as_of_the_call(cloud, ec2):
-    inst = cloud.launch_instance(az="us-east-1a")
-    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
-    wait_volume_state(ec2, vol, "available")
-    link = attach_and_wait(ec2, inst, vol)
-    subprocess.run(["mkfs.ext4", "-q", "-F", os.path.realpath(link)], check=True)
-    mount(link, inst.mount_point)
+    inst, vol, link = mounted_new_volume(cloud, ec2)
     (inst.mount_point / "a").write_text("before")
     subprocess.run(["sync"], check=True)
     snap = ec2.create_snapshot(VolumeId=vol)["SnapshotId"]
@@ -131,12 +137,7 @@ def test_snapshot_holds_the_data_as_of_the_call(cloud, ec2):
 
 
 def test_detaching_a_mounted_volume_stays_busy_until_unmounted(cloud, ec2):
-    inst = cloud.launch_instance(az="us-east-1a")
-    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
-    wait_volume_state(ec2, vol, "available")
-    link = attach_and_wait(ec2, inst, vol)
-    subprocess.run(["mkfs.ext4", "-q", "-F", os.path.realpath(link)], check=True)
-    mount(link, inst.mount_point)
+    inst, vol, link = mounted_new_volume(cloud, ec2)
 
     answer = ec2.detach_volume(VolumeId=vol)
     assert answer["State"] == "detaching"
@@ -162,12 +163,7 @@ def test_detaching_a_mounted_volume_stays_busy_until_unmounted(cloud, ec2):
 
 
 def test_force_detach_completes_while_mounted(cloud, ec2):
-    inst = cloud.launch_instance(az="us-east-1a")
-    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
-    wait_volume_state(ec2, vol, "available")
-    link = attach_and_wait(ec2, inst, vol)
-    subprocess.run(["mkfs.ext4", "-q", "-F", os.path.realpath(link)], check=True)
-    mount(link, inst.mount_point)
+    inst, vol, link = mounted_new_volume(cloud, ec2)
     ec2.detach_volume(VolumeId=vol, Force=True)
     wait_volume_state(ec2, vol, "available")
     assert not link.exists()
@@ -177,12 +173,7 @@ def test_force_detach_completes_while_mounted(cloud, ec2):
 def test_terminated_instance_keeps_its_volume_in_use_for_the_modelled_delay(cloud_factory):
     cloud = cloud_factory(TimingModel(detach_after_terminate_s=1.5))
     ec2 = cloud.client("ec2", max_attempts=1)
-    inst = cloud.launch_instance(az="us-east-1a")
-    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
-    wait_volume_state(ec2, vol, "available")
-    link = attach_and_wait(ec2, inst, vol)
-    subprocess.run(["mkfs.ext4", "-q", "-F", os.path.realpath(link)], check=True)
-    mount(link, inst.mount_point)
+    inst, vol, link = mounted_new_volume(cloud, ec2)
     sleeper = cloud.start_process(inst, ["sleep", "300"], cwd=str(inst.mount_point))
 
     terminated_at = time.monotonic()
