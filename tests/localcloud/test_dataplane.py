@@ -222,3 +222,27 @@ def test_detach_of_a_detached_volume_is_an_ec2_error(cloud, ec2):
     with pytest.raises(ec2.exceptions.ClientError) as refused:
         ec2.detach_volume(VolumeId=vol)
     assert refused.value.response["Error"]["Code"] == "IncorrectState"
+
+
+def test_deleting_a_volume_or_snapshot_deletes_its_tags(cloud, ec2):
+    """As on EC2. moto keeps them, and scans them all for every tag-filtered Describe."""
+    tagged = [{"ResourceType": "volume", "Tags": [{"Key": "spotrun:job", "Value": "t"},
+                                                  {"Key": "Name", "Value": "data"}]}]
+    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a",
+                            TagSpecifications=tagged)["VolumeId"]
+    wait_volume_state(ec2, vol, "available")
+    snap = ec2.create_snapshot(VolumeId=vol, TagSpecifications=[
+        {"ResourceType": "snapshot", "Tags": [{"Key": "spotrun:job", "Value": "t"}]}])["SnapshotId"]
+    keep = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a",
+                             TagSpecifications=tagged)["VolumeId"]
+
+    def tags_of(resource_id):
+        return ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [resource_id]}])["Tags"]
+
+    assert len(tags_of(vol)) == 2 and len(tags_of(snap)) == 1
+    wait_until(lambda: ec2.describe_snapshots(SnapshotIds=[snap])["Snapshots"][0]["State"]
+               == "completed", what="snapshot completed")
+    ec2.delete_snapshot(SnapshotId=snap)
+    ec2.delete_volume(VolumeId=vol)
+    assert tags_of(vol) == [] and tags_of(snap) == []
+    assert len(tags_of(keep)) == 2

@@ -144,6 +144,7 @@ class Ec2Overlay(EbsClock):
             self.dataplane.delete_volume(volume_id)
             with self._lock:
                 self._volumes.pop(volume_id, None)
+            self._drop_tags_of(volume_id)
             self._record("volume_deleted", volume_id=volume_id)
         return response
 
@@ -248,8 +249,23 @@ class Ec2Overlay(EbsClock):
             self.dataplane.delete_snapshot(snapshot_id)
             with self._lock:
                 self._snapshots.pop(snapshot_id, None)
+            self._drop_tags_of(snapshot_id)
             self._record("snapshot_deleted", snapshot_id=snapshot_id)
         return response
+
+    def _drop_tags_of(self, resource_id: str) -> None:
+        """EC2's tags go with their resource; moto keeps them. Worse, moto finds each
+        object's tags by scanning its whole tag store, so every tag-filtered Describe slowed
+        as the tags of deleted volumes and snapshots piled up (a long soak: 4,500 tags,
+        a filtered DescribeSnapshots 30 times slower than on a fresh cloud)."""
+        answer = self._moto({"Action": "DescribeTags", "Filter.1.Name": "resource-id",
+                             "Filter.1.Value.1": resource_id})
+        if answer.status != 200:
+            return
+        keys = [e.text for e in answer.xml().iter() if e.tag.endswith("}key") and e.text]
+        if keys:
+            self._moto({"Action": "DeleteTags", "ResourceId.1": resource_id,
+                        **{f"Tag.{n}.Key": key for n, key in enumerate(keys, 1)}})
 
     def _on_DescribeVolumes(self, params: dict, forward: Forward) -> Ec2Response:
         params, own_filters = filters_of(params, VOLUME_STATE_FILTERS)
