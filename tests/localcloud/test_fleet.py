@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from spotrun.localcloud.fleet import AzPolicy, LaunchSpec
+from spotrun.localcloud.fleetspec import AzPolicy, LaunchSpec
 from spotrun.tags import SPOT_FLEET_REQUEST, as_dict
 
 
