@@ -1,5 +1,6 @@
 """Test-only fault points: ``crashpoint(name)`` SIGKILLs this process when
-``SPOTRUN_CRASH_AT`` equals ``name``.
+``SPOTRUN_CRASH_AT`` equals ``name``; ``pausepoint(name)`` stops it (SIGSTOP) when
+``SPOTRUN_PAUSE_AT`` does, for whoever set it to land a fault there and SIGCONT it.
 
 They exist so the kill tests can stop the agent exactly between two steps of the volume
 migration, as a spot termination or power loss would. In production the variable is unset
@@ -13,6 +14,7 @@ import os
 import signal
 
 ENV = "SPOTRUN_CRASH_AT"
+PAUSE_ENV = "SPOTRUN_PAUSE_AT"
 
 CRASHPOINTS: tuple[str, ...] = (
     "migration.snapshot_requested",   # CreateSnapshot answered, snapshot still pending
@@ -30,3 +32,17 @@ def crashpoint(name: str) -> None:
         raise ValueError(f"unknown crash point {name!r}: add it to CRASHPOINTS (and a kill test)")
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Phases too short to hit from outside (a checkout of a small repository takes ~50 ms): the
+# soak freezes the agent at the start of one, posts its notice, and lets it go on.
+PAUSEPOINTS: tuple[str, ...] = (
+    "checkout.started",
+)
+
+
+def pausepoint(name: str) -> None:
+    if name not in PAUSEPOINTS:
+        raise ValueError(f"unknown pause point {name!r}: add it to PAUSEPOINTS")
+    if os.environ.get(PAUSE_ENV) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)

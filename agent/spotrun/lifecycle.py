@@ -26,6 +26,7 @@ from typing import Any, Callable
 from spotrun import progress as progressmod
 from spotrun import tags as T
 from spotrun.config import Config
+from spotrun.crashpoints import pausepoint
 from spotrun.log import bind, get_logger
 from spotrun.notify import Notifier
 from spotrun.progress import PROGRESS_FILE
@@ -221,6 +222,7 @@ class Lifecycle:
             return self.finish(already_complete=True)
 
         self.transition(Phase.CHECKING_OUT)
+        pausepoint("checkout.started")
         self.commit = self._checkout(self.identity)
         self._record_tags({T.COMMIT: self.commit, T.FAILURE: "-"}, force=True)
         return self.train()

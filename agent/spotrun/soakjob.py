@@ -49,6 +49,8 @@ class SoakJob(Rehearsal):
         self.corrupted: list[tuple[str, str]] = []
         self.crash_next_boot: str | None = None
         self.crash_armed: dict[str, str] = {}
+        self.pause_next_boot: str | None = None  # crashpoints.PAUSEPOINTS, for the next boot
+        self.pause_armed: dict[str, str] = {}
         self.ec2_faults_on = False
         self.slow_timing_on = False
         self._clear_on_next_training = False
@@ -71,6 +73,10 @@ class SoakJob(Rehearsal):
         if point:
             env["SPOTRUN_CRASH_AT"] = point
             self.crash_armed[inst.instance_id] = point
+        pause, self.pause_next_boot = self.pause_next_boot, None
+        if pause:
+            env["SPOTRUN_PAUSE_AT"] = pause
+            self.pause_armed[inst.instance_id] = pause
         argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
         with open(inst.root / "agent.log", "ab") as log_file:
             boot = {"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
@@ -197,6 +203,23 @@ class SoakJob(Rehearsal):
                 return "training"
             return None
         return self.wait(f"{instance_id}'s agent to crash or train", ended, 90) == "exited"
+
+    def await_agent_paused(self, instance_id: str) -> int | None:
+        """The pid of the agent once it has stopped itself at its pause point; None if it
+        exited or trained instead."""
+        def paused():
+            proc = self.agent_process(instance_id)
+            if proc is None or proc.poll() is not None:
+                return "gone"
+            if self.has_trained(instance_id):
+                return "trained"
+            try:
+                state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return None
+            return proc.pid if state == "T" else None
+        answer = self.wait(f"{instance_id}'s agent to pause", paused, 90)
+        return answer if isinstance(answer, int) else None
 
     def current_phase(self, instance_id: str) -> str | None:
         phases = [e.get("phase") for e in self.events_of(instance_id) if e.get("event") == "phase_changed"]

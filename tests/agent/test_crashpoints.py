@@ -2,6 +2,7 @@
 point is passed by the code, in the listed order (the kill test enumerates CRASHPOINTS)."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -53,3 +54,27 @@ def test_every_listed_point_is_in_the_code_once():
     used = re.findall(r'crashpoint\("([^"]+)"\)', source)
     assert sorted(used) == sorted(crashpoints.CRASHPOINTS)
     assert len(used) == len(set(used))
+
+
+def test_a_pause_point_stops_the_process_there_until_it_is_continued():
+    script = ("from spotrun.crashpoints import pausepoint\n"
+              "print('before', flush=True)\n"
+              "pausepoint('checkout.started')\n"
+              "print('after', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", crashpoints.PAUSE_ENV: "checkout.started"})
+    assert proc.stdout.readline().strip() == "before"
+    # waitid(WSTOPPED) returns once the child has stopped itself: no polling, no sleep.
+    stopped = os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WNOWAIT)
+    assert stopped.si_code == os.CLD_STOPPED and stopped.si_status == signal.SIGSTOP
+    os.kill(proc.pid, signal.SIGCONT)
+    assert proc.stdout.readline().strip() == "after"
+    assert proc.wait(30) == 0
+    with pytest.raises(ValueError, match="unknown pause point"):
+        crashpoints.pausepoint("checkout.nope")
+
+
+def test_every_pause_point_is_in_the_code_once():
+    source = "\n".join(p.read_text() for p in AGENT.glob("*.py") if p.name != "crashpoints.py")
+    used = re.findall(r'pausepoint\("([^"]+)"\)', source)
+    assert sorted(used) == sorted(crashpoints.PAUSEPOINTS) and len(used) == len(set(used))
