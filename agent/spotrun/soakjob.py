@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from spotrun import crashpoints
 from spotrun.log import get_logger
 from spotrun.rehearsal import Rehearsal, RehearsalPlan
 from spotrun.rehearsal_report import read_events, wall_time
@@ -71,11 +72,11 @@ class SoakJob(Rehearsal):
         env = inst.env()
         point, self.crash_next_boot = self.crash_next_boot, None
         if point:
-            env["SPOTRUN_CRASH_AT"] = point
+            env[crashpoints.ENV] = point
             self.crash_armed[inst.instance_id] = point
         pause, self.pause_next_boot = self.pause_next_boot, None
         if pause:
-            env["SPOTRUN_PAUSE_AT"] = pause
+            env[crashpoints.PAUSE_ENV] = pause
             self.pause_armed[inst.instance_id] = pause
         argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
         with open(inst.root / "agent.log", "ab") as log_file:
@@ -269,9 +270,9 @@ class SoakJob(Rehearsal):
         stopped and started): the next trainer on it must resume within ``limit`` steps of
         ``step`` (default: ``allowance`` checkpoint intervals)."""
         starts = self.trainer_starts(instance_id)
-        self.same_instance_interruptions.append({"instance_id": instance_id, "observed_step": step,
-                                     "cause": cause, "starts_before": len(starts),
-                                     "allowance": allowance, "limit": limit})
+        self.same_instance_interruptions.append({
+            "instance_id": instance_id, "observed_step": step, "cause": cause,
+            "starts_before": len(starts), "allowance": allowance, "limit": limit})
 
     def expect_trainer_restart(self, instance_id: str, step: int | None, cause: str,
                                allowance: int = 1) -> None:

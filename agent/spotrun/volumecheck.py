@@ -25,12 +25,10 @@ class VolumeError(SpotrunError):
 
 
 def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: bool,
-                  marker_expected: bool | None = None) -> None:
+                  marker_expected: bool) -> None:
     """Check (and on first use write) the marker; after a migration, the latest checkpoint.
-    ``marker_expected`` (default: ``migrated``) is false for a copy of a volume spotrun never
+    ``marker_expected`` is false on first use and for a copy of a volume spotrun never
     mounted: its source had no marker, so the copy's first use writes one."""
-    if marker_expected is None:
-        marker_expected = migrated
     marker = config.mount_point / MARKER
     if marker.exists():
         try:
