@@ -58,6 +58,26 @@ class _Standard:
         getattr(sys, self.name).flush()
 
 
+class _TrainerLibraryBridge(logging.Handler):
+    """The trainer library's stdlib-logging events (the agent reads checkpoints with it) as
+    this process's structured events, ``component`` ``trainer.<its component>``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = dict(getattr(record, "spotrun_fields", {}) or {})
+        component = "trainer." + record.name.split(".", 1)[-1] if "." in record.name else "trainer"
+        level = logging.getLevelName(record.levelno).lower()
+        logger = structlog.get_logger(component=component)
+        getattr(logger, level if level in _LEVELS else "info")(record.getMessage(), **fields)
+
+
+def _route_trainer_library() -> None:
+    library = logging.getLogger("spotrun_trainer")
+    if not any(isinstance(h, _TrainerLibraryBridge) for h in library.handlers):
+        library.handlers = [_TrainerLibraryBridge()]
+    library.propagate = False
+    library.setLevel(logging.INFO)
+
+
 _configured = False
 
 
@@ -80,6 +100,7 @@ def configure(level: str = "info", stream: TextIO | None = None, **context: Any)
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    _route_trainer_library()
     structlog.contextvars.clear_contextvars()
     if context:
         structlog.contextvars.bind_contextvars(**context)
