@@ -25,7 +25,15 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_under_the_agent_each_event_is_a_prefixed_json_line_on_stderr():
-    result = _run(EMIT, SPOTRUN_JOB_ID="job-1")
+    # The shipped layout: the AMI's Python with only the packaged library on its path
+    # (/usr/lib/spotrun/trainer-lib), no agent package, no structlog.
+    code = ("import importlib.util, sys; "
+            "assert importlib.util.find_spec('spotrun') is None, 'the agent package is importable'; "
+            + EMIT)
+    result = subprocess.run(["/usr/bin/python3", "-s", "-c", code], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "SPOTRUN_JOB_ID": "job-1",
+                                 "PYTHONPATH": os.path.join(REPO, "trainer")},
+                            cwd="/", timeout=60, check=True)
     lines = [line for line in result.stderr.splitlines() if line]
     assert [line[:3] for line in lines] == ["<4>", "<6>"]
     first, second = (json.loads(line[3:]) for line in lines)
