@@ -228,7 +228,8 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     for instance_id in {b["instance_id"] for b in job.boots}:
         path = Path(cloud.instance(instance_id).state_dir) / "trainer.log"
         try:
-            corrupt_seen += path.read_text(errors="replace").count("checkpoint_corrupt")
+            text = path.read_text(errors="replace")  # skipped, or moved aside by a restore
+            corrupt_seen += text.count("checkpoint_corrupt") + text.count("checkpoint_quarantined")
         except OSError:
             pass
     if corrupt_seen and not job.corrupted:

@@ -1,27 +1,35 @@
-"""Crash-safe checkpoint directories: never torn, checksummed, the last N kept.
+"""Crash-safe checkpoint directories: never torn, checksummed, the newest N saves kept.
 
 Standard library only (no numpy, no keras at import): the agent imports this module to check
 the volume's latest checkpoint and read the training progress.
 
 Layout under the checkpoint directory (``$SPOTRUN_CHECKPOINT_DIR``)::
 
-    spotrun/ckpt-000000001234/        one directory per checkpoint, named by global step
+    spotrun/ckpt-000000000007/        one directory per checkpoint, named by its save sequence
         weights.npz ...               payload files, written and fsynced first
-        manifest.json                 written last: format, fingerprint, step, sha256 of each file
+        manifest.json                 written last: format, fingerprint, sequence, step, sha256s
+    spotrun/corrupt/ckpt-000000000006/  a checkpoint that failed verification, moved aside
     spotrun/.tmp-ckpt-...             a save in progress (or a crashed one, removed on next save)
 
-A save builds everything under a ``.tmp-`` name in the same directory, fsyncs each file and
-the directory, renames it atomically to ``ckpt-<step>`` and fsyncs the parent; only then are
-older checkpoints pruned. A crash at any point leaves the new checkpoint or the previous one,
-both complete. Loading verifies every file's sha256 and falls back to the previous checkpoint,
-with a warning, when one fails.
+Order is save order, as in TensorFlow's CheckpointManager (its ``ckpt-N`` is a save counter),
+never the step: after a restart from an older checkpoint (the newest corrupt, a rollback) the
+new saves are the newest. A save takes the number one above every ``ckpt-`` name present,
+quarantined ones included, so a number is never reused. Checkpoints of earlier versions are
+named by step, without ``sequence``: that number stands as their sequence, so they keep their
+order among themselves and every new save comes after them.
+
+A save builds everything under a ``.tmp-`` name, fsyncs each file and the directory, renames
+it atomically to ``ckpt-<sequence>`` and fsyncs the parent; only then are older checkpoints
+pruned (the newest ``keep`` by sequence stay, the one just written always among them). A crash
+at any point leaves the new checkpoint or the previous one, both complete. Loading verifies
+every file's sha256 and falls back to the previous checkpoint, with a warning; the writer's
+restore passes ``quarantine=True`` to move a corrupt one aside (readers only look).
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -31,10 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Union
 
+# Re-exported: the agent and the trainers import these two from here.
+from .jsonfile import fsync_dir as _fsync_dir, write_json_atomic, write_progress  # noqa: F401
+from .logs import log_event
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SUBDIR = "spotrun"
+QUARANTINE = "corrupt"
 _CKPT_NAME = re.compile(r"^ckpt-(\d{12})$")
+# Quarantined names may carry a suffix (see _quarantine); their number still counts.
+_NUMBERED = re.compile(r"^ckpt-(\d{12})(?:-[0-9a-f]+)?$")
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
@@ -49,22 +64,10 @@ SAVE_POINTS = ("tmp_created", "during_file", "after_files", "during_manifest",
                "during_prune", "saved")
 
 
-def _logger(component: str):
-    try:  # the agent's structured logger when it is installed; plain logging otherwise
-        from spotrun.log import get_logger
-        return get_logger(component)
-    except Exception:  # noqa: BLE001 - the store must work without the agent package
-        return None
-
-
 def _log(level: str, event: str, component: str = "trainer.store", **fields: Any) -> None:
-    structured = _logger(component)
-    if structured is not None:
-        getattr(structured, level)(event, **fields)
-        return
-    logging.getLogger("spotrun_" + component.replace(".", "_")).log(
-        {"warning": logging.WARNING, "error": logging.ERROR}.get(level, logging.INFO),
-        "%s %s", event, json.dumps(fields, default=str, sort_keys=True))
+    # Kept for callback.py and resnet_cifar.py, which still import it; their component names
+    # carry a "trainer." prefix that the logger name (spotrun_trainer.<component>) already says.
+    log_event(level, event, component=component.removeprefix("trainer."), **fields)
 
 
 class CheckpointError(Exception):
@@ -89,6 +92,14 @@ class Checkpoint:
     manifest: dict
 
     @property
+    def sequence(self) -> int:
+        """Save order: the number in the name (a step-named checkpoint's step)."""
+        match = _NUMBERED.match(self.path.name)
+        if match is None:
+            raise CheckpointError(f"{self.path}: not a checkpoint name (ckpt-<12 digits>)")
+        return int(match.group(1))
+
+    @property
     def step(self) -> int:
         return int(self.manifest["step"])
 
@@ -107,14 +118,6 @@ class Checkpoint:
 
     def read_bytes(self, name: str) -> bytes:
         return self.file(name).read_bytes()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _HashingWriter:
@@ -147,6 +150,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _manifest_problem(manifest: dict) -> str | None:
+    """What makes a format-1 manifest unusable, naming the field; None when it is sound."""
+    optional = ("sequence",) if "sequence" in manifest else ()  # absent in step-named ones
+    for key in ("step", "epoch", "step_in_epoch") + optional:
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"field {key!r} is {value!r}, not an integer"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"field 'files' is {type(files).__name__}, not a mapping"
+    for name, meta in files.items():
+        if "/" in name or name.startswith("."):
+            return f"files: invalid file name {name!r}"
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
+                and isinstance(meta.get("sha256"), str)):
+            return f"files[{name!r}] needs an integer 'size' and a string 'sha256', has {meta!r}"
+    return None
+
+
 class CheckpointStore:
     """Checkpoints of one job under ``<directory>/spotrun/``."""
 
@@ -156,29 +178,32 @@ class CheckpointStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.root = self.directory / SUBDIR
+        self.quarantine_dir = self.root / QUARANTINE
         self.keep = keep
         self._fault = fault_hook or (lambda _point: None)
 
     # ----------------------------------------------------------------- reading
     def list(self) -> list[Checkpoint]:
-        """Complete-looking checkpoints (renamed into place), oldest first, not verified."""
+        """Complete-looking checkpoints (renamed into place), in save order, not verified."""
         if not self.root.is_dir():
             return []
         found = []
         for entry in self.root.iterdir():
             if _CKPT_NAME.match(entry.name) and entry.is_dir():
                 found.append(Checkpoint(entry, self._read_manifest_lenient(entry)))
-        return sorted(found, key=lambda c: c.path.name)
+        return sorted(found, key=lambda c: c.sequence)
 
     @staticmethod
     def _read_manifest_lenient(path: Path) -> dict:
         try:
-            return json.loads((path / MANIFEST).read_text())
+            manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError):
             return {}
+        return manifest if isinstance(manifest, dict) else {}
 
-    def verify(self, path: Union[str, os.PathLike]) -> Checkpoint:
-        """The checkpoint at ``path`` with every checksum checked, or CorruptCheckpoint."""
+    def verify(self, path: Union[str, os.PathLike], *, checksums: bool = True) -> Checkpoint:
+        """The checkpoint at ``path`` with every checksum checked, or CorruptCheckpoint.
+        ``checksums=False`` checks only the manifest and the files' sizes (no reading)."""
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
@@ -186,12 +211,17 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{path}: no {MANIFEST}") from None
         except (OSError, ValueError) as exc:
             raise CorruptCheckpoint(f"{path}/{MANIFEST}: unreadable: {exc}") from None
-        version = manifest.get("format") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise CorruptCheckpoint(f"{path}/{MANIFEST}: not a JSON object")
+        version = manifest.get("format")
         if version != FORMAT_VERSION:
             raise IncompatibleCheckpoint(
                 f"{path}: checkpoint format {version!r}, this library reads format "
                 f"{FORMAT_VERSION}; use the spotrun_trainer version that wrote it")
-        for name, meta in manifest.get("files", {}).items():
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise CorruptCheckpoint(f"{path}/{MANIFEST}: {problem}")
+        for name, meta in manifest["files"].items():
             file_path = path / name
             try:
                 size = file_path.stat().st_size
@@ -199,16 +229,32 @@ class CheckpointStore:
                 raise CorruptCheckpoint(f"{file_path}: missing") from None
             if size != meta["size"]:
                 raise CorruptCheckpoint(f"{file_path}: {size} bytes, manifest says {meta['size']}")
-            if sha256_file(file_path) != meta["sha256"]:
+            if checksums and sha256_file(file_path) != meta["sha256"]:
                 raise CorruptCheckpoint(f"{file_path}: sha256 mismatch")
         return Checkpoint(path, manifest)
 
-    def latest_valid(self, fingerprint: str | None = None) -> Checkpoint | None:
-        """The newest checkpoint whose checksums verify; older ones are tried in turn.
+    def _broken(self, path: Path) -> str | None:
+        """Why ``path`` is plainly broken, found without hashing; None if it looks whole
+        (another format's counts as whole: it is not ours to judge)."""
+        try:
+            self.verify(path, checksums=False)
+        except IncompatibleCheckpoint:
+            return None
+        except CorruptCheckpoint as exc:
+            return str(exc)
+        return None
 
-        A corrupt checkpoint is skipped with a ``checkpoint_corrupt`` warning. A checkpoint of
-        another format, or (when ``fingerprint`` is given) of another model, raises
-        IncompatibleCheckpoint: training on from the wrong state would be worse than stopping.
+    def latest_valid(self, fingerprint: str | None = None, *,
+                     quarantine: bool = False) -> Checkpoint | None:
+        """The newest checkpoint (by save order) whose checksums verify; older ones are tried
+        in turn.
+
+        A corrupt checkpoint is skipped with a ``checkpoint_corrupt`` warning, or, with
+        ``quarantine=True`` (the trainer restoring; never a reader that only looks while a
+        trainer may write), moved to ``spotrun/corrupt/`` with a ``checkpoint_quarantined``
+        warning. A checkpoint of another format, or (when ``fingerprint`` is given) of another
+        model, raises IncompatibleCheckpoint: training on from the wrong state would be worse
+        than stopping.
         """
         for candidate in reversed(self.list()):
             try:
@@ -216,7 +262,8 @@ class CheckpointStore:
             except IncompatibleCheckpoint:
                 raise
             except CorruptCheckpoint as exc:
-                _log("warning", "checkpoint_corrupt", path=str(candidate.path), reason=str(exc))
+                if not (quarantine and self._quarantine(candidate.path, str(exc))):
+                    _log("warning", "checkpoint_corrupt", path=str(candidate.path), reason=str(exc))
                 continue
             found = checkpoint.manifest.get("fingerprint")
             if fingerprint is not None and found != fingerprint:
@@ -228,6 +275,25 @@ class CheckpointStore:
         return None
 
     # ----------------------------------------------------------------- writing
+    def _quarantine(self, path: Path, reason: str) -> Path | None:
+        """Move a corrupt checkpoint out of the ``ckpt-`` namespace, kept for inspection;
+        its number stays taken. None (and a warning) if it cannot be moved."""
+        target = self.quarantine_dir / path.name
+        try:
+            self.quarantine_dir.mkdir(exist_ok=True)
+            if os.path.lexists(target):  # numbers are never reused: a hand-made copy, say
+                target = target.with_name(f"{path.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(path, target)
+            _fsync_dir(self.quarantine_dir)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            if path.exists():
+                _log("warning", "checkpoint_quarantine_failed", path=str(path), error=str(exc))
+                return None
+        _log("warning", "checkpoint_quarantined", path=str(path), moved_to=str(target),
+             reason=reason)
+        return target
+
     def cleanup_temporaries(self) -> list[Path]:
         """Remove what crashed saves left behind (``.tmp-*``); returns what was removed."""
         removed = []
@@ -240,6 +306,20 @@ class CheckpointStore:
             _log("info", "checkpoint_temporaries_removed", paths=[str(p) for p in removed])
         return removed
 
+    def _next_sequence(self) -> int:
+        """One above every checkpoint number present, quarantined ones included."""
+        highest = 0
+        for folder in (self.root, self.quarantine_dir):
+            try:
+                names = os.listdir(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in names:
+                match = _NUMBERED.match(name)
+                if match:
+                    highest = max(highest, int(match.group(1)))
+        return highest + 1
+
     def save(self, files: Mapping[str, Payload], *, step: int, epoch: int, step_in_epoch: int,
              fingerprint: str | None = None, commit: str | None = None,
              extra: Mapping[str, Any] | None = None) -> Checkpoint:
@@ -249,7 +329,8 @@ class CheckpointStore:
                 raise ValueError(f"invalid checkpoint file name {name!r}")
         self.root.mkdir(parents=True, exist_ok=True)
         self.cleanup_temporaries()
-        final = self.root / f"ckpt-{int(step):012d}"
+        sequence = self._next_sequence()
+        final = self.root / f"ckpt-{sequence:012d}"
         tmp = self.root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
         try:
@@ -258,31 +339,40 @@ class CheckpointStore:
             digests = {name: self._write_file(tmp / name, payload) for name, payload in files.items()}
             self._fault("after_files")
             manifest = {
-                "format": FORMAT_VERSION, "fingerprint": fingerprint, "step": int(step),
-                "epoch": int(epoch), "step_in_epoch": int(step_in_epoch), "time": time.time(),
-                "commit": commit, "files": digests, "extra": dict(extra or {}),
+                "format": FORMAT_VERSION, "fingerprint": fingerprint, "sequence": sequence,
+                "step": int(step), "epoch": int(epoch), "step_in_epoch": int(step_in_epoch),
+                "time": time.time(), "commit": commit, "files": digests,
+                "extra": dict(extra or {}),
             }
             self._write_manifest(tmp / MANIFEST, manifest)
             self._fault("after_manifest")
             _fsync_dir(tmp)
             self._fault("before_rename")
-            self._replace_into_place(tmp, final)
+            # A name is never reused, so it is free unless another writer shares this
+            # directory: never rename over it (Linux silently replaces an empty directory).
+            if os.path.lexists(final):
+                raise OSError(errno.EEXIST, f"{final.name} already exists (another writer?)")
+            os.rename(tmp, final)
             self._fault("after_rename")
             _fsync_dir(self.root)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.list()
-            kept = previous[-1].path.name if previous else "none"
+            kept = next((c.path.name for c in reversed(self.list()) if c.path != final
+                         and not self._broken(c.path)), "none")
             reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             _log("error", "checkpoint_save_failed", path=str(final), reason=reason, kept=kept)
             raise CheckpointWriteError(
                 f"could not write checkpoint {final}: {reason} ({exc}); the previous "
                 f"checkpoint ({kept}) is intact") from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # interrupted: leave no half-written save
+            raise
         self._fault("before_prune")
-        self._prune()
+        self._prune(final)
         self._fault("saved")
-        _log("info", "checkpoint_saved", path=str(final), step=int(step), epoch=int(epoch),
-             step_in_epoch=int(step_in_epoch), seconds=round(time.monotonic() - started, 3))
+        _log("info", "checkpoint_saved", path=str(final), sequence=sequence, step=int(step),
+             epoch=int(epoch), step_in_epoch=int(step_in_epoch),
+             seconds=round(time.monotonic() - started, 3))
         return Checkpoint(final, manifest)
 
     def _write_file(self, path: Path, payload: Payload) -> dict:
@@ -311,61 +401,23 @@ class CheckpointStore:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _replace_into_place(self, tmp: Path, final: Path) -> None:
-        if not final.exists():
-            os.rename(tmp, final)
-            return
-        # The same step saved again. A directory cannot be renamed over a non-empty one, and
-        # moving a good checkpoint aside first would leave a window with none (keep=1): so a
-        # valid one stays and the new copy is dropped (a step's state is the same state).
-        try:
-            self.verify(final)
-        except CheckpointError:
-            pass
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            _log("info", "checkpoint_exists", path=str(final))
-            return
-        old = self.root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def _prune(self) -> None:
-        checkpoints = self.list()
-        for stale in checkpoints[: max(0, len(checkpoints) - self.keep)]:
-            # Rename out of the ckpt- namespace first so a half-deleted directory is never
-            # mistaken for a checkpoint; the .tmp- leftover is cleaned by the next save.
-            doomed = self.root / f"{_TMP_PREFIX}prune-{stale.path.name}"
-            os.rename(stale.path, doomed)
-            self._fault("during_prune")
-            shutil.rmtree(doomed, ignore_errors=True)
+    def _prune(self, written: Path) -> None:
+        """Keep the newest ``keep`` checkpoints by save order, ``written`` always among them.
+        A plainly broken one is moved aside, neither counted nor deleted (a flipped byte is
+        found only by hashing, which ``latest_valid`` does, not each save)."""
+        kept = 0
+        for checkpoint in reversed(self.list()):
+            path = checkpoint.path
+            reason = None if path == written else self._broken(path)
+            if reason is not None:
+                self._quarantine(path, reason)
+            elif kept < self.keep or path == written:
+                kept += 1
+            else:
+                # Rename out of the ckpt- namespace first so a half-deleted directory is never
+                # mistaken for a checkpoint; the .tmp- leftover is cleaned by the next save.
+                doomed = self.root / f"{_TMP_PREFIX}prune-{path.name}"
+                os.rename(path, doomed)
+                self._fault("during_prune")
+                shutil.rmtree(doomed, ignore_errors=True)
         _fsync_dir(self.root)
-
-
-def write_json_atomic(path: Union[str, os.PathLike], data: Any, fsync: bool = True) -> None:
-    """Replace ``path`` with ``data`` as JSON: temp file in the same dir, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, sort_keys=True)
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
-
-
-def write_progress(path: Union[str, os.PathLike], *, global_step: int, epoch: int = 0,
-                   epochs: int | None = None, step: int | None = None,
-                   steps_per_epoch: int | None = None,
-                   last_checkpoint_time: float | None = None) -> None:
-    """The progress record the agent reads from ``$SPOTRUN_PROGRESS_FILE`` (its status line,
-    the volume's progress tag, the step a drain reached). A report, rewritten often: atomic
-    but not fsynced. ``time`` is when it was written: the agent ignores a record older than
-    the trainer it supervises."""
-    write_json_atomic(path, {
-        "epoch": epoch, "epochs": epochs, "step": global_step if step is None else step,
-        "steps_per_epoch": steps_per_epoch, "global_step": global_step, "time": time.time(),
-        "last_checkpoint_time": last_checkpoint_time}, fsync=False)
