@@ -91,6 +91,9 @@ class TrainerConfig:
     # What a crash loop does after max_restarts: "cancel" the fleet (keeping the
     # volume and checkpoints) so it stops billing, or "keep-running".
     failure_policy: str = "cancel"
+    # Does the trainer speak the completion protocol (docs/internals.md)? "auto": its hello
+    # says so; "spotrun": it does even without a hello; "none": never SIGUSR1, exit 0 = done.
+    protocol: str = "auto"
     # Seconds of the two-minute notice kept for unmount/snapshot/detach after the trainer stops.
     drain_reserve_s: float = 30.0
     # Put on the trainer's PYTHONPATH when it exists, so a script run by the AMI's own Python
@@ -170,6 +173,7 @@ _SECTION_CLASSES = {
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _CHOICES = {
     ("trainer", "failure_policy"): ("cancel", "keep-running"),
+    ("trainer", "protocol"): ("auto", "spotrun", "none"),
     ("volume", "type"): ("gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"),
     ("aws", "retry_mode"): ("standard", "adaptive"),
     ("agent", "log_level"): ("debug", "info", "warning", "error"),

@@ -1,7 +1,9 @@
 """The agent's lifecycle on one instance, as a state machine.
 
 identify → acquire-volume → (completed? → finish) → checkout → train ⇄ (rebalance: checkpoint now)
-→ notice: drain → release | exit 0: finish | crash: restart with backoff → give up: fail-policy
+→ notice: drain → release | finished (verified): finish | crash or outside stop: restart with
+backoff → give up: fail-policy. A final state (done, failed) is on the volume's tags and in the
+state file before the fleet is cancelled: the cancel terminates this instance.
 
 Every step is idempotent and starts from what AWS and the disk say, so the agent restarted at
 any point (crash, `systemctl restart`, reboot) simply runs again. Side effects live in the edge
@@ -11,7 +13,6 @@ state file and (when it changes what the operator should see) a tag on the job's
 """
 from __future__ import annotations
 
-import enum
 import json
 import os
 import queue
@@ -29,11 +30,13 @@ from spotrun.config import Config
 from spotrun.crashpoints import pausepoint
 from spotrun.log import bind, get_logger
 from spotrun.notify import Notifier
+from spotrun.phases import ALLOWED, NEXT, Phase, TransitionError  # noqa: F401 - re-exported
 from spotrun.progress import PROGRESS_FILE
 from spotrun.state import StateFile, kill_leftover_trainer
 from spotrun.supervisor import (Supervisor, SupervisorDone, SupervisorOutcome, SupervisorResult,
                                 TrainerExited, TrainerStarted)
 from spotrun.trainerproc import TrainerProcess
+from spotrun_trainer.protocol import COMPLETION_ENV, COMPLETION_FILE, HELLO_ENV, HELLO_FILE
 from spotrun_trainer.store import write_json_atomic
 
 log = get_logger("lifecycle")
@@ -43,51 +46,6 @@ COMPLETION_RECORD = ".spotrun-completed.json"
 MIN_TRAINER_DRAIN_S = 5.0
 STATUS_INTERVAL_S = 5.0
 TAG_INTERVAL_S = 60.0
-
-
-class Phase(enum.Enum):
-    IDENTIFYING = "identifying"
-    ACQUIRING = "acquiring-volume"
-    CHECKING_OUT = "checking-out"
-    TRAINING = "training"
-    DRAINING = "draining"
-    RELEASED = "released"  # drained after a notice; waiting to be terminated
-    STOPPED = "stopped"  # drained for a stop/hibernate notice: the volume stays attached
-    FINISHING = "finishing"
-    DONE = "done"  # training complete, fleet cancelled
-    FAILED = "failed"  # the failure policy applied
-
-
-# What the agent does next, for `spotrun status` and STATUS=.
-NEXT = {
-    Phase.IDENTIFYING: "find the job's volume",
-    Phase.ACQUIRING: "check out the training code",
-    Phase.CHECKING_OUT: "start the trainer",
-    Phase.TRAINING: "train until done or interrupted",
-    Phase.DRAINING: "unmount, snapshot, detach and release the volume",
-    Phase.RELEASED: "wait to be terminated; the next instance resumes",
-    Phase.STOPPED: "wait to be stopped; training resumes on start",
-    Phase.FINISHING: "cancel the fleet",
-    Phase.DONE: "nothing: the job is complete",
-    Phase.FAILED: "nothing: see the failure reason on the volume's tags",
-}
-
-
-# The state machine's edges; anything else is a bug in this module, not a cloud event.
-ALLOWED = {
-    None: {Phase.IDENTIFYING},
-    Phase.IDENTIFYING: {Phase.ACQUIRING, Phase.FINISHING},
-    Phase.ACQUIRING: {Phase.CHECKING_OUT, Phase.FINISHING},
-    Phase.CHECKING_OUT: {Phase.TRAINING},
-    Phase.TRAINING: {Phase.DRAINING, Phase.FINISHING, Phase.FAILED},
-    Phase.DRAINING: {Phase.RELEASED, Phase.STOPPED},
-    Phase.FINISHING: {Phase.DONE},
-    Phase.RELEASED: set(), Phase.STOPPED: set(), Phase.DONE: set(), Phase.FAILED: set(),
-}
-
-
-class TransitionError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -137,10 +95,13 @@ class Lifecycle:
         self.interruptions = 0
         self._last_tags = 0.0
         self._stop_event = threading.Event()
+        self.final: dict[str, Any] = {}  # what the state file says of a final state
 
     # -- transitions --------------------------------------------------------------------
 
-    def transition(self, phase: Phase, **fields: Any) -> None:
+    def transition(self, phase: Phase, *, tags: dict[str, str] | None = None, **fields: Any) -> None:
+        """``tags`` go on the volume with the phase, in one call that must succeed: a final
+        state is recorded before the fleet is cancelled, or not cancelled at all."""
         previous = self.phase
         if phase not in ALLOWED[previous]:
             raise TransitionError(f"lifecycle: {previous} → {phase} is not a transition")
@@ -149,7 +110,9 @@ class Lifecycle:
         log.info("phase_changed", previous=previous.value if previous else None, **fields)
         self.notifier.status(self.status_line())
         self._write_state()
-        if self.volumes is not None and self.volume_id is not None:
+        if tags is not None:
+            self.volumes.record(**{T.PHASE: phase.value, **tags})
+        elif self.volumes is not None and self.volume_id is not None:
             self._record_tags({T.PHASE: phase.value}, force=True)
 
     def status_line(self) -> str:
@@ -187,6 +150,7 @@ class Lifecycle:
             "interruptions": self.interruptions,
             "next": NEXT.get(self.phase) if self.phase else None,
             "status": self.status_line(),
+            **self.final,
         })
 
     def _record_tags(self, values: dict[str, str], *, force: bool = False) -> None:
@@ -237,6 +201,8 @@ class Lifecycle:
 
     def _install_signal_handlers(self) -> None:
         def on_signal(signum, _frame):
+            if self.supervisor is not None:  # before the trainer's exit can be judged finished
+                self.supervisor.note_agent_stopping()
             self.events.put(StopRequested(signum))
             self._stop_event.set()
 
@@ -256,6 +222,8 @@ class Lifecycle:
             "SPOTRUN_CHECKPOINT_DIR": str(cfg.checkpoints_path),
             "SPOTRUN_CODE_COMMIT": self.commit or "",
             "SPOTRUN_PROGRESS_FILE": str(cfg.checkpoints_path / PROGRESS_FILE),
+            HELLO_ENV: str(cfg.checkpoints_path / HELLO_FILE),
+            COMPLETION_ENV: str(cfg.checkpoints_path / COMPLETION_FILE),
         })
         return env
 
@@ -266,7 +234,9 @@ class Lifecycle:
             cfg.trainer.command, user=cfg.trainer.user,
             cwd=workspace / cfg.trainer.working_dir if cfg.trainer.working_dir else workspace,
             env=self._trainer_env(), path_prepend=cfg.trainer.path_prepend,
-            log_path=cfg.state_path / "trainer.log")
+            log_path=cfg.state_path / "trainer.log", protocol=cfg.trainer.protocol,
+            hello_file=cfg.checkpoints_path / HELLO_FILE,
+            completion_file=cfg.checkpoints_path / COMPLETION_FILE)
 
     def train(self) -> int:
         cfg = self.config.trainer
@@ -274,6 +244,8 @@ class Lifecycle:
                                      backoff_s=cfg.restart_backoff_s,
                                      backoff_max_s=cfg.restart_backoff_max_s,
                                      on_event=self.events.put)
+        if self._stop_event.is_set():  # the agent was signalled before training began
+            self.supervisor.note_agent_stopping()
         monitor = self._monitor_factory(self.events.put)
         log.info("resume_point", **self.latest_checkpoint())
         self.transition(Phase.TRAINING)
@@ -301,8 +273,9 @@ class Lifecycle:
             elif isinstance(event, (TrainerStarted, TrainerExited)):
                 self._write_state()
             elif isinstance(event, Rebalance):
-                log.warning("rebalance_recommendation", notice_time=str(event.notice_time))
-                self.supervisor.checkpoint_now()
+                # SIGUSR1 only to a trainer that asked for it: it kills a script without a handler.
+                log.warning("rebalance_recommendation", notice_time=str(event.notice_time),
+                            checkpoint_requested=self.supervisor.checkpoint_now())
             elif isinstance(event, Maintenance):
                 self._schedule_maintenance(event)
             elif isinstance(event, SpotNotice):
@@ -332,7 +305,7 @@ class Lifecycle:
 
     def _trainer_done(self, result: SupervisorResult) -> int:
         if result.outcome is SupervisorOutcome.FINISHED:
-            return self.finish()
+            return self.finish(completion=result.completion)
         if result.outcome is SupervisorOutcome.PREEMPTED:  # stopped without a drain: treat as one
             return self.drain("trainer-stopped", _utcnow().timestamp())
         return self.fail(result)
@@ -372,8 +345,9 @@ class Lifecycle:
                 return str(int(previous) + 1 if previous.isdigit() else 1)
         return "1"
 
-    def finish(self, *, already_complete: bool = False) -> int:
-        """Completion record durable → unmount/release → tag → cancel the fleet, last."""
+    def finish(self, *, already_complete: bool = False, completion: dict | None = None) -> int:
+        """Completion record durable → unmount/release → done on the tags and in the state file
+        → cancel the fleet, last. ``completion``: the trainer's own record, kept in ours."""
         self.transition(Phase.FINISHING, already_complete=already_complete)
         record_path = self.config.mount_point / COMPLETION_RECORD
         metrics: dict = {}
@@ -383,30 +357,37 @@ class Lifecycle:
                 metrics = json.loads(metrics_path.read_text())
             except (OSError, ValueError):
                 pass
-            write_json_atomic(record_path, {"time": _iso(_utcnow()), "commit": self.commit,
-                                             "instance_id": self.identity.instance_id,
-                                             "metrics": metrics})
-            log.info("completion_recorded", path=str(record_path), metrics=metrics)
+            if not metrics and isinstance((completion or {}).get("metrics"), dict):
+                metrics = completion["metrics"]
+            record = {"time": _iso(_utcnow()), "commit": self.commit,
+                      "instance_id": self.identity.instance_id, "metrics": metrics}
+            if completion is not None:
+                record["trainer"] = completion
+            write_json_atomic(record_path, record)
+            log.info("completion_recorded", path=str(record_path), metrics=metrics,
+                     trainer_record=completion is not None)
+        done: dict[str, str] | None = None
         if self.volumes is not None:
             self.volumes.release(snapshot=False)
-            done = {T.COMPLETED: _iso(_utcnow()), T.PHASE: Phase.DONE.value}
+            done = {T.COMPLETED: _iso(_utcnow())}
             if metrics:
                 done[T.RESULT] = json.dumps(metrics, separators=(",", ":"), default=str)[:T.MAX_VALUE]
-            self._record_tags(done, force=True)
-        what = self._cancel_fleet(self.identity.launched_by)
-        self.transition(Phase.DONE, cancelled=what)
+        self.final = {"completed": done[T.COMPLETED] if done else True}
+        self.transition(Phase.DONE, tags=done)
+        self._cancel_fleet(self.identity.launched_by)
         return 0
 
     def fail(self, result: SupervisorResult) -> int:
+        """The reason and the failed phase on the tags and in the state file → release → cancel
+        (policy "cancel"), last: the cancel terminates this instance, and with it this code."""
         reason = (result.reason or "trainer gave up")[:250]
-        log.error("failure_policy", policy=self.config.trainer.failure_policy, reason=reason,
-                  restarts=result.restarts)
-        self._record_tags({T.FAILURE: reason}, force=True)
+        policy = self.config.trainer.failure_policy
+        log.error("failure_policy", policy=policy, reason=reason, restarts=result.restarts)
+        self.final = {"failure": reason, "failure_policy": policy}
+        self.transition(Phase.FAILED, tags={T.FAILURE: reason}, reason=reason, policy=policy)
         self.volumes.release(snapshot=False)
-        cancelled = None
-        if self.config.trainer.failure_policy == "cancel":
-            cancelled = self._cancel_fleet(self.identity.launched_by)
-        self.transition(Phase.FAILED, reason=reason, cancelled=cancelled)
+        if policy == "cancel":
+            self._cancel_fleet(self.identity.launched_by)
         return 0
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:

@@ -1,10 +1,13 @@
 """A protocol-aware trainer without a framework, for fast end-to-end tests of the agent.
 
 Each "step" adds the step number to a running sum; checkpoints go through spotrun_trainer.store
-(every CKPT_EVERY steps, on SIGUSR1, and on SIGTERM before exiting 0), and a restart resumes
-from the newest valid one. The final sum is only right if every step of the persisted
-lineage ran exactly once. Environment: STEPS (total), STEP_S (seconds a step takes),
-CKPT_EVERY, MODE ("obey" | "crash-at:<step>" | "crash-once-at:<step>" | "ignore-term").
+(every CKPT_EVERY steps, on SIGUSR1, and on SIGTERM before exiting 75, "stopped, not done",
+whoever sent it), and a restart resumes from the newest valid one. It speaks the protocol
+(spotrun_trainer.protocol): a hello when it starts, and a completion record after the last
+step, the only way the agent takes it as finished. The final sum is only right if every
+step of the persisted lineage ran exactly once. Environment: STEPS (total), STEP_S (seconds
+a step takes), CKPT_EVERY, MODE ("obey" | "crash-at:<step>" | "crash-once-at:<step>" |
+"ignore-term").
 The soak can freeze it at a chosen point inside a save (``hold_at``).
 """
 import json
@@ -13,6 +16,7 @@ import signal
 import sys
 import time
 
+from spotrun_trainer import protocol
 from spotrun_trainer.store import CheckpointStore, write_progress
 
 total = int(os.environ.get("STEPS", "200"))
@@ -65,6 +69,11 @@ def on_usr1(signum, frame):
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore-term" else on_term)
 signal.signal(signal.SIGUSR1, on_usr1)
+hello = protocol.hello_path()
+if hello is not None:
+    protocol.write_hello(hello, handles=("SIGUSR1",) if mode == "ignore-term" else protocol.HANDLED_SIGNALS,
+                         trainer="soak_trainer")
+completion = protocol.completion_path(checkpoints)
 print(json.dumps({"event": "trainer_start", "resume_step": step, "runs": state["runs"]}), flush=True)
 
 
@@ -97,9 +106,12 @@ while step < total:
         flags["save"] = False
     progress()
     if flags["stop"]:
+        protocol.withdraw_completion(completion)
         print(json.dumps({"event": "trainer_preempted", "step": step}), flush=True)
-        sys.exit(0)
+        sys.exit(protocol.STOPPED_EXIT_CODE)
+metrics = {"sum": state["sum"], "steps": step, "runs": state["runs"]}
 with open(os.path.join(checkpoints, "final_metrics.json.tmp"), "w") as fh:
-    json.dump({"sum": state["sum"], "steps": step, "runs": state["runs"]}, fh)
+    json.dump(metrics, fh)
 os.replace(os.path.join(checkpoints, "final_metrics.json.tmp"), os.path.join(checkpoints, "final_metrics.json"))
+protocol.write_completion(completion, metrics=metrics)  # last: the positive act of finishing
 print(json.dumps({"event": "trainer_finished", "sum": state["sum"]}), flush=True)

@@ -1,6 +1,11 @@
 """Supervision of the trainer: restart a crashed one with exponential backoff up to a limit,
 and report every step as an event object, so the lifecycle can wait on one queue for
-"trainer exited", "interruption notice" and "stop requested" alike."""
+"trainer exited", "interruption notice" and "stop requested" alike.
+
+A trainer stopped by someone else (an operator's ``kill``, ``systemctl kill``, a wrapper's
+OOM path: exit 75, or 0 without its completion record) is restarted like a crash, with
+the same backoff, and counts toward ``max_restarts``: it resumes from its checkpoint, and
+a loop of such stops still ends in the failure policy rather than billing forever."""
 from __future__ import annotations
 
 import enum
@@ -30,6 +35,7 @@ class SupervisorResult:
     returncode: int | None = None
     reason: str = ""
     killed: bool = False  # the last trainer ignored SIGTERM and was killed at the deadline
+    completion: dict | None = None  # the finished trainer's completion record, if it wrote one
 
 
 # Events handed to ``on_event`` (the lifecycle puts them on the queue it waits on).
@@ -68,6 +74,8 @@ def describe_exit(proc: TrainerProcess) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if proc.state is TrainerState.EXITED and proc.outcome() is Outcome.STOPPED:
+        return f"exit code {code}, stopped, not done" + (" (no completion record)" if code == 0 else "")
     return f"exit code {code}"
 
 
@@ -92,6 +100,7 @@ class Supervisor:
         self._done = threading.Event()
         self._current: TrainerProcess | None = None
         self._restarts = 0
+        self._agent_stopping = False
         self._result: SupervisorResult | None = None
         self._thread: threading.Thread | None = None
 
@@ -102,6 +111,10 @@ class Supervisor:
     @property
     def restarts(self) -> int:
         return self._restarts
+
+    @property
+    def agent_stopping(self) -> bool:
+        return self._agent_stopping
 
     @property
     def result(self) -> SupervisorResult | None:
@@ -121,6 +134,12 @@ class Supervisor:
         with self._lock:
             proc = self._current
             return bool(proc and proc.state is TrainerState.RUNNING and proc.checkpoint_now())
+
+    def note_agent_stopping(self) -> None:
+        """The agent itself got SIGTERM (a shutdown signals the whole unit at once): an exit
+        from now on is not a completion, whatever the trainer says. Safe in a signal
+        handler: one assignment, no lock. The next boot resumes and confirms a real finish."""
+        self._agent_stopping = True
 
     def request_stop(self) -> None:
         """SIGTERM the running trainer and start no other (also cuts a backoff short)."""
@@ -182,11 +201,19 @@ class Supervisor:
             proc.wait(None)
             outcome = proc.outcome()
             self._emit(TrainerExited(proc.pid, proc.returncode, outcome, self._restarts))
+            if outcome is Outcome.FINISHED and self._agent_stopping:
+                log.warning("trainer_exit_during_agent_stop", pid=proc.pid, exit=describe_exit(proc))
+                return SupervisorResult(SupervisorOutcome.PREEMPTED, self._restarts, proc.returncode,
+                                        reason="exited while the agent was stopping")
             if outcome is Outcome.FINISHED:
-                return SupervisorResult(SupervisorOutcome.FINISHED, self._restarts, 0)
+                return SupervisorResult(SupervisorOutcome.FINISHED, self._restarts, 0,
+                                        completion=proc.completion)
             if outcome is Outcome.PREEMPTED or self._stop.is_set():
                 return SupervisorResult(SupervisorOutcome.PREEMPTED, self._restarts, proc.returncode,
                                         killed=proc.killed)
+            if outcome is Outcome.STOPPED:
+                log.warning("trainer_stopped_not_done", pid=proc.pid, exit=describe_exit(proc),
+                            returncode=proc.returncode)
             ran_s = (proc.exited_at or 0.0) - (proc.started_at or proc.exited_at or 0.0)
             if ran_s >= self.healthy_after_s:
                 crashes_in_a_row = 0

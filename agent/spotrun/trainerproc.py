@@ -6,6 +6,14 @@ workers and shell wrappers too. Exit is awaited with ``waitid(WNOWAIT)`` in a th
 leader stays a zombie until any stragglers left in its group are killed, so the group id
 cannot be reused under our feet, and nobody polls.
 
+How an exit is judged (invariant 5: only success cancels, and success is a positive act):
+a trainer that speaks the protocol (its hello, written since it started, or
+``trainer.protocol = "spotrun"``) has finished only if it exits 0 *and* left a completion
+record written since it started; exit 75 or 0 without a record is "stopped, not done".
+For a trainer that does not, exit 0 is finished. Death by any signal is a crash, whoever
+sent it; any exit after our own stop request is a preemption. SIGUSR1 goes only to a
+trainer that asked for it (Python's default action for SIGUSR1 kills a script).
+
 Restarting a crashed one is :mod:`spotrun.supervisor`'s job.
 """
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import IO, Callable, Mapping, Sequence
 
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
+from spotrun_trainer.protocol import STOPPED_EXIT_CODE, read_completion, read_hello
 
 log = get_logger("trainer")
 
@@ -51,9 +60,13 @@ class TrainerState(enum.Enum):
 
 
 class Outcome(enum.Enum):
-    FINISHED = "finished"    # exit 0 without our SIGTERM
+    FINISHED = "finished"    # done, as the module docstring says; never after our SIGTERM
     PREEMPTED = "preempted"  # any exit after our SIGTERM (a kill at the deadline included)
-    CRASHED = "crashed"      # anything else
+    STOPPED = "stopped"      # a protocol-aware trainer stopped, not done: exit 75, or 0 without a record
+    CRASHED = "crashed"      # anything else, death by a signal included
+
+
+PROTOCOLS = ("auto", "spotrun", "none")
 
 
 _ALLOWED = {
@@ -88,9 +101,13 @@ class TrainerProcess:
     def __init__(self, command: Sequence[str], *, user: str, cwd: Path, env: Mapping[str, str],
                  path_prepend: Sequence[str] = (), log_identifier: str = "spotrun-trainer",
                  log_path: Path | None = None, journal_socket: str = JOURNAL_STREAM_SOCKET,
-                 on_exit: Callable[["TrainerProcess"], None] | None = None):
+                 on_exit: Callable[["TrainerProcess"], None] | None = None,
+                 protocol: str = "auto", hello_file: Path | None = None,
+                 completion_file: Path | None = None):
         if not command:
             raise TrainerError("trainer.command must not be empty")
+        if protocol not in PROTOCOLS:
+            raise TrainerError(f"trainer.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         self.command = list(command)
         self.user = user
         self.cwd = Path(cwd)
@@ -100,6 +117,11 @@ class TrainerProcess:
         self.log_path = Path(log_path) if log_path else None
         self.journal_socket = journal_socket
         self._on_exit = on_exit
+        self.protocol = protocol
+        self.hello_file = Path(hello_file) if hello_file else None
+        self.completion_file = Path(completion_file) if completion_file else None
+        self.completion: dict | None = None  # the trainer's completion record, when it finished
+        self._outcome: Outcome | None = None
         self._lock = threading.RLock()
         self._state = TrainerState.CREATED
         self._exited = threading.Event()
@@ -133,6 +155,38 @@ class TrainerProcess:
     @property
     def killed(self) -> bool:
         return self._killed
+
+    # -- the protocol -------------------------------------------------------------------
+
+    def hello(self) -> dict | None:
+        """This trainer's hello: written since it started (an earlier one's does not count)."""
+        if self.protocol == "none" or self.hello_file is None or self.started_wall is None:
+            return None
+        return read_hello(self.hello_file, since=self.started_wall)
+
+    def speaks_protocol(self) -> bool:
+        return self.protocol == "spotrun" or self.hello() is not None
+
+    def takes_sigusr1(self) -> bool:
+        if self.protocol != "auto":
+            return self.protocol == "spotrun"
+        handles = (self.hello() or {}).get("handles")
+        return isinstance(handles, list) and "SIGUSR1" in handles
+
+    def _judge(self) -> Outcome:
+        """See the module docstring; called once, at exit, while the record is what it wrote."""
+        code = self._returncode
+        if self._stop_requested:
+            return Outcome.PREEMPTED
+        if code is None or code < 0:
+            return Outcome.CRASHED
+        if not self.speaks_protocol():
+            return Outcome.FINISHED if code == 0 else Outcome.CRASHED
+        if code == 0 and self.completion_file is not None:
+            self.completion = read_completion(self.completion_file, since=self.started_wall)
+            if self.completion is not None:
+                return Outcome.FINISHED
+        return Outcome.STOPPED if code in (0, STOPPED_EXIT_CODE) else Outcome.CRASHED
 
     def _transition(self, new: TrainerState) -> None:
         if new not in _ALLOWED[self._state]:
@@ -182,6 +236,7 @@ class TrainerProcess:
                     raise TrainerError(f"trainer working directory {self.cwd} does not exist")
             except TrainerError as exc:
                 self.start_error = str(exc)
+                self._outcome = Outcome.CRASHED
                 self._transition(TrainerState.EXITED)
                 self._exited.set()
                 raise
@@ -189,6 +244,9 @@ class TrainerProcess:
             output, to_close = self._output()
             as_other_user = os.geteuid() == 0 and account.pw_uid != 0
             groups = [g.gr_gid for g in grp.getgrall() if account.pw_name in g.gr_mem]
+            # Taken before the trainer can run a line: its hello and completion record must
+            # be newer than this to be its own.
+            self.started_wall = time.time()
             try:
                 self._popen = subprocess.Popen(
                     self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
@@ -202,6 +260,7 @@ class TrainerProcess:
                 # restart limit and failure policy apply as to any crash.
                 self.start_error = f"cannot execute {self.command[0]!r}: {exc.strerror}"
                 self._returncode = 127 if isinstance(exc, FileNotFoundError) else 126
+                self._outcome = Outcome.CRASHED
                 self.exited_at = time.monotonic()
                 self._transition(TrainerState.EXITED)
                 log.error("trainer_start_failed", command=self.command, user=self.user, error=self.start_error)
@@ -213,7 +272,6 @@ class TrainerProcess:
                 if output is not None:
                     output.close()  # the child holds its own copy
             self.started_at = time.monotonic()
-            self.started_wall = time.time()
             self._transition(TrainerState.RUNNING)
             log.info("trainer_started", pid=self._popen.pid, command=self.command, user=self.user,
                      cwd=str(self.cwd), output="journal" if isinstance(output, socket.socket)
@@ -242,10 +300,12 @@ class TrainerProcess:
                 pass
             self._returncode = self._popen.wait()
             self.exited_at = time.monotonic()
+            self._outcome = self._judge()
             self._transition(TrainerState.EXITED)
-            outcome = self.outcome()
+            outcome = self._outcome
         log.info("trainer_exited", pid=pid, returncode=self._returncode, outcome=outcome.value,
                  stop_requested=self._stop_requested, killed=self._killed,
+                 protocol=self.speaks_protocol(), completion_record=self.completion is not None,
                  ran_s=round(self.exited_at - (self.started_at or self.exited_at), 3))
         self._exited.set()
         if self._on_exit:
@@ -264,11 +324,17 @@ class TrainerProcess:
             return False
 
     def checkpoint_now(self) -> bool:
-        """SIGUSR1 to the group: checkpoint and keep training. False when not running."""
+        """SIGUSR1 to the group: checkpoint and keep training. False when not running, or when
+        the trainer never asked for it (a script without a handler would die of it)."""
         with self._lock:
             if self._state is not TrainerState.RUNNING:
                 if self._state in (TrainerState.CREATED, TrainerState.STARTING):
                     raise TrainerStateError(f"cannot ask a {self._state.value} trainer to checkpoint")
+                return False
+            if not self.takes_sigusr1():
+                log.info("trainer_checkpoint_not_requested", pid=self.pid, protocol=self.protocol,
+                         reason="trainer.protocol is \"none\"" if self.protocol == "none"
+                         else "no hello listing SIGUSR1 from this trainer")
                 return False
             sent = self._signal_group(signal.SIGUSR1)
         log.info("trainer_checkpoint_requested", pid=self.pid, sent=sent)
@@ -321,6 +387,4 @@ class TrainerProcess:
     def outcome(self) -> Outcome:
         if self._state is not TrainerState.EXITED:
             raise TrainerStateError(f"a {self._state.value} trainer has no outcome yet")
-        if self._stop_requested:
-            return Outcome.PREEMPTED
-        return Outcome.FINISHED if self._returncode == 0 else Outcome.CRASHED
+        return self._outcome

@@ -128,7 +128,9 @@ def test_output_goes_to_the_journal_stream_with_its_identifier(state_dir, procs)
 
 
 def test_obeying_trainer_is_preempted_and_sigusr1_reaches_the_group(state_dir, procs):
-    proc = make(state_dir, procs, "obey")
+    # trainer.protocol = "spotrun": SIGUSR1 without a hello (tests/agent/test_trainer_protocol.py
+    # has the hello's cases).
+    proc = make(state_dir, procs, "obey", protocol="spotrun")
     with pytest.raises(TrainerStateError):
         proc.request_stop()  # cannot drain before start
     proc.start()
@@ -184,13 +186,14 @@ def test_crash_and_start_errors(state_dir, procs):
         proc.start()  # one process, one start
 
 
-def supervisor(sups, state_dir, modes, events, **kwargs):
+def supervisor(sups, state_dir, modes, events, proc_kwargs=None, **kwargs):
     """A factory handing out trainers in the given modes (the last one repeats)."""
     made = []
 
     def factory():
         mode = modes[min(len(made), len(modes) - 1)]
-        proc = TrainerProcess([PYTHON, str(FIXTURE), mode, str(state_dir)], user=USER, cwd=state_dir, env={})
+        proc = TrainerProcess([PYTHON, str(FIXTURE), mode, str(state_dir)], user=USER, cwd=state_dir,
+                              env={}, **(proc_kwargs or {}))
         made.append(proc)
         return proc
 
@@ -238,7 +241,7 @@ def test_supervisor_crash_then_finish(state_dir, sups):
 
 def test_supervisor_drain_while_running_and_kill_at_deadline(state_dir, sups):
     events = queue.Queue()
-    sup, made = supervisor(sups, state_dir, ["ignore-term"], events)
+    sup, made = supervisor(sups, state_dir, ["ignore-term"], events, {"protocol": "spotrun"})
     sup.start()
     started = events.get(timeout=10)
     assert isinstance(started, TrainerStarted)

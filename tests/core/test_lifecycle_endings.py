@@ -1,0 +1,144 @@
+"""The lifecycle's endings: the record says what happened before the fleet goes.
+
+The fleet cancel terminates the instance the agent runs on, so whatever the agent has not
+written by then is never written: the final phase (done, failed), the failure reason and
+the completion must already be on the volume's tags and in the state file when the cancel
+is called. The volume manager here keeps the tags in a dict (its EC2 calls are the e2e
+tests' business, tests/e2e/test_outside_stops_e2e.py); the cancel reads what a later
+instance or the operator would read at that moment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from spotrun import config
+from spotrun import tags as T
+from spotrun.lifecycle import COMPLETION_RECORD, Lifecycle, Phase
+from spotrun.supervisor import Supervisor, SupervisorOutcome, SupervisorResult
+from spotrun.trainerproc import TrainerProcess
+from spotrun_trainer import protocol
+
+
+class _Quiet:
+    def status(self, text):
+        return True
+
+    def ready(self, text=""):
+        return True
+
+
+class TagsInADict:
+    """The job volume's tags, as VolumeManager.record / release leave them."""
+
+    def __init__(self):
+        self.tags: dict[str, str] = {}
+        self.released = 0
+
+    def record(self, **values: str) -> None:
+        self.tags.update({(k if ":" in k else T.PREFIX + k): str(v) for k, v in values.items()})
+
+    def release(self, *, snapshot=None) -> None:
+        self.released += 1
+
+
+def _training_lifecycle(tmp_path, **trainer):
+    cfg = config.from_mapping({"agent": {"state_dir": str(tmp_path / "state")},
+                               "volume": {"mount_point": str(tmp_path / "mnt")},
+                               "trainer": trainer})
+    seen_at_cancel: list[dict] = []
+    lc = Lifecycle(cfg, metadata=None, notifier=_Quiet(), identify=None, volume_manager=None,
+                   checkout=None, monitor=None,
+                   cancel_fleet=lambda launched_by: seen_at_cancel.append({
+                       "tags": dict(volumes.tags), "state": lc.state.read(),
+                       "record": (cfg.mount_point / COMPLETION_RECORD).exists()}) or "cancelled")
+    volumes = TagsInADict()
+    lc.identity = SimpleNamespace(instance_id="i-0123", availability_zone="az-1", launched_by="sfr-1")
+    lc.volumes, lc.volume_id, lc.commit = volumes, "vol-1", "abc123"
+    cfg.checkpoints_path.mkdir(parents=True)
+    for phase in (Phase.IDENTIFYING, Phase.ACQUIRING, Phase.CHECKING_OUT, Phase.TRAINING):
+        lc.transition(phase)
+    return lc, volumes, seen_at_cancel
+
+
+def test_a_crash_loop_is_recorded_as_failed_before_the_cancel(tmp_path):
+    lc, volumes, seen = _training_lifecycle(tmp_path)
+    reason = "trainer crashed 3 times in a row; last: exit code 3"
+    assert lc.fail(SupervisorResult(SupervisorOutcome.GAVE_UP, 2, 3, reason=reason)) == 0
+    [at_cancel] = seen
+    assert at_cancel["tags"][T.PHASE] == "failed" and at_cancel["tags"][T.FAILURE] == reason
+    assert at_cancel["state"]["phase"] == "failed"
+    assert at_cancel["state"]["failure"] == reason and at_cancel["state"]["failure_policy"] == "cancel"
+    assert volumes.released == 1 and lc.phase is Phase.FAILED
+
+
+def test_keep_running_records_the_failure_and_cancels_nothing(tmp_path):
+    lc, volumes, seen = _training_lifecycle(tmp_path, failure_policy="keep-running")
+    lc.fail(SupervisorResult(SupervisorOutcome.GAVE_UP, 3, 1, reason="exit code 1"))
+    assert seen == []
+    assert volumes.tags[T.PHASE] == "failed" and volumes.tags[T.FAILURE] == "exit code 1"
+    assert lc.state.read()["phase"] == "failed"
+
+
+def test_a_completion_is_recorded_as_done_before_the_cancel(tmp_path):
+    lc, volumes, seen = _training_lifecycle(tmp_path)
+    (lc.config.checkpoints_path / "final_metrics.json").write_text(json.dumps({"loss": 0.25}))
+    assert lc.finish() == 0
+    [at_cancel] = seen
+    assert at_cancel["record"] is True
+    assert at_cancel["tags"][T.PHASE] == "done" and at_cancel["tags"][T.COMPLETED]
+    assert json.loads(at_cancel["tags"][T.RESULT]) == {"loss": 0.25}
+    assert at_cancel["state"]["phase"] == "done" and at_cancel["state"]["completed"]
+    assert lc.phase is Phase.DONE
+
+
+def test_the_trainers_completion_record_goes_into_the_agents(tmp_path):
+    lc, volumes, seen = _training_lifecycle(tmp_path)
+    trainer_record = {"protocol": 1, "pid": 4242, "time": 1.0e9, "metrics": {"accuracy": 0.9},
+                      "global_step": 160}
+    lc.finish(completion=trainer_record)
+    record = json.loads((lc.config.mount_point / COMPLETION_RECORD).read_text())
+    assert record["trainer"] == trainer_record
+    assert record["metrics"] == {"accuracy": 0.9}  # no final_metrics.json: the trainer's own
+    assert record["commit"] == "abc123" and record["instance_id"] == "i-0123"
+    assert json.loads(volumes.tags[T.RESULT]) == {"accuracy": 0.9}
+
+
+def test_the_trainer_is_given_the_protocol_files_and_the_configured_protocol(tmp_path):
+    lc, _, _ = _training_lifecycle(tmp_path, protocol="spotrun", command=[sys.executable, "-c", "pass"])
+    env = lc._trainer_env()
+    checkpoints = lc.config.checkpoints_path
+    assert env[protocol.HELLO_ENV] == str(checkpoints / protocol.HELLO_FILE)
+    assert env[protocol.COMPLETION_ENV] == str(checkpoints / protocol.COMPLETION_FILE)
+    trainer = lc._new_trainer()
+    assert trainer.protocol == "spotrun"
+    assert trainer.hello_file == checkpoints / protocol.HELLO_FILE
+    assert trainer.completion_file == checkpoints / protocol.COMPLETION_FILE
+
+
+def test_the_agents_own_sigterm_is_noted_by_the_supervisor_at_once(tmp_path):
+    """Before the lifecycle's loop sees the stop, a trainer exit must not count as finished."""
+    lc, _, _ = _training_lifecycle(tmp_path)
+    lc.supervisor = Supervisor(lambda: TrainerProcess(["true"], user="root", cwd=tmp_path, env={}))
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        lc._install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert type(lc.events.get(timeout=5)).__name__ == "StopRequested"
+        assert lc.supervisor.agent_stopping  # noted before the event was queued
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("value", ["maybe", "SPOTRUN", ""])
+def test_a_bad_trainer_protocol_is_named(value):
+    with pytest.raises(config.ConfigError) as err:
+        config.from_mapping({"trainer": {"protocol": value}}, "user-data")
+    assert err.value.key == "trainer.protocol" and "auto, spotrun, none" in str(err.value)
+    assert config.from_mapping({}).trainer.protocol == "auto"

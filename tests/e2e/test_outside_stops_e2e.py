@@ -1,0 +1,196 @@
+"""Only finished training cancels the fleet (invariant 5), on the local spot cloud with the
+real agent and the protocol-aware counting trainer: a SIGTERM the agent did not send (an
+operator's kill, `systemctl kill`, the shutdown race) never completes the job, and a final
+state is on the volume's tags and in the state file before the fleet cancel, which
+terminates the instance and the agent with it.
+
+Judged from the cloud: the fleet's state, the volume's tags, the files on the volume, and
+what the cloud held at the moment the cancel call reached it.
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from spotrun import tags as T
+from spotrun.rehearsal import Rehearsal, RehearsalPlan
+
+pytestmark = [pytest.mark.loopdev]
+PYTHON = sys.executable
+CANCEL = "CancelSpotFleetRequests"  # the rehearsal's fleets are Spot Fleets
+
+
+@pytest.fixture
+def rehearsal(shared_tmp, counting_repo, monkeypatch):
+    made = []
+
+    def make(env=None, **plan):
+        trainer_env = {"STEPS": "300", "STEP_S": "0.02", "CKPT_EVERY": "10"}
+        trainer_env.update(env or {})
+        r = Rehearsal(RehearsalPlan(out=shared_tmp / f"run{len(made)}", repository=counting_repo,
+                                    command=[PYTHON, "train.py"], trainer_env=trainer_env,
+                                    timeout_s=180, **plan))
+        made.append(r)
+        r.start()
+        r.at_cancel = _watch_cancel(r, monkeypatch)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def _volume_tags(r) -> dict:
+    volumes = r.cloud.moto_client("ec2").describe_volumes(Filters=T.job_filters(r.plan.job_id))["Volumes"]
+    assert len(volumes) == 1, volumes
+    return T.as_dict(volumes[0].get("Tags"))
+
+
+def _state_files(r) -> dict:
+    out = {}
+    for boot in list(r.boots):
+        path = r.cloud.instance(boot["instance_id"]).state_dir / "state.json"
+        try:
+            out[boot["instance_id"]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _watch_cancel(r, monkeypatch) -> list:
+    """What the cloud held when the agent's fleet cancel reached it, before it acted on it.
+
+    The cloud's EC2 overlay sees every call the agent makes; the cancel is let through
+    unchanged once the volume's tags and the instances' state files are read."""
+    seen: list = []
+    overlay = r.cloud._overlay
+    handle = overlay.handle
+
+    def spy(action, params, forward):
+        if action == CANCEL:
+            try:
+                seen.append({"tags": _volume_tags(r), "state": _state_files(r)})
+            except Exception as exc:  # noqa: BLE001 - reported by the test, never to the agent
+                seen.append({"error": repr(exc)})
+        return handle(action, params, forward)
+
+    monkeypatch.setattr(overlay, "handle", spy)
+    return seen
+
+
+def _first_instance(r):
+    r._await("the first instance", lambda: r.boots, time.monotonic() + 60)
+    return r.boots[0]["instance_id"]
+
+
+def _trainer_lines(inst) -> list[dict]:
+    """The counting trainer's own JSON lines (its output goes to the agent's trainer.log)."""
+    out = []
+    try:
+        text = (inst.state_dir / "trainer.log").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and "event" in item:
+            out.append(item)
+    return out
+
+
+def _await_second_trainer(r, inst) -> list[dict]:
+    """The trainer_start lines once a second trainer started; fails at once if the fleet is
+    cancelled first (the job taken as complete)."""
+    def second():
+        if r._fleet_cancelled():
+            raise AssertionError(f"the fleet was cancelled before a trainer was restarted; "
+                                 f"volume tags {_volume_tags(r)}")
+        starts = [e for e in _trainer_lines(inst) if e["event"] == "trainer_start"]
+        return starts if len(starts) >= 2 else None
+
+    return r._await("a second trainer", second, time.monotonic() + 60)
+
+
+def _await_step(r, inst, step):
+    r._await(f"step {step}", lambda: (r.progress_of(inst).get("global_step") or 0) >= step,
+             time.monotonic() + 90)
+
+
+def _assert_completed_exactly(r, runs: int) -> None:
+    r._await("the fleet cancel", r._fleet_cancelled, time.monotonic() + 120)
+    tags = _volume_tags(r)
+    assert tags[T.COMPLETED] and tags[T.PHASE] == "done"
+    assert json.loads(tags[T.RESULT]) == {"sum": 300 * 301 // 2, "steps": 300, "runs": runs}
+    [at_cancel] = r.at_cancel
+    assert at_cancel["tags"][T.PHASE] == "done" and at_cancel["tags"][T.COMPLETED], at_cancel
+    assert [s["phase"] for s in at_cancel["state"].values()][-1] == "done", at_cancel
+
+
+@pytest.mark.parametrize("target", ["pid", "group"])
+def test_an_outside_sigterm_to_the_trainer_resumes_and_never_completes_early(rehearsal, target):
+    r = rehearsal()
+    iid = _first_instance(r)
+    inst = r.cloud.instance(iid)
+    _await_step(r, inst, 35)  # three checkpoints (every 10 steps) behind it
+    pid = r.await_agent_event(iid, "trainer_started")["pid"]
+    (os.kill if target == "pid" else os.killpg)(pid, signal.SIGTERM)
+
+    _await_second_trainer(r, inst)
+    # The stop completed nothing: the fleet runs, the volume is not marked done, and the
+    # volume holds no completion record.
+    assert not r._fleet_cancelled()
+    tags = _volume_tags(r)
+    assert T.COMPLETED not in tags and tags[T.PHASE] == "training", tags
+    assert not (inst.mount_point / ".spotrun-completed.json").exists()
+    lines = _trainer_lines(inst)
+    [stopped] = [e for e in lines if e["event"] == "trainer_preempted"]
+    starts = [e for e in lines if e["event"] == "trainer_start"]
+    assert stopped["step"] >= 35
+    # Resumed from the checkpoint the stop wrote, not from an older one and not from zero.
+    assert starts[1]["resume_step"] == stopped["step"] and starts[1]["runs"] == 2
+    _assert_completed_exactly(r, runs=2)
+    assert len(r.boots) == 1  # the same instance trained on: nothing was interrupted
+
+
+def test_the_shutdown_race_drains_and_the_next_boot_resumes(rehearsal):
+    """`systemctl kill` / a shutdown that signals the whole unit: SIGTERM to the agent and the
+    trainer at the same moment. A drain, no completion; the next boot finishes the job."""
+    r = rehearsal()
+    iid = _first_instance(r)
+    inst = r.cloud.instance(iid)
+    _await_step(r, inst, 35)
+    pid = r.await_agent_event(iid, "trainer_started")["pid"]
+    agent = r.boots[0]["process"]
+    agent.send_signal(signal.SIGTERM)
+    os.killpg(pid, signal.SIGTERM)
+    assert agent.wait(60) == 0
+    r.await_agent_event(iid, "phase_changed", phase="released")
+    assert not r._fleet_cancelled() and r.at_cancel == []
+    tags = _volume_tags(r)
+    assert T.COMPLETED not in tags and tags[T.PHASE] == "released", tags
+    [stopped] = [e for e in _trainer_lines(inst) if e["event"] == "trainer_preempted"]
+
+    r.boot(r.cloud, inst)  # the unit is enabled: the next boot starts the agent again
+    starts = _await_second_trainer(r, inst)
+    assert starts[1]["resume_step"] == stopped["step"] >= 35
+    _assert_completed_exactly(r, runs=2)
+
+
+def test_a_crash_loop_is_on_the_volume_as_failed_before_the_fleet_is_cancelled(rehearsal):
+    r = rehearsal(env={"MODE": "crash-at:30"},
+                  agent_config={"trainer": {"restart_backoff_s": 0.1, "max_restarts": 2}})
+    iid = _first_instance(r)
+    r._await("the fleet cancel", r._fleet_cancelled, time.monotonic() + 120)
+    [at_cancel] = r.at_cancel
+    assert "error" not in at_cancel, at_cancel
+    assert at_cancel["tags"][T.PHASE] == "failed", at_cancel["tags"]
+    assert "crashed 3 times in a row" in at_cancel["tags"][T.FAILURE]
+    assert at_cancel["state"][iid]["phase"] == "failed"
+    assert "crashed 3 times in a row" in at_cancel["state"][iid]["failure"]
+    tags = _volume_tags(r)
+    assert tags[T.PHASE] == "failed" and T.COMPLETED not in tags
