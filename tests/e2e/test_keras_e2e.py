@@ -1,8 +1,12 @@
 """Keras trainers under the real agent on the local spot cloud (TensorFlow backend, CPU, tiny model):
-spotrun's reference trainer resumes mid-epoch to the same result as an uninterrupted run, and the
-seed's own script — which knows nothing of the protocol — still runs, resumes from its own
-per-epoch files, completes, and only then is the fleet cancelled."""
+spotrun's reference trainer resumes mid-epoch to the same result as an uninterrupted run; a
+script written as docs/trainer.md shows (``model.fit(..., callbacks=[SpotCheckpoint(...)])``),
+stopped by a SIGTERM the agent did not send, is not taken as finished, resumes at the step and
+completes once; and the seed's own script — which knows nothing of the protocol — still runs,
+resumes from its own per-epoch files, completes, and only then is the fleet cancelled."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +30,60 @@ if not (data / "cifar-10-batches-py" / "test_batch").exists():
                     "--train", "1024", "--test", "256", "--seed", "7"], check=True)
 os.execv(sys.executable, [sys.executable, "seed_train.py", "--model", "tiny", "--epochs", "3"])
 '''
+
+
+# docs/trainer.md's "Two lines", around a small model; STEP_S paces it so that a test can
+# signal it mid-training. The final metrics carry a digest of the weights to compare runs.
+CALLBACKS_LIST_TRAIN_PY = '''\
+import os
+import time
+
+os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+import keras
+import numpy as np
+
+from spotrun_trainer import ResumableBatches, SpotCheckpoint
+
+
+class Pace(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(float(os.environ.get("STEP_S", "0")))
+
+
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+y = rng.integers(0, 3, 1024)
+x = rng.normal(size=(1024, 20)).astype("float32") + y[:, None]
+model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(32, activation="relu"),
+                          keras.layers.Dropout(0.1), keras.layers.Dense(3)])
+model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+batches = ResumableBatches(x, y, batch_size=32)
+spot = SpotCheckpoint(data=batches, every_seconds=None, every_steps=8)
+model.fit(batches, epochs=4, shuffle=False, verbose=0, callbacks=[Pace(), spot])
+
+weights = np.concatenate([keras.ops.convert_to_numpy(w).ravel() for w in model.weights])
+spot.write_final_metrics({"global_step": spot.global_step,
+                          "weights_l1": float(np.abs(weights.astype("float64")).sum())})
+'''
+
+
+def _trainer_events(inst) -> list[dict]:
+    """The library's ``<prio>{json}`` lines in the agent's trainer.log."""
+    out = []
+    try:
+        text = (inst.state_dir / "trainer.log").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        body = line.split(">", 1)[1] if line.startswith("<") and ">{" in line else line
+        try:
+            item = json.loads(body)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and "event" in item:
+            out.append(item)
+    return out
 
 
 def _repo(path: Path) -> str:
@@ -59,6 +117,49 @@ def test_reference_trainer_resumes_mid_epoch_to_the_uninterrupted_result(shared_
     # Same seed, same data order, deterministic CPU kernels: the results agree to float32 noise.
     assert interrupted["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-4, abs=1e-5)
     assert interrupted["test_accuracy"] == pytest.approx(straight["test_accuracy"], abs=1 / 256)
+
+
+def test_a_callbacks_list_script_stopped_from_outside_resumes_at_the_step_and_completes_once(shared_tmp):
+    """Issue 16's first defect as a Keras user meets it: an operator's ``kill`` of a script
+    written as the docs show ended in "completed" and a cancelled fleet with a quarter of the
+    steps trained. Now the trainer exits 75, the agent restarts it in place, it resumes at the
+    step the stop checkpointed and ends with the uninterrupted run's weights."""
+    repo = commit_repository(shared_tmp / "repo", {"train.py": CALLBACKS_LIST_TRAIN_PY},
+                             "callbacks-list training code")
+    env = {"KERAS_BACKEND": "tensorflow", "STEP_S": "0.05"}
+    r = Rehearsal(RehearsalPlan(out=shared_tmp / "run", repository=repo, trainer_env=env,
+                                interrupt_at_steps=[], timeout_s=400))
+    r.start()
+    try:
+        deadline = time.monotonic() + 300
+        iid = r._await("the first instance", lambda: r.boots and r.boots[0]["instance_id"], deadline)
+        inst = r.cloud.instance(iid)
+        r._await("step 40", lambda: (r.progress_of(inst).get("global_step") or 0) >= 40, deadline)
+        pid = r.await_agent_event(iid, "trainer_started")["pid"]
+        os.kill(pid, signal.SIGTERM)  # not the agent's: nobody asked it to stop
+
+        def restarted():
+            assert not r._fleet_cancelled(), "the outside SIGTERM was taken as completion"
+            return [e for e in r._agent_events(iid) if e.get("event") == "trainer_started"][1:]
+        r._await("the trainer restarted in place", restarted, deadline)
+        done = r.await_agent_event(iid, "completion_recorded", timeout=240)
+        r._await("the fleet cancel", r._fleet_cancelled, deadline)
+        events = _trainer_events(inst)
+        [stopped] = [e for e in events if e["event"] == "training_stopped_for_interruption"]
+        [resumed] = [e for e in events if e["event"] == "training_resumed"]
+        assert stopped["exit_status"] == 75 and stopped["global_step"] >= 40
+        assert resumed["global_step"] == stopped["global_step"]  # at the step, not the epoch
+        assert len(r.boots) == 1 and done["metrics"]["global_step"] == 128
+    finally:
+        r.stop()
+
+    straight = subprocess.run([PYTHON, "-c", CALLBACKS_LIST_TRAIN_PY], capture_output=True, text=True,
+                              env=dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
+                                       SPOTRUN_CHECKPOINT_DIR=str(shared_tmp / "straight")),
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    want = json.loads((shared_tmp / "straight" / "final_metrics.json").read_text())
+    assert done["metrics"]["weights_l1"] == pytest.approx(want["weights_l1"], rel=1e-6)
 
 
 def test_the_seeds_own_script_runs_resumes_from_its_files_and_completes(shared_tmp):

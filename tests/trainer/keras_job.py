@@ -1,11 +1,17 @@
 """A tiny deterministic training job run as a subprocess by the resume tests.
 
-    python keras_job.py --ckpt DIR --out RESULT.json [--mode spot|backup] [--sigterm-at-step K]
+    python keras_job.py --ckpt DIR --out RESULT.json [--mode spot|callbacks|arrays|backup]
+                        [--sigterm-at-step K] [--without-agent-package]
 
-Trains a small MLP on fixed synthetic data. ``--sigterm-at-step K`` makes the process send
-itself a real SIGTERM after global step K (the kernel delivers it; the Python handler runs
-between bytecodes, as with the agent's signal). Appends, to RESULT.json, the steps this
-process trained; writes the final weights to RESULT.npz when training finishes.
+Trains a small MLP on fixed synthetic data, the same batches in the modes spot (``spot.fit``)
+and callbacks (``model.fit(batches, callbacks=[..., SpotCheckpoint(data=batches)])``);
+arrays is ``model.fit(x, y, shuffle=True, callbacks=[..., SpotCheckpoint()])``, backup Keras's
+BackupAndRestore. ``--sigterm-at-step K`` makes the process send itself a real SIGTERM after
+global step K (the kernel delivers it; the Python handler runs between bytecodes, as with the
+agent's signal). Appends, to RESULT.json, the steps this process trained; writes the final
+weights to RESULT.npz when training finishes, from code after ``fit``.
+``--without-agent-package`` makes ``import spotrun`` fail, as where only the packaged trainer
+library is installed (the AMI's conda env).
 """
 from __future__ import annotations
 
@@ -19,10 +25,13 @@ from pathlib import Path
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+if "--without-agent-package" in sys.argv:
+    sys.modules["spotrun"] = None  # any `import spotrun...` now raises ImportError
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spotrun_trainer import SpotCheckpoint  # noqa: E402
+from spotrun_trainer import ResumableBatches, SpotCheckpoint  # noqa: E402
 
 SAMPLES, BATCH, EPOCHS = 200, 16, 3  # 13 steps per epoch (the last batch smaller), 39 in all
 
@@ -64,24 +73,46 @@ def data():
     return x, y
 
 
+def tf_epoch(x, y, seed: int, reshuffle: bool = False):
+    import tensorflow as tf
+    return (tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(SAMPLES, seed=seed, reshuffle_each_iteration=reshuffle).batch(BATCH))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", choices=["spot", "backup"], default="spot")
+    parser.add_argument("--mode", default="spot", choices=[
+        "spot", "callbacks", "arrays", "backup", "tfdata", "tfdata-epochs", "tfdata-reshuffle"])
     parser.add_argument("--sigterm-at-step", type=int)
     parser.add_argument("--every-steps", type=int, default=4)
     parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--without-agent-package", action="store_true")
     args = parser.parse_args()
     result = Path(args.out)
     x, y = data()
     model = build_model()
     recorder = Recorder(result, args.sigterm_at_step, start=len(json.loads(result.read_text()))
                         if result.exists() else 0)
+    options = dict(every_seconds=None, every_steps=args.every_steps, async_save=args.async_save)
     if args.mode == "spot":
-        spot = SpotCheckpoint(args.ckpt, every_seconds=None, every_steps=args.every_steps,
-                              async_save=args.async_save, seed=99)
+        spot = SpotCheckpoint(args.ckpt, seed=99, **options)
         spot.fit(model, x, y, batch_size=BATCH, epochs=EPOCHS, callbacks=[recorder], verbose=0)
+    elif args.mode == "callbacks":  # the same batches as spot.fit's, through model.fit
+        batches = ResumableBatches(x, y, BATCH, seed=99)
+        model.fit(batches, epochs=EPOCHS, shuffle=False, verbose=0,
+                  callbacks=[recorder, SpotCheckpoint(args.ckpt, data=batches, **options)])
+    elif args.mode.startswith("tfdata"):  # spot.fit fed by tf.data (tests/trainer/test_tfdata.py)
+        from spotrun_trainer.tfdata import ResumableTFDataset
+        source = {"tfdata": lambda: tf_epoch(x, y, seed=99),  # the same order every epoch
+                  "tfdata-epochs": lambda: ResumableTFDataset(lambda e: tf_epoch(x, y, 99 + e)),
+                  "tfdata-reshuffle": lambda: tf_epoch(x, y, 99, reshuffle=True)}[args.mode]()
+        spot = SpotCheckpoint(args.ckpt, **options)
+        spot.fit(model, source, epochs=EPOCHS, callbacks=[recorder], verbose=0)
+    elif args.mode == "arrays":
+        model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=True, verbose=0,
+                  callbacks=[recorder, SpotCheckpoint(args.ckpt, **options)])
     else:
         # Keras's own scheme, for comparison: no SIGTERM handler, so the signal kills the process
         # (as it would on a spot instance), and the restart replays the interrupted epoch.
@@ -89,7 +120,8 @@ def main() -> int:
         model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=True,
                   callbacks=[backup, recorder], verbose=0)
     np.savez(result.with_suffix(".npz"), *[keras.ops.convert_to_numpy(v) for v in model.weights])
-    print(json.dumps({"done": True, "backend": keras.backend.backend()}))
+    print(json.dumps({"done": True, "backend": keras.backend.backend(),
+                      "agent_package_loaded": "spotrun.log" in sys.modules}))
     return 0
 
 

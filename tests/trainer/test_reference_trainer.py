@@ -33,7 +33,8 @@ def run(argv, env_extra, timeout=240):
 
 def test_reference_trainer_tiny_writes_metrics_csv_checkpoint_and_resumes_as_done(tmp_path, data_dir):
     env = {"SPOTRUN_DATA_DIR": str(data_dir), "SPOTRUN_CHECKPOINT_DIR": str(tmp_path / "ck"),
-           "SPOTRUN_PROGRESS_FILE": str(tmp_path / "progress.json")}
+           "SPOTRUN_PROGRESS_FILE": str(tmp_path / "progress.json"),
+           "SPOTRUN_JOB_ID": "job-test"}  # as under the agent: events are <prio>{json} on stderr
     argv = ["-m", "spotrun_trainer.resnet_cifar", "--model", "tiny", "--epochs", "3",
             "--batch-size", "50", "--limit", "300", "--verbose", "0"]
     proc = run(argv, env)
@@ -44,14 +45,16 @@ def test_reference_trainer_tiny_writes_metrics_csv_checkpoint_and_resumes_as_don
     rows = list(csv.DictReader((tmp_path / "ck" / "training_log.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"])  # it learns
-    assert proc.stdout.count('"event":"epoch_end"') == 3
+    assert proc.stderr.count('"event":"epoch_end"') == 3
+    record = json.loads((tmp_path / "ck" / ".spotrun-trainer-completed.json").read_text())
+    assert record["global_step"] == 18 and "test_accuracy" in record["final_metrics"]
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert progress["global_step"] == 18 and progress["epochs"] == 3
     assert CheckpointStore(tmp_path / "ck").latest_valid().step == 18
     # Run again (as after a crash right before exit): nothing left to train, same metrics file.
     again = run(argv, env)
-    assert '"event":"training_resumed"' in again.stdout
-    assert '"event":"epoch_end"' not in again.stdout
+    assert '"event":"training_resumed"' in again.stderr
+    assert '"event":"epoch_end"' not in again.stderr
     assert json.loads((tmp_path / "ck" / "final_metrics.json").read_text())["global_step"] == 18
 
 
@@ -90,7 +93,13 @@ def test_seed_style_example_resumes_from_its_highest_numbered_file(tmp_path, dat
     assert (tmp_path / "b" / "cifar10" / "backup").is_dir()
 
 
-def test_quickstart_has_the_two_lines():
+def test_quickstart_has_the_two_lines_and_resumes_at_the_step(tmp_path):
     text = (ROOT / "examples" / "quickstart" / "train.py").read_text()
     assert text.count("# spotrun line") == 2
-    assert "SpotCheckpoint(" in text and "spot.fit(" in text
+    assert "SpotCheckpoint(data=batches" in text and "model.fit(batches" in text
+    env = {"SPOTRUN_CHECKPOINT_DIR": str(tmp_path), "QUICKSTART_EPOCHS": "2", "SPOTRUN_JOB_ID": "t"}
+    run(["examples/quickstart/train.py"], env)
+    resumed = run(["examples/quickstart/train.py"], {**env, "QUICKSTART_EPOCHS": "3"})
+    assert '"event":"training_resumed"' in resumed.stderr and "Epoch 3/3" in resumed.stdout
+    assert "Epoch 1/3" not in resumed.stdout
+    assert "accuracy" in json.loads((tmp_path / "final_metrics.json").read_text())

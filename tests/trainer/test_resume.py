@@ -1,7 +1,12 @@
-"""Exact resume after a real SIGTERM, on JAX and TensorFlow; Keras BackupAndRestore for comparison.
+"""Resume after a real SIGTERM, on JAX and TensorFlow; Keras BackupAndRestore for comparison.
 
-Each run is a subprocess (tests/trainer/keras_job.py): 3 epochs of 13 steps = 39 steps.
-Tolerance: final weights equal within atol=1e-6 (observed: bit-identical on CPU).
+Each run is a subprocess (tests/trainer/keras_job.py): 3 epochs of 13 steps = 39 steps. Exact
+(final weights equal within atol=1e-6, observed bit-identical on CPU): ``spot.fit`` and
+``model.fit(batches, callbacks=[..., SpotCheckpoint(data=batches)])``, both compared with the
+same uninterrupted ``spot.fit`` run. Replayed, as documented: ``model.fit(x, y, shuffle=True,
+callbacks=[SpotCheckpoint()])`` trains the interrupted epoch again from its start.
+A SIGTERMed trainer exits 75 ("stopped, not done") with no completion record; one that
+trains to the end writes the record and exits 0 (protocol.py).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spotrun_trainer.protocol import COMPLETION_ENV, HELLO_ENV, STOPPED_EXIT_CODE
+
 JOB = Path(__file__).with_name("keras_job.py")
 TOTAL_STEPS = 39
 STEPS_PER_EPOCH = 13
@@ -24,8 +31,8 @@ ATOL = 1e-6
 
 
 def run_job(tmp: Path, name: str, backend: str, *extra: str, ckpt: str | None = None,
-            expect_rc: int = 0) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            expect_rc: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
     argv = [sys.executable, str(JOB), "--ckpt", str(tmp / (ckpt or name)),
             "--out", str(tmp / f"{name}.json"), *extra]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
@@ -58,17 +65,44 @@ def reference(tmp_path_factory):
     return get
 
 
-def interrupted_then_resumed(tmp: Path, backend: str, *extra: str) -> tuple[int, list[int]]:
-    # A random step strictly inside an epoch (not its first or last), so resume must skip
-    # into the middle of an epoch. Printed so a failure can be replayed.
+def random_mid_epoch_step() -> tuple[int, int, int]:
+    """A random step strictly inside an epoch (not its first or last), so resume must skip
+    into the middle of an epoch. Printed so a failure can be replayed."""
     rng = random.Random()
     epoch, in_epoch = rng.randrange(0, 3), rng.randrange(2, STEPS_PER_EPOCH - 1)
     sigterm_at = epoch * STEPS_PER_EPOCH + in_epoch
     print(f"SIGTERM after step {sigterm_at} (epoch {epoch}, step {in_epoch})")
-    first = run_job(tmp, "run", backend, "--sigterm-at-step", str(sigterm_at), *extra)
+    return sigterm_at, epoch, in_epoch
+
+
+def protocol_env(tmp: Path) -> dict:
+    """As the agent runs a trainer: its job id, the hello and completion files' paths."""
+    return {"SPOTRUN_JOB_ID": "job-test", HELLO_ENV: str(tmp / "hello.json"),
+            COMPLETION_ENV: str(tmp / "completed.json")}
+
+
+def journal_events(stderr: str) -> list[tuple[int, dict]]:
+    """The ``<prio>{json}`` lines the library prints under the agent ($SPOTRUN_JOB_ID)."""
+    events = []
+    for line in stderr.splitlines():
+        if line.startswith("<") and ">{" in line:
+            prio, body = line[1:].split(">", 1)
+            events.append((int(prio), json.loads(body)))
+    return events
+
+
+def interrupted_then_resumed(tmp: Path, backend: str, *extra: str) -> tuple[int, list[int]]:
+    sigterm_at, _, _ = random_mid_epoch_step()
+    env = protocol_env(tmp)
+    first = run_job(tmp, "run", backend, "--sigterm-at-step", str(sigterm_at), *extra,
+                    expect_rc=STOPPED_EXIT_CODE, env=env)
     assert "training_stopped_for_interruption" in first.stdout + first.stderr
     assert not (tmp / "run.npz").exists(), "a SIGTERMed run must not reach the code after fit"
-    run_job(tmp, "run", backend, *extra)
+    assert not (tmp / "completed.json").exists(), "stopped is not done"
+    assert json.loads((tmp / "hello.json").read_text())["handles"] == ["SIGTERM", "SIGUSR1"]
+    run_job(tmp, "run", backend, *extra, env=env)
+    record = json.loads((tmp / "completed.json").read_text())
+    assert record["global_step"] == TOTAL_STEPS and record["epoch"] == 3
     return sigterm_at, steps_trained(tmp, "run")
 
 
@@ -83,6 +117,46 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, backend, 
     assert TOTAL_STEPS <= sum(runs) <= TOTAL_STEPS + 1, runs
     for got, want in zip(final_weights(tmp_path, "run"), reference(backend)):
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_callbacks_list_with_resumable_batches_resumes_exactly(tmp_path, backend, reference):
+    """model.fit(batches, callbacks=[..., SpotCheckpoint(data=batches)]): the restore in
+    on_train_begin (Keras's model._initial_epoch hook) and the positioned first epoch, on each
+    backend, end with the weights of an uninterrupted spot.fit run."""
+    sigterm_at, runs = interrupted_then_resumed(tmp_path, backend, "--mode", "callbacks")
+    assert len(runs) == 2 and runs[0] in (sigterm_at, sigterm_at + 1)
+    assert sum(runs) == TOTAL_STEPS, runs  # nothing replayed
+    for got, want in zip(final_weights(tmp_path, "run"), reference(backend)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", ["jax", pytest.param("tensorflow", marks=pytest.mark.slow)])
+def test_callbacks_list_with_arrays_replays_the_interrupted_epoch_and_warns(tmp_path, backend):
+    """model.fit(x, y, shuffle=True, callbacks=[..., SpotCheckpoint()]): Keras's shuffle cannot
+    be replayed, so the restart restores the checkpoint and trains its epoch from the start,
+    saying so in a warning that reaches the journal with only the trainer library installed."""
+    sigterm_at, epoch, in_epoch = random_mid_epoch_step()
+    env = protocol_env(tmp_path)
+    args = ("--mode", "arrays", "--without-agent-package")
+    run_job(tmp_path, "run", backend, "--sigterm-at-step", str(sigterm_at), *args,
+            expect_rc=STOPPED_EXIT_CODE, env=env)
+    assert not (tmp_path / "completed.json").exists()
+    second = run_job(tmp_path, "run", backend, *args, env=env)
+    assert json.loads(second.stdout.strip().splitlines()[-1])["agent_package_loaded"] is False
+    first_run, second_run = steps_trained(tmp_path, "run")
+    replayed = first_run - epoch * STEPS_PER_EPOCH  # the checkpoint: the stop's step or one after
+    assert replayed in (in_epoch, in_epoch + 1)
+    assert second_run == TOTAL_STEPS - epoch * STEPS_PER_EPOCH  # its epoch whole, then the rest
+    events = journal_events(second.stderr)
+    (warning,) = [fields for prio, fields in events
+                  if fields["event"] == "training_resumed_at_epoch_start" and prio == 4]
+    assert warning["replayed_steps"] == replayed and warning["epoch"] == epoch
+    assert warning["level"] == "warning" and "ResumableBatches" in warning["how_to_avoid"]
+    assert any(prio == 6 and f["event"] == "training_resumed" for prio, f in events)
+    assert any(prio == 6 and f["event"] == "checkpoint_saved" for prio, f in events)
+    assert json.loads((tmp_path / "completed.json").read_text())["global_step"] == TOTAL_STEPS
 
 
 @pytest.mark.slow
@@ -116,7 +190,7 @@ def test_external_sigusr1_saves_and_continues_then_sigterm_stops(tmp_path):
     """The agent's side of the protocol: signals from another process, progress file."""
     progress = tmp_path / "progress.json"
     env = dict(os.environ, KERAS_BACKEND="jax", SPOTRUN_PROGRESS_FILE=str(progress),
-               SPOTRUN_CODE_COMMIT="c0ffee")
+               SPOTRUN_CODE_COMMIT="c0ffee", **protocol_env(tmp_path))
     code = (
         "import sys; sys.argv[1:] = ['--ckpt', sys.argv[1], '--out', sys.argv[2]];"
         "import keras_job as j; j.EPOCHS = 100000; sys.exit(j.main())")
@@ -140,6 +214,9 @@ def test_external_sigusr1_saves_and_continues_then_sigterm_stops(tmp_path):
             except (OSError, ValueError):
                 return None
         first = wait_for(progress_step, "a progress file")
+        # The hello, written as training started: SIGUSR1 is safe to send to this trainer.
+        hello = json.loads((tmp_path / "hello.json").read_text())
+        assert hello["handles"] == ["SIGTERM", "SIGUSR1"] and hello["pid"] == proc.pid
         assert set(first) == {"epoch", "epochs", "step", "steps_per_epoch", "global_step",
                               "time", "last_checkpoint_time"}
         assert first["epochs"] == 100000 and first["steps_per_epoch"] == STEPS_PER_EPOCH
@@ -153,7 +230,8 @@ def test_external_sigusr1_saves_and_continues_then_sigterm_stops(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         took = time.monotonic() - sent
-        assert proc.returncode == 0, out[-3000:]
+        assert proc.returncode == STOPPED_EXIT_CODE, out[-3000:]  # stopped, not done
+        assert not (tmp_path / "completed.json").exists()
         final = store.latest_valid()
         assert final.step > ckpt.step
         assert "training_stopped_for_interruption" in out

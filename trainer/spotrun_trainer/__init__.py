@@ -9,6 +9,7 @@ _LAZY = {
     "SpotCheckpoint": "callback",
     "model_fingerprint": "callback",
     "ResumableBatches": "data",
+    "ResumableTFDataset": "tfdata",
     "CheckpointStore": "store",
     "Checkpoint": "store",
     "CheckpointError": "store",

@@ -5,6 +5,11 @@ restart the order of the interrupted epoch cannot be reproduced, so the batches 
 trained on cannot be told apart from the rest. Here the permutation of epoch ``e`` is
 ``numpy.random.default_rng([seed, e]).permutation(n)``: the same in every process, and
 ``set_position(epoch, start_step)`` makes the sequence begin at any batch of any epoch.
+
+Give it to ``model.fit`` with ``shuffle=False`` (it shuffles the samples itself) and to the
+callback as ``SpotCheckpoint(data=batches)``, which sets the epoch and, on resume, the step.
+Keras's ``shuffle=True`` would also permute the batch indices, with a global RNG a restart
+cannot replay; the requests are watched so that the callback can refuse it (``out_of_order``).
 """
 from __future__ import annotations
 
@@ -43,12 +48,18 @@ class ResumableBatches(keras.utils.PyDataset):
         self.epoch = 0
         self.start_step = 0
         self._cache = None
+        # Keras fetches batch i, i+1, ... from one thread; with a thread pool (workers > 1)
+        # a few may start out of order, never more than the pool and its queue hold.
+        self._slack = 0 if self.workers <= 1 else self.workers + self.max_queue_size
+        self._next_request = 0
+        self.out_of_order: int | None = None
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
         """Make the sequence epoch ``epoch``'s batches from ``start_step`` on."""
         if not 0 <= start_step < self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch - 1}")
         self.epoch, self.start_step = int(epoch), int(start_step)
+        self._next_request, self.out_of_order = 0, None
 
     def order(self, epoch: int) -> np.ndarray:
         cached = self._cache  # one tuple, read once: safe against a prefetch thread
@@ -70,9 +81,13 @@ class ResumableBatches(keras.utils.PyDataset):
         return self.steps_per_epoch - self.start_step
 
     def __getitem__(self, index: int):
-        step = self.start_step + int(index)
+        index = int(index)
+        step = self.start_step + index
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"batch {index} out of range")
+        if index > self._next_request + self._slack and self.out_of_order is None:
+            self.out_of_order = index  # a batch far ahead of the sequence: fit shuffles
+        self._next_request = max(self._next_request, index + 1)
         idx = self.order(self.epoch)[step * self.batch_size:(step + 1) * self.batch_size]
         batch = (self.x[idx], self.y[idx])
         if self.sample_weight is not None:

@@ -14,7 +14,6 @@ data-parallel distribution, a CSV and a log line per epoch, and the final test m
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -24,13 +23,14 @@ import keras
 
 from .callback import SpotCheckpoint
 from .datasets import DatasetError, is_synthetic, load_cifar10
-from .store import CheckpointError, _log as _store_log
+from .logs import log_event
+from .store import CheckpointError
 
 NUM_CLASSES = 10
 
 
 def _log(level: str, event: str, **fields) -> None:
-    _store_log(level, event, component="trainer.resnet_cifar", **fields)
+    log_event(level, event, component="resnet_cifar", **fields)
 
 
 def build_model(name: str, learning_rate: float) -> keras.Model:
@@ -137,7 +137,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
         (x_train, y_train), (x_test, y_test) = load_cifar10(args.data_dir)
