@@ -19,12 +19,17 @@ accepted when they are one source and its migrated copies; a verified copy is th
 volume (the source is a leftover), otherwise the source is, and unverified copies that are
 not this attempt's are leftovers (they never held training writes: training starts only
 after the migration completes). Anything else is an error that touches nothing.
+
+Plans go stale: :func:`delete_volume` re-reads the volume right before deleting it and raises
+:class:`StalePlan` (plan again) if its journal changed or it is attached. ``guard`` (the
+lease's fencing check) runs right before every mutating call.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 from spotrun import ec2 as ec2mod
 from spotrun import tags as T
@@ -40,6 +45,8 @@ def log():
 
 # Journal tag keys (volumes.py and the lead's lifecycle read them through this module).
 SOURCE_VOLUME = "spotrun:source-volume"
+# On a copy: the source's mount count when copied (mounted since, the source is newer).
+SOURCE_MOUNTS = "spotrun:source-mounts"
 STEP = "spotrun:migration-step"
 CREATE_TOKEN = "spotrun:create-token"
 MOUNTS = "spotrun:mounts"
@@ -61,11 +68,31 @@ PROVEN_STEPS = (STEP_VERIFIED, STEP_DONE)
 
 _GONE_STATES = ("deleting", "deleted")
 # Tags never copied from the source to its migrated copy.
-_NOT_COPIED = {SOURCE_VOLUME, STEP, CREATE_TOKEN, MOUNTS, MOUNT_STATE, T.GENERATION, ORIGIN}
+_NOT_COPIED = {SOURCE_VOLUME, SOURCE_MOUNTS, STEP, CREATE_TOKEN, MOUNTS, MOUNT_STATE,
+               T.GENERATION, ORIGIN}
+# What a decision about a volume rests on: if any differs when it is re-read, replan.
+JOURNAL_KEYS = (STEP, T.GENERATION, MOUNTS, SOURCE_VOLUME)
+
+Guard = Callable[[], None]
+
+
+def _no_guard() -> None:
+    return None
 
 
 class VolumeDecisionError(SpotrunError):
     """The job's volumes are in a shape spotrun will not guess about."""
+
+
+class StalePlan(SpotrunError):
+    """What a plan was made from changed before it was acted on: plan again."""
+
+
+def changes(planned: dict, fresh: dict) -> list[str]:
+    """The journal tags of ``planned`` that ``fresh`` (the same volume, re-read) no longer has."""
+    before, now = tags_of(planned), tags_of(fresh)
+    return [f"{k} {before.get(k, '-')} -> {now.get(k, '-')}" for k in JOURNAL_KEYS
+            if before.get(k) != now.get(k)]
 
 
 @dataclass
@@ -184,7 +211,8 @@ def snapshot_tags(job_id: str, volume: dict, role: str) -> dict[str, str]:
     }
 
 
-def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str) -> dict:
+def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
+                   guard: Guard = _no_guard) -> dict:
     """Start (or find, if a previous try got that far) the snapshot of ``volume``'s current data."""
     existing = fresh_snapshot(ec2, job_id, volume)
     if existing is not None:
@@ -194,6 +222,7 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str) -> dict:
     tags = snapshot_tags(job_id, volume, role)
 
     def create() -> dict:
+        guard()
         return ec2_once.create_snapshot(
             VolumeId=volume["VolumeId"], Description=tags[T.NAME][:255],
             TagSpecifications=[{"ResourceType": "snapshot", "Tags": T.as_list(tags)}])
@@ -210,7 +239,8 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str) -> dict:
 
 # -- the migration steps ------------------------------------------------------------------
 
-def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_create_s: float) -> dict:
+def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_create_s: float,
+                 guard: Guard = _no_guard) -> dict:
     """Snapshot ``source`` and make its copy in this AZ; returns the new volume, available.
 
     Resumable: a fresh snapshot and a volume with this attempt's create token are reused.
@@ -219,7 +249,7 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     log().info("migration_start", source_volume=source["VolumeId"],
              source_az=source["AvailabilityZone"], target_az=identity.availability_zone,
              generation=generation(source))
-    snapshot = start_snapshot(ec2, ec2_once, job_id, source, ROLE_MIGRATION_SNAPSHOT)
+    snapshot = start_snapshot(ec2, ec2_once, job_id, source, ROLE_MIGRATION_SNAPSHOT, guard=guard)
     crashpoint("migration.snapshot_requested")
     snapshot = ec2mod.wait_for_snapshot(ec2, snapshot["SnapshotId"], config.volume.snapshot_timeout_s)
     log().info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
@@ -229,7 +259,8 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     tags = {k: v for k, v in tags_of(source).items()
             if not k.startswith("aws:") and k not in _NOT_COPIED}
     tags.update({T.JOB: job_id, T.ROLE: ROLE_VOLUME, T.GENERATION: str(generation(source) + 1),
-                 SOURCE_VOLUME: source["VolumeId"], STEP: STEP_CREATED, CREATE_TOKEN: create_token,
+                 SOURCE_VOLUME: source["VolumeId"], SOURCE_MOUNTS: str(mounts(source)),
+                 STEP: STEP_CREATED, CREATE_TOKEN: create_token,
                  MOUNTS: "0", MOUNT_STATE: tags_of(snapshot).get(MOUNT_STATE, CLEAN)})
     params = {
         "AvailabilityZone": identity.availability_zone, "SnapshotId": snapshot["SnapshotId"],
@@ -251,8 +282,11 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
             {"Name": f"tag:{CREATE_TOKEN}", "Values": [create_token]}])["Volumes"]
         return next((v for v in found if v["State"] not in _GONE_STATES), None)
 
-    created = ec2mod.create_once(f"volume from {snapshot['SnapshotId']}",
-                                 lambda: ec2_once.create_volume(**params), find)
+    def create() -> dict:
+        guard()
+        return ec2_once.create_volume(**params)
+
+    created = ec2mod.create_once(f"volume from {snapshot['SnapshotId']}", create, find)
     log().info("migration_volume_created", new_volume=created["VolumeId"],
              snapshot_id=snapshot["SnapshotId"], az=identity.availability_zone)
     volume = ec2mod.wait_for_volume(ec2, created["VolumeId"], ("available", "in-use"),
@@ -265,15 +299,33 @@ def this_attempts_token(source: dict, az: str) -> str:
     return token("migrate", source["VolumeId"], str(mounts(source)), az)
 
 
-def set_step(ec2, volume_id: str, step: str, **extra: str) -> None:
+def set_step(ec2, volume_id: str, step: str, *, guard: Guard = _no_guard, **extra: str) -> None:
+    guard()
     ec2mod.call_retrying(f"tagging {volume_id}", lambda: ec2.create_tags(
         Resources=[volume_id], Tags=T.as_list({STEP: step, **extra})))
     log().info("migration_step", volume_id=volume_id, step=step)
 
 
-def delete_volume(ec2, volume: dict, why: str, deadline_s: float) -> None:
-    """Delete a job volume that is proven redundant; waits until EC2 has it gone."""
+def delete_volume(ec2, volume: dict, why: str, deadline_s: float, *,
+                  guard: Guard = _no_guard) -> None:
+    """Delete a job volume that is proven redundant; waits until EC2 has it gone.
+
+    ``volume`` is the volume as the decision saw it: it is re-read right before the call, and
+    if it is attached anywhere or its journal tags changed, StalePlan is raised instead."""
     volume_id = volume["VolumeId"]
+    fresh = ec2mod.describe_volume(ec2, volume_id)
+    if fresh is None or fresh["State"] in _GONE_STATES:  # an earlier try (or attempt) did it
+        ec2mod.wait_for_volume_deleted(ec2, volume_id, deadline_s, poll_s=1.0)
+        return
+    att = ec2mod.attachment_of(fresh)
+    if att is not None:
+        raise StalePlan(f"volume {volume_id} is {att['State']} to {att['InstanceId']}; it was "
+                        f"to be deleted as {why}")
+    changed = changes(volume, fresh)
+    if changed:
+        raise StalePlan(f"volume {volume_id} changed since it was planned for deletion as {why}: "
+                        + ", ".join(changed))
+    guard()
 
     def gone() -> bool:
         current = ec2mod.describe_volume(ec2, volume_id)
@@ -289,18 +341,32 @@ def delete_volume(ec2, volume: dict, why: str, deadline_s: float) -> None:
     ec2mod.wait_for_volume_deleted(ec2, volume_id, deadline_s, poll_s=1.0)
 
 
-def finish(ec2, source: dict, new_volume_id: str, deadline_s: float) -> None:
-    """The copy is proven: record it, then (and only then) delete the source."""
-    set_step(ec2, new_volume_id, STEP_VERIFIED)
+def finish(ec2, source: dict, new_volume_id: str, deadline_s: float, *,
+           guard: Guard = _no_guard) -> None:
+    """The copy is proven: record it, then (and only then) delete the source — ``source`` as
+    it was when the copy was decided on, and only if it was not mounted after the copy."""
+    copy = ec2mod.describe_volume(ec2, new_volume_id)
+    if copy is None or tags_of(copy).get(SOURCE_VOLUME) != source["VolumeId"]:
+        raise StalePlan(f"volume {new_volume_id}, the copy of {source['VolumeId']}, is gone or "
+                        "no longer names it as its source")
+    copied_at = tags_of(copy).get(SOURCE_MOUNTS, str(mounts(source)))
+    now = ec2mod.describe_volume(ec2, source["VolumeId"])
+    if now is not None and str(mounts(now)) != copied_at:
+        raise VolumeDecisionError(
+            f"volume {source['VolumeId']} was mounted after {new_volume_id} was copied from it "
+            f"(mounts {copied_at} then, {mounts(now)} now); neither is deleted: keep the newer")
+    if tags_of(copy).get(STEP) not in PROVEN_STEPS:
+        set_step(ec2, new_volume_id, STEP_VERIFIED, guard=guard)
     crashpoint("migration.before_delete")
-    delete_volume(ec2, source, f"migrated to {new_volume_id}", deadline_s)
+    delete_volume(ec2, source, f"migrated to {new_volume_id}", deadline_s, guard=guard)
     crashpoint("migration.after_delete")
-    set_step(ec2, new_volume_id, STEP_DONE)
+    set_step(ec2, new_volume_id, STEP_DONE, guard=guard)
     log().info("migration_done", source_volume=source["VolumeId"], new_volume=new_volume_id)
 
 
-def delete_snapshot(ec2, snapshot_id: str) -> None:
+def delete_snapshot(ec2, snapshot_id: str, *, guard: Guard = _no_guard) -> None:
     """Delete one snapshot; "not found" on a retry means an earlier try (answered 5xx) did it."""
+    guard()
     try:
         ec2mod.call_retrying(f"deleting {snapshot_id}",
                              lambda: ec2.delete_snapshot(SnapshotId=snapshot_id))
@@ -309,7 +375,8 @@ def delete_snapshot(ec2, snapshot_id: str) -> None:
             raise
 
 
-def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days: float) -> list[str]:
+def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days: float, *,
+                    guard: Guard = _no_guard) -> list[str]:
     """Delete the job's snapshots that are past retention and not worth keeping.
 
     Kept: pending ones; the newest completed snapshot of each live volume (later snapshots
@@ -336,7 +403,7 @@ def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days:
             continue
         if retention_days and s["StartTime"] > keep_after:
             continue
-        delete_snapshot(ec2, s["SnapshotId"])
+        delete_snapshot(ec2, s["SnapshotId"], guard=guard)
         deleted.append(s["SnapshotId"])
     if deleted:
         log().info("snapshots_pruned", snapshot_ids=deleted, retention_days=retention_days)

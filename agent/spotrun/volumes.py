@@ -7,6 +7,12 @@ this process, after a crash, or on another instance — continues instead of red
 (see :mod:`spotrun.migration` for the journal). The old volume of a migration is deleted
 only after the new one is attached, mounted and verified (invariant 2); only volumes and
 snapshots tagged for this job are touched (invariant 6).
+
+Decisions come from fresh state: a plan is acted on only while what it was made from still
+holds. Waiting for another instance to let go of a volume, or finding a planned volume's
+journal tags changed, makes the whole plan be made again (``StalePlan``); every mutating call
+is preceded by the lease's fencing check (:meth:`spotrun.lease.Lease.validate`), so an agent
+whose lease was taken changes nothing.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from spotrun import blockdev
+from spotrun import attach, blockdev
 from spotrun import ec2 as ec2mod
 from spotrun import lease as leasemod
 from spotrun import migration as M
@@ -31,7 +37,9 @@ def log():
 
 
 FS_LABEL = "spotrun"
-DEVICE_NAMES = tuple(f"/dev/sd{c}" for c in "fghijklmnop")
+# Plans made again in one acquire before giving up: each replan follows a real change made by
+# another instance (or a wait for one), so more than a few in a row means a fight.
+MAX_PLANS = 5
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,8 @@ class AcquiredVolume:
 
 class VolumeManager:
     def __init__(self, config: Config, identity, *, ec2_client=None, dynamodb_client=None,
-                 holder_wait_s: float | None = None, lease_poll_s: float = 2.0):
+                 holder_wait_s: float | None = None, lease_poll_s: float = 2.0,
+                 loser_wait_s: float | None = None, lease_options: dict | None = None):
         self.config = config
         self.identity = identity
         self.me = identity.instance_id
@@ -54,13 +63,16 @@ class VolumeManager:
         self.ec2 = ec2_client or ec2mod.client("ec2", config.aws, region)
         # Calls that create or attach must not be retried blindly by botocore.
         self.ec2_once = ec2_client or ec2mod.single_attempt(self.ec2, config.aws)
-        # How long to wait for another instance to let go of the job (drain + detach).
+        # How long to wait for another instance to let go of the job (drain + detach), and
+        # for one that keeps it without draining (then this one gets out of the way).
         self.holder_wait_s = holder_wait_s if holder_wait_s is not None else config.volume.create_timeout_s
+        self.loser_wait_s = leasemod.LOSER_WAIT_S if loser_wait_s is None else loser_wait_s
         self.lease = None
         if config.aws.lease_table:
             db = dynamodb_client or ec2mod.client("dynamodb", config.aws, region)
             self.lease = leasemod.Lease(db, config.aws.lease_table, config.job.id, self.me,
-                                        identity.availability_zone, self.ec2, poll_s=lease_poll_s)
+                                        identity.availability_zone, self.ec2, poll_s=lease_poll_s,
+                                        loser_wait_s=self.loser_wait_s, **(lease_options or {}))
         self._acquired: AcquiredVolume | None = None
 
     # -- discovery ------------------------------------------------------------------------
@@ -79,8 +91,23 @@ class VolumeManager:
             raise VolumeError(f"volume {volume_id} disappeared while this agent was using it")
         return volume
 
-    def _wait_unheld(self, volume: dict) -> dict:
-        return leasemod.wait_until_unheld(self.ec2, volume["VolumeId"], self.me, self.holder_wait_s)
+    def _guard(self) -> None:
+        """Right before every call that changes the job: is the lease still ours?"""
+        if self.lease is not None:
+            self.lease.validate()
+
+    def _unheld(self, planned: dict) -> dict:
+        """``planned`` re-read once no other instance holds it; StalePlan if this had to wait
+        for another instance (it may have changed anything meanwhile) or its journal changed."""
+        volume_id = planned["VolumeId"]
+        fresh, waited_for = leasemod.wait_until_free(self.ec2, volume_id, self.me, self.holder_wait_s,
+                                                     loser_wait_s=self.loser_wait_s)
+        if waited_for is not None:
+            raise M.StalePlan(f"volume {volume_id} was held by {waited_for} while this agent waited")
+        changed = M.changes(planned, fresh)
+        if changed:
+            raise M.StalePlan(f"volume {volume_id} changed since the plan: {', '.join(changed)}")
+        return fresh
 
     # -- acquire --------------------------------------------------------------------------
 
@@ -97,8 +124,9 @@ class VolumeManager:
             raise
 
     def _let_go_of_lease_unless_attached(self) -> None:
-        """After a failed acquire: holding the job with nothing attached would block others."""
-        if self.lease is None:
+        """After a failed acquire: holding the job with nothing attached would block others.
+        (One that never got the lease, or lost it, writes nothing.)"""
+        if self.lease is None or self.lease.generation is None:
             return
         try:
             if self._my_volume() is None:
@@ -107,14 +135,23 @@ class VolumeManager:
             log().warning("lease_release_after_failure_failed", error=str(exc)[:200])
 
     def _acquire(self) -> AcquiredVolume:
+        for attempt in range(1, MAX_PLANS + 1):
+            try:
+                return self._acquire_from_fresh_plan()
+            except M.StalePlan as stale:
+                log().info("plan_recomputed", reason=str(stale), attempt=attempt)
+        raise VolumeError(f"the job's volumes changed under this agent {MAX_PLANS} times while "
+                          "it acted on them (another instance is working on the job); stopped")
+
+    def _acquire_from_fresh_plan(self) -> AcquiredVolume:
         plan = M.resolve(self.job_volumes())
         created = False
         if plan is None:
             plan = M.Plan(current=self._create_first())
             created = True
         if plan.source is not None:  # a verified copy exists: its source goes first
-            M.finish(self.ec2, self._wait_unheld(plan.source), plan.current["VolumeId"],
-                     self.config.volume.create_timeout_s)
+            M.finish(self.ec2, self._unheld(plan.source), plan.current["VolumeId"],
+                     self.config.volume.create_timeout_s, guard=self._guard)
         az = self.identity.availability_zone
         if plan.current["AvailabilityZone"] != az and M.never_used(plan.current):
             plan = M.Plan(current=self._start_over_here(plan))
@@ -123,14 +160,15 @@ class VolumeManager:
         keep = M.this_attempts_token(current, az) if current["AvailabilityZone"] != az else None
         for copy in plan.unverified:
             if M.tags_of(copy).get(M.CREATE_TOKEN) != keep:
-                M.delete_volume(self.ec2, self._wait_unheld(copy),
+                M.delete_volume(self.ec2, self._unheld(copy),
                                 f"unproven copy of {current['VolumeId']} from an abandoned migration",
-                                self.config.volume.create_timeout_s)
+                                self.config.volume.create_timeout_s, guard=self._guard)
         source = None
         if current["AvailabilityZone"] != az:
-            source = self._wait_unheld(current)
+            source = self._unheld(current)
             volume = M.migrate_here(self.ec2, self.ec2_once, self.config, self.identity, source,
-                                    deadline_create_s=self.config.volume.create_timeout_s)
+                                    deadline_create_s=self.config.volume.create_timeout_s,
+                                    guard=self._guard)
         else:
             volume = ec2mod.wait_for_volume(self.ec2, current["VolumeId"], ("available", "in-use"),
                                             self.config.volume.create_timeout_s)
@@ -138,7 +176,7 @@ class VolumeManager:
         bind(volume_id=volume_id)
         volume = self._attach(volume)
         if source is not None:
-            M.set_step(self.ec2, volume_id, M.STEP_ATTACHED)
+            M.set_step(self.ec2, volume_id, M.STEP_ATTACHED, guard=self._guard)
             crashpoint("migration.attached")
         device = blockdev.wait_for_device(volume_id, Path(self.config.volume.device_dir),
                                           self.config.volume.device_timeout_s)
@@ -146,21 +184,23 @@ class VolumeManager:
         copy_of_unused = source is not None and M.mounts(source) == 0
         self._mount(volume, device, copy_of_unused=copy_of_unused)
         if source is not None:
-            M.set_step(self.ec2, volume_id, M.STEP_MOUNTED)
+            M.set_step(self.ec2, volume_id, M.STEP_MOUNTED, guard=self._guard)
             crashpoint("migration.mounted")
         generation = M.generation(volume)
         verify_volume(self.config, volume_id, generation, migrated=source is not None,
                       marker_expected=source is not None and not copy_of_unused)
         if source is not None:
-            M.finish(self.ec2, source, volume_id, self.config.volume.create_timeout_s)
+            M.finish(self.ec2, source, volume_id, self.config.volume.create_timeout_s,
+                     guard=self._guard)
         elif M.tags_of(volume).get(M.STEP) == M.STEP_VERIFIED:
-            M.set_step(self.ec2, volume_id, M.STEP_DONE)  # resumed after the source was deleted
+            # resumed after the source was deleted
+            M.set_step(self.ec2, volume_id, M.STEP_DONE, guard=self._guard)
         blockdev.prepare_layout(self.config.mount_point,
                                 [self.config.volume.datasets_dir, self.config.volume.checkpoints_dir],
                                 self.config.trainer.user)
         live = {v["VolumeId"] for v in self.job_volumes()} | {volume_id}
         M.prune_snapshots(self.ec2, self.config.job.id, live,
-                          self.config.volume.snapshot_retention_days)
+                          self.config.volume.snapshot_retention_days, guard=self._guard)
         self._acquired = AcquiredVolume(volume_id, generation, device, self.config.mount_point,
                                         created, source is not None)
         self.record(instance=self.me)
@@ -178,13 +218,14 @@ class VolumeManager:
         deadline = self.config.volume.create_timeout_s
         why = f"copy of {blank['VolumeId']}, which was never used"
         for copy in plan.unverified:
-            M.delete_volume(self.ec2, self._wait_unheld(copy), why, deadline)
+            M.delete_volume(self.ec2, self._unheld(copy), why, deadline, guard=self._guard)
+        blank = self._unheld(blank)  # still never used, and nobody's
         for snapshot in M.job_snapshots(self.ec2, self.config.job.id,
                                         **{M.SOURCE_VOLUME: blank["VolumeId"]}):
-            M.delete_snapshot(self.ec2, snapshot["SnapshotId"])
+            M.delete_snapshot(self.ec2, snapshot["SnapshotId"], guard=self._guard)
             log().info("snapshot_deleted", snapshot_id=snapshot["SnapshotId"], reason=why)
-        M.delete_volume(self.ec2, self._wait_unheld(blank), "never used: the job starts over in "
-                        f"{self.identity.availability_zone}", deadline)
+        M.delete_volume(self.ec2, blank, "never used: the job starts over in "
+                        f"{self.identity.availability_zone}", deadline, guard=self._guard)
         return self._create_first()
 
     def _create_first(self) -> dict:
@@ -219,8 +260,11 @@ class VolumeManager:
                 {"Name": f"tag:{M.CREATE_TOKEN}", "Values": [create_token]}])["Volumes"]
             return found[0] if found else None
 
-        volume = ec2mod.create_once("the job's first volume",
-                                    lambda: self.ec2_once.create_volume(**params), find)
+        def create() -> dict:
+            self._guard()
+            return self.ec2_once.create_volume(**params)
+
+        volume = ec2mod.create_once("the job's first volume", create, find)
         log().info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
                  az=self.identity.availability_zone)
         return ec2mod.wait_for_volume(self.ec2, volume["VolumeId"], ("available",),
@@ -228,61 +272,16 @@ class VolumeManager:
 
     # -- attach ---------------------------------------------------------------------------
 
-    def _used_device_names(self) -> set[str]:
-        used = set()
-        for reservation in self.ec2.describe_instances(InstanceIds=[self.me])["Reservations"]:
-            for instance in reservation["Instances"]:
-                used |= {m["DeviceName"] for m in instance.get("BlockDeviceMappings", [])}
-        mine = self.ec2.describe_volumes(
-            Filters=[{"Name": "attachment.instance-id", "Values": [self.me]}])["Volumes"]
-        used |= {a["Device"] for v in mine for a in v.get("Attachments", [])}
-        # /dev/xvdf and /dev/sdf are the same slot.
-        return {name.replace("/dev/xvd", "/dev/sd") for name in used}
-
     def _attach(self, volume: dict) -> dict:
         volume_id = volume["VolumeId"]
         att = ec2mod.attachment_of(volume)
         if att is None or att["InstanceId"] != self.me:
             if att is not None:
-                volume = self._wait_unheld(volume)
-            self._attach_call(volume_id)
+                volume = self._unheld(volume)
+            attach.attach_call(self.ec2, self.ec2_once, volume_id, self.me,
+                               self.config.volume.attach_timeout_s, self._guard)
         return ec2mod.wait_for_attachment(self.ec2, volume_id, self.me,
                                           self.config.volume.attach_timeout_s)
-
-    def _attach_call(self, volume_id: str) -> None:
-        def attached_to_me() -> bool:
-            att = ec2mod.attachment_of(ec2mod.describe_volume(self.ec2, volume_id))
-            return att is not None and att["InstanceId"] == self.me
-
-        tried: set[str] = set()
-        while True:
-            free = [n for n in DEVICE_NAMES if n not in self._used_device_names() | tried]
-            if not free:
-                raise VolumeError(f"cannot attach {volume_id}: no free device name in "
-                                  f"/dev/sd[f-p] on {self.me}")
-            name = free[0]
-            try:
-                ec2mod.call_retrying(
-                    f"attaching {volume_id}",
-                    lambda: self.ec2_once.attach_volume(VolumeId=volume_id, InstanceId=self.me,
-                                                        Device=name),
-                    settled=attached_to_me, deadline_s=self.config.volume.attach_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if attached_to_me():  # an earlier try that answered 5xx did it
-                    break
-                if ec2mod.error_code(exc) in ("InvalidParameterValue", "InvalidDevice.InUse") \
-                        and "device" in str(exc).lower():
-                    tried.add(name)
-                    continue
-                if ec2mod.error_code(exc) == "VolumeInUse":
-                    holder = ec2mod.attachment_of(ec2mod.describe_volume(self.ec2, volume_id))
-                    raise VolumeError(
-                        f"volume {volume_id} was attached by another instance "
-                        f"({holder['InstanceId'] if holder else 'unknown'}) at the same time; "
-                        f"this instance leaves it alone (use a lease table to make one wait)") from None
-                raise
-            break
-        log().info("volume_attach_requested", volume_id=volume_id, device_name=name)
 
     # -- filesystem and mount -------------------------------------------------------------
 
@@ -307,6 +306,7 @@ class VolumeManager:
             log().info("fsck_needed", volume_id=volume_id, mount_state=tags.get(M.MOUNT_STATE))
             blockdev.check_filesystem(device)
         # Recorded before mounting: a snapshot with the old count is no longer fresh.
+        self._guard()
         self._tag(volume_id, {M.MOUNTS: str(M.mounts(volume) + 1),
                               M.MOUNT_STATE: f"mounted:{self.me}"})
         blockdev.mount(device, mount_point, self.config.volume.mount_options)
@@ -336,6 +336,8 @@ class VolumeManager:
     def release(self, *, snapshot: bool | None = None) -> None:
         """Sync, unmount, start the ahead-of-need snapshot, detach, release the lease."""
         take_snapshot = self.config.volume.snapshot_on_drain if snapshot is None else snapshot
+        if self.lease is not None:
+            self.lease.mark_draining()  # whoever waits for the job now waits for this drain
         volume = self._my_volume()
         if volume is not None:
             volume_id = volume["VolumeId"]

@@ -163,7 +163,8 @@ def test_no_volume_and_creation_disabled(world):
     assert "volume.create_if_missing is false" in run.stderr and "DL-datasets-checkpoints" in run.stderr
     assert world.job_volumes() == []
     # A failed acquire with nothing attached does not keep the job locked.
-    assert "Item" not in table.get_item(TableName="leases", Key={"job": {"S": JOB}})
+    item = table.get_item(TableName="leases", Key={"job": {"S": JOB}}, ConsistentRead=True)["Item"]
+    assert "holder" not in item
 
 
 def test_two_unrelated_volumes_are_left_alone(world):

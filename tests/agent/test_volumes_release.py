@@ -50,7 +50,9 @@ def test_release_unmounts_snapshots_detaches_and_frees_the_lease(world, monkeypa
     assert [M.tags_of(s)[T.ROLE] for s in snapshots] == [M.ROLE_DRAIN_SNAPSHOT]
     assert M.tags_of(snapshots[0])[M.SOURCE_VOLUME] == acquired.volume_id
     table = world.cloud.client("dynamodb", faults=False)
-    assert "Item" not in table.get_item(TableName="leases", Key={"job": {"S": JOB}})
+    # Released: nobody holds it, and the item keeps counting generations for the next holder.
+    item = table.get_item(TableName="leases", Key={"job": {"S": JOB}}, ConsistentRead=True)["Item"]
+    assert "holder" not in item and item["generation"] == {"N": "1"}
 
     volumes.release()  # idempotent: nothing attached, nothing held
     assert len(world.job_snapshots()) == 1
