@@ -45,6 +45,8 @@ test-fast: deps
 	$(VENV)/bin/pytest tests -m "not slow and not system"
 
 # The full rehearsal on the local spot cloud (train → notice → drain → migrate → resume → done).
+# Fails (exit 1, naming why) unless demo-out/report.txt shows a mid-training interruption that
+# the replacement resumed; a rerun removes the previous run's state in demo-out first.
 demo: deps
 	$(VENV)/bin/spotrun rehearse --out demo-out
 

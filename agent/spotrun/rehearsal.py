@@ -5,7 +5,8 @@ agent finds (or creates) the job's volume, checks out the training code from a g
 and trains. The rehearsal sends spot notices at chosen training steps; the fleet replaces each
 terminated instance in another AZ, the agent migrates the volume there and resumes; when
 training finishes the agent cancels the fleet. The report is built from what the agents
-logged (their JSON events) and what the cloud holds at the end.
+logged (their JSON events), what the cloud holds at the end, and — for the resume figures —
+what the volume images hold (rehearsal_volume), which the agent cannot write.
 
 It is `make demo`, the end-to-end tests' harness, and a way for users to rehearse their own
 script's interruption handling (`--repository`, `--command`) before paying for GPUs.
@@ -22,15 +23,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spotrun import tags as T
 from spotrun.errors import SpotrunError, UsageError
 from spotrun.log import get_logger
-from spotrun.rehearsal_report import InterruptionRecord, build_report, format_report, read_events
+from spotrun.rehearsal_report import (InterruptionRecord, MissedInterruption, TimelineEntry,
+                                      build_report, read_events)
+from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
 
 log = get_logger("rehearsal")
 
 DEMO_TRAIN_PY = '''\
 """Rehearsal training code: spotrun's reference trainer (tiny model) on a small synthetic
-CIFAR10-format data set, generated onto the volume on first run (labelled as synthetic)."""
+CIFAR10-format data set, generated onto the volume on first run (labelled as synthetic).
+DEMO_STEP_S paces it (a sleep per step, the numbers unchanged): the tiny model trains a step in
+milliseconds, and the notice must land mid-training, not after the last step."""
 import os
 import subprocess
 import sys
@@ -43,7 +49,8 @@ if not (data / "cifar-10-batches-py" / "test_batch").exists():
                     "--test", os.environ.get("DEMO_TEST", "512"), "--seed", "7"], check=True)
 args = [sys.executable, "-m", "spotrun_trainer.resnet_cifar", "--model", "tiny",
         "--epochs", os.environ.get("DEMO_EPOCHS", "3"),
-        "--batch-size", os.environ.get("DEMO_BATCH", "32")] + sys.argv[1:]
+        "--batch-size", os.environ.get("DEMO_BATCH", "32"),
+        "--step-seconds", os.environ.get("DEMO_STEP_S", "0.05")] + sys.argv[1:]
 os.execv(sys.executable, args)  # the trainer takes this process's place: signals reach it
 '''
 
@@ -77,9 +84,15 @@ def commit_repository(path: Path, files: dict[str, str | Path], message: str) ->
         else:
             target.write_text(content)
     git = ["git", "-c", "user.name=spotrun", "-c", "user.email=spotrun@localhost", "-C", str(path)]
-    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
+    if not (path / ".git").exists():
+        subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
     subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", message], check=True)
+    # A repository made by an earlier run with the same files has nothing new to commit.
+    unchanged = subprocess.run(git + ["diff", "--cached", "--quiet"]).returncode == 0
+    has_head = subprocess.run(git + ["rev-parse", "-q", "--verify", "HEAD"],
+                              capture_output=True).returncode == 0
+    if not (unchanged and has_head):
+        subprocess.run(git + ["commit", "-q", "-m", message], check=True)
     return f"file://{path}"
 
 
@@ -97,6 +110,10 @@ class Rehearsal:
         self.cloud = cloud
         self.fleet = None
         self.interruptions: list[InterruptionRecord] = []
+        self.missed: list[MissedInterruption] = []
+        self.timeline: list[TimelineEntry] = []
+        self.final_volume: dict | None = None
+        self.final_volume_error: str | None = None
         self.boots: list[dict] = []
         self._lock = threading.Lock()
 
@@ -130,7 +147,7 @@ class Rehearsal:
         log_file = open(inst.root / "agent.log", "ab")
         argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
         boot = {"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
-                "log": str(inst.root / "agent.log")}
+                "log": str(inst.root / "agent.log"), "trainer_log": str(inst.state_dir / "trainer.log")}
         log.info("instance_booting", instance_id=inst.instance_id, az=inst.az)
         self.say(f"instance {inst.instance_id} boots in {inst.az}: the agent starts")
         boot["process"] = cloud.start_process(inst, argv, stdout=log_file, stderr=subprocess.STDOUT)
@@ -161,6 +178,7 @@ class Rehearsal:
         self.say(f"requesting a Spot Fleet: capacity 1, maintain, replacements {self.plan.az_policy}")
         launch = LaunchSpec(instance_type="p3.2xlarge",
                             user_data=userdata.render(self._job_overrides()))
+        self.timeline.append(TimelineEntry(time.time(), "rehearsal", "Spot Fleet requested (capacity 1)"))
         request_id = self.cloud.request_spot_fleet(1, launch=launch, az_policy=self.plan.az_policy,
                                                    boot=self.boot)
         self.fleet = self.cloud.fleets[request_id]
@@ -199,33 +217,80 @@ class Rehearsal:
         self.start()
         try:
             for target in plan.interrupt_at_steps:
-                def reached():
-                    if self._fleet_cancelled():
-                        raise RuntimeError(f"the fleet was cancelled before training step {target}; "
-                                           f"see the agent and trainer logs under {self.out}")
-                    inst = self.current_instance()
-                    if inst is None:
-                        return None
-                    step = self.progress_of(inst).get("global_step")
-                    return (inst, step) if isinstance(step, int) and step >= target else None
-
-                inst, step = self._await(f"training step {target}", reached, deadline)
-                record = InterruptionRecord(inst.instance_id, inst.az, step, time.time())
-                self.cloud.interrupt(inst.instance_id, "terminate", in_seconds=plan.notice_s)
-                self.interruptions.append(record)
-                log.info("notice_sent", instance_id=inst.instance_id, at_step=step)
-                self.say(f"spot interruption notice to {inst.instance_id} at training step {step} "
-                         f"(termination in {plan.notice_s:g} s)")
-                released = self._await(f"{inst.instance_id} to drain",
-                                       lambda: self._drained_event(inst.instance_id), deadline)
-                self.say(f"{inst.instance_id} drained in {released.get('drain_s')} s: checkpoint "
-                         f"durable, volume unmounted, snapshotted ahead of need and released")
+                found = self._await(f"training step {target}", lambda: self._at_step(target), deadline)
+                if found == "cancelled":
+                    self.missed.append(MissedInterruption(
+                        target, "training finished (the fleet was cancelled) before the trainer "
+                                "reached it: choose a step before the end"))
+                    self.say(f"no notice sent for step {target}: training finished first")
+                    break
+                self._interrupt(*found, deadline)
             self.say("training resumes on the replacement; waiting for completion")
             self._await("the fleet to be cancelled", lambda: self._fleet_cancelled(), deadline)
+            self.timeline.append(TimelineEntry(time.time(), "rehearsal", "the fleet is cancelled"))
             self.say("training complete: the agent recorded it on the volume and cancelled the fleet")
+            self._read_final_volume(deadline)
             return self.report()
         finally:
             self.stop()
+
+    def _at_step(self, target: int):
+        """(instance, step) once the current instance's trainer reports ``target``; "cancelled"
+        once the fleet is gone (training finished first)."""
+        if self._fleet_cancelled():
+            return "cancelled"
+        inst = self.current_instance()
+        if inst is None:
+            return None
+        step = self.progress_of(inst).get("global_step")
+        return (inst, step) if isinstance(step, int) and step >= target else None
+
+    def _interrupt(self, inst, step: int, deadline: float) -> None:
+        record = InterruptionRecord(inst.instance_id, inst.az, step, time.time())
+        self.cloud.interrupt(inst.instance_id, "terminate", in_seconds=self.plan.notice_s)
+        self.interruptions.append(record)
+        self.timeline.append(TimelineEntry(record.notice_wall, "rehearsal",
+                                           f"spot notice posted to {inst.instance_id}: trainer at "
+                                           f"step {step}, termination in {self.plan.notice_s:g} s"))
+        log.info("notice_sent", instance_id=inst.instance_id, at_step=step)
+        self.say(f"spot interruption notice to {inst.instance_id} at training step {step} "
+                 f"(termination in {self.plan.notice_s:g} s)")
+        released = self._await(f"{inst.instance_id} to drain",
+                               lambda: self._drained_event(inst.instance_id), deadline)
+        # Unmounted now, and deleted only after the replacement's copy is verified: read the
+        # checkpoint the replacement must resume from, straight from the image.
+        try:
+            state = self._read_volume(released.get("volume_id"))
+            record.volume_after_drain = state.as_dict()
+            newest = state.newest
+            self.say(f"{inst.instance_id} drained in {released.get('drain_s')} s: the volume holds "
+                     f"checkpoint {newest.name if newest else None} at step "
+                     f"{newest.step if newest else None}; unmounted, snapshotted and released")
+        except VolumeReadError as exc:
+            record.volume_read_error = str(exc)
+            self.say(f"{inst.instance_id} drained, but its volume could not be read: {exc}")
+
+    def _read_volume(self, volume_id: str | None):
+        if not volume_id:
+            raise VolumeReadError("the agent's released event names no volume")
+        return read_volume_state(volume_id, self.cloud.dataplane.volume_path(volume_id))
+
+    def _read_final_volume(self, deadline: float) -> None:
+        """The job's one volume at the end, once its instance is gone and it is unmounted (an
+        ext4 image is only whole on disk after the unmount writes its journal back)."""
+        ec2 = self.cloud.moto_client("ec2")
+
+        def available():
+            volumes = ec2.describe_volumes(Filters=T.job_filters(self.plan.job_id))["Volumes"]
+            if len(volumes) == 1 and volumes[0]["State"] == "available":
+                return volumes[0]["VolumeId"]
+            return None
+        try:
+            volume_id = self._await("the job's volume to be detached", available,
+                                    min(deadline, time.monotonic() + 60))
+            self.final_volume = self._read_volume(volume_id).as_dict()
+        except (TimeoutError, VolumeReadError) as exc:
+            self.final_volume_error = str(exc)
 
     def _agent_events(self, instance_id: str) -> list[dict]:
         for boot in self.boots:
@@ -278,50 +343,8 @@ def _check_reachable(user: str, paths: list[Path]) -> None:
                     f"allow it (chmod o+x {directory}), or use --trainer-user root")
 
 
-def cmd_rehearse(args) -> int:
-    from spotrun import log as logmod
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logmod.configure(stream=open(out / "rehearsal.log", "w"))
-    narrate = None if args.quiet else (lambda message: print(f"rehearse: {message}", file=sys.stderr,
-                                                              flush=True))
-    plan = RehearsalPlan(out=Path(args.out), job_id=args.job, repository=args.repository or "",
-                         ref=args.ref, interrupt_at_steps=args.interrupt_at_step or [40],
-                         notice_s=args.notice_seconds, az_policy=args.az_policy,
-                         timeout_s=args.timeout, trainer_user=args.trainer_user)
-    if args.command:
-        plan.command = args.command
-    report = Rehearsal(plan, narrate=narrate).run()
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    table = format_report(report)
-    (out / "report.txt").write_text(table + "\n")
-    print(table)
-    ok = (report["fleet_state"] == "cancelled" and report["completed"]
-          and len(report["volumes_left"]) == 1)
-    return 0 if ok else 1
-
-
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "rehearse", help="run a whole spot job on the local spot cloud (the demo)",
-        description="Train on the local spot cloud with the real agent: notices at chosen steps, "
-                    "replacement in another AZ, migration, resume, completion, fleet cancelled.")
-    parser.add_argument("--out", default="demo-out", help="working directory and report location")
-    parser.add_argument("--job", default="rehearsal", help="job id")
-    parser.add_argument("--repository", help="your training code (git URL or file://); default: "
-                                             "the reference trainer on synthetic data")
-    parser.add_argument("--ref", default="main", help="git ref to run")
-    parser.add_argument("--command", nargs="+", help="trainer command (default: python train.py)")
-    parser.add_argument("--interrupt-at-step", type=int, action="append",
-                        help="send a spot notice when training reaches this global step (repeatable)")
-    parser.add_argument("--notice-seconds", type=float, default=20.0,
-                        help="time from notice to termination (AWS: 120; scaled down by default)")
-    parser.add_argument("--az-policy", default="round-robin",
-                        help="where replacements launch: random, round-robin, fixed:<az>")
-    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
-    parser.add_argument("--trainer-user", default="",
-                        help="user the trainer runs as (default: nobody, or root where nobody cannot "
-                             "reach the work directory or the interpreter; on AWS: trainer.user)")
-    parser.add_argument("--quiet", action="store_true", help="only the report")
-    parser.set_defaults(func=cmd_rehearse)
+    # The command's code is in rehearsal_cli (it imports this module).
+    from spotrun.rehearsal_cli import register as register_command
+
+    register_command(subparsers)

@@ -106,6 +106,18 @@ class EpochLog(keras.callbacks.Callback):
              **{k: round(float(v), 5) for k, v in (logs or {}).items()})
 
 
+class Pace(keras.callbacks.Callback):
+    """A fixed sleep after each step. The tiny model trains a step in milliseconds, faster than
+    the once-a-second progress file that a rehearsal watches to time its notice."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(self.seconds)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(prog="python -m spotrun_trainer.resnet_cifar",
@@ -125,12 +137,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
+    parser.add_argument("--step-seconds", type=float, default=0.0,
+                        help="sleep after each training step: paces the tiny model so that a "
+                             "demo's spot notice lands mid-epoch (the numbers do not change)")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if args.step_seconds < 0:
+        parser.error("--step-seconds must be >= 0")
     if args.lr is None:
         args.lr = 1e-4 if args.model == "resnet50" else 3e-3
     return args
@@ -163,9 +180,10 @@ def main(argv=None) -> int:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     _log("info", "training_start", model=args.model, epochs=args.epochs, samples=len(x_train),
          batch_size=args.batch_size, synthetic_data=is_synthetic(args.data_dir))
+    callbacks = [csv, EpochLog()] + ([Pace(args.step_seconds)] if args.step_seconds else [])
     try:
         spot.fit(model, x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-                 validation_data=(x_test, y_test), callbacks=[csv, EpochLog()],
+                 validation_data=(x_test, y_test), callbacks=callbacks,
                  verbose=args.verbose)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
