@@ -1,11 +1,12 @@
 """The smallest spot-safe Keras script: the two spotrun lines are marked.
 
-    python examples/quickstart/train.py          # run it, Ctrl-C or `kill -TERM` it, run it again
+    python examples/quickstart/train.py          # run it, `kill -TERM` it, run it again
 
 It checkpoints every 60 s and on SIGTERM (what the spotrun agent sends on a spot notice), then
 exits with status 75 ("stopped, not done"); a rerun continues at the step after the last
 checkpoint, with the same data order, and ends with the weights an uninterrupted run has.
 Without the agent, checkpoints go to ./spotrun-checkpoints (or $SPOTRUN_CHECKPOINT_DIR).
+Ctrl-C is no checkpoint: a rerun then resumes from the last timed one.
 """
 import os
 

@@ -6,10 +6,12 @@
 Trains a small MLP on fixed synthetic data, the same batches in the modes spot (``spot.fit``)
 and callbacks (``model.fit(batches, callbacks=[..., SpotCheckpoint(data=batches)])``);
 arrays is ``model.fit(x, y, shuffle=True, callbacks=[..., SpotCheckpoint()])``, backup Keras's
-BackupAndRestore. ``--sigterm-at-step K`` makes the process send itself a real SIGTERM after
+BackupAndRestore; the tfdata modes feed tf.data, through ``spot.fit`` or (tfdata-callbacks)
+``model.fit(dataset, callbacks=[..., SpotCheckpoint()])``. ``--sigterm-at-step K`` makes the process send itself a real SIGTERM after
 global step K (the kernel delivers it; the Python handler runs between bytecodes, as with the
 agent's signal). Appends, to RESULT.json, the steps this process trained; writes the final
-weights to RESULT.npz when training finishes, from code after ``fit``.
+weights to RESULT.npz when training finishes, from code after ``fit``, and prints a JSON line
+with the backend and the steps trained.
 ``--without-agent-package`` makes ``import spotrun`` fail, as where only the packaged trainer
 library is installed (the AMI's conda env).
 """
@@ -84,7 +86,8 @@ def main() -> int:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", default="spot", choices=[
-        "spot", "callbacks", "arrays", "backup", "tfdata", "tfdata-epochs", "tfdata-reshuffle"])
+        "spot", "callbacks", "arrays", "backup", "tfdata", "tfdata-epochs", "tfdata-reshuffle",
+        "tfdata-callbacks"])
     parser.add_argument("--sigterm-at-step", type=int)
     parser.add_argument("--every-steps", type=int, default=4)
     parser.add_argument("--async-save", action="store_true")
@@ -103,6 +106,9 @@ def main() -> int:
         batches = ResumableBatches(x, y, BATCH, seed=99)
         model.fit(batches, epochs=EPOCHS, shuffle=False, verbose=0,
                   callbacks=[recorder, SpotCheckpoint(args.ckpt, data=batches, **options)])
+    elif args.mode == "tfdata-callbacks":  # model.fit(dataset): the callback cannot position it
+        model.fit(tf_epoch(x, y, seed=99), epochs=EPOCHS, verbose=0,
+                  callbacks=[recorder, SpotCheckpoint(args.ckpt, **options)])
     elif args.mode.startswith("tfdata"):  # spot.fit fed by tf.data (tests/trainer/test_tfdata.py)
         from spotrun_trainer.tfdata import ResumableTFDataset
         source = {"tfdata": lambda: tf_epoch(x, y, seed=99),  # the same order every epoch
@@ -120,7 +126,7 @@ def main() -> int:
         model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=True,
                   callbacks=[backup, recorder], verbose=0)
     np.savez(result.with_suffix(".npz"), *[keras.ops.convert_to_numpy(v) for v in model.weights])
-    print(json.dumps({"done": True, "backend": keras.backend.backend(),
+    print(json.dumps({"done": True, "backend": keras.backend.backend(), "trained": recorder.trained,
                       "agent_package_loaded": "spotrun.log" in sys.modules}))
     return 0
 

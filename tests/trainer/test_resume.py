@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spotrun_trainer.protocol import COMPLETION_ENV, HELLO_ENV, STOPPED_EXIT_CODE
+from spotrun_trainer.protocol import COMPLETION_ENV, HELLO_ENV, STOPPED_EXIT_CODE, read_completion
 
 JOB = Path(__file__).with_name("keras_job.py")
 TOTAL_STEPS = 39
@@ -157,6 +157,37 @@ def test_callbacks_list_with_arrays_replays_the_interrupted_epoch_and_warns(tmp_
     assert any(prio == 6 and f["event"] == "training_resumed" for prio, f in events)
     assert any(prio == 6 and f["event"] == "checkpoint_saved" for prio, f in events)
     assert json.loads((tmp_path / "completed.json").read_text())["global_step"] == TOTAL_STEPS
+
+
+@pytest.mark.parametrize("mode", ["spot", "callbacks"])
+@pytest.mark.parametrize("ended_by", ["sigterm_after_the_last_step", "record_lost"])
+def test_a_restart_after_the_last_step_confirms_the_finish_without_training(
+        tmp_path, mode, ended_by, reference):
+    """The next boot confirms a real finish: with the final checkpoint present and no
+    completion record (the agent drained right at the end, so the trainer exited 75; or the
+    record was withdrawn or lost), a restart trains nothing, writes a fresh record, exits 0."""
+    from spotrun_trainer.store import CheckpointStore
+    env, record = protocol_env(tmp_path), tmp_path / "completed.json"
+    if ended_by == "record_lost":
+        run_job(tmp_path, "run", "jax", "--mode", mode, env=env)
+        record.unlink()
+    else:
+        run_job(tmp_path, "run", "jax", "--mode", mode, "--sigterm-at-step", str(TOTAL_STEPS),
+                expect_rc=STOPPED_EXIT_CODE, env=env)
+        assert not record.exists()
+    final = CheckpointStore(tmp_path / "run").latest_valid()
+    assert final.step == TOTAL_STEPS
+
+    started = time.time()
+    again = run_job(tmp_path, "run", "jax", "--mode", mode, env=env)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["trained"] == 0
+    fresh = read_completion(record, since=started)
+    assert fresh is not None, "no completion record written by the confirming run"
+    assert (fresh["global_step"], fresh["epoch"], fresh["checkpoint"]) == (
+        TOTAL_STEPS, 3, final.path.name)
+    assert CheckpointStore(tmp_path / "run").latest_valid().path == final.path  # no new save
+    for got, want in zip(final_weights(tmp_path, "run"), reference("jax")):
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
 
 
 @pytest.mark.slow

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from spotrun_trainer import SpotCheckpoint
+from spotrun_trainer.protocol import STOPPED_EXIT_CODE
 from spotrun_trainer.tfdata import ResumableTFDataset, is_dataset
-from tests.trainer.test_resume import (ATOL, TOTAL_STEPS, final_weights, interrupted_then_resumed,
-                                       run_job, steps_trained)
+from tests.trainer.test_resume import (ATOL, STEPS_PER_EPOCH, TOTAL_STEPS, final_weights,
+                                       interrupted_then_resumed, journal_events, protocol_env,
+                                       random_mid_epoch_step, run_job, steps_trained)
 
 
 def numbers(n=10):
@@ -101,6 +104,15 @@ def test_reshuffling_and_unseeded_shuffles_are_warned_about(warnings_logged):
     assert batches(numbers().shuffle(10, seed=3).batch(4)) == first
 
 
+@pytest.mark.parametrize("data", [numbers().batch(4), ResumableTFDataset(numbers().batch(4))])
+def test_a_tfdata_input_as_the_callbacks_data_is_refused_naming_spot_fit(tmp_path, data):
+    """Keras iterates a dataset given to model.fit through its own iterator, made before
+    on_train_begin: the callback cannot start it at a step, spot.fit can."""
+    with pytest.raises(TypeError, match=r"data must be the ResumableBatches .* tf\.data input "
+                                        r"resumes at the step through spot\.fit\(model, dataset"):
+        SpotCheckpoint(tmp_path, data=data)
+
+
 def test_is_dataset_needs_no_tensorflow_import():
     assert is_dataset(numbers()) and not is_dataset([1, 2]) and not is_dataset(np.arange(3))
 
@@ -115,6 +127,25 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mode):
     assert TOTAL_STEPS <= sum(runs) <= TOTAL_STEPS + 1, runs
     for got, want in zip(final_weights(tmp_path, "run"), final_weights(tmp_path, "ref")):
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_model_fit_with_a_dataset_replays_the_interrupted_epoch_and_says_how_many_steps(tmp_path):
+    """model.fit(dataset, callbacks=[..., SpotCheckpoint()]): restored at the epoch boundary,
+    the steps of the interrupted epoch trained again, the count in a warning."""
+    sigterm_at, epoch, in_epoch = random_mid_epoch_step()
+    env = protocol_env(tmp_path)
+    run_job(tmp_path, "run", "tensorflow", "--mode", "tfdata-callbacks", "--sigterm-at-step",
+            str(sigterm_at), expect_rc=STOPPED_EXIT_CODE, env=env)
+    second = run_job(tmp_path, "run", "tensorflow", "--mode", "tfdata-callbacks", env=env)
+    first_run, second_run = steps_trained(tmp_path, "run")
+    replayed = first_run - epoch * STEPS_PER_EPOCH
+    assert replayed in (in_epoch, in_epoch + 1)
+    assert second_run == TOTAL_STEPS - epoch * STEPS_PER_EPOCH  # its epoch whole, then the rest
+    (warning,) = [fields for prio, fields in journal_events(second.stderr)
+                  if fields["event"] == "training_resumed_at_epoch_start" and prio == 4]
+    assert warning["replayed_steps"] == replayed and warning["epoch"] == epoch
+    assert "tf.data.Dataset" in warning["how_to_avoid"]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 _LAZY = {
     "SpotCheckpoint": "callback",
-    "model_fingerprint": "callback",
+    "model_fingerprint": "modelstate",
     "ResumableBatches": "data",
     "ResumableTFDataset": "tfdata",
     "CheckpointStore": "store",

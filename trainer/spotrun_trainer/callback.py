@@ -23,7 +23,6 @@ the end, it writes the completion record the agent requires (protocol.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -37,8 +36,9 @@ from .data import ResumableBatches
 from .fitcontrol import UNSET, ShortEpoch, merge_history, restore_initial_epoch, start_fit_at_epoch
 from .lifecycle import TrainerLifecycle
 from .logs import log_event
+from .modelstate import model_fingerprint
 from .store import Checkpoint, CheckpointStore, IncompatibleCheckpoint
-from .tfdata import ResumableTFDataset, is_dataset
+from .tfdata import TFDATA_NOT_AS_DATA, ResumableTFDataset, is_dataset, resumable_input
 
 META_FILE = "training.json"
 DEFAULT_LOCAL_DIR = "spotrun-checkpoints"
@@ -52,26 +52,16 @@ class _StopRequested(BaseException):
     """Raised inside ``spot.fit`` after the SIGTERM checkpoint is durable, to skip validation."""
 
 
-def model_fingerprint(model: keras.Model) -> str:
-    """Identity of a model's state layout: variable shapes and dtypes, optimizer class.
-
-    Variable names are left out on purpose: Keras numbers layer names per process
-    (``dense_3``), so the same model built twice in one process would differ.
-    """
-    parts = [f"{tuple(v.shape)}:{v.dtype}" for v in model.variables]
-    optimizer = getattr(model, "optimizer", None)
-    parts.append(type(optimizer).__name__ if optimizer is not None else "no-optimizer")
-    return "keras3-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
 class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
     """Checkpoint on a time interval / every N steps / on SIGTERM (then stop) / on SIGUSR1.
 
     directory: defaults to ``$SPOTRUN_CHECKPOINT_DIR``, else ``./spotrun-checkpoints``.
-    data: the ResumableBatches given to ``model.fit``, so that a resume continues at the step.
+    data: the ResumableBatches given to ``model.fit``, so that a resume continues at the step
+    (a tf.data input cannot be positioned from a callback: ``spot.fit`` takes one).
     every_seconds: time between checkpoints (None: off). every_steps: steps between them.
-    keep: checkpoints kept. async_save: copy the state to host memory at the step boundary
-    and write it in a background thread. seed: the data order's seed for ``spot.fit``.
+    keep: checkpoints kept. async_save: capture the state at the step boundary (save_weights
+    to a local temporary file), then checksum, write and fsync it in a background thread.
+    seed: the data order's seed for ``spot.fit``.
     exit_on_stop: after the SIGTERM checkpoint, raise SystemExit(75) from ``fit`` so that
     code after it does not run; False: ``fit`` returns with ``stopped_by_signal`` set.
     """
@@ -87,7 +77,9 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {every_steps}")
         if data is not None and not isinstance(data, ResumableBatches):
-            raise TypeError(f"data must be the ResumableBatches given to fit, got {type(data).__name__}")
+            tfdata = is_dataset(data) or isinstance(data, ResumableTFDataset)
+            raise TypeError(f"data must be the ResumableBatches given to fit, got "
+                            f"{type(data).__name__}" + (TFDATA_NOT_AS_DATA if tfdata else ""))
         self.data = data
         self.every_seconds, self.every_steps = every_seconds, every_steps
         self.async_save, self.seed = async_save, int(seed)
@@ -131,7 +123,7 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
             raise IncompatibleCheckpoint(
                 f"{checkpoint.path}: saved with data order {meta['data']}, this run has "
                 f"{dataset.describe()}; resume would not see the same batches")
-        self._load_state(model, checkpoint)
+        modelstate.restore(model, checkpoint)  # also reads the older state.npz checkpoints
         steps = meta.get("steps_per_epoch") or 0
         self.epoch, self.step_in_epoch = checkpoint.epoch, checkpoint.step_in_epoch
         if steps and self.step_in_epoch >= steps:
@@ -154,22 +146,6 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
         if not model.optimizer.built:  # slots must exist to receive the saved values
             model.optimizer.build(model.trainable_variables)
 
-    # ------------------------------------------------------------ payload: the model's state
-    @staticmethod
-    def _capture_state(model: keras.Model) -> dict:
-        """At the step boundary, on the training thread: the state as checkpoint files
-        (``model.weights.h5``, which stock Keras loads, and the seed states; modelstate.py)."""
-        return modelstate.capture(model)
-
-    @staticmethod
-    def _state_files(captured: dict) -> dict:
-        """Possibly on the writer thread: the checkpoint files of a captured state."""
-        return dict(captured)
-
-    @staticmethod
-    def _load_state(model: keras.Model, checkpoint: Checkpoint) -> None:
-        modelstate.restore(model, checkpoint)  # also reads the older state.npz checkpoints
-
     # ------------------------------------------------------------ fit helper
     def fit(self, model: keras.Model, x=None, y=None, *, batch_size: int = 32, epochs: int = 1,
             callbacks: list | None = None, **fit_kwargs) -> keras.callbacks.History | None:
@@ -185,7 +161,7 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
         for owned in ("shuffle", "initial_epoch", "steps_per_epoch"):
             if owned in fit_kwargs:
                 raise TypeError(f"SpotCheckpoint.fit sets {owned!r} itself")
-        dataset = _resumable_input(x, y, batch_size, self.seed)
+        dataset = resumable_input(x, y, batch_size, self.seed)
         self.data, self._epochs = dataset, epochs
         # Last, so that the user's callbacks see a step before a SIGTERM stop cuts the epoch.
         all_callbacks = list(callbacks or []) + [self]
@@ -196,13 +172,13 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
             self.restore(model, dataset)
             if self.step_in_epoch and self.epoch < epochs:  # finish the interrupted epoch
                 dataset.set_position(self.epoch, self.step_in_epoch)
-                history = model.fit(**_fit_input(dataset, self.epoch + 1),
+                history = model.fit(**dataset.fit_input(self.epoch + 1),
                                     epochs=self.epoch + 1, initial_epoch=self.epoch,
                                     shuffle=False, callbacks=all_callbacks, **fit_kwargs)
             if self.epoch < epochs and not (self.stopped_by_signal or model.stop_training):
                 self._resume = (self.epoch, 0)
                 dataset.set_position(self.epoch, 0)
-                second = model.fit(**_fit_input(dataset, epochs), epochs=epochs,
+                second = model.fit(**dataset.fit_input(epochs), epochs=epochs,
                                    initial_epoch=self.epoch,
                                    shuffle=False, callbacks=all_callbacks, **fit_kwargs)
                 history = merge_history(history, second)
@@ -255,7 +231,8 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
             _log("warning", "training_resumed_at_epoch_start", epoch=epoch, replayed_steps=step,
                  checkpoint=self._last_checkpoint,
                  how_to_avoid="give fit a ResumableBatches and SpotCheckpoint(data=it), or "
-                              "use spot.fit(model, x, y, ...): both resume at the step")
+                              "use spot.fit(model, x, y, ...) (arrays or a tf.data.Dataset): "
+                              "both resume at the step")
             self.global_step -= step
             self.step_in_epoch, self._resume = 0, (epoch, 0)
             self._last_saved_step = None  # the replayed steps make a new state
@@ -374,7 +351,9 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
         started = time.perf_counter()
         self.wait_for_save()  # never two saves at once
         model = self.model
-        captured = self._capture_state(model)
+        # On the training thread, at the step boundary: model.weights.h5 (which stock Keras
+        # loads) and the seed states, as bytes (modelstate.py). The writer only stores them.
+        captured = modelstate.capture(model)
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "steps_per_epoch": self._steps_per_epoch(),
                 "optimizer_iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
@@ -387,7 +366,7 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
 
         def write():
             try:
-                files = self._state_files(captured)
+                files = dict(captured)
                 files[META_FILE] = json.dumps(meta, indent=1).encode()
                 saved = self.store.save(files, fingerprint=fingerprint, commit=self.commit,
                                         **position)
@@ -405,24 +384,6 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
         self.blocked_seconds.append(time.perf_counter() - started)
         if wait:
             self._raise_writer_error()
-
-
-def _resumable_input(x, y, batch_size: int, seed: int):
-    """What spot.fit can position: arrays become ResumableBatches, tf.data ResumableTFDataset."""
-    if isinstance(x, (ResumableBatches, ResumableTFDataset)):
-        return x
-    if is_dataset(x):
-        if y is not None:
-            raise TypeError("a tf.data.Dataset yields (x, y) batches itself: pass no y")
-        return ResumableTFDataset(x)
-    return ResumableBatches(x, y, batch_size, seed)
-
-
-def _fit_input(dataset, epochs: int) -> dict:
-    """model.fit's x (and steps_per_epoch) from the dataset's current position to ``epochs``."""
-    if isinstance(dataset, ResumableTFDataset):
-        return dataset.fit_input(epochs)
-    return {"x": dataset}
 
 
 __all__ = ["SpotCheckpoint", "ResumableBatches", "model_fingerprint"]

@@ -72,6 +72,11 @@ class ResumableBatches(keras.utils.PyDataset):
         self._cache = (epoch, order)
         return order
 
+    def fit_input(self, epochs: int) -> dict:
+        """``model.fit``'s input from the current position (as ``ResumableTFDataset``'s):
+        the sequence itself, whose epoch the callback sets as ``fit`` goes."""
+        return {"x": self}
+
     def describe(self) -> dict:
         """What a checkpoint records to check that resume sees the same data order."""
         return {"seed": self.seed, "shuffle": self.shuffle, "samples": self.samples,

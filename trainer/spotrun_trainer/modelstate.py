@@ -16,6 +16,7 @@ Checkpoints written before this format (``state.npz``, variables by position) st
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -29,6 +30,18 @@ WEIGHTS_FILE = "model.weights.h5"
 EXTRA_FILE = "model.extra.npz"
 LEGACY_FILE = "state.npz"
 _OPTIMIZER_COUNT = "optimizer_variables"
+
+
+def model_fingerprint(model: keras.Model) -> str:
+    """Identity of a model's state layout: variable shapes and dtypes, optimizer class.
+
+    Variable names are left out on purpose: Keras numbers layer names per process
+    (``dense_3``), so the same model built twice in one process would differ.
+    """
+    parts = [f"{tuple(v.shape)}:{v.dtype}" for v in model.variables]
+    optimizer = getattr(model, "optimizer", None)
+    parts.append(type(optimizer).__name__ if optimizer is not None else "no-optimizer")
+    return "keras3-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def capture(model: keras.Model, tmp_dir: str | os.PathLike | None = None) -> dict[str, bytes]:

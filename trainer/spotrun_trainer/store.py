@@ -6,7 +6,7 @@ the volume's latest checkpoint and read the training progress.
 Layout under the checkpoint directory (``$SPOTRUN_CHECKPOINT_DIR``)::
 
     spotrun/ckpt-000000000007/        one directory per checkpoint, named by its save sequence
-        weights.npz ...               payload files, written and fsynced first
+        model.weights.h5 ...          payload files (the callback's), written and fsynced first
         manifest.json                 written last: format, fingerprint, sequence, step, sha256s
     spotrun/corrupt/ckpt-000000000006/  a checkpoint that failed verification, moved aside
     spotrun/.tmp-ckpt-...             a save in progress (or a crashed one, removed on next save)
@@ -62,12 +62,6 @@ FaultHook = Callable[[str], None]
 SAVE_POINTS = ("tmp_created", "during_file", "after_files", "during_manifest",
                "after_manifest", "before_rename", "after_rename", "before_prune",
                "during_prune", "saved")
-
-
-def _log(level: str, event: str, component: str = "trainer.store", **fields: Any) -> None:
-    # Kept for callback.py and resnet_cifar.py, which still import it; their component names
-    # carry a "trainer." prefix that the logger name (spotrun_trainer.<component>) already says.
-    log_event(level, event, component=component.removeprefix("trainer."), **fields)
 
 
 class CheckpointError(Exception):
@@ -263,7 +257,8 @@ class CheckpointStore:
                 raise
             except CorruptCheckpoint as exc:
                 if not (quarantine and self._quarantine(candidate.path, str(exc))):
-                    _log("warning", "checkpoint_corrupt", path=str(candidate.path), reason=str(exc))
+                    log_event("warning", "checkpoint_corrupt", component="store",
+                              path=str(candidate.path), reason=str(exc))
                 continue
             found = checkpoint.manifest.get("fingerprint")
             if fingerprint is not None and found != fingerprint:
@@ -288,10 +283,11 @@ class CheckpointStore:
             _fsync_dir(self.root)
         except OSError as exc:
             if path.exists():
-                _log("warning", "checkpoint_quarantine_failed", path=str(path), error=str(exc))
+                log_event("warning", "checkpoint_quarantine_failed", component="store",
+                          path=str(path), error=str(exc))
                 return None
-        _log("warning", "checkpoint_quarantined", path=str(path), moved_to=str(target),
-             reason=reason)
+        log_event("warning", "checkpoint_quarantined", component="store", path=str(path),
+                  moved_to=str(target), reason=reason)
         return target
 
     def cleanup_temporaries(self) -> list[Path]:
@@ -303,7 +299,8 @@ class CheckpointStore:
                     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
                     removed.append(entry)
         if removed:
-            _log("info", "checkpoint_temporaries_removed", paths=[str(p) for p in removed])
+            log_event("info", "checkpoint_temporaries_removed", component="store",
+                      paths=[str(p) for p in removed])
         return removed
 
     def _next_sequence(self) -> int:
@@ -360,7 +357,8 @@ class CheckpointStore:
             kept = next((c.path.name for c in reversed(self.list()) if c.path != final
                          and not self._broken(c.path)), "none")
             reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-            _log("error", "checkpoint_save_failed", path=str(final), reason=reason, kept=kept)
+            log_event("error", "checkpoint_save_failed", component="store", path=str(final),
+                      reason=reason, kept=kept)
             raise CheckpointWriteError(
                 f"could not write checkpoint {final}: {reason} ({exc}); the previous "
                 f"checkpoint ({kept}) is intact") from exc
@@ -370,9 +368,9 @@ class CheckpointStore:
         self._fault("before_prune")
         self._prune(final)
         self._fault("saved")
-        _log("info", "checkpoint_saved", path=str(final), sequence=sequence, step=int(step),
-             epoch=int(epoch), step_in_epoch=int(step_in_epoch),
-             seconds=round(time.monotonic() - started, 3))
+        log_event("info", "checkpoint_saved", component="store", path=str(final),
+                  sequence=sequence, step=int(step), epoch=int(epoch),
+                  step_in_epoch=int(step_in_epoch), seconds=round(time.monotonic() - started, 3))
         return Checkpoint(final, manifest)
 
     def _write_file(self, path: Path, payload: Payload) -> dict:

@@ -35,6 +35,13 @@ from typing import Any
 
 from .logs import log_event
 
+# Why SpotCheckpoint(data=...) takes no tf.data input: Keras iterates a dataset given to
+# model.fit through its own iterator, made before any callback runs, so a callback cannot start
+# it at a step. spot.fit builds the input of each of its fits itself.
+TFDATA_NOT_AS_DATA = ("; a tf.data input resumes at the step through spot.fit(model, dataset, "
+                      "epochs=...), not model.fit (there SpotCheckpoint() without data replays "
+                      "the interrupted epoch)")
+
 _SHUFFLE_OPS = ("ShuffleDataset", "ShuffleDatasetV2", "ShuffleDatasetV3",
                 "ShuffleAndRepeatDataset", "ShuffleAndRepeatDatasetV2")
 
@@ -133,6 +140,20 @@ class ResumableTFDataset:
         return self.steps_per_epoch - self.start_step
 
 
+def resumable_input(x, y, batch_size: int, seed: int):
+    """What ``SpotCheckpoint.fit`` can position, from its ``x, y``: arrays become a
+    ResumableBatches (order from ``seed``), a ``tf.data.Dataset`` a ResumableTFDataset; either
+    kind given as is is kept. Both have ``set_position`` and ``fit_input``."""
+    from .data import ResumableBatches  # Keras; tfdata itself needs only TensorFlow, lazily
+    if isinstance(x, (ResumableBatches, ResumableTFDataset)):
+        return x
+    if is_dataset(x):
+        if y is not None:
+            raise TypeError("a tf.data.Dataset yields (x, y) batches itself: pass no y")
+        return ResumableTFDataset(x)
+    return ResumableBatches(x, y, batch_size, seed)
+
+
 def _tf():
     import tensorflow as tf
     return tf
@@ -196,4 +217,4 @@ def _top_level_nodes(dataset):
     return [(node, consts) for node in graph.node]
 
 
-__all__ = ["ResumableTFDataset", "is_dataset"]
+__all__ = ["ResumableTFDataset", "is_dataset", "resumable_input"]
