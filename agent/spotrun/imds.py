@@ -3,9 +3,12 @@
 Only this module speaks HTTP to instance metadata. The rules it keeps:
 
 - IMDSv2 (session token) by default; IMDSv1 only when ``allow_imdsv1`` and the token
-  endpoint is absent (404/405), as on old IMDSv1-only setups.
-- The token is cached for its TTL and refreshed shortly before expiry and after a 401
-  (the service restarted, or the token was revoked).
+  endpoint is absent (404/405), as on old IMDSv1-only setups. That is not for good: the
+  token is asked for again every ``V1_RECHECK_S`` and at once after a 401 (the instance was
+  switched to "tokens required"), and the first token goes back to IMDSv2.
+- The token is cached for the TTL the service granted (it may grant less than asked) and
+  refreshed shortly before that expires and after a 401 (the service restarted, or the
+  token was revoked).
 - A 403 or other 4xx on the token PUT is a configuration problem, not an outage
   (hop limit too low for a container, an ``X-Forwarded-For`` header added by a proxy):
   it fails at once with :class:`MetadataError`.
@@ -43,6 +46,8 @@ MAX_TOKEN_TTL_S = 21600
 # many agents restarted together do not hammer a recovering service in lockstep.
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
+# In IMDSv1 fallback, how often the token endpoint is tried again.
+V1_RECHECK_S = 60.0
 
 def log():
     # Looked up at each use, so that spotrun.log.configure() later (e.g. a test's stream) applies.
@@ -128,7 +133,9 @@ class MetadataClient:
         self._lock = threading.Lock()
         self._token: str | None = None
         self._token_expires = 0.0
+        self._token_granted_s = float(self.token_ttl_s)
         self._v1_mode = False
+        self._v1_recheck_at = 0.0
 
     @classmethod
     def from_config(cls, cfg: "MetadataConfig", **kwargs) -> "MetadataClient":
@@ -241,7 +248,10 @@ class MetadataClient:
             return None
         if status == 401:
             # Expired or revoked token (or the service restarted): a fresh one next attempt.
+            # Without a token (IMDSv1 fallback) the service now wants one: ask at once.
             self.invalidate_token()
+            with self._lock:
+                self._v1_recheck_at = 0.0
             raise _Retry("401 Unauthorized (token refreshed)", unauthorized=True)
         if status >= 500 or status == 429:
             raise _Retry(f"HTTP {status}")
@@ -250,10 +260,17 @@ class MetadataClient:
     def _current_token(self, path: str, remaining: float) -> str | None:
         with self._lock:
             if self._v1_mode:
-                return None
+                if self._clock() < self._v1_recheck_at:
+                    return None
+                try:
+                    return self._fetch_token(path, remaining)
+                except (_Retry, MetadataError):
+                    # The token endpoint still does not serve us; IMDSv1 keeps working.
+                    self._v1_recheck_at = self._clock() + V1_RECHECK_S
+                    return None
             # Refresh a little before expiry so a request never carries a token that
-            # expires in flight: a tenth of the TTL, at most a minute.
-            margin = min(60.0, self.token_ttl_s / 10)
+            # expires in flight: a tenth of the TTL granted, at most a minute.
+            margin = min(60.0, self._token_granted_s / 10)
             if self._token is not None and self._clock() < self._token_expires - margin:
                 return self._token
             return self._fetch_token(path, remaining)
@@ -275,12 +292,19 @@ class MetadataClient:
             except ValueError:
                 pass
             self._token_expires = requested_at + ttl
+            self._token_granted_s = float(max(ttl, 1))
             log().info("imds_token_acquired", ttl_s=ttl)
+            if self._v1_mode:
+                self._v1_mode = False
+                log().warning("imds_v2_restored", endpoint=self.endpoint)
             return self._token
         if status in (404, 405) and self.allow_imdsv1:
+            if not self._v1_mode:
+                log().warning("imds_v1_fallback", endpoint=self.endpoint, status=status,
+                              reason="token endpoint absent; allow_imdsv1 is on",
+                              recheck_s=V1_RECHECK_S)
             self._v1_mode = True
-            log().warning("imds_v1_fallback", endpoint=self.endpoint, status=status,
-                        reason="token endpoint absent; allow_imdsv1 is on")
+            self._v1_recheck_at = self._clock() + V1_RECHECK_S
             return None
         if status >= 500 or status == 429 or status == 200:  # 200 here: an empty token
             raise _Retry(f"token PUT: HTTP {status}" + (" with an empty token" if status == 200 else ""))

@@ -29,6 +29,8 @@ from spotrun import tags as T
 from spotrun.config import Config
 from spotrun.crashpoints import pausepoint
 from spotrun.log import bind, get_logger
+from spotrun.maintenance import MaintenanceDue, MaintenancePlan, called_off
+from spotrun.monitor import Maintenance, Rebalance, SpotNotice
 from spotrun.notify import Notifier
 from spotrun.phases import ALLOWED, NEXT, Phase, TransitionError  # noqa: F401 - re-exported
 from spotrun.progress import PROGRESS_FILE
@@ -92,6 +94,8 @@ class Lifecycle:
         self.volume_id: str | None = None
         self.commit: str | None = None
         self.supervisor: Supervisor | None = None
+        self.maintenance: MaintenancePlan | None = None
+        self._drained_for: str | None = None  # the scheduled event the last drain was for
         self.interruptions = 0
         self._last_tags = 0.0
         self._stop_event = threading.Event()
@@ -247,18 +251,31 @@ class Lifecycle:
         if self._stop_event.is_set():  # the agent was signalled before training began
             self.supervisor.note_agent_stopping()
         monitor = self._monitor_factory(self.events.put)
+        lead = self.config.agent.maintenance_lead_s
+        self.maintenance, self._drained_for = MaintenancePlan(self.events.put, lead), None
         log.info("resume_point", **self.latest_checkpoint())
         self.transition(Phase.TRAINING)
         self.supervisor.start()
         monitor.start()
         try:
-            return self._training_loop()
+            code = self._training_loop()
+            # Drained for scheduled maintenance: never wait for a termination that was called off.
+            resume = self._drained_for is not None and called_off(
+                self.events, self._drained_for, lead, self._stop_event,
+                tick=lambda: self.notifier.status(self.status_line()))
         finally:
+            self.maintenance.close()
             monitor.stop()
+        return self._resume() if resume else code
+
+    def _resume(self) -> int:
+        """The maintenance drained for was called off: take the volume back and train on."""
+        self.transition(Phase.ACQUIRING, resumed_after=self.phase.value)
+        self.volume_id = self.volumes.acquire().volume_id
+        self.transition(Phase.CHECKING_OUT, commit=self.commit)  # checked out already
+        return self.train()
 
     def _training_loop(self) -> int:
-        from spotrun.monitor import Maintenance, Rebalance, SpotNotice
-
         while True:
             try:
                 event = self.events.get(timeout=STATUS_INTERVAL_S)
@@ -276,8 +293,14 @@ class Lifecycle:
                 # SIGUSR1 only to a trainer that asked for it: it kills a script without a handler.
                 log.warning("rebalance_recommendation", notice_time=str(event.notice_time),
                             checkpoint_requested=self.supervisor.checkpoint_now())
-            elif isinstance(event, Maintenance):
-                self._schedule_maintenance(event)
+            elif isinstance(event, Maintenance):  # armed, moved or disarmed by its code and state
+                self.maintenance.update(event)
+            elif isinstance(event, MaintenanceDue):
+                if self.maintenance.is_current(event):  # not canceled or moved since it fired
+                    log.warning("maintenance_due", event_id=event.event_id, code=event.action,
+                                not_before=_iso(event.time))
+                    self._drained_for = event.event_id
+                    return self.drain(event.action, event.time, keep_volume=event.keep_volume)
             elif isinstance(event, SpotNotice):
                 log.warning("interruption_notice", action=event.action, time=_iso(event.time))
                 return self.drain(event.action, event.time)
@@ -288,19 +311,6 @@ class Lifecycle:
             elif isinstance(event, SupervisorDone):
                 return self._trainer_done(event.result)
 
-    def _schedule_maintenance(self, event) -> None:
-        """Scheduled maintenance: like a notice whose time is the event's NotBefore."""
-        from spotrun.monitor import SpotNotice
-
-        lead = self.config.agent.maintenance_lead_s
-        delay = max(0.0, (event.not_before - _utcnow()).total_seconds() - lead)
-        log.warning("maintenance_scheduled", code=event.code, not_before=_iso(event.not_before),
-                    drain_in_s=round(delay, 1))
-        timer = threading.Timer(delay, self.events.put,
-                                args=(SpotNotice(action="terminate", time=event.not_before),))
-        timer.daemon = True
-        timer.start()
-
     # -- endings --------------------------------------------------------------------------
 
     def _trainer_done(self, result: SupervisorResult) -> int:
@@ -310,13 +320,17 @@ class Lifecycle:
             return self.drain("trainer-stopped", _utcnow().timestamp())
         return self.fail(result)
 
-    def drain(self, action: str, notice_time: datetime | float) -> int:
-        """Checkpoint and stop the trainer inside the notice, then hand the volume on."""
+    def drain(self, action: str, notice_time: datetime | float, *, keep_volume: bool | None = None) -> int:
+        """Checkpoint and stop the trainer inside the notice, then hand the volume on, or keep
+        it attached (``keep_volume``; by default for a stop or hibernate notice)."""
         when = notice_time if isinstance(notice_time, datetime) else datetime.fromtimestamp(
             notice_time, timezone.utc)
         reserve = self.config.trainer.drain_reserve_s
         trainer_s = max(MIN_TRAINER_DRAIN_S, (when - _utcnow()).total_seconds() - reserve)
         self.interruptions += 1
+        # SIGTERM first: the phase's bookkeeping (state file, a tag call to EC2) must not
+        # come out of the trainer's share of the notice.
+        self.supervisor.request_stop()
         self.transition(Phase.DRAINING, action=action, notice_time=_iso(when),
                         trainer_budget_s=round(trainer_s, 1))
         started = self.clock()
@@ -327,8 +341,8 @@ class Lifecycle:
                  **self.latest_checkpoint())
         self._record_tags({T.INTERRUPTIONS: self._interruptions_total(),
                            **({T.PROGRESS: progressmod.progress_tag(progress)} if progress else {})}, force=True)
-        if action in ("stop", "hibernate"):
-            self.volumes.unmount_in_place()  # a stopped instance keeps its EBS volumes
+        if action in ("stop", "hibernate") if keep_volume is None else keep_volume:
+            self.volumes.unmount_in_place()  # a stopped or rebooted instance keeps its EBS volumes
             self.transition(Phase.STOPPED)
         else:
             self.volumes.release()

@@ -42,7 +42,9 @@ ALLOWED = {
     Phase.TRAINING: {Phase.DRAINING, Phase.FINISHING, Phase.FAILED},
     Phase.DRAINING: {Phase.RELEASED, Phase.STOPPED},
     Phase.FINISHING: {Phase.DONE},
-    Phase.RELEASED: set(), Phase.STOPPED: set(), Phase.DONE: set(), Phase.FAILED: set(),
+    # Drained for scheduled maintenance that was then called off: take the volume back.
+    Phase.RELEASED: {Phase.ACQUIRING}, Phase.STOPPED: {Phase.ACQUIRING},
+    Phase.DONE: set(), Phase.FAILED: set(),
 }
 
 

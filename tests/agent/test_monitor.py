@@ -101,6 +101,9 @@ def test_outage_then_notice_is_acted_on_within_one_poll_interval(imds, running, 
     assert event.action == "terminate"
     # Within one poll interval of metadata returning (plus connection/retry slack).
     assert time.monotonic() - back < POLL + 0.7
+    while monitor.in_outage:  # over once every path (each on its own schedule) has answered
+        assert time.monotonic() < deadline, "the monitor never saw the outage end"
+        time.sleep(0.01)
     logged = capsys.readouterr().out
     assert logged.count('"metadata_outage_started"') == 1  # once per outage, not per poll
     assert logged.count('"metadata_outage_ended"') == 1

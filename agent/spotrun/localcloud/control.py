@@ -11,8 +11,10 @@ clients of it (:class:`ControlClient`).
     POST /instances/<id>/interrupt           {"action", "in_seconds"}
     POST /instances/<id>/rebalance           {}
     POST /instances/<id>/maintenance         {"code", "in_seconds", "duration_s", "description"}
+    POST /instances/<id>/maintenance/<event> {"action": "cancel"|"complete"|"reschedule",
+                                              "listed", "in_seconds", "duration_s"}
     POST /instances/<id>/terminate           {}
-    POST /instances/<id>/imds-fault          {"kind", "duration_s", "delay_s"}
+    POST /instances/<id>/imds-fault          {"kind", "duration_s", "delay_s", "path"}
     POST /ec2-faults                         {"throttle", "server_error", "performed_then_5xx", "seed"}
     POST /fleets                             {"target_capacity", "az_policy", "instance_type", "tags", "run"}
     POST /down                               stop the cloud
@@ -109,6 +111,10 @@ class ControlServer:
             return self._launch(body)
         if path == "/fleets":
             return self._fleet(body)
+        event = re.fullmatch(r"/instances/(i-[0-9a-f]+)/maintenance/([A-Za-z0-9-]+)", path)
+        if event:
+            self._running_instance(event.group(1))
+            return self._maintenance_event(*event.groups(), body)
         match = re.fullmatch(r"/instances/(i-[0-9a-f]+)/([a-z-]+)", path)
         if not match:
             raise NotFound(f"no such endpoint: POST {path}")
@@ -128,7 +134,7 @@ class ControlServer:
             end = start + timedelta(seconds=_number(body, "duration_s", 1800.0))
             event_id = cloud.schedule_maintenance(
                 instance_id, code=body.get("code", "system-reboot"), not_before=start,
-                not_after=end, description=body.get("description", "scheduled reboot"))
+                not_after=end, description=body.get("description"))  # None: the code's own
             return {"instance_id": instance_id, "event_id": event_id}
         if verb == "terminate":
             cloud.terminate(instance_id)
@@ -137,9 +143,36 @@ class ControlServer:
             kind = body.get("kind")
             duration = _number(body, "duration_s", None, minimum=0.001)
             delay = _number(body, "delay_s", 3.0)
-            cloud.imds_fault(instance_id, kind, duration_s=duration, delay_s=delay)
-            return {"instance_id": instance_id, "kind": kind, "duration_s": duration}
+            aimed = body.get("path")
+            if aimed is not None and not isinstance(aimed, str):
+                raise BadRequest(f"path: must be a metadata path, got {aimed!r}")
+            cloud.imds_fault(instance_id, kind, duration_s=duration, delay_s=delay,
+                             **({"path": aimed} if aimed else {}))
+            return {"instance_id": instance_id, "kind": kind, "duration_s": duration, "path": aimed}
         raise NotFound(f"no such instance action: {verb}")
+
+    def _maintenance_event(self, instance_id: str, event_id: str, body: dict) -> dict:
+        """Cancel, complete or reschedule a scheduled event, as AWS does to it."""
+        metadata = self.cloud.instances[instance_id].metadata
+        if metadata is None:
+            raise Conflict(f"{instance_id} has no metadata service")
+        action, listed = body.get("action"), body.get("listed", False)
+        if not isinstance(listed, bool):
+            raise BadRequest(f"listed: must be true or false, got {listed!r}")
+        try:
+            if action == "cancel":
+                metadata.cancel_maintenance(event_id, listed=listed)
+            elif action == "complete":
+                metadata.complete_maintenance(event_id, listed=listed)
+            elif action == "reschedule":
+                start = datetime.now(timezone.utc) + timedelta(seconds=_number(body, "in_seconds", 3600.0))
+                metadata.reschedule_maintenance(
+                    event_id, start, start + timedelta(seconds=_number(body, "duration_s", 1800.0)))
+            else:
+                raise BadRequest(f"action: must be cancel, complete or reschedule, got {action!r}")
+        except KeyError as exc:
+            raise NotFound(str(exc.args[0])) from None
+        return {"instance_id": instance_id, "event_id": event_id, "action": action}
 
     def _running_instance(self, instance_id: str) -> None:
         instance = self.cloud.instances.get(instance_id)
@@ -154,9 +187,14 @@ class ControlServer:
         if not isinstance(performed, dict):
             raise BadRequest("performed_then_5xx: must map an EC2 action to a rate")
         seed = body.get("seed")
-        self.cloud.ec2_faults(throttle=rates["throttle"], server_error=rates["server_error"],
-                              performed_then_5xx=performed, seed=seed)
-        return {**rates, "performed_then_5xx": performed, "seed": seed}
+        extra = {name: _number(body, name, 0.0)
+                 for name in ("attach_incorrect_state", "not_found_after_create_s")}
+        try:
+            self.cloud.ec2_faults(throttle=rates["throttle"], server_error=rates["server_error"],
+                                  performed_then_5xx=performed, seed=seed, **extra)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return {**rates, **extra, "performed_then_5xx": performed, "seed": seed}
 
     def _launch(self, body: dict) -> dict:
         cloud = self.cloud

@@ -14,6 +14,7 @@ network interfaces, block-device-mapping; only the paths the agent and users nee
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -25,6 +26,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from spotrun.localcloud.httpserver import LocalHTTPServer
+from spotrun.localcloud.imdsevents import (EVENT_CODES, ScheduledEvents,  # noqa: F401
+                                           maintenance_time)
 # The wire protocol lives in imdshttp; its names are part of this module's interface.
 from spotrun.localcloud.imdshttp import (MAX_TTL, MIN_TTL, TOKEN_HEADER, TTL_HEADER,  # noqa: F401
                                          VERSIONED, MetadataHandler)
@@ -32,6 +35,8 @@ from spotrun.log import get_logger
 
 ACTIONS = ("terminate", "stop", "hibernate")
 FAULT_KINDS = ("5xx", "slow", "refused", "401", "malformed")
+# Faults that can be aimed at one path (the others answer normally).
+PATH_FAULT_KINDS = ("5xx", "slow")
 # Characters AWS allows in tag keys exposed in metadata (no spaces, no "/").
 _TAG_KEY_OK = re.compile(r"^[A-Za-z0-9+\-=._:@]+$")
 
@@ -87,11 +92,6 @@ def iso_z(when: datetime) -> str:
     return _utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def maintenance_time(when: datetime) -> str:
-    """AWS's scheduled-events format: ``21 Jan 2019 09:00:43 GMT``."""
-    return _utc(when).strftime("%d %b %Y %H:%M:%S GMT")
-
-
 class _Json(str):
     """A leaf served as JSON (the ``malformed`` fault truncates these)."""
 
@@ -116,9 +116,15 @@ class MetadataServer:
         self._tokens: dict[str, float] = {}  # token -> expiry on self._clock
         self._notice: tuple[str, datetime] | None = None
         self._rebalance: datetime | None = None
-        self._scheduled: list[dict[str, str]] = []
-        self._history: list[dict[str, str]] = []
-        self._faults: dict[str, tuple[float | None, float]] = {}  # kind -> (until, delay_s)
+        self.maintenance = ScheduledEvents()
+        # kind, or "kind@path" for a fault aimed at one path -> (until, delay_s)
+        self._faults: dict[str, tuple[float | None, float]] = {}
+        # The service may grant a shorter token TTL than asked for (None: as asked);
+        # without a token endpoint (False) it is an IMDSv1-only service: PUT is 404.
+        self.token_ttl_cap: int | None = None
+        self.token_endpoint = True
+        self.gets: collections.Counter[str] = collections.Counter()  # path -> GETs answered
+        self.token_puts = 0
         self._served_once: set[str] = set()
         self._httpd: LocalHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -208,47 +214,65 @@ class MetadataServer:
 
     def schedule_maintenance(self, code: str = "system-reboot", not_before: datetime | None = None,
                              not_after: datetime | None = None,
-                             description: str = "scheduled reboot",
+                             description: str | None = None,
                              event_id: str | None = None) -> str:
-        now = datetime.now(timezone.utc)
-        not_before = _utc(not_before or now)
-        not_after = _utc(not_after or not_before)
-        if not_after < not_before:
-            raise ValueError("not_after is before not_before")
-        event_id = event_id or f"instance-event-{secrets.token_hex(9)[:17]}"
-        entry = {"NotBefore": maintenance_time(not_before), "Code": code,
-                 "Description": description, "EventId": event_id,
-                 "NotAfter": maintenance_time(not_after), "State": "active"}
+        entry = self.maintenance.add(code, not_before, not_after, description, event_id)
+        self._maintenance_changed("maintenance_scheduled", entry)
+        return entry["EventId"]
+
+    def reschedule_maintenance(self, event_id: str, not_before: datetime,
+                               not_after: datetime | None = None) -> None:
+        """The same event (same EventId) at a new time, as AWS reschedules it."""
+        self._maintenance_changed("maintenance_rescheduled",
+                                  self.maintenance.reschedule(event_id, not_before, not_after))
+
+    def cancel_maintenance(self, event_id: str, listed: bool = False) -> None:
+        """Canceled: into the history, ``[Canceled]``; ``listed``: also still in the scheduled list."""
+        self._maintenance_changed("maintenance_canceled",
+                                  self.maintenance.end(event_id, "canceled", listed))
+
+    def complete_maintenance(self, event_id: str, listed: bool = False) -> None:
+        self._maintenance_changed("maintenance_completed",
+                                  self.maintenance.end(event_id, "completed", listed))
+
+    def _maintenance_changed(self, event: str, entry: dict[str, str]) -> None:
         with self._lock:
-            self._scheduled.append(entry)
             self._served_once.discard("maintenance")
-        self._record("maintenance_scheduled", code=code, event_id=event_id,
+        self._record(event, code=entry["Code"], event_id=entry["EventId"], state=entry["State"],
                      not_before=entry["NotBefore"], not_after=entry["NotAfter"])
-        return event_id
 
     def clear_notices(self) -> None:
         with self._lock:
             self._notice = None
             self._rebalance = None
-            self._history.extend({**e, "State": "canceled"} for e in self._scheduled)
-            self._scheduled = []
+        self.maintenance.cancel_all()
         self._record("notices_cleared")
 
-    def fault(self, kind: str, duration_s: float | None = None, delay_s: float = 3.0) -> None:
-        """Inject a fault for ``duration_s`` seconds (``None``: until :meth:`clear_faults`)."""
+    def fault(self, kind: str, duration_s: float | None = None, delay_s: float = 3.0,
+              path: str | None = None) -> None:
+        """Inject a fault for ``duration_s`` seconds (``None``: until :meth:`clear_faults`);
+        ``path`` (e.g. ``meta-data/events/maintenance/scheduled``): only GETs of that path."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"fault kind must be one of {', '.join(FAULT_KINDS)}, not {kind!r}")
         if duration_s is not None and duration_s <= 0:
             raise ValueError("duration_s must be positive")
+        if path is not None:
+            if kind not in PATH_FAULT_KINDS:
+                raise ValueError(f"only {', '.join(PATH_FAULT_KINDS)} faults can be aimed at a path")
+            path = path.strip("/").removeprefix("latest/")
+            if not path:
+                raise ValueError("path must name a metadata path")
+        key = kind if path is None else f"{kind}@{path}"
         until = None if duration_s is None else time.monotonic() + duration_s
         with self._lock:
-            self._faults[kind] = (until, delay_s)
+            self._faults[key] = (until, delay_s)
         self._record("imds_fault_started", kind=kind, duration_s=duration_s,
-                     **({"delay_s": delay_s} if kind == "slow" else {}))
-        if kind == "refused":
+                     **({"delay_s": delay_s} if kind == "slow" else {}),
+                     **({"path": path} if path else {}))
+        if key == "refused":
             self._unlisten()
         if duration_s is not None:
-            timer = threading.Timer(duration_s, self._end_fault, args=(kind, until))
+            timer = threading.Timer(duration_s, self._end_fault, args=(key, until))
             timer.daemon = True
             with self._lock:
                 self._timers.append(timer)
@@ -279,7 +303,7 @@ class MetadataServer:
                     "faults": sorted(self._faults),
                     "notice": {"action": notice[0], "time": iso_z(notice[1])} if notice else None,
                     "rebalance": iso_z(rebalance) if rebalance else None,
-                    "maintenance": [e["EventId"] for e in self._scheduled]}
+                    "maintenance": self.maintenance.active_ids()}
 
     def active_faults(self) -> list[str]:
         with self._lock:
@@ -288,6 +312,13 @@ class MetadataServer:
     def _fault(self, kind: str) -> tuple[float | None, float] | None:
         with self._lock:
             return self._faults.get(kind)
+
+    def _path_fault(self, kind: str, request_path: str) -> tuple[float | None, float] | None:
+        """The fault of ``kind`` aimed at this request's path (``/latest/<path>``), if any."""
+        match = VERSIONED.match(request_path)
+        path = (match.group(2) or "").strip("/") if match else ""
+        with self._lock:
+            return self._faults.get(f"{kind}@{path}") if path else None
 
     def _record(self, event: str, **fields: Any) -> None:
         entry = {"at": datetime.now(timezone.utc).isoformat(), "event": event,
@@ -319,7 +350,7 @@ class MetadataServer:
         md = self.md
         with self._lock:
             notice, rebalance = self._notice, self._rebalance
-            scheduled, history = list(self._scheduled), list(self._history)
+        scheduled, history = self.maintenance.lists()
         meta: dict[str, Any] = {
             "ami-id": md.ami_id,
             "hostname": _hostname(md),

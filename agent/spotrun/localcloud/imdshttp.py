@@ -55,10 +55,13 @@ class MetadataHandler(BaseHTTPRequestHandler):
     def _faulted(self) -> bool:
         imds = self.imds
         imds.requests += 1
-        slow = imds._fault("slow")
+        path = self.path.split("?", 1)[0]
+        # A fault aimed at one path bites only there (a GET's path; never the token PUT).
+        aimed = self.command in ("GET", "HEAD")
+        slow = imds._fault("slow") or (aimed and imds._path_fault("slow", path))
         if slow:
             imds._stopping.wait(slow[1])
-        if imds._fault("5xx"):
+        if imds._fault("5xx") or (aimed and imds._path_fault("5xx", path)):
             self._send(500)
             return True
         return False
@@ -70,6 +73,11 @@ class MetadataHandler(BaseHTTPRequestHandler):
         if not re.match(r"^/(latest|\d{4}-\d{2}-\d{2})/api/token/?$", path):
             self._send(405 if VERSIONED.match(path) else 404)
             return
+        imds = self.imds
+        imds.token_puts += 1
+        if not imds.token_endpoint:  # an IMDSv1-only service has no token endpoint
+            self._send(404)
+            return
         if self.headers.get("X-Forwarded-For") is not None:
             # Documented: IMDS refuses token PUTs that went through a proxy.
             self._send(403)
@@ -79,7 +87,9 @@ class MetadataHandler(BaseHTTPRequestHandler):
         if ttl is None or not MIN_TTL <= ttl <= MAX_TTL:
             self._send(400)
             return
-        self._send(200, self.imds.issue_token(ttl), {TTL_HEADER: str(ttl)})
+        if imds.token_ttl_cap is not None:  # the service may grant less than asked
+            ttl = min(ttl, imds.token_ttl_cap)
+        self._send(200, imds.issue_token(ttl), {TTL_HEADER: str(ttl)})
 
     def do_GET(self) -> None:
         if self._faulted():
@@ -91,7 +101,10 @@ class MetadataHandler(BaseHTTPRequestHandler):
                 token is None and imds.require_token):
             self._send(401)
             return
-        status, body = imds.resolve(self.path.split("?", 1)[0])
+        path = self.path.split("?", 1)[0]
+        match = VERSIONED.match(path)
+        imds.gets[(match.group(2) or "").strip("/") if match else path] += 1
+        status, body = imds.resolve(path)
         headers = {TTL_HEADER: str(left)} if left is not None else {}
         self._send(status, body, headers)
 

@@ -1,0 +1,255 @@
+"""Scheduled maintenance drains only when, and as, the event says (issue 15, item 7).
+
+The lifecycle's training loop with its real edges where they matter: the local cloud's
+metadata emulator over HTTP, the real monitor, a real trainer process (SIGTERM ends it).
+The volume edge keeps count of what was asked of it. Each event is due ``LEAD`` seconds
+before its NotBefore plus a couple of seconds, so the drain the old code armed would fire
+within the test; what is checked is the phase over that window and what the volume was told.
+"""
+from __future__ import annotations
+
+import getpass
+import queue
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import pytest
+
+from spotrun import config
+from spotrun.imds import MetadataClient
+from spotrun.lifecycle import Lifecycle, Phase, StopRequested
+from spotrun.localcloud.imds import InstanceMetadata, MetadataServer
+from spotrun.maintenance import MaintenanceDue, MaintenancePlan, drain_kind
+from spotrun.monitor import InterruptionMonitor, Maintenance
+
+LEAD = 120.0
+DUE_IN = 2.5  # seconds from scheduling until the old code's timer would drain
+TRAINER = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+           "time.sleep(600)\n")
+
+
+class Quiet:
+    def status(self, text):
+        return True
+
+    def ready(self, text=""):
+        return True
+
+
+class CountingVolume:
+    def __init__(self):
+        self.released = 0
+        self.unmounted = 0
+        self.acquired = 0
+
+    def acquire(self):
+        self.acquired += 1
+        return SimpleNamespace(volume_id="vol-1")
+
+    def record(self, **values):
+        pass
+
+    def release(self, snapshot=True):
+        self.released += 1
+
+    def unmount_in_place(self):
+        self.unmounted += 1
+
+    def job_volumes(self):
+        return []
+
+
+@pytest.fixture
+def imds():
+    md = InstanceMetadata("i-0123456789abcdef0", "p3.2xlarge", "us-east-1a", "use1-az1", "us-east-1",
+                          "123456789012", "ami-12345678", "10.0.0.5", {}, None)
+    server = MetadataServer(md).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def training(imds, tmp_path):
+    """A lifecycle training in a thread; yields (lifecycle, volume, outcome); always ended."""
+    cfg = config.from_mapping({
+        "agent": {"state_dir": str(tmp_path / "state"), "maintenance_lead_s": LEAD},
+        "volume": {"mount_point": str(tmp_path / "mnt")},
+        "code": {"workspace": str(tmp_path)},
+        "trainer": {"command": [sys.executable, "-c", TRAINER], "user": getpass.getuser(),
+                    "protocol": "none", "max_restarts": 0, "drain_reserve_s": 1.0}})
+    client = MetadataClient(imds.endpoint, read_timeout_s=2.0, deadline_s=5.0)
+    lc = Lifecycle(cfg, metadata=client, notifier=Quiet(), identify=None, volume_manager=None,
+                   checkout=None, cancel_fleet=None,
+                   monitor=lambda put: InterruptionMonitor(client, poll_interval_s=0.1, on_event=put))
+    volume = CountingVolume()
+    lc.identity = SimpleNamespace(instance_id="i-0123456789abcdef0", availability_zone="us-east-1a",
+                                  launched_by=None)
+    lc.volumes, lc.volume_id, lc.commit = volume, "vol-1", "abc123"
+    cfg.checkpoints_path.mkdir(parents=True)
+    for phase in (Phase.IDENTIFYING, Phase.ACQUIRING, Phase.CHECKING_OUT):
+        lc.transition(phase)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("rc", lc.train()), daemon=True)
+    thread.start()
+    wait_for(lambda: lc.phase is Phase.TRAINING and lc.supervisor.current is not None, 30, "training")
+    try:
+        yield lc, volume, outcome
+    finally:
+        if thread.is_alive():
+            lc.events.put(StopRequested(signal.SIGTERM))
+            thread.join(60)
+        assert not thread.is_alive(), "the lifecycle did not end"
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)  # polling a condition with a deadline
+
+
+def stays_training(lc, seconds: float) -> None:
+    """The phase over the whole window in which the old drain would have started."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert lc.phase is Phase.TRAINING, f"drained: {lc.phase}"
+        time.sleep(0.02)  # watching for a drain that must not come
+
+
+def due_soon() -> datetime:
+    return datetime.now(timezone.utc) + timedelta(seconds=LEAD + DUE_IN)
+
+
+def served(imds) -> bool:
+    """The monitor has read the scheduled list since it last changed."""
+    return any(e["event"] == "notice_served" and e.get("what") == "maintenance" for e in imds.events)
+
+
+def taken_in(capsys):
+    """The lifecycle has taken the event in (armed its drain): its log line says so."""
+    seen: list[str] = []
+
+    def check() -> bool:
+        seen.extend(capsys.readouterr().out.splitlines())
+        return any('"maintenance_scheduled"' in line and '"drain_in_s"' in line for line in seen)
+    return check
+
+
+def test_a_canceled_event_does_not_drain(imds, training, capsys):
+    lc, volume, _ = training
+    event_id = imds.schedule_maintenance("instance-stop", due_soon())
+    wait_for(taken_in(capsys), 10, "the lifecycle to take the event in")
+    imds.cancel_maintenance(event_id)
+    stays_training(lc, DUE_IN + 1.5)
+    assert volume.released == 0 and volume.unmounted == 0
+
+
+def test_a_canceled_event_still_listed_does_not_drain(imds, training, capsys):
+    lc, volume, _ = training
+    event_id = imds.schedule_maintenance("instance-retirement", due_soon())
+    wait_for(taken_in(capsys), 10, "the lifecycle to take the event in")
+    imds.cancel_maintenance(event_id, listed=True)
+    stays_training(lc, DUE_IN + 1.5)
+    assert volume.released == 0
+
+
+def test_a_rescheduled_event_moves_its_drain(imds, training, capsys):
+    lc, volume, _ = training
+    event_id = imds.schedule_maintenance("instance-stop", due_soon())
+    wait_for(taken_in(capsys), 10, "the lifecycle to take the event in")
+    imds.reschedule_maintenance(event_id, datetime.now(timezone.utc) + timedelta(days=3))
+    stays_training(lc, DUE_IN + 1.5)
+    assert lc.maintenance.armed() == [event_id]  # still prepared for, at the new time
+    assert volume.released == 0
+
+
+def test_a_reboot_event_drains_and_keeps_the_volume_attached(imds, training):
+    lc, volume, _ = training
+    imds.schedule_maintenance("system-reboot", due_soon())
+    wait_for(lambda: lc.state.read().get("phase") == "stopped", 30, "the drain, in the state file")
+    assert (volume.unmounted, volume.released) == (1, 0) and lc.phase is Phase.STOPPED
+
+
+def test_network_maintenance_needs_no_drain(imds, training):
+    lc, volume, _ = training
+    imds.schedule_maintenance("system-maintenance", due_soon(), description="scheduled network maintenance")
+    wait_for(lambda: served(imds), 10, "the monitor to read the event")
+    stays_training(lc, DUE_IN + 1.5)
+    assert volume.released == 0 and volume.unmounted == 0
+
+
+def test_maintenance_that_stops_the_instance_drains_and_releases(imds, training):
+    lc, volume, _ = training
+    imds.schedule_maintenance("system-maintenance", due_soon(),
+                              description="The instance will be stopped for power maintenance")
+    wait_for(lambda: lc.phase is Phase.RELEASED, 30, "the drain")
+    assert (volume.released, volume.unmounted) == (1, 0)
+
+
+@pytest.mark.parametrize("code,drained", [("instance-stop", Phase.RELEASED), ("system-reboot", Phase.STOPPED)])
+def test_a_drain_for_an_event_then_canceled_takes_the_volume_back_and_trains_on(imds, training, code, drained):
+    """The old agent sat in released/stopped waiting for a termination that never came."""
+    lc, volume, outcome = training
+    event_id = imds.schedule_maintenance(code, due_soon())
+    wait_for(lambda: lc.phase is drained, 30, "the drain")
+    first = lc.supervisor
+    imds.cancel_maintenance(event_id)
+    wait_for(lambda: lc.phase is Phase.TRAINING and lc.supervisor is not first
+             and lc.supervisor.current is not None, 30, "training again")
+    assert volume.acquired == 1 and "rc" not in outcome
+    assert lc.state.read()["phase"] == "training" and lc.interruptions == 1
+
+
+def test_a_notice_after_a_maintenance_drain_leaves_it_drained(imds, training):
+    lc, volume, outcome = training
+    imds.schedule_maintenance("instance-stop", due_soon())
+    wait_for(lambda: lc.phase is Phase.RELEASED, 30, "the drain")
+    imds.notice("terminate", datetime.now(timezone.utc) + timedelta(seconds=120))
+    wait_for(lambda: "rc" in outcome, 10, "the lifecycle to settle for the termination")
+    assert lc.phase is Phase.RELEASED and volume.acquired == 0 and volume.released == 1
+
+
+def event(code: str, seconds: float, description: str = "", state: str = "active", event_id="ev-1"):
+    not_before = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    return Maintenance(event_id, code, not_before, None, description, state)
+
+
+@pytest.mark.parametrize("code,description,kind", [
+    ("instance-reboot", "", ("instance-reboot", True)),
+    ("system-reboot", "", ("system-reboot", True)),
+    ("instance-stop", "", ("instance-stop", False)),
+    ("instance-retirement", "", ("instance-retirement", False)),
+    ("system-maintenance", "scheduled network maintenance", None),
+    ("system-maintenance", "power maintenance: the instance will be rebooted", ("system-maintenance", True)),
+    ("system-maintenance", "the instance will be stopped", ("system-maintenance", False)),
+    ("instance-explode", "", ("instance-explode", False)),  # unknown: the safe drain
+])
+def test_each_code_gets_its_drain(code, description, kind):
+    assert drain_kind(event(code, 600, description)) == kind
+
+
+def test_a_drain_that_fired_before_the_cancel_is_not_current():
+    due: queue.Queue = queue.Queue()
+    plan = MaintenancePlan(due.put, lead_s=0.0)
+    try:
+        plan.update(event("instance-stop", 0.0))
+        fired = due.get(timeout=5)
+        assert isinstance(fired, MaintenanceDue) and plan.is_current(fired)
+        plan.update(event("instance-stop", 0.0, state="canceled"))
+        assert not plan.is_current(fired) and plan.armed() == []
+        plan.update(event("instance-stop", 0.0))  # announced again: a new generation
+        again = due.get(timeout=5)
+        assert plan.is_current(again) and not plan.is_current(fired)
+        plan.update(event("instance-stop", 3600.0))  # rescheduled: the fired one is stale
+        assert not plan.is_current(again) and plan.armed() == ["ev-1"]
+        with pytest.raises(queue.Empty):
+            due.get(timeout=0.3)
+    finally:
+        plan.close()
