@@ -12,7 +12,10 @@ import os
 import pwd
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from spotrun import config as configmod
 from spotrun import log as logmod
@@ -119,8 +122,8 @@ def build_lifecycle(config: Config, metadata):
             metadata, ec2_client_factory=lambda region: ec2.client("ec2", config.aws, region)),
         volume_manager=lambda ident: volumes.VolumeManager(config, ident),
         checkout=do_checkout,
-        monitor=lambda on_event: monitor.InterruptionMonitor(
-            metadata, poll_interval_s=config.metadata.poll_interval_s, on_event=on_event),
+        monitor=lambda on_event: monitor.InterruptionMonitor.from_config(
+            metadata, config.metadata, on_event=on_event),
         cancel_fleet=cancel_fleet,
     )
 
@@ -140,6 +143,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     lifecycle = build_lifecycle(config, metadata)
     try:
         code = lifecycle.run()
+    except (ClientError, BotoCoreError) as exc:
+        # The operator reads one line (the call, EC2's code, the resource) at error priority;
+        # the traceback is for debugging only.
+        from spotrun import ec2
+        phase = lifecycle.phase.value if lifecycle.phase else None
+        log.error("agent_failed", error=ec2.summary(exc), error_type=type(exc).__name__,
+                  aws_call=getattr(exc, "operation_name", None), aws_code=ec2.error_code(exc) or None,
+                  phase=phase)
+        log.debug("agent_failed_traceback", traceback=traceback.format_exc())
+        return 1
     except Exception as exc:
         log.error("agent_failed", error=str(exc), error_type=type(exc).__name__,
                   phase=lifecycle.phase.value if lifecycle.phase else None)

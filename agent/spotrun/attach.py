@@ -18,15 +18,20 @@ def log():
 
 
 def used_device_names(ec2, instance_id: str) -> set[str]:
+    """The device names in use on the instance: one DescribeInstances, whose block device
+    mappings list every EBS volume attached or attaching (or still detaching) there."""
     used = set()
     for reservation in ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]:
         for instance in reservation["Instances"]:
             used |= {m["DeviceName"] for m in instance.get("BlockDeviceMappings", [])}
-    mine = ec2.describe_volumes(
-        Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}])["Volumes"]
-    used |= {a["Device"] for v in mine for a in v.get("Attachments", [])}
     # /dev/xvdf and /dev/sdf are the same slot.
     return {name.replace("/dev/xvd", "/dev/sd") for name in used}
+
+
+def _attach_transient(exc: BaseException) -> bool:
+    """IncorrectState: DescribeVolumes said available, AttachVolume disagrees (EC2's views
+    catch up with each other); tried again like throttling, within the attach deadline."""
+    return ec2mod.is_transient(exc) or ec2mod.error_code(exc) == "IncorrectState"
 
 
 def attach_call(ec2, ec2_once, volume_id: str, instance_id: str, deadline_s: float,
@@ -38,18 +43,22 @@ def attach_call(ec2, ec2_once, volume_id: str, instance_id: str, deadline_s: flo
 
     tried: set[str] = set()
     while True:
-        free = [n for n in DEVICE_NAMES if n not in used_device_names(ec2, instance_id) | tried]
+        used = used_device_names(ec2, instance_id) | tried
+        free = [n for n in DEVICE_NAMES if n not in used]
         if not free:
             raise VolumeError(f"cannot attach {volume_id}: no free device name in "
                               f"/dev/sd[f-p] on {instance_id}")
         name = free[0]
-        guard()
+
+        def request() -> dict:
+            guard()
+            return ec2_once.attach_volume(VolumeId=volume_id, InstanceId=instance_id, Device=name)
+
         try:
             ec2mod.call_retrying(
-                f"attaching {volume_id}",
-                lambda: ec2_once.attach_volume(VolumeId=volume_id, InstanceId=instance_id,
-                                               Device=name),
-                settled=attached_to_me, deadline_s=deadline_s)
+                f"attaching {volume_id}", request,
+                settled=attached_to_me, deadline_s=deadline_s, transient=_attach_transient,
+                done_codes=("VolumeInUse",))
         except Exception as exc:  # noqa: BLE001 - classified below
             if attached_to_me():  # an earlier try that answered 5xx did it
                 break

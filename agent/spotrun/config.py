@@ -106,7 +106,12 @@ class MetadataConfig:
     endpoint: str = "http://169.254.169.254"
     allow_imdsv1: bool = False
     token_ttl_s: int = 21600
-    poll_interval_s: float = 1.0
+    # Seconds between reads of each path, each on its own schedule (spotrun.monitor): the
+    # spot notice often (it bounds notice → drain), a rebalance recommendation and scheduled
+    # maintenance (announced days ahead) less often; 4.7 requests a second in all by default.
+    notice_poll_interval_s: float = 0.25
+    poll_interval_s: float = 2.0
+    maintenance_poll_interval_s: float = 5.0
     connect_timeout_s: float = 1.0
     read_timeout_s: float = 2.0
     deadline_s: float = 120.0
@@ -119,6 +124,9 @@ class AwsConfig:
     lease_table: str = ""  # "" = no lease table (single-instance fleets)
     retry_mode: str = "adaptive"
     max_attempts: int = 10
+    # How long EC2 may take to show a volume or snapshot it just created (it answers "not
+    # found" meanwhile): this agent's own new resources are called gone only after that.
+    consistency_window_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,8 @@ _CHOICES = {
     ("agent", "log_level"): ("debug", "info", "warning", "error"),
 }
 _POSITIVE = {
-    ("volume", "size_gib"), ("metadata", "poll_interval_s"), ("metadata", "connect_timeout_s"),
+    ("volume", "size_gib"), ("metadata", "poll_interval_s"), ("metadata", "notice_poll_interval_s"),
+    ("metadata", "maintenance_poll_interval_s"), ("metadata", "connect_timeout_s"),
     ("metadata", "read_timeout_s"), ("metadata", "deadline_s"), ("aws", "max_attempts"),
     ("volume", "attach_timeout_s"), ("volume", "device_timeout_s"),
     ("volume", "create_timeout_s"), ("volume", "snapshot_timeout_s"),

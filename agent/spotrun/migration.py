@@ -32,6 +32,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from spotrun import ec2 as ec2mod
+from spotrun import snapshots
 from spotrun import tags as T
 from spotrun.crashpoints import crashpoint
 from spotrun.errors import SpotrunError
@@ -195,9 +196,9 @@ def fresh_snapshot(ec2, job_id: str, volume: dict) -> dict | None:
     candidates = [s for s in job_snapshots(ec2, job_id, **{SOURCE_VOLUME: volume["VolumeId"],
                                                            MOUNTS: str(mounts(volume))})
                   if s["State"] in ("pending", "completed")]
-    # Prefer a completed one, then the newest.
-    candidates.sort(key=lambda s: (s["State"] == "completed", s["StartTime"]))
-    return candidates[-1] if candidates else None
+    # Prefer a completed one, then the oldest (the one kept when duplicates are found).
+    candidates.sort(key=lambda s: (s["State"] != "completed", s["StartTime"], s["SnapshotId"]))
+    return candidates[0] if candidates else None
 
 
 def snapshot_tags(job_id: str, volume: dict, role: str) -> dict[str, str]:
@@ -212,29 +213,31 @@ def snapshot_tags(job_id: str, volume: dict, role: str) -> dict[str, str]:
 
 
 def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
-                   guard: Guard = _no_guard) -> dict:
-    """Start (or find, if a previous try got that far) the snapshot of ``volume``'s current data."""
+                   guard: Guard = _no_guard, window_s: float = ec2mod.CONSISTENCY_WINDOW_S,
+                   optional: bool = False) -> dict | None:
+    """Start (or find, if a previous try got that far) the snapshot of ``volume``'s current
+    data: exactly one (see :mod:`spotrun.snapshots`). ``optional`` (the drain's snapshot):
+    None rather than risk a second one or the drain's time."""
     existing = fresh_snapshot(ec2, job_id, volume)
     if existing is not None:
         log().info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
                  state=existing["State"])
         return existing
     tags = snapshot_tags(job_id, volume, role)
+    params = {"VolumeId": volume["VolumeId"], "Description": tags[T.NAME][:255],
+              "TagSpecifications": [{"ResourceType": "snapshot", "Tags": T.as_list(tags)}]}
 
-    def create() -> dict:
-        guard()
-        return ec2_once.create_snapshot(
-            VolumeId=volume["VolumeId"], Description=tags[T.NAME][:255],
-            TagSpecifications=[{"ResourceType": "snapshot", "Tags": T.as_list(tags)}])
+    def with_token() -> list[dict]:
+        return job_snapshots(ec2, job_id, **{CREATE_TOKEN: tags[CREATE_TOKEN]})
 
-    def find() -> dict | None:
-        found = job_snapshots(ec2, job_id, **{CREATE_TOKEN: tags[CREATE_TOKEN]})
-        return next((s for s in found if s["State"] != "error"), None)
-
-    snapshot = ec2mod.create_once(f"snapshot of {volume['VolumeId']}", create, find)
+    snapshot = snapshots.create_exactly_once(
+        ec2_once, what=f"snapshot of {volume['VolumeId']}", params=params, with_token=with_token,
+        window_s=window_s, optional=optional, guard=guard)
+    if snapshot is None:
+        return None
     log().info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],
              role=role)
-    return snapshot
+    return snapshots.keep_one(ec2, with_token() or [snapshot], guard=guard) or snapshot
 
 
 # -- the migration steps ------------------------------------------------------------------
@@ -249,9 +252,17 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     log().info("migration_start", source_volume=source["VolumeId"],
              source_az=source["AvailabilityZone"], target_az=identity.availability_zone,
              generation=generation(source))
-    snapshot = start_snapshot(ec2, ec2_once, job_id, source, ROLE_MIGRATION_SNAPSHOT, guard=guard)
+    window = config.aws.consistency_window_s
+    snapshot = start_snapshot(ec2, ec2_once, job_id, source, ROLE_MIGRATION_SNAPSHOT, guard=guard,
+                              window_s=window)
     crashpoint("migration.snapshot_requested")
-    snapshot = ec2mod.wait_for_snapshot(ec2, snapshot["SnapshotId"], config.volume.snapshot_timeout_s)
+    snapshot = ec2mod.wait_for_snapshot(ec2, snapshot["SnapshotId"], config.volume.snapshot_timeout_s,
+                                        missing_ok_s=window)
+    # Duplicates (a create that answered 5xx, then a lookup EC2 had not caught up with): one
+    # is kept, the oldest completed, and the volume is made from that one.
+    snapshot = snapshots.keep_one(ec2, job_snapshots(ec2, job_id, **{
+        CREATE_TOKEN: tags_of(snapshot)[CREATE_TOKEN]}) if CREATE_TOKEN in tags_of(snapshot)
+        else [snapshot], guard=guard) or snapshot
     log().info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
     crashpoint("migration.snapshot_completed")
     create_token = token("migrate", source["VolumeId"], str(mounts(source)),
@@ -290,7 +301,7 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     log().info("migration_volume_created", new_volume=created["VolumeId"],
              snapshot_id=snapshot["SnapshotId"], az=identity.availability_zone)
     volume = ec2mod.wait_for_volume(ec2, created["VolumeId"], ("available", "in-use"),
-                                    deadline_create_s)
+                                    deadline_create_s, missing_ok_s=window)
     crashpoint("migration.volume_created")
     return volume
 
@@ -301,8 +312,10 @@ def this_attempts_token(source: dict, az: str) -> str:
 
 def set_step(ec2, volume_id: str, step: str, *, guard: Guard = _no_guard, **extra: str) -> None:
     guard()
+    tags = {STEP: step, **extra}
     ec2mod.call_retrying(f"tagging {volume_id}", lambda: ec2.create_tags(
-        Resources=[volume_id], Tags=T.as_list({STEP: step, **extra})))
+        Resources=[volume_id], Tags=T.as_list(tags)),
+        settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
     log().info("migration_step", volume_id=volume_id, step=step)
 
 
@@ -366,13 +379,7 @@ def finish(ec2, source: dict, new_volume_id: str, deadline_s: float, *,
 
 def delete_snapshot(ec2, snapshot_id: str, *, guard: Guard = _no_guard) -> None:
     """Delete one snapshot; "not found" on a retry means an earlier try (answered 5xx) did it."""
-    guard()
-    try:
-        ec2mod.call_retrying(f"deleting {snapshot_id}",
-                             lambda: ec2.delete_snapshot(SnapshotId=snapshot_id))
-    except Exception as exc:  # noqa: BLE001 - only NotFound is success
-        if ec2mod.error_code(exc) != "InvalidSnapshot.NotFound":
-            raise
+    snapshots.delete(ec2, snapshot_id, guard=guard)
 
 
 def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days: float, *,

@@ -171,7 +171,8 @@ class VolumeManager:
                                     guard=self._guard)
         else:
             volume = ec2mod.wait_for_volume(self.ec2, current["VolumeId"], ("available", "in-use"),
-                                            self.config.volume.create_timeout_s)
+                                            self.config.volume.create_timeout_s,
+                                            missing_ok_s=self.config.aws.consistency_window_s)
         volume_id = volume["VolumeId"]
         bind(volume_id=volume_id)
         volume = self._attach(volume)
@@ -268,7 +269,8 @@ class VolumeManager:
         log().info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
                  az=self.identity.availability_zone)
         return ec2mod.wait_for_volume(self.ec2, volume["VolumeId"], ("available",),
-                                      vc.create_timeout_s)
+                                      vc.create_timeout_s,
+                                      missing_ok_s=self.config.aws.consistency_window_s)
 
     # -- attach ---------------------------------------------------------------------------
 
@@ -314,6 +316,12 @@ class VolumeManager:
     # -- release --------------------------------------------------------------------------
 
     def _my_volume(self) -> dict | None:
+        if self._acquired is not None:
+            # By id: a volume made moments ago may not be in a filtered list yet.
+            volume = ec2mod.describe_volume(self.ec2, self._acquired.volume_id)
+            att = ec2mod.attachment_of(volume)
+            if att is not None and att["InstanceId"] == self.me:
+                return volume
         for volume in self.job_volumes():
             att = ec2mod.attachment_of(volume)
             if att is not None and att["InstanceId"] == self.me:
@@ -350,14 +358,18 @@ class VolumeManager:
                 self._tag(volume_id, {M.MOUNT_STATE: M.CLEAN})
                 if take_snapshot:
                     M.start_snapshot(self.ec2, self.ec2_once, self.config.job.id,
-                                     self._refresh(volume_id), M.ROLE_DRAIN_SNAPSHOT)
+                                     self._refresh(volume_id), M.ROLE_DRAIN_SNAPSHOT,
+                                     window_s=self.config.aws.consistency_window_s, optional=True)
 
-            def detached() -> bool:
+            def detach_requested() -> bool:
+                # Detaching (or gone) from this instance: an earlier DetachVolume that was
+                # answered 5xx did it; a retry then meets IncorrectState ('available').
                 att = ec2mod.attachment_of(ec2mod.describe_volume(self.ec2, volume_id))
-                return att is None or att["InstanceId"] != self.me
+                return att is None or att["InstanceId"] != self.me or att["State"] == "detaching"
 
             ec2mod.call_retrying(f"detaching {volume_id}", lambda: self.ec2.detach_volume(
-                VolumeId=volume_id, InstanceId=self.me), settled=detached)
+                VolumeId=volume_id, InstanceId=self.me), settled=detach_requested,
+                done_codes=("IncorrectState",))
             ec2mod.wait_for_attachment(self.ec2, volume_id, self.me,
                                        self.config.volume.attach_timeout_s, state="detached")
             log().info("volume_released", volume_id=volume_id, snapshot=take_snapshot)
@@ -384,4 +396,5 @@ class VolumeManager:
 
     def _tag(self, volume_id: str, tags: dict[str, str]) -> None:
         ec2mod.call_retrying(f"tagging {volume_id}", lambda: self.ec2.create_tags(
-            Resources=[volume_id], Tags=T.as_list(tags)))
+            Resources=[volume_id], Tags=T.as_list(tags)),
+            settled=lambda: ec2mod.volume_has_tags(self.ec2, volume_id, tags))

@@ -195,14 +195,19 @@ class LocalCloud(ComputeMixin):
     # -- faults -------------------------------------------------------------------------------
     def ec2_faults(self, throttle: float = 0.0, server_error: float = 0.0,
                    performed_then_5xx: Mapping[str, float] | None = None,
-                   seed: int | None = None, actions: tuple[str, ...] = ()) -> FaultPlan:
+                   seed: int | None = None, actions: tuple[str, ...] = (),
+                   attach_incorrect_state: float = 0.0,
+                   not_found_after_create_s: float = 0.0) -> FaultPlan:
         """Set the EC2 fault plan (replaces the previous one; all zero = no faults)."""
-        plan = FaultPlan(throttle, server_error, dict(performed_then_5xx or {}), actions, seed)
+        plan = FaultPlan(throttle, server_error, dict(performed_then_5xx or {}), actions, seed,
+                         attach_incorrect_state, not_found_after_create_s)
         self._faults.configure(plan)
         self.record_event("ec2_faults_configured", throttle=plan.throttle,
                           server_error=plan.server_error,
                           performed_then_5xx=dict(plan.performed_then_5xx),
-                          actions=list(plan.actions), seed=seed)
+                          actions=list(plan.actions), seed=seed,
+                          attach_incorrect_state=plan.attach_incorrect_state,
+                          not_found_after_create_s=plan.not_found_after_create_s)
         return plan
 
 

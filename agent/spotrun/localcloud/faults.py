@@ -1,6 +1,6 @@
 """Fault injection for the EC2 API, decided per request with a seeded RNG so runs replay.
 
-Three kinds, all as EC2 really answers them (botocore's EC2 parser reads the
+These kinds, all as EC2 really answers them (botocore's EC2 parser reads the
 ``<Response><Errors><Error><Code>`` body and raises ``ClientError`` with that code):
 
 * ``throttle``: ``RequestLimitExceeded``, HTTP 503 -- EC2's request-rate throttling
@@ -10,7 +10,17 @@ Three kinds, all as EC2 really answers them (botocore's EC2 parser reads the
 * ``performed_then_5xx``: the request is performed (forwarded to moto, data plane work
   done) and then answered ``InternalError``/500, as happens when EC2's front end fails after
   the back end acted. A client that retries a CreateVolume without a ClientToken then
-  makes a second volume -- exactly what agents must be robust against.
+  makes a second volume -- exactly what agents must be robust against. Any action may be
+  named (DetachVolume, DeleteVolume, DeleteSnapshot, CreateTags...): the proxy performs
+  whatever it forwards, so a retry then meets its own effect (e.g. a second DetachVolume
+  answered ``IncorrectState``: the volume is already ``available``).
+* ``attach_incorrect_state``: AttachVolume answered ``IncorrectState`` (HTTP 400) without
+  being performed, though DescribeVolumes said ``available`` -- EC2's control plane is
+  eventually consistent, so the attach path may see an older state than the describe did.
+* ``not_found_after_create_s``: for this long after a CreateVolume/CreateSnapshot, the new
+  resource is reported ``InvalidVolume.NotFound``/``InvalidSnapshot.NotFound`` on a
+  Describe by id and left out of every listed Describe (visibility.py), as EC2 documents
+  for resources just created ("eventual consistency", EC2 API reference).
 """
 from __future__ import annotations
 
@@ -22,12 +32,13 @@ from typing import Mapping
 
 # Actions where "performed, then answered 5xx" is meaningful (the issue's list); others
 # are accepted too, the proxy performs whatever it forwards.
-PERFORMED_THEN_5XX_ACTIONS = ("AttachVolume", "CreateVolume", "CreateSnapshot")
+PERFORMED_THEN_5XX_ACTIONS = ("AttachVolume", "CreateVolume", "CreateSnapshot", "DetachVolume",
+                              "DeleteVolume", "DeleteSnapshot", "CreateTags", "DeleteTags")
 
 
 @dataclass(frozen=True)
 class InjectedError:
-    kind: str  # throttle | server_error | performed_then_5xx
+    kind: str  # throttle | server_error | performed_then_5xx | incorrect_state
     code: str
     http_status: int
     message: str
@@ -60,9 +71,20 @@ class FaultPlan:
     # Only these EC2 actions get throttle/server_error faults; empty = every EC2 action.
     actions: tuple[str, ...] = ()
     seed: int | None = None
+    # AttachVolume refused with IncorrectState (not performed) at this rate.
+    attach_incorrect_state: float = 0.0
+    # Seconds a just-created volume or snapshot stays invisible to Describe (0 = never).
+    not_found_after_create_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.throttle = _check_rate("throttle", self.throttle)
+        self.attach_incorrect_state = _check_rate("attach_incorrect_state",
+                                                  self.attach_incorrect_state)
+        window = self.not_found_after_create_s
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or window < 0:
+            raise ValueError("ec2_faults: not_found_after_create_s must be a number of seconds "
+                             f">= 0, got {window!r}")
+        self.not_found_after_create_s = float(window)
         self.server_error = _check_rate("server_error", self.server_error)
         if not isinstance(self.performed_then_5xx, Mapping):
             raise ValueError("ec2_faults: performed_then_5xx must map an action name to a rate")
@@ -72,7 +94,8 @@ class FaultPlan:
 
     @property
     def active(self) -> bool:
-        return bool(self.throttle or self.server_error or any(self.performed_then_5xx.values()))
+        return bool(self.throttle or self.server_error or any(self.performed_then_5xx.values())
+                    or self.attach_incorrect_state or self.not_found_after_create_s)
 
 
 class FaultInjector:
@@ -92,10 +115,15 @@ class FaultInjector:
             self._plan = plan
             self._rng = random.Random(plan.seed)
 
-    def before(self, action: str) -> InjectedError | None:
+    def before(self, action: str, params: Mapping[str, str] | None = None) -> InjectedError | None:
         """A fault that replaces the answer (the request is not performed), or None."""
         with self._lock:
             plan = self._plan
+            if action == "AttachVolume" and plan.attach_incorrect_state \
+                    and self._rng.random() < plan.attach_incorrect_state:
+                volume_id = (params or {}).get("VolumeId", "")
+                return InjectedError("incorrect_state", "IncorrectState", 400,
+                                     f"vol '{volume_id}' is not 'available'.")
             if plan.actions and action not in plan.actions:
                 return None
             if plan.throttle and self._rng.random() < plan.throttle:

@@ -22,6 +22,7 @@ from spotrun.localcloud.ec2xml import Ec2Response, error_response
 from spotrun.localcloud.faults import FaultInjector
 from spotrun.localcloud.motoserver import ACCOUNT_HEADER
 from spotrun.localcloud.overlay import Ec2Overlay
+from spotrun.localcloud.visibility import Visibility
 from spotrun.log import get_logger
 
 log = get_logger("localcloud.proxy")
@@ -75,6 +76,7 @@ class Ec2Proxy:
                  faults: FaultInjector | None, record_event: Callable[..., None],
                  host: str = "127.0.0.1", port: int = 0):
         self.upstream, self.overlay, self.faults = upstream, overlay, faults
+        self.visibility = Visibility()
         self._record = record_event
         proxy = self
 
@@ -105,11 +107,16 @@ class Ec2Proxy:
             return self.upstream.send(method, path, headers, body)
         action = params.get("Action", "")
         if self.faults is not None:
-            fault = self.faults.before(action)
+            fault = self.faults.before(action, params)
             if fault is not None:
                 self._record("ec2_fault_injected", kind=fault.kind, action=action,
                              code=fault.code, http_status=fault.http_status)
                 return error_response(fault.http_status, fault.code, fault.message)
+            refusal = self.visibility.refusal(action, params)
+            if refusal is not None:
+                self._record("ec2_fault_injected", kind="not_found_after_create", action=action,
+                             code="NotFound", http_status=400)
+                return refusal
 
         def forward(changed: dict) -> Ec2Response:
             if changed == params:
@@ -118,6 +125,8 @@ class Ec2Proxy:
 
         response = self.overlay.handle(action, params, forward)
         if self.faults is not None and response.status == 200:
+            self.visibility.created(action, response, self.faults.plan.not_found_after_create_s)
+            response = self.visibility.filtered(action, response)
             fault = self.faults.after(action)
             if fault is not None:
                 self._record("ec2_fault_injected", kind=fault.kind, action=action,

@@ -1,0 +1,81 @@
+"""CreateSnapshot exactly once.
+
+CreateSnapshot has no idempotency token, and an answer of 5xx (or a dropped connection) may
+come after EC2 made the snapshot; EC2 may then leave it out of a filtered DescribeSnapshots
+for a while (eventual consistency). A blind retry therefore makes a second snapshot. So:
+
+- every snapshot carries its create token from the start (TagSpecifications: atomic with the
+  create), derived from the volume and its mount count, so every try of the same snapshot,
+  in this process or after a restart, looks for the same token;
+- after a failure that may have been performed, the lookup by token is repeated for the
+  consistency window before another create (:func:`spotrun.ec2.create_once`); a snapshot
+  that is only worth having (the drain's ahead-of-need one) is not tried again at all;
+- if duplicates appear anyway, one is kept -- the oldest completed one, else the oldest --
+  and the others carrying the same token (this job's, this volume's, this mount count's)
+  are deleted.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from spotrun import ec2 as ec2mod
+from spotrun.log import get_logger
+
+# The drain's snapshot is ahead of need and the drain has about two minutes: after a create
+# that may have been performed, look for it this long at most, then go on without it.
+OPTIONAL_SETTLE_S = 10.0
+
+
+def log():
+    """Looked up per call, so the process's logging configuration (made later) applies."""
+    return get_logger("migration")
+
+
+def create_exactly_once(ec2_once, *, what: str, params: dict,
+                        with_token: Callable[[], list[dict]], window_s: float,
+                        optional: bool, guard: Callable[[], None]) -> dict | None:
+    """The snapshot carrying the create token in ``params``' tags, made if there is none.
+
+    ``with_token()`` lists the snapshots carrying that token. None only when ``optional`` and
+    a create that may have been performed did not show up within the settle time."""
+    def create() -> dict:
+        guard()
+        return ec2_once.create_snapshot(**params)
+
+    def find() -> dict | None:
+        return next((s for s in with_token() if s["State"] != "error"), None)
+
+    settle_s = min(window_s, OPTIONAL_SETTLE_S) if optional else window_s
+    try:
+        return ec2mod.create_once(what, create, find, settle_s=settle_s,
+                                  retry_unknown=not optional)
+    except ec2mod.CreateOutcomeUnknown as exc:
+        log().warning("snapshot_outcome_unknown", what=what, error=str(exc))
+        return None
+
+
+def keep_one(ec2, found: list[dict], *, guard: Callable[[], None]) -> dict | None:
+    """Of snapshots sharing one create token: keep the oldest completed one (else the oldest)
+    and delete the rest. Returns the one kept."""
+    usable = [s for s in found if s["State"] != "error"]
+    if not usable:
+        return None
+    usable.sort(key=lambda s: (s["State"] != "completed", s["StartTime"], s["SnapshotId"]))
+    kept, extra = usable[0], usable[1:]
+    for duplicate in extra:
+        delete(ec2, duplicate["SnapshotId"], guard=guard)
+    if extra:
+        log().warning("duplicate_snapshots_deleted", kept=kept["SnapshotId"],
+                      deleted=[s["SnapshotId"] for s in extra])
+    return kept
+
+
+def delete(ec2, snapshot_id: str, *, guard: Callable[[], None]) -> None:
+    """Delete one snapshot; "not found" means an earlier try (answered 5xx) did it."""
+    guard()
+    try:
+        ec2mod.call_retrying(f"deleting {snapshot_id}",
+                             lambda: ec2.delete_snapshot(SnapshotId=snapshot_id))
+    except Exception as exc:  # noqa: BLE001 - only NotFound is success
+        if ec2mod.error_code(exc) != "InvalidSnapshot.NotFound":
+            raise
