@@ -70,7 +70,7 @@ def _config(workdir: Path, endpoint: str, poll_s: float, events: Path):
                     "env": {"STEP_S": "0.05", "STATE_BYTES": str(TINY_STATE_BYTES),
                             "BENCH_EVENTS": str(events)},
                     "max_restarts": 0, "drain_reserve_s": 5.0},
-        "metadata": {"endpoint": endpoint, "poll_interval_s": poll_s},
+        "metadata": {"endpoint": endpoint, "notice_poll_interval_s": poll_s},
         "agent": {"state_dir": str(workdir / "state")},
     }, "bench")
 
@@ -86,7 +86,7 @@ def _lifecycle(config, client, detected: dict):
             if isinstance(event, SpotNotice):
                 detected.setdefault("wall", time.time())
             on_event(event)
-        return InterruptionMonitor(client, poll_interval_s=config.metadata.poll_interval_s, on_event=handed_on)
+        return InterruptionMonitor.from_config(client, config.metadata, on_event=handed_on)
 
     return Lifecycle(config, metadata=client, identify=lambda: None, volume_manager=lambda ident: _NoVolume(),
                      checkout=lambda ident: "bench", monitor=monitor, cancel_fleet=lambda launched_by: "nothing")
@@ -186,3 +186,31 @@ def run(polls: list[float], notices: int, workdir: Path, seed: int = 0) -> dict[
     if errors:
         raise errors[0]
     return results
+
+
+def idle_request_rate(seconds: float) -> dict:
+    """Metadata requests per second of the agent's monitor at idle (no notice), with the
+    default ``[metadata]`` intervals, counted by the metadata server itself."""
+    from spotrun.config import MetadataConfig
+    from spotrun.imds import MetadataClient
+    from spotrun.monitor import InterruptionMonitor
+
+    server = _metadata_server()
+    try:
+        cfg = MetadataConfig()
+        monitor = InterruptionMonitor.from_config(
+            MetadataClient(server.endpoint, read_timeout_s=2.0, deadline_s=10.0), cfg)
+        monitor.start()
+        try:
+            time.sleep(1.0)  # past the first round of every path and the token request
+            before, began = server.requests, time.monotonic()
+            time.sleep(seconds)
+            requests, elapsed = server.requests - before, time.monotonic() - began
+        finally:
+            monitor.stop()
+    finally:
+        server.stop()
+    return {"requests": requests, "seconds": round(elapsed, 2),
+            "per_second": round(requests / elapsed, 2),
+            "intervals_s": {"notice": cfg.notice_poll_interval_s, "rebalance": cfg.poll_interval_s,
+                            "maintenance": cfg.maintenance_poll_interval_s}}

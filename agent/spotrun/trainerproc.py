@@ -347,9 +347,10 @@ class TrainerProcess:
                 raise TrainerStateError(f"cannot drain a {self._state.value} trainer")
             if self._state is TrainerState.EXITED:
                 return False
+            if self._state is TrainerState.DRAINING:
+                return True  # asked already: one SIGTERM is the request, a second is noise
             self._stop_requested = True
-            if self._state is TrainerState.RUNNING:
-                self._transition(TrainerState.DRAINING)
+            self._transition(TrainerState.DRAINING)
             sent = self._signal_group(signal.SIGTERM)
         log.info("trainer_stop_requested", pid=self.pid, sent=sent)
         return sent

@@ -14,8 +14,9 @@ from bench.figures import figure, median, p99
 ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED = {  # name -> schemes that must have it
-    "notice_to_sigterm": {"spotrun (poll 1 s)", "spotrun (poll 2 s)", "spotrun (poll 5 s)", "seed"},
-    "notice_to_durable_checkpoint": {"spotrun (poll 1 s)", "spotrun (poll 2 s)", "spotrun (poll 5 s)", "seed"},
+    "notice_to_sigterm": {"spotrun (poll 0.25 s)", "spotrun (poll 1 s)", "seed"},
+    "notice_to_durable_checkpoint": {"spotrun (poll 0.25 s)", "spotrun (poll 1 s)", "seed"},
+    "metadata_requests_per_second_idle": {"spotrun (default intervals)"},
     "work_lost_per_interruption": {"spotrun", "seed (per-epoch ModelCheckpoint)",
                                    "Keras BackupAndRestore(epoch)", "Keras BackupAndRestore(step 3)"},
     "goodput": {"spotrun", "seed (per-epoch ModelCheckpoint)", "Keras BackupAndRestore(epoch)",

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Union
 
+from .jsonfile import write_json_atomic
+
 PROTOCOL_VERSION = 1
 HELLO_ENV = "SPOTRUN_PROTOCOL_FILE"
 COMPLETION_ENV = "SPOTRUN_COMPLETION_FILE"
@@ -41,19 +43,7 @@ PathLike = Union[str, os.PathLike]
 
 def _write_atomic(path: Path, data: dict, *, fsync: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, sort_keys=True)
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_json_atomic(path, data, fsync=fsync)
 
 
 def hello_path() -> Path | None:
