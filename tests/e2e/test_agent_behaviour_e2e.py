@@ -190,8 +190,13 @@ def test_a_stop_notice_keeps_the_volume_and_the_started_instance_resumes_on_it(r
              time.monotonic() + 60)
     r.cloud.interrupt(iid, action, in_seconds=3.0)
     drained = r.await_agent_event(iid, "trainer_drained")
-    # The drain's own checkpoint is what the started instance must resume from.
-    assert drained.get("checkpoint_step") == drained["reached_step"] >= 30, drained
+    # The drain's own checkpoint is what the started instance must resume from. It failed
+    # twice in full runs on a loaded machine (a 31 ms drain, no checkpoint: as if the trainer
+    # had already exited), not reproduced alone: the message shows the trainer's side.
+    trainer_log = inst.state_dir / "trainer.log"
+    assert drained.get("checkpoint_step") == drained["reached_step"] >= 30, (
+        drained, [e for e in r._agent_events(iid) if e["event"].startswith(("trainer_", "supervisor"))],
+        trainer_log.read_text()[-3000:] if trainer_log.exists() else "no trainer.log")
     r.await_agent_event(iid, "phase_changed", phase="stopped")
     r._await("the instance to stop", lambda: inst.state == "stopped", time.monotonic() + 30)
     [volume] = r.cloud.moto_client("ec2").describe_volumes(
