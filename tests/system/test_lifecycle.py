@@ -248,3 +248,33 @@ def test_a_completed_job_cancels_its_fleet(job):
     j.container.wait_for(lambda: j.fleet.state.startswith("cancelled"), "the fleet cancelled",
                          timeout=60)
     assert j.mounted() == ""
+
+
+def test_systemctl_kill_signals_the_whole_unit_and_never_completes_the_job(job):
+    """`systemctl kill` sends SIGTERM to every process of the unit at once, as a shutdown may:
+    the trainer's own exit races the agent's drain (issue 16). Nothing completes, the fleet
+    stays; the next start resumes from the drain's checkpoint and finishes with every step
+    counted once (the counting trainer's sum)."""
+    from spotrun import tags as T
+
+    steps = 300
+    j = job(steps=steps)
+    j.start()
+    j.await_step(20)
+    j.container.run(["systemctl", "kill", UNIT])  # --kill-whom=all, SIGTERM
+    j.container.wait_for(lambda: j.unit("ActiveState")["ActiveState"] in ("inactive", "failed"),
+                         "the unit to stop after systemctl kill", timeout=150)
+    assert not j.events(event="completion_recorded"), j.journal()
+    assert not j.fleet.state.startswith("cancelled")
+    assert T.COMPLETED not in T.as_dict(j.volume().get("Tags"))
+    assert j.mounted() == ""
+    drained = j.events(event="trainer_drained")
+    assert drained and drained[-1]["checkpoint_step"] >= 20, j.journal()
+
+    j.container.run(["systemctl", "reset-failed", UNIT], check=False)
+    j.container.run(["systemctl", "start", "--no-block", UNIT])
+    done = j.await_event(event="completion_recorded", timeout=150)
+    assert done["metrics"]["sum"] == steps * (steps + 1) // 2, done
+    assert done["metrics"]["runs"] == 2, done  # resumed once, from the drain's checkpoint
+    j.container.wait_for(lambda: j.fleet.state.startswith("cancelled"), "the fleet cancelled",
+                         timeout=60)
