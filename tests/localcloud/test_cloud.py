@@ -64,13 +64,15 @@ def test_agent_overrides_are_a_valid_agent_config(cloud):
     assert inst.device_dir.is_dir() and inst.state_dir.is_dir()
 
 
-def test_instance_env_has_dummy_credentials_and_no_proxies(cloud, monkeypatch):
+def test_instance_env_has_its_own_credentials_and_no_proxies(cloud, monkeypatch):
     inst = cloud.launch_instance()
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     monkeypatch.setenv("AWS_PROFILE", "production")
     env = inst.env()
     assert "HTTPS_PROXY" not in env and "AWS_PROFILE" not in env
-    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_DEFAULT_REGION"]) == ("testing", "us-east-1")
+    # Its own key, so the cloud's call ledger can name the instance behind every call.
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_DEFAULT_REGION"]) == (inst.access_key_id, "us-east-1")
+    assert inst.access_key_id.startswith("ASIA") and inst.access_key_id != "testing"
     assert env["AWS_ENDPOINT_URL"] == cloud.ec2_endpoint
 
 

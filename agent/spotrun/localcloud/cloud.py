@@ -16,6 +16,7 @@ from spotrun.localcloud.compute import ComputeMixin
 from spotrun.localcloud.ebs import EbsDataPlane
 from spotrun.localcloud.faults import FaultInjector, FaultPlan
 from spotrun.localcloud.instance import DUMMY_CREDENTIALS, Instance
+from spotrun.localcloud.ledger import Ledger, read_ledger
 from spotrun.localcloud.motoserver import (ACCOUNT_HEADER, DEFAULT_ACCOUNT_ID, MotoServer,
                                            claim_account_id, release_account_id, reset_account)
 from spotrun.localcloud.overlay import Ec2Overlay
@@ -54,6 +55,10 @@ class LocalCloud(ComputeMixin):
         self._ami_id = ""
         self._moto: MotoServer | None = None
         self._proxies: list[Ec2Proxy] = []
+        # The call ledger (ledger.py) lives in the cloud's own directory, never an instance's.
+        self.ledger_path = self.root / "ledger.jsonl"
+        self._ledger: Ledger | None = None
+        self._caller_instances: dict[str, str] = {}
         self._overlay: Ec2Overlay | None = None
         self.dataplane: EbsDataPlane | None = None
         self._started = False
@@ -78,8 +83,11 @@ class LocalCloud(ComputeMixin):
                                        after_power_on=self._after_power_on,
                                        tags_changed=self._instance_tags_changed)
             self._overlay.start()
-            fault_proxy = Ec2Proxy(upstream, self._overlay, self._faults, self.record_event)
-            checker_proxy = Ec2Proxy(upstream, self._overlay, None, self.record_event)
+            self._open_ledger()
+            fault_proxy = Ec2Proxy(upstream, self._overlay, self._faults, self.record_event,
+                                   ledger=self._ledger)
+            checker_proxy = Ec2Proxy(upstream, self._overlay, None, self.record_event,
+                                     ledger=self._ledger)
             self._proxies = [fault_proxy, checker_proxy]
             self.ec2_endpoint, self.checker_endpoint = fault_proxy.start(), checker_proxy.start()
             self._started = True
@@ -112,12 +120,36 @@ class LocalCloud(ComputeMixin):
             _quietly(proxy.stop)
         if self._moto is not None:
             _quietly(self._moto.stop)
+        if self._ledger is not None:
+            _quietly(self._ledger.close)
         if self.account_id:
             release_account_id(self.account_id)
         was_started, self._started = self._started, False
         self._proxies, self._moto, self._overlay = [], None, None
         if was_started:
             self.record_event("localcloud_stopped")
+
+    def _open_ledger(self) -> None:
+        if self._ledger is None:
+            if self.ledger_path.exists():  # another cloud's, on this root: kept, not mixed in
+                self.ledger_path.rename(self.ledger_path.with_name(
+                    f"ledger-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}.jsonl"))
+            self._ledger = Ledger(self.ledger_path, self._instance_of_key)
+        self._ledger.open()  # a restarted cloud goes on appending to its own ledger
+
+    def _instance_of_key(self, access_key_id: str) -> str | None:
+        if access_key_id == DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"]:
+            return None  # the operator's, the tests' and the cloud's own calls
+        found = self._caller_instances.get(access_key_id)
+        if found is None:
+            self._caller_instances.update(
+                {inst.access_key_id: inst.instance_id for inst in list(self.instances.values())})
+            found = self._caller_instances.get(access_key_id)
+        return found
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every AWS request that reached the cloud's proxies, in order (ledger.py)."""
+        return read_ledger(self.ledger_path)
 
     def __enter__(self) -> "LocalCloud":
         return self.start()

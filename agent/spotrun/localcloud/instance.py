@@ -1,6 +1,8 @@
 """One emulated instance: its identity in moto, its metadata server, its private dirs."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import signal
 import subprocess
@@ -18,7 +20,16 @@ _AWS_VARIABLES = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                   "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN",
                   "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
                   "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+# The operator's and the tests' own credentials; instances get their own access key id.
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def access_key_for(instance_id: str) -> str:
+    """The access key id of an instance's processes, shaped like an instance profile's
+    temporary key (ASIA + 16 base32 characters), so the cloud's ledger can name the caller.
+    moto does not check signatures and the proxy sets the account, so any key works."""
+    digest = base64.b32encode(hashlib.sha256(instance_id.encode()).digest()).decode()
+    return "ASIA" + digest[:16]
 
 
 @dataclass
@@ -39,6 +50,10 @@ class Instance:
     state: str = "running"  # running | stopped | terminated
     processes: list[subprocess.Popen] = field(default_factory=list)
     power_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    access_key_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.access_key_id = self.access_key_id or access_key_for(self.instance_id)
 
     @property
     def device_dir(self) -> Path:
@@ -76,12 +91,13 @@ class Instance:
         }
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for a process on this instance: dummy credentials, the region, every
-        AWS SDK call pointed at the local cloud, no proxies, no real instance metadata."""
+        """Environment for a process on this instance: its own dummy credentials, the region,
+        every AWS SDK call pointed at the local cloud, no proxies, no real instance metadata."""
         env = dict(os.environ if base is None else base)
         for name in _PROXY_VARIABLES + _AWS_VARIABLES:
             env.pop(name, None)
         env.update(DUMMY_CREDENTIALS)
+        env["AWS_ACCESS_KEY_ID"] = self.access_key_id
         env.update({
             "AWS_DEFAULT_REGION": self.region, "AWS_REGION": self.region,
             # botocore >= 1.31 sends every client here unless told otherwise: a safety net.

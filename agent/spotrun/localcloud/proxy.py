@@ -5,13 +5,15 @@ forwarded to moto with the cloud's account header. EC2 requests (the query proto
 a form body with ``Action=...``, signed for service ``ec2``) additionally pass through
 the fault injector (faults.py) and the EBS overlay (overlay.py), which adds what EC2 does
 and moto does not. A proxy built with ``faults=None`` never injects faults: checkers use it
-to see the same (timed) state without the noise.
+to see the same (timed) state without the noise. Every answered request, of any service, is
+written to the cloud's call ledger (ledger.py), the checker proxy's marked ``checker``.
 """
 from __future__ import annotations
 
 import http.client
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 
 from spotrun.localcloud.httpserver import LocalHTTPServer
@@ -20,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from spotrun.localcloud.ec2xml import Ec2Response, error_response
 from spotrun.localcloud.faults import FaultInjector
+from spotrun.localcloud.ledger import Ledger
 from spotrun.localcloud.motoserver import ACCOUNT_HEADER
 from spotrun.localcloud.overlay import Ec2Overlay
 from spotrun.localcloud.visibility import Visibility
@@ -74,8 +77,9 @@ class MotoUpstream:
 class Ec2Proxy:
     def __init__(self, upstream: MotoUpstream, overlay: Ec2Overlay,
                  faults: FaultInjector | None, record_event: Callable[..., None],
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, ledger: Ledger | None = None):
         self.upstream, self.overlay, self.faults = upstream, overlay, faults
+        self.ledger = ledger
         self.visibility = Visibility()
         self._record = record_event
         proxy = self
@@ -102,6 +106,32 @@ class Ec2Proxy:
 
     def answer(self, method: str, path: str, headers: list[tuple[str, str]],
                body: bytes) -> Ec2Response:
+        t0 = time.time()
+        # What the ledger needs beyond the answer: the fault, and moto's answer if performed.
+        outcome: dict = {"injected": None, "performed_answer": None}
+        try:
+            response = self._answer(method, path, headers, body, outcome)
+        except Exception as exc:
+            self._write_ledger(method, path, headers, body, t0, outcome,
+                               error_response(502, "InternalError", str(exc)))
+            raise
+        self._write_ledger(method, path, headers, body, t0, outcome, response)
+        return response
+
+    def _write_ledger(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                      t0: float, outcome: dict, response: Ec2Response) -> None:
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.record(method, path, headers, body, status=response.status,
+                               answer=response.body, t0=t0, checker=self.faults is None,
+                               **outcome)
+        except Exception as exc:  # noqa: BLE001 - the client still gets its answer
+            log.exception("ledger_write_failed", path=path)
+            self._record("ledger_write_failed", error=str(exc))
+
+    def _answer(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                outcome: dict) -> Ec2Response:
         params = _ec2_params(headers, body)
         if params is None:
             return self.upstream.send(method, path, headers, body)
@@ -111,11 +141,13 @@ class Ec2Proxy:
             if fault is not None:
                 self._record("ec2_fault_injected", kind=fault.kind, action=action,
                              code=fault.code, http_status=fault.http_status)
+                outcome["injected"] = {"kind": fault.kind, "performed": False}
                 return error_response(fault.http_status, fault.code, fault.message)
             refusal = self.visibility.refusal(action, params)
             if refusal is not None:
                 self._record("ec2_fault_injected", kind="not_found_after_create", action=action,
                              code="NotFound", http_status=400)
+                outcome["injected"] = {"kind": "not_found_after_create", "performed": False}
                 return refusal
 
         def forward(changed: dict) -> Ec2Response:
@@ -131,6 +163,8 @@ class Ec2Proxy:
             if fault is not None:
                 self._record("ec2_fault_injected", kind=fault.kind, action=action,
                              code=fault.code, http_status=fault.http_status)
+                outcome["injected"] = {"kind": fault.kind, "performed": True}
+                outcome["performed_answer"] = response.body
                 return error_response(fault.http_status, fault.code, fault.message)
         return response
 
