@@ -1,4 +1,4 @@
-"""Suite-wide set-up.
+"""Suite-wide set-up and fixtures.
 
 The trainer runs as an unprivileged user (nobody) in the tests, as it does on an instance:
 that user must be able to reach the virtualenv's interpreter and the checkout. A clone made
@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Shared helpers (testkit: wait_until, the metadata emulator's instance): tests/ has no
+# packages, so this folder goes on the path as tests/agent/helpers does for the agent's tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 
 def _grant_traversal(path: Path) -> list[str]:
@@ -71,3 +74,54 @@ def shared_tmp():
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def metadata_server():
+    """Factory: ``metadata_server(require_token=True, clock=None, hold=None, **metadata)`` -> a
+    started ``spotrun.localcloud.imds.MetadataServer`` on loopback for
+    ``testkit.instance_metadata(**metadata)``. ``hold``: a :class:`testkit.HeldPaths` whose
+    paths' GETs wait until it is released. Every one released and stopped afterwards."""
+    from spotrun.localcloud.imds import MetadataServer
+    from testkit import HoldingMetadataServer, instance_metadata
+
+    servers: list[MetadataServer] = []
+
+    def start(require_token: bool = True, clock=None, hold=None, **metadata) -> MetadataServer:
+        kwargs = {"clock": clock} if clock is not None else {}
+        md = instance_metadata(**metadata)
+        if hold is None:
+            server = MetadataServer(md, "127.0.0.1", 0, require_token=require_token, **kwargs)
+        else:
+            server = HoldingMetadataServer(md, "127.0.0.1", 0, require_token=require_token,
+                                           held=hold, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            if isinstance(server, HoldingMetadataServer):
+                server.held.release()  # a failed test may have left reads held
+            server.stop()
+
+
+@pytest.fixture
+def imds(metadata_server):
+    """The local cloud's metadata emulator for the tests' instance, started (see
+    ``metadata_server`` for other instances and options)."""
+    return metadata_server()
+
+
+@pytest.fixture
+def metadata_client(request):
+    """Factory: ``metadata_client(server=None, **options)`` -> the agent's
+    ``spotrun.imds.MetadataClient`` for ``server`` (by default the ``imds`` fixture's)."""
+    from spotrun.imds import MetadataClient
+
+    def make(server=None, **options) -> MetadataClient:
+        server = server if server is not None else request.getfixturevalue("imds")
+        return MetadataClient(server.endpoint, **options)
+
+    return make

@@ -1,4 +1,5 @@
-"""Shared fixtures for the agent's tests: a metadata server, and a real loop-device volume.
+"""Shared fixtures for the agent's tests: a real loop-device volume (the metadata server
+is the suite's, in tests/conftest.py).
 
 ``loop_volume`` gives an empty sparse image on a real loop device, with a Nitro-shaped
 by-id link (``nvme-Amazon_Elastic_Block_Store_vol…``) in a private device directory.
@@ -97,36 +98,3 @@ def loop_volume(make_loop_volume) -> LoopVolume:
     """An empty (no filesystem) 64 MiB volume on a real loop device; see :class:`LoopVolume`."""
     return make_loop_volume()
 
-
-def instance_metadata(**overrides):
-    """An emulated instance's metadata (spotrun.localcloud.imds.InstanceMetadata)."""
-    from spotrun.localcloud.imds import InstanceMetadata
-
-    values = dict(instance_id="i-0123456789abcdef0", instance_type="p3.2xlarge",
-                  availability_zone="us-east-1b", availability_zone_id="use1-az2",
-                  region="us-east-1", account_id="123456789012", ami_id="ami-0abcdef1234567890",
-                  private_ip="10.0.1.23", tags={"Name": "trainer"}, user_data=b"[job]\nid = \"x\"\n")
-    values.update(overrides)
-    return InstanceMetadata(**values)
-
-
-@pytest.fixture
-def metadata_server():
-    """Factory: ``metadata_server(require_token=True, clock=..., **metadata)`` -> a started
-    ``spotrun.localcloud.imds.MetadataServer`` on loopback, stopped afterwards."""
-    from spotrun.localcloud.imds import MetadataServer
-
-    servers = []
-
-    def start(require_token: bool = True, clock=None, **metadata):
-        kwargs = {"clock": clock} if clock is not None else {}
-        server = MetadataServer(instance_metadata(**metadata), "127.0.0.1", 0,
-                                require_token=require_token, **kwargs)
-        servers.append(server)
-        return server.start()
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.stop()

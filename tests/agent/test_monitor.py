@@ -6,30 +6,16 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from testkit import wait_until
 
-from spotrun.imds import MetadataClient
-from spotrun.localcloud.imds import InstanceMetadata, MetadataServer
 from spotrun.monitor import InterruptionMonitor, Maintenance, Rebalance, SpotNotice, parse_time
 
 POLL = 0.1
 
 
 @pytest.fixture
-def imds():
-    md = InstanceMetadata(instance_id="i-0123456789abcdef0", instance_type="p3.2xlarge",
-                          availability_zone="us-east-1a", availability_zone_id="use1-az1",
-                          region="us-east-1", account_id="123456789012", ami_id="ami-12345678",
-                          private_ip="10.0.0.5", tags={}, user_data=None)
-    server = MetadataServer(md).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def client(imds):
-    return MetadataClient(imds.endpoint, connect_timeout_s=0.2, read_timeout_s=0.5, deadline_s=2.0)
+def client(metadata_client):
+    return metadata_client(connect_timeout_s=0.2, read_timeout_s=0.5, deadline_s=2.0)
 
 
 @pytest.fixture
@@ -88,22 +74,16 @@ def test_the_thread_delivers_within_a_poll_interval(imds, running):
 def test_outage_then_notice_is_acted_on_within_one_poll_interval(imds, running, capsys):
     monitor, events = running
     imds.fault("refused", duration_s=2.0)
-    deadline = time.monotonic() + 10
-    while not monitor.in_outage:
-        assert time.monotonic() < deadline, "the monitor never saw the outage"
-        time.sleep(0.01)  # polling a real condition with a deadline
+    wait_until(lambda: monitor.in_outage, 10, "the monitor to see the outage", interval=0.01)
     imds.notice("terminate", when(120))  # published while metadata is down
-    while imds.active_faults():
-        assert time.monotonic() < deadline, "the emulator's outage did not end"
-        time.sleep(0.01)
+    wait_until(lambda: not imds.active_faults(), 10, "the emulator's outage to end", interval=0.01)
     back = time.monotonic()
     event = events.get(timeout=5)
     assert event.action == "terminate"
     # Within one poll interval of metadata returning (plus connection/retry slack).
     assert time.monotonic() - back < POLL + 0.7
-    while monitor.in_outage:  # over once every path (each on its own schedule) has answered
-        assert time.monotonic() < deadline, "the monitor never saw the outage end"
-        time.sleep(0.01)
+    # Over once every path (each on its own schedule) has answered.
+    wait_until(lambda: not monitor.in_outage, 10, "the monitor to see the outage end", interval=0.01)
     logged = capsys.readouterr().out
     assert logged.count('"metadata_outage_started"') == 1  # once per outage, not per poll
     assert logged.count('"metadata_outage_ended"') == 1

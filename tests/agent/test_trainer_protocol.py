@@ -9,39 +9,25 @@ from __future__ import annotations
 import io
 import json
 import os
-import pwd
 import queue
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from spotrun import log
-from spotrun.supervisor import (Supervisor, SupervisorOutcome, TrainerExited,
-                                TrainerRestartScheduled, TrainerStarted)
-from spotrun.trainerproc import Outcome, TrainerError, TrainerProcess, TrainerState
-from spotrun_trainer import protocol
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 
-FIXTURE = Path(__file__).parent / "fixtures" / "trainer.py"
-PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root, out of nobody's reach
-USER = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+from testkit import wait_until  # noqa: E402
+from trainer_procs import drain_events, procs, state_dir, sups, supervisor  # noqa: E402,F401
+from trainer_procs import make as make_trainer  # noqa: E402
 
-
-def wait_for(condition, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)  # polling a real condition with a deadline, not synchronising by sleep
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@pytest.fixture
-def state_dir(shared_tmp):
-    shared_tmp.chmod(0o777)  # the trainer's user writes its hello and records here
-    return shared_tmp
+from spotrun import log  # noqa: E402
+from spotrun.supervisor import (SupervisorOutcome, TrainerExited, TrainerRestartScheduled,  # noqa: E402
+                                TrainerStarted)
+from spotrun.trainerproc import Outcome, TrainerError, TrainerProcess, TrainerState  # noqa: E402
+from spotrun_trainer import protocol  # noqa: E402
 
 
 def protocol_files(state_dir: Path) -> dict:
@@ -51,25 +37,13 @@ def protocol_files(state_dir: Path) -> dict:
             "hello_file": hello, "completion_file": done}
 
 
-@pytest.fixture
-def procs():
-    started: list[TrainerProcess] = []
-    yield started
-    for proc in started:  # never leave a trainer behind, whatever the test did
-        if proc.state in (TrainerState.RUNNING, TrainerState.DRAINING):
-            proc.kill()
-            proc.wait(10)
-
-
 def make(state_dir, procs, mode, **kwargs) -> TrainerProcess:
-    kwargs = {**protocol_files(state_dir), **kwargs}
-    proc = TrainerProcess([PYTHON, str(FIXTURE), mode, str(state_dir)], user=USER, cwd=state_dir, **kwargs)
-    procs.append(proc)
-    return proc
+    """The fixture trainer, given the protocol's two files as the lifecycle gives them."""
+    return make_trainer(state_dir, procs, mode, **{**protocol_files(state_dir), **kwargs})
 
 
 def ready(state_dir: Path, pid: int) -> None:
-    wait_for(lambda: (state_dir / f"ready-{pid}").exists(), what=f"trainer {pid} ready")
+    wait_until(lambda: (state_dir / f"ready-{pid}").exists(), what=f"trainer {pid} ready")
 
 
 def outside_signal(proc: TrainerProcess, sig: signal.Signals, target: str) -> None:
@@ -178,11 +152,12 @@ def test_sigusr1_goes_only_where_the_hello_lists_it(state_dir, procs):
     asked = make(state_dir, procs, "aware")
     asked.start()
     ready(state_dir, asked.pid)
-    child = int(wait_for(lambda: (state_dir / "child-pid").exists() and (state_dir / "child-pid").read_text()))
+    child_pid = state_dir / "child-pid"
+    child = int(wait_until(lambda: child_pid.exists() and child_pid.read_text(), what="the child's pid"))
     ready(state_dir, child)
     assert asked.checkpoint_now() is True
-    wait_for(lambda: all((state_dir / f"usr1-{p}").exists() for p in (asked.pid, child)),
-             what="SIGUSR1 in the trainer and its child")
+    wait_until(lambda: all((state_dir / f"usr1-{p}").exists() for p in (asked.pid, child)),
+               what="SIGUSR1 in the trainer and its child")
     assert asked.state is TrainerState.RUNNING
     assert asked.stop(time.monotonic() + 10) is Outcome.PREEMPTED
 
@@ -198,37 +173,9 @@ def test_protocol_none_never_sends_sigusr1(state_dir, procs):
 
 # -- the supervisor ----------------------------------------------------------------------
 
-def drain_events(events: queue.Queue) -> list:
-    out = []
-    while True:
-        try:
-            out.append(events.get_nowait())
-        except queue.Empty:
-            return out
-
-
-@pytest.fixture
-def sups():
-    made: list[Supervisor] = []
-    yield made
-    for sup in made:  # stop any supervisor a failed test left running, and its trainer
-        sup.drain(time.monotonic())
-
-
 def supervise(sups, state_dir, modes, events, **kwargs):
-    made = []
-
-    def factory():
-        mode = modes[min(len(made), len(modes) - 1)]
-        proc = TrainerProcess([PYTHON, str(FIXTURE), mode, str(state_dir)], user=USER, cwd=state_dir,
-                              **protocol_files(state_dir))
-        made.append(proc)
-        return proc
-
-    kwargs.setdefault("backoff_s", 0.05)
-    kwargs.setdefault("backoff_max_s", 0.2)
-    sups.append(Supervisor(factory, on_event=events.put, **kwargs))
-    return sups[-1], made
+    """A supervisor of fixture trainers given the protocol's files; -> (supervisor, made)."""
+    return supervisor(sups, state_dir, modes, events, protocol_files(state_dir), **kwargs)
 
 
 @pytest.mark.parametrize("target", ["pid", "group"])

@@ -3,37 +3,27 @@ from __future__ import annotations
 
 import grp
 import json
-import os
 import pwd
 import queue
 import signal
 import socket
-import threading
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from spotrun.supervisor import (Supervisor, SupervisorDone, SupervisorOutcome, TrainerExited,
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+
+from testkit import wait_until  # noqa: E402
+from trainer_procs import USER, drain_events, procs, state_dir, sups, supervisor  # noqa: E402,F401
+from trainer_procs import make as make_trainer  # noqa: E402
+
+from spotrun.supervisor import (Supervisor, SupervisorDone, SupervisorOutcome, TrainerExited,  # noqa: E402
                                 TrainerRestartScheduled, TrainerStarted)
-from spotrun.trainerproc import (Outcome, TrainerError, TrainerProcess, TrainerState,
+from spotrun.trainerproc import (Outcome, TrainerError, TrainerProcess, TrainerState,  # noqa: E402
                                  TrainerStateError)
-
-FIXTURE = Path(__file__).parent / "fixtures" / "trainer.py"
-PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root, out of nobody's reach
-AS_ROOT = os.geteuid() == 0
-USER = "nobody" if AS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
-
-
-def wait_for(condition, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)  # polling a real condition with a deadline, not synchronising by sleep
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def alive(pid: int) -> bool:
@@ -43,40 +33,15 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture
-def state_dir(shared_tmp):
-    shared_tmp.chmod(0o777)  # the trainer's user writes here, not only traverses
-    return shared_tmp
-
-
-@pytest.fixture
-def procs():
-    started: list[TrainerProcess] = []
-    yield started
-    for proc in started:  # never leave a trainer behind, whatever the test did
-        if proc.state in (TrainerState.RUNNING, TrainerState.DRAINING):
-            proc.kill()
-            proc.wait(10)
-
-
-@pytest.fixture
-def sups():
-    made: list[Supervisor] = []
-    yield made
-    for sup in made:  # stop any supervisor a failed test left running, and its trainer
-        sup.drain(time.monotonic())
-
-
 def make(state_dir, procs, mode, **kwargs) -> TrainerProcess:
+    """The fixture trainer with the job's env unless the test gives its own."""
     kwargs.setdefault("env", {"SPOTRUN_JOB_ID": "job-1"})
-    proc = TrainerProcess([PYTHON, str(FIXTURE), mode, str(state_dir)], user=USER, cwd=state_dir, **kwargs)
-    procs.append(proc)
-    return proc
+    return make_trainer(state_dir, procs, mode, **kwargs)
 
 
 def ready_pids(state_dir: Path, count: int) -> list[int]:
-    files = wait_for(lambda: (lambda f: f if len(f) >= count else None)(sorted(state_dir.glob("ready-*"))),
-                     what=f"{count} ready processes")
+    files = wait_until(lambda: (lambda f: f if len(f) >= count else None)(sorted(state_dir.glob("ready-*"))),
+                       what=f"{count} ready processes")
     return [int(f.name.split("-")[1]) for f in files]
 
 
@@ -139,14 +104,14 @@ def test_obeying_trainer_is_preempted_and_sigusr1_reaches_the_group(state_dir, p
     child = int((state_dir / "child-pid").read_text())
     assert child in pids and proc.pid in pids
     assert proc.checkpoint_now()
-    wait_for(lambda: all((state_dir / f"usr1-{p}").exists() for p in pids), what="SIGUSR1 in both")
+    wait_until(lambda: all((state_dir / f"usr1-{p}").exists() for p in pids), what="SIGUSR1 in both")
     assert proc.state is TrainerState.RUNNING
     assert proc.request_stop()
     assert proc.state is TrainerState.DRAINING
     assert proc.wait(10) == 0
     assert proc.outcome() is Outcome.PREEMPTED and not proc.killed
     assert (state_dir / "checkpoint").read_text() == "saved"
-    wait_for(lambda: not alive(child), what="the child to be gone")
+    wait_until(lambda: not alive(child), what="the child to be gone")
     assert not proc.request_stop() and not proc.kill()  # after exit: nothing to signal
 
 
@@ -159,7 +124,7 @@ def test_trainer_ignoring_sigterm_is_killed_with_its_children(state_dir, procs):
     assert proc.stop(deadline) is Outcome.PREEMPTED
     assert time.monotonic() >= deadline
     assert proc.killed and proc.returncode == -signal.SIGKILL
-    wait_for(lambda: not alive(child), what="the child (ignoring SIGTERM too) to be gone")
+    wait_until(lambda: not alive(child), what="the child (ignoring SIGTERM too) to be gone")
 
 
 def test_children_left_behind_after_exit_are_killed(state_dir, procs):
@@ -167,7 +132,7 @@ def test_children_left_behind_after_exit_are_killed(state_dir, procs):
     proc.start()
     assert proc.wait(10) == 0 and proc.outcome() is Outcome.FINISHED
     child = int((state_dir / "child-pid").read_text())
-    wait_for(lambda: not alive(child), what="the straggler to be gone")
+    wait_until(lambda: not alive(child), what="the straggler to be gone")
 
 
 def test_crash_and_start_errors(state_dir, procs):
@@ -184,32 +149,6 @@ def test_crash_and_start_errors(state_dir, procs):
         TrainerProcess(["true"], user=USER, cwd=Path("/nonexistent"), env={}).start()
     with pytest.raises(TrainerStateError):
         proc.start()  # one process, one start
-
-
-def supervisor(sups, state_dir, modes, events, proc_kwargs=None, **kwargs):
-    """A factory handing out trainers in the given modes (the last one repeats)."""
-    made = []
-
-    def factory():
-        mode = modes[min(len(made), len(modes) - 1)]
-        proc = TrainerProcess([PYTHON, str(FIXTURE), mode, str(state_dir)], user=USER, cwd=state_dir,
-                              env={}, **(proc_kwargs or {}))
-        made.append(proc)
-        return proc
-
-    kwargs.setdefault("backoff_s", 0.05)
-    kwargs.setdefault("backoff_max_s", 0.2)
-    sups.append(Supervisor(factory, on_event=events.put, **kwargs))
-    return sups[-1], made
-
-
-def drain_events(events):
-    out = []
-    while True:
-        try:
-            out.append(events.get_nowait())
-        except queue.Empty:
-            return out
 
 
 def test_supervisor_restarts_crashes_with_backoff_then_gives_up(state_dir, sups):
@@ -247,7 +186,7 @@ def test_supervisor_drain_while_running_and_kill_at_deadline(state_dir, sups):
     assert isinstance(started, TrainerStarted)
     ready_pids(state_dir, 2)
     assert sup.checkpoint_now()
-    wait_for(lambda: (state_dir / f"usr1-{started.pid}").exists(), what="SIGUSR1")
+    wait_until(lambda: (state_dir / f"usr1-{started.pid}").exists(), what="SIGUSR1")
     result = sup.drain(time.monotonic() + 0.3)
     assert result.outcome is SupervisorOutcome.PREEMPTED and result.killed
     assert len(made) == 1 and made[0].state is TrainerState.EXITED
@@ -257,7 +196,7 @@ def test_supervisor_drain_during_backoff_ends_at_once(state_dir, sups):
     events = queue.Queue()
     sup, made = supervisor(sups, state_dir, ["crash"], events, max_restarts=5, backoff_s=60.0, backoff_max_s=60.0)
     sup.start()
-    wait_for(lambda: any(isinstance(e, TrainerRestartScheduled) for e in drain_events(events)) or None,
+    wait_until(lambda: any(isinstance(e, TrainerRestartScheduled) for e in drain_events(events)) or None,
              what="a restart to be scheduled")
     begun = time.monotonic()
     result = sup.drain(time.monotonic() + 5)

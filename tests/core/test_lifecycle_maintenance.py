@@ -4,11 +4,14 @@ The lifecycle's training loop with its real edges where they matter: the local c
 metadata emulator over HTTP, the real monitor, a real trainer process (SIGTERM ends it).
 The volume edge keeps count of what was asked of it. Each event is due ``LEAD`` seconds
 before its NotBefore plus a couple of seconds, so the drain the old code armed would fire
-within the test; what is checked is the phase over that window and what the volume was told.
+within the test. The lifecycle's own steps (a drain armed, moved, disarmed or declined) are
+awaited as they happen; where what is checked is that no drain comes, the phase is watched
+only until the moment the armed drain was due, and what the volume was told.
 """
 from __future__ import annotations
 
 import getpass
+import json
 import queue
 import signal
 import sys
@@ -18,16 +21,16 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
+from testkit import wait_until
 
 from spotrun import config
-from spotrun.imds import MetadataClient
 from spotrun.lifecycle import Lifecycle, Phase, StopRequested
-from spotrun.localcloud.imds import InstanceMetadata, MetadataServer
 from spotrun.maintenance import MaintenanceDue, MaintenancePlan, drain_kind
 from spotrun.monitor import InterruptionMonitor, Maintenance
 
 LEAD = 120.0
 DUE_IN = 2.5  # seconds from scheduling until the old code's timer would drain
+DRAIN_STARTS_S = 1.0  # ample for a due drain to show in the phase (a queue hand-off)
 TRAINER = ("import signal, sys, time\n"
            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
            "time.sleep(600)\n")
@@ -65,18 +68,7 @@ class CountingVolume:
 
 
 @pytest.fixture
-def imds():
-    md = InstanceMetadata("i-0123456789abcdef0", "p3.2xlarge", "us-east-1a", "use1-az1", "us-east-1",
-                          "123456789012", "ami-12345678", "10.0.0.5", {}, None)
-    server = MetadataServer(md).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def training(imds, tmp_path):
+def training(metadata_client, tmp_path):
     """A lifecycle training in a thread; yields (lifecycle, volume, outcome); always ended."""
     cfg = config.from_mapping({
         "agent": {"state_dir": str(tmp_path / "state"), "maintenance_lead_s": LEAD},
@@ -84,7 +76,7 @@ def training(imds, tmp_path):
         "code": {"workspace": str(tmp_path)},
         "trainer": {"command": [sys.executable, "-c", TRAINER], "user": getpass.getuser(),
                     "protocol": "none", "max_restarts": 0, "drain_reserve_s": 1.0}})
-    client = MetadataClient(imds.endpoint, read_timeout_s=2.0, deadline_s=5.0)
+    client = metadata_client(read_timeout_s=2.0, deadline_s=5.0)
     lc = Lifecycle(cfg, metadata=client, notifier=Quiet(), identify=None, volume_manager=None,
                    checkout=None, cancel_fleet=None,
                    monitor=lambda put: InterruptionMonitor(client, poll_interval_s=0.1, on_event=put))
@@ -98,7 +90,7 @@ def training(imds, tmp_path):
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("rc", lc.train()), daemon=True)
     thread.start()
-    wait_for(lambda: lc.phase is Phase.TRAINING and lc.supervisor.current is not None, 30, "training")
+    wait_until(lambda: lc.phase is Phase.TRAINING and lc.supervisor.current is not None, 30, "training")
     try:
         yield lc, volume, outcome
     finally:
@@ -108,19 +100,19 @@ def training(imds, tmp_path):
         assert not thread.is_alive(), "the lifecycle did not end"
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # polling a condition with a deadline
+def stays_training_past_the_drain(lc, not_before: datetime) -> None:
+    """Still training once the drain armed for ``not_before`` would have started.
 
-
-def stays_training(lc, seconds: float) -> None:
-    """The phase over the whole window in which the old drain would have started."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    "No drain" is the property: no event marks it, only the passing of the moment the timer
+    was set for (``LEAD`` before ``not_before``) and of a drain's start after it. So the
+    window is only that long; the step that makes it so (the drain disarmed or moved) was
+    awaited as an event before it."""
+    due_in = (not_before - timedelta(seconds=LEAD) - datetime.now(timezone.utc)).total_seconds()
+    until = time.monotonic() + max(0.0, due_in) + DRAIN_STARTS_S
+    while time.monotonic() < until:
         assert lc.phase is Phase.TRAINING, f"drained: {lc.phase}"
         time.sleep(0.02)  # watching for a drain that must not come
+    assert lc.phase is Phase.TRAINING, f"drained: {lc.phase}"
 
 
 def due_soon() -> datetime:
@@ -132,40 +124,64 @@ def served(imds) -> bool:
     return any(e["event"] == "notice_served" and e.get("what") == "maintenance" for e in imds.events)
 
 
-def taken_in(capsys):
-    """The lifecycle has taken the event in (armed its drain): its log line says so."""
-    seen: list[str] = []
+class Logged:
+    """The maintenance plan's log lines (the test's captured stdout), as they come, by event.
+    (The emulator logs events of the same names for what it is told: those are not these.)"""
 
-    def check() -> bool:
-        seen.extend(capsys.readouterr().out.splitlines())
-        return any('"maintenance_scheduled"' in line and '"drain_in_s"' in line for line in seen)
-    return check
+    def __init__(self, capsys):
+        self._capsys = capsys
+        self._entries: list[dict] = []
+
+    def __call__(self, event: str, **fields) -> bool:
+        """Whether the plan logged ``event`` (with ``fields``) so far."""
+        fields["component"] = "maintenance"
+        for line in self._capsys.readouterr().out.splitlines():
+            try:
+                entry = json.loads(line[line.index("{"):])
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                self._entries.append(entry)
+        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+                   for e in self._entries)
 
 
-def test_a_canceled_event_does_not_drain(imds, training, capsys):
+@pytest.fixture
+def logged(capsys):
+    return Logged(capsys)
+
+
+def test_a_canceled_event_does_not_drain(imds, training, logged):
     lc, volume, _ = training
-    event_id = imds.schedule_maintenance("instance-stop", due_soon())
-    wait_for(taken_in(capsys), 10, "the lifecycle to take the event in")
+    not_before = due_soon()
+    event_id = imds.schedule_maintenance("instance-stop", not_before)
+    wait_until(lambda: logged("maintenance_scheduled", event_id=event_id), 10, "the drain to be armed")
     imds.cancel_maintenance(event_id)
-    stays_training(lc, DUE_IN + 1.5)
+    wait_until(lambda: logged("maintenance_disarmed", event_id=event_id), 10, "the drain to be disarmed")
+    stays_training_past_the_drain(lc, not_before)
     assert volume.released == 0 and volume.unmounted == 0
 
 
-def test_a_canceled_event_still_listed_does_not_drain(imds, training, capsys):
+def test_a_canceled_event_still_listed_does_not_drain(imds, training, logged):
     lc, volume, _ = training
-    event_id = imds.schedule_maintenance("instance-retirement", due_soon())
-    wait_for(taken_in(capsys), 10, "the lifecycle to take the event in")
+    not_before = due_soon()
+    event_id = imds.schedule_maintenance("instance-retirement", not_before)
+    wait_until(lambda: logged("maintenance_scheduled", event_id=event_id), 10, "the drain to be armed")
     imds.cancel_maintenance(event_id, listed=True)
-    stays_training(lc, DUE_IN + 1.5)
+    wait_until(lambda: logged("maintenance_disarmed", event_id=event_id, state="canceled"), 10,
+               "the drain to be disarmed")
+    stays_training_past_the_drain(lc, not_before)
     assert volume.released == 0
 
 
-def test_a_rescheduled_event_moves_its_drain(imds, training, capsys):
+def test_a_rescheduled_event_moves_its_drain(imds, training, logged):
     lc, volume, _ = training
-    event_id = imds.schedule_maintenance("instance-stop", due_soon())
-    wait_for(taken_in(capsys), 10, "the lifecycle to take the event in")
+    not_before = due_soon()
+    event_id = imds.schedule_maintenance("instance-stop", not_before)
+    wait_until(lambda: logged("maintenance_scheduled", event_id=event_id), 10, "the drain to be armed")
     imds.reschedule_maintenance(event_id, datetime.now(timezone.utc) + timedelta(days=3))
-    stays_training(lc, DUE_IN + 1.5)
+    wait_until(lambda: logged("maintenance_rescheduled", event_id=event_id), 10, "the drain to be moved")
+    stays_training_past_the_drain(lc, not_before)  # the first time, not the new one
     assert lc.maintenance.armed() == [event_id]  # still prepared for, at the new time
     assert volume.released == 0
 
@@ -173,15 +189,18 @@ def test_a_rescheduled_event_moves_its_drain(imds, training, capsys):
 def test_a_reboot_event_drains_and_keeps_the_volume_attached(imds, training):
     lc, volume, _ = training
     imds.schedule_maintenance("system-reboot", due_soon())
-    wait_for(lambda: lc.state.read().get("phase") == "stopped", 30, "the drain, in the state file")
+    wait_until(lambda: lc.state.read().get("phase") == "stopped", 30, "the drain, in the state file")
     assert (volume.unmounted, volume.released) == (1, 0) and lc.phase is Phase.STOPPED
 
 
-def test_network_maintenance_needs_no_drain(imds, training):
+def test_network_maintenance_needs_no_drain(imds, training, logged):
     lc, volume, _ = training
-    imds.schedule_maintenance("system-maintenance", due_soon(), description="scheduled network maintenance")
-    wait_for(lambda: served(imds), 10, "the monitor to read the event")
-    stays_training(lc, DUE_IN + 1.5)
+    event_id = imds.schedule_maintenance("system-maintenance", due_soon(),
+                                         description="scheduled network maintenance")
+    wait_until(lambda: served(imds), 10, "the monitor to read the event")
+    # The lifecycle's decision, as it takes the event in: no drain armed (the old code armed one).
+    wait_until(lambda: logged("maintenance_no_drain", event_id=event_id), 10, "the event to be taken in")
+    assert lc.maintenance.armed() == [] and lc.phase is Phase.TRAINING
     assert volume.released == 0 and volume.unmounted == 0
 
 
@@ -189,7 +208,7 @@ def test_maintenance_that_stops_the_instance_drains_and_releases(imds, training)
     lc, volume, _ = training
     imds.schedule_maintenance("system-maintenance", due_soon(),
                               description="The instance will be stopped for power maintenance")
-    wait_for(lambda: lc.phase is Phase.RELEASED, 30, "the drain")
+    wait_until(lambda: lc.phase is Phase.RELEASED, 30, "the drain")
     assert (volume.released, volume.unmounted) == (1, 0)
 
 
@@ -198,10 +217,10 @@ def test_a_drain_for_an_event_then_canceled_takes_the_volume_back_and_trains_on(
     """The old agent sat in released/stopped waiting for a termination that never came."""
     lc, volume, outcome = training
     event_id = imds.schedule_maintenance(code, due_soon())
-    wait_for(lambda: lc.phase is drained, 30, "the drain")
+    wait_until(lambda: lc.phase is drained, 30, "the drain")
     first = lc.supervisor
     imds.cancel_maintenance(event_id)
-    wait_for(lambda: lc.phase is Phase.TRAINING and lc.supervisor is not first
+    wait_until(lambda: lc.phase is Phase.TRAINING and lc.supervisor is not first
              and lc.supervisor.current is not None, 30, "training again")
     assert volume.acquired == 1 and "rc" not in outcome
     assert lc.state.read()["phase"] == "training" and lc.interruptions == 1
@@ -210,9 +229,9 @@ def test_a_drain_for_an_event_then_canceled_takes_the_volume_back_and_trains_on(
 def test_a_notice_after_a_maintenance_drain_leaves_it_drained(imds, training):
     lc, volume, outcome = training
     imds.schedule_maintenance("instance-stop", due_soon())
-    wait_for(lambda: lc.phase is Phase.RELEASED, 30, "the drain")
+    wait_until(lambda: lc.phase is Phase.RELEASED, 30, "the drain")
     imds.notice("terminate", datetime.now(timezone.utc) + timedelta(seconds=120))
-    wait_for(lambda: "rc" in outcome, 10, "the lifecycle to settle for the termination")
+    wait_until(lambda: "rc" in outcome, 10, "the lifecycle to settle for the termination")
     assert lc.phase is Phase.RELEASED and volume.acquired == 0 and volume.released == 1
 
 

@@ -119,7 +119,8 @@ def test_reference_trainer_resumes_mid_epoch_to_the_uninterrupted_result(shared_
     assert interrupted["test_accuracy"] == pytest.approx(straight["test_accuracy"], abs=1 / 256)
 
 
-def test_a_callbacks_list_script_stopped_from_outside_resumes_at_the_step_and_completes_once(shared_tmp):
+def test_a_callbacks_list_script_stopped_from_outside_resumes_at_the_step_and_completes_once(
+        shared_tmp, start_rehearsal):
     """Issue 16's first defect as a Keras user meets it: an operator's ``kill`` of a script
     written as the docs show ended in "completed" and a cancelled fleet with a quarter of the
     steps trained. Now the trainer exits 75, the agent restarts it in place, it resumes at the
@@ -127,31 +128,28 @@ def test_a_callbacks_list_script_stopped_from_outside_resumes_at_the_step_and_co
     repo = commit_repository(shared_tmp / "repo", {"train.py": CALLBACKS_LIST_TRAIN_PY},
                              "callbacks-list training code")
     env = {"KERAS_BACKEND": "tensorflow", "STEP_S": "0.05"}
-    r = Rehearsal(RehearsalPlan(out=shared_tmp / "run", repository=repo, trainer_env=env,
-                                interrupt_at_steps=[], timeout_s=400))
-    r.start()
-    try:
-        deadline = time.monotonic() + 300
-        iid = r._await("the first instance", lambda: r.boots and r.boots[0]["instance_id"], deadline)
-        inst = r.cloud.instance(iid)
-        r._await("step 40", lambda: (r.progress_of(inst).get("global_step") or 0) >= 40, deadline)
-        pid = r.await_agent_event(iid, "trainer_started")["pid"]
-        os.kill(pid, signal.SIGTERM)  # not the agent's: nobody asked it to stop
+    r = start_rehearsal(out=shared_tmp / "run", repository=repo, trainer_env=env,
+                        interrupt_at_steps=[], timeout_s=400)
+    deadline = time.monotonic() + 300
+    iid = r._await("the first instance", lambda: r.boots and r.boots[0]["instance_id"], deadline)
+    inst = r.cloud.instance(iid)
+    r._await("step 40", lambda: (r.progress_of(inst).get("global_step") or 0) >= 40, deadline)
+    pid = r.await_agent_event(iid, "trainer_started")["pid"]
+    os.kill(pid, signal.SIGTERM)  # not the agent's: nobody asked it to stop
 
-        def restarted():
-            assert not r._fleet_cancelled(), "the outside SIGTERM was taken as completion"
-            return [e for e in r._agent_events(iid) if e.get("event") == "trainer_started"][1:]
-        r._await("the trainer restarted in place", restarted, deadline)
-        done = r.await_agent_event(iid, "completion_recorded", timeout=240)
-        r._await("the fleet cancel", r._fleet_cancelled, deadline)
-        events = _trainer_events(inst)
-        [stopped] = [e for e in events if e["event"] == "training_stopped_for_interruption"]
-        [resumed] = [e for e in events if e["event"] == "training_resumed"]
-        assert stopped["exit_status"] == 75 and stopped["global_step"] >= 40
-        assert resumed["global_step"] == stopped["global_step"]  # at the step, not the epoch
-        assert len(r.boots) == 1 and done["metrics"]["global_step"] == 128
-    finally:
-        r.stop()
+    def restarted():
+        assert not r._fleet_cancelled(), "the outside SIGTERM was taken as completion"
+        return [e for e in r._agent_events(iid) if e.get("event") == "trainer_started"][1:]
+    r._await("the trainer restarted in place", restarted, deadline)
+    done = r.await_agent_event(iid, "completion_recorded", timeout=240)
+    r._await("the fleet cancel", r._fleet_cancelled, deadline)
+    events = _trainer_events(inst)
+    [stopped] = [e for e in events if e["event"] == "training_stopped_for_interruption"]
+    [resumed] = [e for e in events if e["event"] == "training_resumed"]
+    assert stopped["exit_status"] == 75 and stopped["global_step"] >= 40
+    assert resumed["global_step"] == stopped["global_step"]  # at the step, not the epoch
+    assert len(r.boots) == 1 and done["metrics"]["global_step"] == 128
+    r.stop()  # as it was: the uninterrupted run below has the machine to itself
 
     straight = subprocess.run([PYTHON, "-c", CALLBACKS_LIST_TRAIN_PY], capture_output=True, text=True,
                               env=dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
@@ -162,30 +160,25 @@ def test_a_callbacks_list_script_stopped_from_outside_resumes_at_the_step_and_co
     assert done["metrics"]["weights_l1"] == pytest.approx(want["weights_l1"], rel=1e-6)
 
 
-def test_the_seeds_own_script_runs_resumes_from_its_files_and_completes(shared_tmp):
+def test_the_seeds_own_script_runs_resumes_from_its_files_and_completes(shared_tmp, start_rehearsal):
     repo = _repo(shared_tmp / "repo")
-    r = Rehearsal(RehearsalPlan(out=shared_tmp / "run", repository=repo,
-                                command=[PYTHON, "seed_wrapper.py"], interrupt_at_steps=[],
-                                notice_s=15, timeout_s=400))
-    r.start()
-    try:
-        deadline = time.monotonic() + 300
-        first = r._await("the first instance", lambda: r.boots and r.boots[0]["instance_id"], deadline)
-        inst = r.cloud.instance(first)
-        epoch_one = inst.mount_point / "checkpoints" / "cifar10" / "cifar10_model.001.keras"
-        r._await("the seed's first epoch file", epoch_one.exists, deadline)
-        r.cloud.interrupt(first, "terminate", in_seconds=15)
-        r.await_agent_event(first, "phase_changed", timeout=60, phase="released")
-        second = r._await("a replacement", lambda: len(r.boots) > 1 and r.boots[1]["instance_id"], deadline)
-        done = r.await_agent_event(second, "completion_recorded", timeout=300)
-        r._await("the fleet cancel", r._fleet_cancelled, deadline)
-        # Its own resume: the replacement started at the epoch after its highest file.
-        log_text = (r.cloud.instance(second).state_dir / "trainer.log").read_text()
-        epochs_run = [line.split()[1] for line in log_text.splitlines() if line.startswith("Epoch ")]
-        assert epochs_run and epochs_run[0] != "1/3", epochs_run
-        assert "test_accuracy" in done["metrics"]
-        # The fleet was cancelled once, by the completion: no instance before it finished.
-        events = [e["event"] for e in r._agent_events(first)]
-        assert "fleet_cancel_started" not in events
-    finally:
-        r.stop()
+    r = start_rehearsal(out=shared_tmp / "run", repository=repo, command=[PYTHON, "seed_wrapper.py"],
+                        interrupt_at_steps=[], notice_s=15, timeout_s=400)
+    deadline = time.monotonic() + 300
+    first = r._await("the first instance", lambda: r.boots and r.boots[0]["instance_id"], deadline)
+    inst = r.cloud.instance(first)
+    epoch_one = inst.mount_point / "checkpoints" / "cifar10" / "cifar10_model.001.keras"
+    r._await("the seed's first epoch file", epoch_one.exists, deadline)
+    r.cloud.interrupt(first, "terminate", in_seconds=15)
+    r.await_agent_event(first, "phase_changed", timeout=60, phase="released")
+    second = r._await("a replacement", lambda: len(r.boots) > 1 and r.boots[1]["instance_id"], deadline)
+    done = r.await_agent_event(second, "completion_recorded", timeout=300)
+    r._await("the fleet cancel", r._fleet_cancelled, deadline)
+    # Its own resume: the replacement started at the epoch after its highest file.
+    log_text = (r.cloud.instance(second).state_dir / "trainer.log").read_text()
+    epochs_run = [line.split()[1] for line in log_text.splitlines() if line.startswith("Epoch ")]
+    assert epochs_run and epochs_run[0] != "1/3", epochs_run
+    assert "test_accuracy" in done["metrics"]
+    # The fleet was cancelled once, by the completion: no instance before it finished.
+    events = [e["event"] for e in r._agent_events(first)]
+    assert "fleet_cancel_started" not in events

@@ -16,7 +16,6 @@ import time
 import pytest
 
 from spotrun import tags as T
-from spotrun.rehearsal import Rehearsal, RehearsalPlan
 
 pytestmark = [pytest.mark.loopdev]
 PYTHON = sys.executable
@@ -24,23 +23,17 @@ CANCEL = "CancelSpotFleetRequests"  # the rehearsal's fleets are Spot Fleets
 
 
 @pytest.fixture
-def rehearsal(shared_tmp, counting_repo, monkeypatch):
-    made = []
-
+def rehearsal(start_rehearsal, counting_repo, monkeypatch):
+    """Factory: the counting trainer's rehearsal (``env``: its settings over these), started,
+    with what the cloud held at the fleet cancel in ``at_cancel``."""
     def make(env=None, **plan):
-        trainer_env = {"STEPS": "300", "STEP_S": "0.02", "CKPT_EVERY": "10"}
-        trainer_env.update(env or {})
-        r = Rehearsal(RehearsalPlan(out=shared_tmp / f"run{len(made)}", repository=counting_repo,
-                                    command=[PYTHON, "train.py"], trainer_env=trainer_env,
-                                    timeout_s=180, **plan))
-        made.append(r)
-        r.start()
+        trainer_env = {"STEPS": "300", "STEP_S": "0.02", "CKPT_EVERY": "10", **(env or {})}
+        r = start_rehearsal(repository=counting_repo, command=[PYTHON, "train.py"],
+                            trainer_env=trainer_env, timeout_s=180, **plan)
         r.at_cancel = _watch_cancel(r, monkeypatch)
         return r
 
-    yield make
-    for r in made:
-        r.stop()
+    return make
 
 
 def _volume_tags(r) -> dict:
