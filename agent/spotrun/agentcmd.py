@@ -20,6 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from spotrun import config as configmod
 from spotrun import log as logmod
 from spotrun.config import Config, ConfigError
+from spotrun.lease import LeaseHeld
 
 CONFIG_ENV = "SPOTRUN_CONFIG"
 
@@ -74,7 +75,7 @@ def load_config(path: Path, *, use_user_data: bool = True) -> tuple[Config, obje
                 return ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"]
 
             overrides.append((userdata.parse(raw, fetch_parameter=fetch_parameter), "user-data"))
-    config = configmod.load(path, *overrides, require_repository=True)
+    config = configmod.load(path, *overrides, require_repository=True, require_lease=True)
     try:
         pwd.getpwnam(config.trainer.user)
     except KeyError:
@@ -143,6 +144,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     lifecycle = build_lifecycle(config, metadata)
     try:
         code = lifecycle.run()
+    except LeaseHeld as exc:
+        report_gave_up(lifecycle.state, exc)
+        raise
     except (ClientError, BotoCoreError) as exc:
         # The operator reads one line (the call, EC2's code, the resource) at error priority;
         # the traceback is for debugging only.
@@ -160,6 +164,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.exit_when_done:
         lifecycle.wait_for_termination()
     return code
+
+
+def report_gave_up(state, exc: LeaseHeld) -> None:
+    """An instance that lost the race for the job tells the operator: the state file (what
+    `spotrun agent status` prints) and the journal, at error priority. It writes nothing on the
+    job's resources: its volume tags are the winner's to write."""
+    from spotrun.lease import GAVE_UP_HINT
+
+    current = state.read()
+    current.update(
+        status=f"not needed: job held by instance {exc.holder} ({exc.holder_state}); "
+               f"gave up after {exc.waited_s} s without touching the job's volume",
+        gave_up={"holder": exc.holder, "holder_state": exc.holder_state,
+                 "waited_s": exc.waited_s, "reason": str(exc)[:500]},
+        next=GAVE_UP_HINT)
+    state.write(current)
+    logmod.get_logger("agent").error("agent_not_needed", holder=exc.holder,
+                                     holder_state=exc.holder_state, waited_s=exc.waited_s,
+                                     hint=GAVE_UP_HINT)
 
 
 def print_local_status(args: argparse.Namespace) -> int:

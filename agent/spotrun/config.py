@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -121,12 +122,34 @@ class MetadataConfig:
 class AwsConfig:
     region: str = ""  # "" = from instance identity
     endpoint_url: str = ""  # "" = AWS; the local spot cloud sets its own
-    lease_table: str = ""  # "" = no lease table (single-instance fleets)
+    # The DynamoDB lease table (`spotrun init` creates "spotrun-leases"). Required by
+    # `agent run`: without it two instances of the job can both use its volume.
+    lease_table: str = ""
+    # The operator's promise that at most one instance can ever run for this job: the only
+    # thing it changes is that the agent may run without a lease table.
+    single_instance: bool = False
     retry_mode: str = "adaptive"
     max_attempts: int = 10
     # How long EC2 may take to show a volume or snapshot it just created (it answers "not
     # found" meanwhile): this agent's own new resources are called gone only after that.
     consistency_window_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """The lease's bounds (``spotrun.lease`` reads its defaults from here)."""
+    # A holder EC2 answers "not found" for is proven gone only after this long and this many
+    # lookups, all not found: a just-launched instance can be unknown to EC2 for a while.
+    takeover_window_s: float = 300.0
+    takeover_lookups: int = 5
+    # How long an instance waits for a holder that keeps the job without draining, before it
+    # exits 1. At most MAX_LOSER_WAIT_S: with the unit's RestartSec=10, a longer wait keeps
+    # systemd from ever reaching its start limit (5 starts in 600 s), and the loser retries
+    # for as long as the instance runs.
+    loser_wait_s: float = 90.0
+
+
+MAX_LOSER_WAIT_S = 100.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +171,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     aws: AwsConfig = field(default_factory=AwsConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     @property
@@ -175,6 +199,7 @@ _SECTION_CLASSES = {
     "trainer": TrainerConfig,
     "metadata": MetadataConfig,
     "aws": AwsConfig,
+    "lease": LeaseConfig,
     "agent": AgentConfig,
 }
 
@@ -192,7 +217,10 @@ _POSITIVE = {
     ("metadata", "read_timeout_s"), ("metadata", "deadline_s"), ("aws", "max_attempts"),
     ("volume", "attach_timeout_s"), ("volume", "device_timeout_s"),
     ("volume", "create_timeout_s"), ("volume", "snapshot_timeout_s"),
+    ("lease", "takeover_window_s"), ("lease", "takeover_lookups"), ("lease", "loser_wait_s"),
 }
+# Numbers that must be finite (TOML reads `inf` and `nan`): a bound that never ends is none.
+_FINITE = {("lease", "takeover_window_s"), ("lease", "loser_wait_s")}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any, source: str) -> Any:
@@ -263,6 +291,9 @@ def _build(raw: dict) -> Config:
                     f"must be one of {', '.join(_CHOICES[(section, key)])}, got {kwargs[key]!r}",
                     source,
                 )
+            if (section, key) in _FINITE and not math.isfinite(kwargs[key]):
+                raise ConfigError(f"{section}.{key}", f"must be a finite number, got {kwargs[key]}",
+                                  source)
             if (section, key) in _POSITIVE and kwargs[key] == 0:
                 raise ConfigError(f"{section}.{key}", "must be greater than zero", source)
         sections[section] = cls(**kwargs)
@@ -296,6 +327,29 @@ def _check_whole(config: Config, raw: dict) -> None:
         if not value or value.startswith("/") or ".." in Path(value).parts:
             raise ConfigError(f"volume.{key}", "must be a relative path inside the volume",
                               _source_of(raw, "volume", key))
+    if config.lease.loser_wait_s > MAX_LOSER_WAIT_S:
+        raise ConfigError(
+            "lease.loser_wait_s",
+            f"must be at most {MAX_LOSER_WAIT_S:.0f} s, got {config.lease.loser_wait_s}: with the "
+            "unit's RestartSec=10 a longer wait never lets systemd reach its start limit "
+            "(5 starts in 600 s), so an instance that cannot win would retry for as long as it runs",
+            _source_of(raw, "lease", "loser_wait_s"))
+
+
+LEASE_REQUIRED = (
+    "is required: the DynamoDB lease table that lets only one instance at a time use the job's "
+    "volume ('spotrun init' creates \"spotrun-leases\"; without a table two instances booting "
+    "together can both train on two copies, and one can delete the other's newest copy). Set "
+    "aws.single_instance = true instead only when at most one instance can ever run for this "
+    "job: capacity 1 AND no replacement can boot while the old instance still drains, which "
+    "AWS does not guarantee for a fleet or Auto Scaling group")
+
+
+def check_lease(config: Config, source: str = "config") -> None:
+    """The agent's run needs the lease table unless the operator promised a single instance
+    (invariant 1 cannot hold otherwise)."""
+    if not config.aws.lease_table and not config.aws.single_instance:
+        raise ConfigError("aws.lease_table", LEASE_REQUIRED, source)
 
 
 def parse_toml(text: str, source: str) -> dict:
@@ -309,8 +363,12 @@ def load(
     path: Path | str | None = DEFAULT_CONFIG_PATH,
     *overrides: tuple[Mapping, str],
     require_repository: bool = False,
+    require_lease: bool = False,
 ) -> Config:
-    """Defaults ← the config file (if it exists) ← each (mapping, source) override in order."""
+    """Defaults ← the config file (if it exists) ← each (mapping, source) override in order.
+
+    ``require_repository`` and ``require_lease``: what `agent run` needs of the whole config
+    (the file alone may leave them to the user data)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -322,6 +380,9 @@ def load(
     if require_repository and not config.code.repository:
         raise ConfigError("code.repository", "is required: where the training code lives (a git URL)",
                           _source_of(raw, "code", "repository"))
+    if require_lease:
+        where = [str(path)] if path is not None and path.exists() else []
+        check_lease(config, " + ".join(where + [source for _, source in overrides]) or "config")
     return config
 
 

@@ -39,12 +39,15 @@ AGENT_CALLS: list[tuple[str, str]] = [
     ("autoscaling:DescribeAutoScalingGroups", "check the Auto Scaling group before scaling it"),
     ("ssm:GetParameter", "git credentials from an SSM parameter (code.credentials_ssm_parameter)"),
     ("secretsmanager:GetSecretValue", "git credentials from a secret (code.credentials_secret_id)"),
-    ("dynamodb:GetItem", "read the job's lease (who holds it)"),
-    ("dynamodb:PutItem", "take or take over the job's lease (conditional write)"),
-    ("dynamodb:DeleteItem", "release the job's lease on drain (conditional delete)"),
+    ("dynamodb:GetItem", "read the job's lease (consistent read): who holds it, and the "
+                         "holder's check of its generation before every change to the job"),
+    ("dynamodb:PutItem", "every change to the job's lease, each a compare-and-swap on holder and "
+                         "generation: take (or take over) it, mark it draining, release it "
+                         "(the item stays, so the generation keeps counting)"),
 ]
 
-LEASE_CALLS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem")
+# Exactly what spotrun.lease calls (a test records them): no DeleteItem or UpdateItem.
+LEASE_CALLS = ("dynamodb:GetItem", "dynamodb:PutItem")
 
 
 def agent_actions(*, lease_table: bool = True) -> list[str]:

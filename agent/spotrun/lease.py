@@ -22,11 +22,18 @@ before), so "who holds it" is decided atomically on AWS's side:
   counting) without a holder. ``draining`` is set when the holder starts letting go.
 - **a loser gets out of the way**: an instance that finds the job held by a live holder that
   is not draining waits at most ``loser_wait_s`` and raises :class:`LeaseHeld` (exit 1); one
-  whose holder is draining waits up to the caller's drain deadline.
+  whose holder is draining waits up to the caller's drain deadline. A loser makes no mutating
+  call on the job's resources (no lease write, no tag); the agent reports the give-up in its
+  state file and journal (``spotrun.agentcmd``).
 
-Without a table (single-instance fleets) :func:`wait_until_free` is the guard: the agent never
-touches a volume that is attached to, or being released by, another instance; it waits until
-the volume is ``available`` — at most ``loser_wait_s`` while a live instance simply keeps it.
+The bounds are the ``[lease]`` config section (``takeover_window_s``, ``takeover_lookups``,
+``loser_wait_s``); the constants below are its defaults.
+
+Without a table (allowed only with ``aws.single_instance = true``, the operator's promise that
+no second instance can run) :func:`wait_until_free` is the guard: the agent never touches a
+volume that is attached to, or being released by, another instance; it waits until the volume
+is ``available`` — at most ``loser_wait_s`` while a live instance simply keeps it. It cannot
+keep two agents that start at the same moment apart.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from datetime import datetime, timezone
 from botocore.exceptions import ClientError
 
 from spotrun import ec2 as ec2mod
+from spotrun.config import LeaseConfig
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 
@@ -52,14 +60,14 @@ ALIVE_STATES = ("pending", "running", "stopping", "stopped")
 # States EC2 never leaves: one sighting proves the holder is gone.
 GONE_STATES = ("shutting-down", "terminated")
 ABSENT = "absent"
-# Defaults, read when a Lease is made (tests set them through the constructor).
+# Defaults (config [lease]), read when a Lease is made (tests set them through the constructor).
 # AWS: a resource just created may be "not found" for a while; retry with backoff from a
 # couple of seconds "up to a few minutes". 300 s of NotFound on every lookup is proof.
-ABSENT_WINDOW_S = 300.0
-ABSENT_LOOKUPS = 5
+ABSENT_WINDOW_S = LeaseConfig.takeover_window_s
+ABSENT_LOOKUPS = LeaseConfig.takeover_lookups
 # A live holder that is not draining will not let go soon: the loser stops after this long.
 # 90 s per start, RestartSec=10 and StartLimitBurst=5 in 600 s: systemd gives up on the 5th.
-LOSER_WAIT_S = 90.0
+LOSER_WAIT_S = LeaseConfig.loser_wait_s
 GAVE_UP_HINT = ("This instance is not needed while the holder keeps the job: systemd retries a few "
                 "times, then leaves spotrun-agent failed; terminate this instance or lower the "
                 "fleet's target capacity (it keeps running, and is paid for, until you do)")
@@ -67,6 +75,13 @@ GAVE_UP_HINT = ("This instance is not needed while the holder keeps the job: sys
 
 class LeaseHeld(SpotrunError):
     """Another live instance holds the job (or the volume) and is not letting go."""
+
+    def __init__(self, message: str, *, holder: str | None = None, holder_state: str | None = None,
+                 waited_s: float | None = None):
+        super().__init__(message)
+        self.holder = holder
+        self.holder_state = holder_state
+        self.waited_s = waited_s
 
 
 class LeaseLost(SpotrunError):
@@ -137,7 +152,7 @@ class Lease:
         if ec2mod.error_code(exc) == "ResourceNotFoundException":
             raise SpotrunError(
                 f"aws.lease_table: DynamoDB table {self.table!r} does not exist "
-                "(create it with 'spotrun init', or set aws.lease_table = \"\")") from None
+                "(create it with 'spotrun init')") from None
 
     def _read(self) -> Item | None:
         try:
@@ -258,7 +273,8 @@ class Lease:
                            f"{limit:.0f} s and did not touch the job's volume")
                 log().error("lease_gave_up", table=self.table, holder=other, holder_state=state,
                             waited_s=round(now - start, 1), hint=GAVE_UP_HINT)
-                raise LeaseHeld(f"{message}. {GAVE_UP_HINT}")
+                raise LeaseHeld(f"{message}. {GAVE_UP_HINT}", holder=other, holder_state=state,
+                                waited_s=round(now - start, 1))
             time.sleep(self.poll_s)
 
     def _is_mine(self, current: Item | None) -> bool:
@@ -338,7 +354,9 @@ def wait_until_free(ec2, volume_id: str, instance_id: str, deadline_s: float,
                 raise LeaseHeld(
                     f"volume {volume_id} is still {att['State']} to instance {att['InstanceId']} "
                     f"({holder_state}) after {limit:.0f} s; not touching it"
-                    + (f". {GAVE_UP_HINT}" if keeps_it else ""))
+                    + (f". {GAVE_UP_HINT}" if keeps_it else ""),
+                    holder=att["InstanceId"], holder_state=holder_state,
+                    waited_s=round(time.monotonic() - start, 1))
             if waited_for is None:
                 log().info("volume_held_wait", volume_id=volume_id, holder=att["InstanceId"],
                            holder_state=holder_state, attachment_state=att["State"])

@@ -68,7 +68,10 @@ class RehearsalPlan:
     notice_s: float = 20.0  # the two-minute notice, scaled down so the demo is quick
     az_policy: str = "round-robin"
     timeout_s: float = 900.0
-    lease_table: str = ""
+    # The fleet replaces an instance while the old one may still drain: two agents can meet,
+    # so the agents use a lease table (created in the cloud at start if missing), as a job set
+    # up by `spotrun init` does. "" = none: agent_config must then set aws.single_instance.
+    lease_table: str = "spotrun-leases"
     # Extra agent config per section (e.g. {"trainer": {"max_restarts": 1}}), over the defaults here.
     agent_config: dict = field(default_factory=dict)
 
@@ -94,6 +97,19 @@ def commit_repository(path: Path, files: dict[str, str | Path], message: str) ->
     if not (unchanged and has_head):
         subprocess.run(git + ["commit", "-q", "-m", message], check=True)
     return f"file://{path}"
+
+
+def ensure_lease_table(cloud, name: str) -> None:
+    """The job's lease table on the local cloud, as `spotrun init` creates it on AWS."""
+    from botocore.exceptions import ClientError
+
+    from spotrun import lease
+
+    try:
+        cloud.client("dynamodb", faults=False).create_table(**lease.table_definition(name))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
+            raise
 
 
 def make_demo_repository(path: Path) -> str:
@@ -175,6 +191,8 @@ class Rehearsal:
         if self.cloud is None:
             self.say(f"starting the local spot cloud under {self.out / 'cloud'}")
             self.cloud = LocalCloud(self.out / "cloud", TimingModel.fast()).start()
+        if self.plan.lease_table:
+            ensure_lease_table(self.cloud, self.plan.lease_table)
         self.say(f"requesting a Spot Fleet: capacity 1, maintain, replacements {self.plan.az_policy}")
         launch = LaunchSpec(instance_type="p3.2xlarge",
                             user_data=userdata.render(self._job_overrides()))

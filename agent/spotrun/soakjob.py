@@ -40,8 +40,12 @@ class SoakJob(Rehearsal):
             command=[sys.executable, "train.py"], trainer_env=env, interrupt_at_steps=[],
             notice_s=self.notice_s, timeout_s=timeout_s,
             lease_table=LEASE_TABLE if plan.lease else "",
+            # Without the table, the operator's promise of one instance (soakplan gives such
+            # jobs only kinds where no two agents meet).
             agent_config={"trainer": {"drain_reserve_s": 2.0, "restart_backoff_s": 0.5},
-                          "agent": {"maintenance_lead_s": self.maintenance_lead_s}}), cloud=cloud)
+                          "agent": {"maintenance_lead_s": self.maintenance_lead_s},
+                          **({} if plan.lease else {"aws": {"single_instance": True}})}),
+            cloud=cloud)
         self.job_plan = plan
         self.deadline = time.monotonic() + timeout_s
         self.gone: list[str] = []               # instances interrupted, in order

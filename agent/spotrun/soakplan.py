@@ -16,7 +16,12 @@ PROFILES = {
     "long": {"jobs": None, "min_per_kind": 11, "slots": (3, 5), "timeout_s": 300.0},
 }
 NEXT_BOOT_KINDS = {name for name, kind in CATALOGUE.items() if kind.prepare is not None}
-NEEDS_LEASE = {"two_replacements"}
+# Kinds where a second agent runs for the job beside the first: two valid replacements, or a
+# second instance booted with bad input (refused before it touches anything, but a second
+# instance all the same). They need the lease table; a job without one sets
+# aws.single_instance (the operator's promise of one instance) and gets only the other kinds,
+# where the fleet boots a replacement only once the old instance is terminated.
+NEEDS_LEASE = {"two_replacements", "bad_input"}
 
 
 @dataclass
@@ -82,7 +87,7 @@ def plan_jobs(profile: str, seed: int, jobs: int | None = None,
             step += job_rng.randint(3 * every, 5 * every)
             slots.append(Slot(kind, step, random.Random(job_rng.randrange(1 << 62))))
         # Both supported set-ups: with a lease table (what `spotrun init` creates) and without
-        # (a single-instance fleet). Two agents racing for one job need the table.
+        # (aws.single_instance: the operator promises one instance). Two agents need the table.
         lease = any(kind in NEEDS_LEASE for kind in chosen) or job_rng.random() < 0.5
         # The tail leaves room for the last notice to land (metadata faults delay it).
         plans.append(JobPlan(index, seed, f"soak-{seed}-{index}", steps=step + max(4 * every, 90),

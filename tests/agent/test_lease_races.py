@@ -94,9 +94,9 @@ def test_a_transient_not_found_makes_no_second_winner_and_the_loser_leaves(racin
     inst_b = world.cloud.launch_instance(az="us-east-1c", tags={T.JOB: JOB})
     b_calls = tmp_path / "b-calls.jsonl"
     start = time.monotonic()
-    racer = world.run(inst_b, "--holder-wait", "60", config=world.config(inst_b, **with_lease),
-                      env={"RACE_NOT_FOUND": inst_a.instance_id, "RACE_LOSER_WAIT_S": "3",
-                           RECORD_CALLS_ENV: str(b_calls)})
+    racer = world.run(inst_b, "--holder-wait", "60",
+                      config=world.config(inst_b, **with_lease, lease={"loser_wait_s": 3.0}),
+                      env={"RACE_NOT_FOUND": inst_a.instance_id, RECORD_CALLS_ENV: str(b_calls)})
     took = time.monotonic() - start
     assert racer.rc == 1, f"the racer did not lose: {racer.stderr[-3000:]}"
     assert f"held by instance {inst_a.instance_id} (running" in racer.stderr
@@ -162,7 +162,8 @@ def test_no_table_replacement_during_verify_keeps_the_proven_copy(racing, tmp_pa
                  "datasets/after.txt=trained on the copy", "--checkpoint", "9",
                  "--release", "--snapshot", "no")
     inst_b = world.cloud.launch_instance(az="us-east-1c", tags={T.JOB: JOB})
-    new = world.start(inst_b, "--holder-wait", "120", env={"RACE_LOSER_WAIT_S": "120"})
+    new = world.start(inst_b, "--holder-wait", "120",
+                      config=world.config(inst_b, lease={"loser_wait_s": 100.0}))
     # Synchronisation only (the verdict below is the cloud's state and the volume's files).
     wait_until(lambda: "volume_held_wait" in world.log_text(new) or new.poll() is not None,
                timeout=120, what="the replacement to wait for the old instance")

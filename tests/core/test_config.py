@@ -37,6 +37,17 @@ def test_file_then_overrides_in_order(tmp_path):
     ('[volume]\nencrypted = "yes"\n', "volume.encrypted"),
     ('[trainer]\nenv = {A = 1}\n', "trainer.env"),
     ('not toml at all [', "(syntax)"),
+    ('[lease]\ntakeover_window_s = 0\n', "lease.takeover_window_s"),
+    ('[lease]\ntakeover_window_s = -5.0\n', "lease.takeover_window_s"),
+    ('[lease]\ntakeover_window_s = inf\n', "lease.takeover_window_s"),
+    ('[lease]\ntakeover_window_s = nan\n', "lease.takeover_window_s"),
+    ('[lease]\ntakeover_lookups = 0\n', "lease.takeover_lookups"),
+    ('[lease]\ntakeover_lookups = 2.5\n', "lease.takeover_lookups"),
+    ('[lease]\nloser_wait_s = 0.0\n', "lease.loser_wait_s"),
+    ('[lease]\nloser_wait_s = inf\n', "lease.loser_wait_s"),
+    ('[lease]\nloser_wait_s = 300\n', "lease.loser_wait_s"),  # systemd's start limit never comes
+    ('[lease]\nloser_wiat_s = 30\n', "lease.loser_wiat_s"),
+    ('[aws]\nsingle_instance = "yes"\n', "aws.single_instance"),
 ])
 def test_bad_config_names_the_key_and_the_file(tmp_path, text, key):
     path = tmp_path / "agent.toml"
@@ -51,6 +62,31 @@ def test_missing_repository_is_named_when_required():
     with pytest.raises(ConfigError) as err:
         config.load(None, require_repository=True)
     assert err.value.key == "code.repository"
+
+
+def test_lease_bounds_and_the_single_instance_promise_are_read():
+    cfg = config.from_mapping({"aws": {"single_instance": True},
+                               "lease": {"takeover_window_s": 120, "takeover_lookups": 3,
+                                         "loser_wait_s": 100}})
+    assert cfg.aws.single_instance is True and cfg.aws.lease_table == ""
+    assert (cfg.lease.takeover_window_s, cfg.lease.takeover_lookups, cfg.lease.loser_wait_s) == \
+        (120.0, 3, 100.0)
+    defaults = config.load(None).lease
+    assert (defaults.takeover_window_s, defaults.takeover_lookups, defaults.loser_wait_s) == \
+        (300.0, 5, 90.0)
+
+
+def test_an_agent_config_without_a_lease_table_is_refused_unless_promised():
+    """Issue 21: what `agent run` loads (require_lease) must name the table, or promise one
+    instance; the error names the field and says how to fix it."""
+    with pytest.raises(ConfigError) as err:
+        config.load(None, require_lease=True)
+    assert err.value.key == "aws.lease_table"
+    assert "spotrun init" in str(err.value) and "aws.single_instance = true" in str(err.value)
+    assert config.load(None, ({"aws": {"single_instance": True}}, "user-data"),
+                       require_lease=True).aws.single_instance
+    assert config.load(None, ({"aws": {"lease_table": "t"}}, "user-data"),
+                       require_lease=True).aws.lease_table == "t"
 
 
 def test_to_mapping_round_trips():

@@ -142,6 +142,7 @@ def test_bad_config_fails_at_start_naming_the_key_and_touches_nothing(shared_tmp
         config = inst.agent_overrides()
         config["job"] = {"id": "badcfg"}
         config["code"] = {"repository": "file:///nonexistent"}
+        config["aws"]["single_instance"] = True  # one agent: the bad key is what must stop it
         for section, values in bad.items():
             config.setdefault(section, {}).update(values)
         path = shared_tmp / "agent.toml"

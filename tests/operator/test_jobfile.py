@@ -18,6 +18,7 @@ BAD = [
     ("bad subnet", "subnets = [\"sub-123\"]", "launch.subnets"),
     ("bad image", "image_id = \"ubuntu\"", "launch.image_id"),
     ("zero capacity", "target_capacity = 0", "launch.target_capacity"),
+    ("no lease table, no promise", "lease_table = false", "launch.lease_table"),
 ]
 
 
@@ -87,3 +88,25 @@ def test_instance_type_formats():
         assert jobfile._INSTANCE_TYPE.match(name), name
     for name in bad:
         assert not jobfile._INSTANCE_TYPE.match(name), name
+
+
+def test_the_lease_table_is_the_default_and_going_without_needs_the_promise():
+    """Issue 21: the agent refuses to run without a lease table unless aws.single_instance
+    says no second instance can run; the job file keeps the two consistent."""
+    from spotrun.config import ConfigError
+
+    base = {"job": {"id": "j"}, "code": {"repository": "https://example.org/t.git"}}
+    job = jobfile.from_mapping(base)
+    assert job.lease_table == jobfile.DEFAULT_LEASE_TABLE
+    assert job.user_data_overrides()["aws"]["lease_table"] == jobfile.DEFAULT_LEASE_TABLE
+    with pytest.raises(ConfigError) as err:
+        jobfile.from_mapping({**base, "launch": {"lease_table": False}})
+    assert err.value.key == "launch.lease_table" and "aws.single_instance" in str(err.value)
+    promised = jobfile.from_mapping({**base, "aws": {"single_instance": True},
+                                     "launch": {"lease_table": False}})
+    assert promised.lease_table == ""
+    assert promised.user_data_overrides()["aws"] == {"single_instance": True}
+    with pytest.raises(ConfigError) as err:
+        jobfile.from_mapping({**base, "aws": {"single_instance": True},
+                              "launch": {"target_capacity": 2}})
+    assert err.value.key == "launch.target_capacity"

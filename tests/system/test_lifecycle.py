@@ -66,7 +66,9 @@ class Job:
 
         self.world, self.job_id = world, job_id
         self.container, self.cloud = world.container, world.cloud
-        job = {"job": {"id": job_id},
+        # One agent per job (the container's): the operator's promise of a single instance
+        # lets the agent run without a lease table.
+        job = {"job": {"id": job_id}, "aws": {"single_instance": True},
                "code": {"repository": world.repository, "ref": "main"},
                "trainer": {"command": ["/usr/bin/python3", "train.py"],
                            "env": {"STEPS": str(steps), "STEP_S": "0.05",

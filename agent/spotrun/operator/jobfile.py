@@ -54,6 +54,8 @@ class LaunchSpec:
     instance_role: str = ""
     launch_template: str = ""
     spot_fleet_role: str = "spotrun-spot-fleet"
+    # Create and use the lease table (aws.lease_table, default spotrun-leases). False needs
+    # aws.single_instance = true: the agent refuses to run without a table otherwise.
     lease_table: bool = True
 
 
@@ -204,6 +206,13 @@ def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
         for zone in zones:
             if zone and config.aws.region and not zone.startswith(config.aws.region):
                 raise ConfigError(key, f"{zone!r} is not in the job's region {config.aws.region}", source)
+    if not launch.lease_table and not config.aws.single_instance:
+        raise ConfigError("launch.lease_table", "false needs aws.single_instance = true: the agent "
+                          "refuses to run without the lease table unless at most one instance "
+                          "can ever run for the job (prefer the table)", source)
+    if config.aws.single_instance and launch.target_capacity > 1:
+        raise ConfigError("launch.target_capacity", f"{launch.target_capacity} instances cannot "
+                          "keep aws.single_instance's promise of one", source)
     overrides = {section: dict(values) for section, values in raw.items()}
     return Job(config=config, launch=launch, agent_overrides=overrides, source=source)
 

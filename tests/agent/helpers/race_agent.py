@@ -5,7 +5,8 @@
 - ``RACE_NOT_FOUND=<instance id>[,...]`` (``RACE_NOT_FOUND_TIMES``, default 1): this process's
   DescribeInstances of those instances is answered InvalidInstanceID.NotFound that many times,
   as EC2 may for an instance launched moments ago (flaky_ec2.NotFoundFor).
-- ``RACE_LOSER_WAIT_S``: spotrun.lease.LOSER_WAIT_S for this process.
+
+The loser's bound is the config's ``lease.loser_wait_s``.
 
 Then runs c2_agent.main() with the same arguments.
 """
@@ -22,7 +23,6 @@ import c2_agent  # noqa: E402
 from flaky_ec2 import NotFoundFor  # noqa: E402
 
 from spotrun import ec2 as ec2mod  # noqa: E402
-from spotrun import lease as leasemod  # noqa: E402
 from spotrun import migration, volumes  # noqa: E402
 
 
@@ -60,6 +60,4 @@ if __name__ == "__main__":
     if os.environ.get("RACE_NOT_FOUND"):
         install_not_found(os.environ["RACE_NOT_FOUND"].split(","),
                           int(os.environ.get("RACE_NOT_FOUND_TIMES", "1")))
-    if os.environ.get("RACE_LOSER_WAIT_S"):
-        leasemod.LOSER_WAIT_S = float(os.environ["RACE_LOSER_WAIT_S"])
     raise SystemExit(c2_agent.main())
