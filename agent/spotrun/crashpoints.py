@@ -38,6 +38,10 @@ def crashpoint(name: str) -> None:
 # soak freezes the agent at the start of one, posts its notice, and lets it go on.
 PAUSEPOINTS: tuple[str, ...] = (
     "checkout.started",
+    # The other phases before training, for the tests of a notice in each (spotrun.boot).
+    "identify.started",
+    "acquire.started",
+    "migration.started",
 )
 
 

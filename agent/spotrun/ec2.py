@@ -258,10 +258,12 @@ def describe_snapshot(ec2, snapshot_id: str) -> dict | None:
 
 def _poll(what: str, fetch: Callable[[], Any], done: Callable[[Any], bool],
           failed: Callable[[Any], str | None], deadline_s: float, poll_s: float, *,
-          gone: str | None = None, missing_ok_s: float = 0.0) -> Any:
+          gone: str | None = None, missing_ok_s: float = 0.0,
+          safe_point: Callable[[str], None] | None = None) -> Any:
     """Poll until ``done``. ``gone``: what to say when ``fetch`` finds nothing; that is
     accepted for ``missing_ok_s`` (unseen in a row) first, as EC2 may not show a new
-    resource yet."""
+    resource yet. ``safe_point``: called between polls; it may raise to end the wait (a
+    notice came in: see spotrun.boot)."""
     deadline = time.monotonic() + deadline_s
     interval = min(poll_s, 0.2)
     last = None
@@ -292,6 +294,8 @@ def _poll(what: str, fetch: Callable[[], Any], done: Callable[[Any], bool],
                     raise ResourceFailed(f"{what}: {reason}")
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"{what}: not done after {deadline_s:.0f} s (last seen: {_brief(last)})")
+        if safe_point is not None:
+            safe_point(what)
         time.sleep(interval)
         interval = min(poll_s, interval * 1.5)
 
@@ -303,7 +307,8 @@ def _brief(resource: Any) -> str:
 
 
 def wait_for_volume(ec2, volume_id: str, states: Iterable[str], deadline_s: float,
-                    poll_s: float = 5.0, *, missing_ok_s: float = 0.0) -> dict:
+                    poll_s: float = 5.0, *, missing_ok_s: float = 0.0,
+                    safe_point: Callable[[str], None] | None = None) -> dict:
     """Wait until the volume is in one of ``states``; ``error`` fails at once, disappearance
     once unseen for ``missing_ok_s`` (give a volume this agent just created that long)."""
     wanted = set(states)
@@ -318,7 +323,7 @@ def wait_for_volume(ec2, volume_id: str, states: Iterable[str], deadline_s: floa
     return _poll(f"waiting for volume {volume_id} to be {'/'.join(sorted(wanted))}",
                  lambda: describe_volume(ec2, volume_id),
                  lambda v: v is not None and v["State"] in wanted, failed, deadline_s, poll_s,
-                 gone=f"volume {volume_id}", missing_ok_s=missing_ok_s)
+                 gone=f"volume {volume_id}", missing_ok_s=missing_ok_s, safe_point=safe_point)
 
 
 def wait_for_volume_deleted(ec2, volume_id: str, deadline_s: float, poll_s: float = 5.0) -> None:
@@ -327,7 +332,8 @@ def wait_for_volume_deleted(ec2, volume_id: str, deadline_s: float, poll_s: floa
 
 
 def wait_for_snapshot(ec2, snapshot_id: str, deadline_s: float, poll_s: float = 10.0, *,
-                      missing_ok_s: float = 0.0) -> dict:
+                      missing_ok_s: float = 0.0,
+                      safe_point: Callable[[str], None] | None = None) -> dict:
     """Wait until the snapshot is ``completed``; ``error`` fails at once, disappearance once
     unseen for ``missing_ok_s``."""
 
@@ -339,7 +345,7 @@ def wait_for_snapshot(ec2, snapshot_id: str, deadline_s: float, poll_s: float = 
     return _poll(f"waiting for snapshot {snapshot_id} to complete",
                  lambda: describe_snapshot(ec2, snapshot_id),
                  lambda s: s is not None and s["State"] == "completed", failed, deadline_s, poll_s,
-                 gone=f"snapshot {snapshot_id}", missing_ok_s=missing_ok_s)
+                 gone=f"snapshot {snapshot_id}", missing_ok_s=missing_ok_s, safe_point=safe_point)
 
 
 def attachment_of(volume: dict | None) -> dict | None:

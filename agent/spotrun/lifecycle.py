@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 from spotrun import progress as progressmod
 from spotrun import tags as T
+from spotrun.boot import COMPLETION_RECORD, Boot, Interrupted, StopRequested  # noqa: F401
 from spotrun.config import Config
-from spotrun.crashpoints import pausepoint
 from spotrun.log import bind, get_logger
-from spotrun.maintenance import MaintenanceDue, MaintenancePlan, called_off
+from spotrun.maintenance import MaintenanceDue, MaintenancePlan
 from spotrun.monitor import Maintenance, Rebalance, SpotNotice
 from spotrun.notify import Notifier
 from spotrun.phases import ALLOWED, NEXT, Phase, TransitionError  # noqa: F401 - re-exported
@@ -43,18 +43,10 @@ from spotrun_trainer.store import write_json_atomic
 
 log = get_logger("lifecycle")
 
-COMPLETION_RECORD = ".spotrun-completed.json"
 # A trainer always gets this long to checkpoint, even for a notice whose time is (nearly) past.
 MIN_TRAINER_DRAIN_S = 5.0
 STATUS_INTERVAL_S = 5.0
 TAG_INTERVAL_S = 60.0
-
-
-@dataclass(frozen=True)
-class StopRequested:
-    """SIGTERM/SIGINT to the agent (systemctl stop, shutdown): drain like a notice."""
-
-    signal: int
 
 
 @dataclass(frozen=True)
@@ -70,7 +62,7 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class Lifecycle:
+class Lifecycle(Boot):
     """One agent run. Collaborators are injected so tests can drive the same code."""
 
     def __init__(self, config: Config, *, metadata, notifier: Notifier | None = None,
@@ -95,6 +87,8 @@ class Lifecycle:
         self.commit: str | None = None
         self.supervisor: Supervisor | None = None
         self.maintenance: MaintenancePlan | None = None
+        self.watch: Watch | None = None  # from boot: the monitor's events before training
+        self._monitor = None
         self._drained_for: str | None = None  # the scheduled event the last drain was for
         self.interruptions = 0
         self._last_tags = 0.0
@@ -176,32 +170,11 @@ class Lifecycle:
         # READY as soon as the lifecycle runs: `systemctl start` returns, and every later
         # phase (a migration may take hours) is reported with STATUS= instead.
         self.notifier.ready(self.status_line())
-        self.identity = self._identify()
-        bind(**self.identity.log_context())
-        self.volumes = self._volume_manager(self.identity)
-
-        if self._completed_by_tags():
-            return self.finish(already_complete=True)
-        self.transition(Phase.ACQUIRING)
-        acquired = self.volumes.acquire()
-        self.volume_id = acquired.volume_id
-        bind(volume_id=self.volume_id)
-        if (self.config.mount_point / COMPLETION_RECORD).exists():
-            return self.finish(already_complete=True)
-
-        self.transition(Phase.CHECKING_OUT)
-        pausepoint("checkout.started")
-        self.commit = self._checkout(self.identity)
-        self._record_tags({T.COMMIT: self.commit, T.FAILURE: "-"}, force=True)
-        return self.train()
-
-    def _completed_by_tags(self) -> bool:
-        for volume in self.volumes.job_volumes():
-            if T.as_dict(volume.get("Tags")).get(T.COMPLETED):
-                self.volume_id = volume["VolumeId"]
-                log.info("job_already_completed", volume_id=self.volume_id)
-                return True
-        return False
+        self._watch()  # one monitor for the whole run: a notice is seen from boot on
+        try:
+            return self._boot()
+        finally:
+            self._unwatch()
 
     def _install_signal_handlers(self) -> None:
         def on_signal(signum, _frame):
@@ -250,30 +223,28 @@ class Lifecycle:
                                      on_event=self.events.put)
         if self._stop_event.is_set():  # the agent was signalled before training began
             self.supervisor.note_agent_stopping()
-        monitor = self._monitor_factory(self.events.put)
-        lead = self.config.agent.maintenance_lead_s
-        self.maintenance, self._drained_for = MaintenancePlan(self.events.put, lead), None
+        # Started at boot by run(); started here only when train() is driven on its own.
+        owner = self._watch()
+        self._drained_for = None
         log.info("resume_point", **self.latest_checkpoint())
         self.transition(Phase.TRAINING)
         self.supervisor.start()
-        monitor.start()
         try:
             code = self._training_loop()
             # Drained for scheduled maintenance: never wait for a termination that was called off.
-            resume = self._drained_for is not None and called_off(
-                self.events, self._drained_for, lead, self._stop_event,
-                tick=lambda: self.notifier.status(self.status_line()))
+            resume = self._drained_for is not None and self._called_off(self._drained_for)
         finally:
-            self.maintenance.close()
-            monitor.stop()
+            if owner:
+                self._unwatch()
         return self._resume() if resume else code
 
     def _resume(self) -> int:
         """The maintenance drained for was called off: take the volume back and train on."""
         self.transition(Phase.ACQUIRING, resumed_after=self.phase.value)
-        self.volume_id = self.volumes.acquire().volume_id
-        self.transition(Phase.CHECKING_OUT, commit=self.commit)  # checked out already
-        return self.train()
+        try:
+            return self._acquire_and_train(self.commit)  # checked out already
+        except Interrupted as stop:
+            return self._stopped_before_training(stop)
 
     def _training_loop(self) -> int:
         while True:

@@ -34,7 +34,7 @@ from typing import Callable
 from spotrun import ec2 as ec2mod
 from spotrun import snapshots
 from spotrun import tags as T
-from spotrun.crashpoints import crashpoint
+from spotrun.crashpoints import crashpoint, pausepoint
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 
@@ -78,6 +78,10 @@ Guard = Callable[[], None]
 
 
 def _no_guard() -> None:
+    return None
+
+
+def _no_stop(where: str) -> None:
     return None
 
 
@@ -243,11 +247,14 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
 # -- the migration steps ------------------------------------------------------------------
 
 def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_create_s: float,
-                 guard: Guard = _no_guard) -> dict:
+                 guard: Guard = _no_guard, safe_point: Callable[[str], None] = _no_stop) -> dict:
     """Snapshot ``source`` and make its copy in this AZ; returns the new volume, available.
 
     Resumable: a fresh snapshot and a volume with this attempt's create token are reused.
+    ``safe_point`` (it may raise to stop here: spotrun.boot) runs only where the journal is
+    whole: after a step's resource exists with its tags, and between polls of the waits.
     """
+    pausepoint("migration.started")
     job_id = config.job.id
     log().info("migration_start", source_volume=source["VolumeId"],
              source_az=source["AvailabilityZone"], target_az=identity.availability_zone,
@@ -256,8 +263,9 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     snapshot = start_snapshot(ec2, ec2_once, job_id, source, ROLE_MIGRATION_SNAPSHOT, guard=guard,
                               window_s=window)
     crashpoint("migration.snapshot_requested")
+    safe_point("migration.snapshot_requested")
     snapshot = ec2mod.wait_for_snapshot(ec2, snapshot["SnapshotId"], config.volume.snapshot_timeout_s,
-                                        missing_ok_s=window)
+                                        missing_ok_s=window, safe_point=safe_point)
     # Duplicates (a create that answered 5xx, then a lookup EC2 had not caught up with): one
     # is kept, the oldest completed, and the volume is made from that one.
     snapshot = snapshots.keep_one(ec2, job_snapshots(ec2, job_id, **{
@@ -265,6 +273,7 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
         else [snapshot], guard=guard) or snapshot
     log().info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
     crashpoint("migration.snapshot_completed")
+    safe_point("migration.snapshot_completed")
     create_token = token("migrate", source["VolumeId"], str(mounts(source)),
                          identity.availability_zone)
     tags = {k: v for k, v in tags_of(source).items()
@@ -301,8 +310,9 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     log().info("migration_volume_created", new_volume=created["VolumeId"],
              snapshot_id=snapshot["SnapshotId"], az=identity.availability_zone)
     volume = ec2mod.wait_for_volume(ec2, created["VolumeId"], ("available", "in-use"),
-                                    deadline_create_s, missing_ok_s=window)
+                                    deadline_create_s, missing_ok_s=window, safe_point=safe_point)
     crashpoint("migration.volume_created")
+    safe_point("migration.volume_created")
     return volume
 
 

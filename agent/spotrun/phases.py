@@ -36,9 +36,11 @@ NEXT = {
 # The state machine's edges; anything else is a bug in spotrun.lifecycle, not a cloud event.
 ALLOWED = {
     None: {Phase.IDENTIFYING},
-    Phase.IDENTIFYING: {Phase.ACQUIRING, Phase.FINISHING},
-    Phase.ACQUIRING: {Phase.CHECKING_OUT, Phase.FINISHING},
-    Phase.CHECKING_OUT: {Phase.TRAINING},
+    # → DRAINING from before training: a notice stops the phase at its next safe point
+    # (spotrun.boot); nothing to checkpoint, only the volume (if any) to give back.
+    Phase.IDENTIFYING: {Phase.ACQUIRING, Phase.FINISHING, Phase.DRAINING},
+    Phase.ACQUIRING: {Phase.CHECKING_OUT, Phase.FINISHING, Phase.DRAINING},
+    Phase.CHECKING_OUT: {Phase.TRAINING, Phase.DRAINING},
     Phase.TRAINING: {Phase.DRAINING, Phase.FINISHING, Phase.FAILED},
     Phase.DRAINING: {Phase.RELEASED, Phase.STOPPED},
     Phase.FINISHING: {Phase.DONE},

@@ -66,14 +66,18 @@ class VolumeManager:
         # How long to wait for another instance to let go of the job (drain + detach), and
         # for one that keeps it without draining (then this one gets out of the way).
         self.holder_wait_s = holder_wait_s if holder_wait_s is not None else config.volume.create_timeout_s
-        self.loser_wait_s = leasemod.LOSER_WAIT_S if loser_wait_s is None else loser_wait_s
+        self.loser_wait_s = config.lease.loser_wait_s if loser_wait_s is None else loser_wait_s
         self.lease = None
         if config.aws.lease_table:
             db = dynamodb_client or ec2mod.client("dynamodb", config.aws, region)
+            options = {"absent_window_s": config.lease.takeover_window_s,
+                       "absent_lookups": config.lease.takeover_lookups, **(lease_options or {})}
             self.lease = leasemod.Lease(db, config.aws.lease_table, config.job.id, self.me,
                                         identity.availability_zone, self.ec2, poll_s=lease_poll_s,
-                                        loser_wait_s=self.loser_wait_s, **(lease_options or {}))
+                                        loser_wait_s=self.loser_wait_s, **options)
         self._acquired: AcquiredVolume | None = None
+        # Set by the lifecycle: raises at a safe point once a notice came in (spotrun.boot).
+        self.safe_point = lambda where: None
 
     # -- discovery ------------------------------------------------------------------------
 
@@ -144,6 +148,7 @@ class VolumeManager:
                           "it acted on them (another instance is working on the job); stopped")
 
     def _acquire_from_fresh_plan(self) -> AcquiredVolume:
+        self.safe_point("acquire.plan")
         plan = M.resolve(self.job_volumes())
         created = False
         if plan is None:
@@ -168,13 +173,15 @@ class VolumeManager:
             source = self._unheld(current)
             volume = M.migrate_here(self.ec2, self.ec2_once, self.config, self.identity, source,
                                     deadline_create_s=self.config.volume.create_timeout_s,
-                                    guard=self._guard)
+                                    guard=self._guard, safe_point=self.safe_point)
         else:
             volume = ec2mod.wait_for_volume(self.ec2, current["VolumeId"], ("available", "in-use"),
                                             self.config.volume.create_timeout_s,
-                                            missing_ok_s=self.config.aws.consistency_window_s)
+                                            missing_ok_s=self.config.aws.consistency_window_s,
+                                            safe_point=self.safe_point)
         volume_id = volume["VolumeId"]
         bind(volume_id=volume_id)
+        self.safe_point("acquire.before_attach")
         volume = self._attach(volume)
         if source is not None:
             M.set_step(self.ec2, volume_id, M.STEP_ATTACHED, guard=self._guard)
@@ -187,6 +194,7 @@ class VolumeManager:
         if source is not None:
             M.set_step(self.ec2, volume_id, M.STEP_MOUNTED, guard=self._guard)
             crashpoint("migration.mounted")
+        self.safe_point("acquire.mounted")  # release() unmounts and detaches it again
         generation = M.generation(volume)
         verify_volume(self.config, volume_id, generation, migrated=source is not None,
                       marker_expected=source is not None and not copy_of_unused)
