@@ -1,5 +1,6 @@
 """Figures that need whole instances: boot → training (same AZ / cross AZ) with the agent's own
-share, notice → durable checkpoint through the agent process, and the idle agent's footprint.
+share, notice → durable checkpoint through the agent process, AWS calls per boot and per drain
+(from the local cloud's call ledger), and the idle agent's footprint.
 
 All run the real agent (`python -m spotrun agent run`) on the local spot cloud through
 spotrun.rehearsal (a Spot Fleet, metadata over HTTP, loop-device EBS volumes, git checkout, the
@@ -11,6 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import api_calls
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,7 +75,8 @@ def modelled_waits(timing, kind: str) -> float:
 
 
 def boots(workdir: Path, az_policy: str, interrupt_at: list[int], steps: int, timeout_s: float = 300.0) -> dict:
-    """One job with notices at ``interrupt_at``; per boot: kind, boot → training, phases."""
+    """One job with notices at ``interrupt_at``; per boot: kind, boot → training, phases, and the
+    AWS calls of its boot and drain windows from the cloud's call ledger (bench/api_calls.py)."""
     from spotrun.localcloud import TimingModel
     from spotrun.rehearsal import Rehearsal
     from spotrun.rehearsal_report import read_events
@@ -83,6 +87,8 @@ def boots(workdir: Path, az_policy: str, interrupt_at: list[int], steps: int, ti
     rehearsal = Rehearsal(plan)
     report = rehearsal.run()
     timing = TimingModel.fast()
+    ledger = rehearsal.cloud.ledger()  # the cloud's record, still on disk after it stopped
+    notices = {record.instance_id: record.notice_wall for record in rehearsal.interruptions}
     out = []
     for index, (boot, summary) in enumerate(zip(rehearsal.boots, report["instances"])):
         if index == 0:
@@ -91,12 +97,26 @@ def boots(workdir: Path, az_policy: str, interrupt_at: list[int], steps: int, ti
             kind = "cross-az" if summary["migrated"] else "same-az"
         waits = modelled_waits(timing, kind)
         total = summary["boot_to_training_s"]
+        events = read_events(Path(boot["log"]))
+        windows = {"instance_id": boot["instance_id"], "kind": kind, "boot_wall": boot["boot_wall"],
+                   "training_wall": _first_phase(events, "training"),
+                   "notice_wall": notices.get(boot["instance_id"]),
+                   "released_wall": _first_phase(events, "released")}
         out.append({"kind": kind, "az": summary["az"], "boot_to_training_s": total,
                     "modelled_aws_waits_s": round(waits, 3),
                     "agent_share_s": round(total - waits, 3) if total is not None else None,
-                    "phases": _phase_times(read_events(Path(boot["log"])), boot["boot_wall"])})
+                    "phases": _phase_times(events, boot["boot_wall"]),
+                    "api_calls": api_calls.instance_calls(ledger, windows)})
     return {"boots": out, "interruptions": report["interruptions"], "completed": bool(report["completed"]),
             "timing_model": "TimingModel.fast()"}
+
+
+def _first_phase(events: list[dict], phase: str) -> float | None:
+    """When the agent entered ``phase`` (its own event: only the window's edge, not a count)."""
+    from spotrun.rehearsal_report import wall_time
+
+    return next((wall_time(e.get("ts")) for e in events
+                 if e.get("event") == "phase_changed" and e.get("phase") == phase), None)
 
 
 def idle_footprint(workdir: Path, seconds: float, interval_s: float = 1.0) -> dict:

@@ -132,7 +132,7 @@ def scheme_figures(profile: dict, workdir: Path) -> list[dict]:
 # -- figure 3b: boots ----------------------------------------------------------------------
 
 def boot_figures(profile: dict, workdir: Path) -> list[dict]:
-    from bench import agent_runs
+    from bench import agent_runs, api_calls
 
     spec = profile["boots"]
     runs = {policy: agent_runs.boots(workdir / "boots", policy, spec["interrupt_at"], spec["steps"])
@@ -161,7 +161,7 @@ def boot_figures(profile: dict, workdir: Path) -> list[dict]:
     out.append(figure("steps_redone_whole_agent", scheme="spotrun", unit="steps redone",
                       samples=[i["steps_redone"] for i in interruptions if i["steps_redone"] is not None],
                       config=config))
-    return out
+    return out + api_calls.figures(boots)
 
 
 # -- figure 4 ------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ EXPECTED = {  # name -> schemes that must have it
                 "Keras BackupAndRestore(step 3)"},
     "boot_to_training": {"spotrun (first)", "spotrun (same-az)", "spotrun (cross-az)"},
     "agent_share_of_boot": {"spotrun (first)", "spotrun (same-az)", "spotrun (cross-az)"},
+    "api_calls_per_boot": {"spotrun (first)", "spotrun (same-az)", "spotrun (cross-az / migration)"},
+    "api_calls_per_drain": {"spotrun"},
     "checkpoint_overhead": {"spotrun (sync, every 1 s)", "spotrun (async, every 1 s)"},
     "idle_agent_rss": {"spotrun agent"},
     "idle_agent_cpu": {"spotrun agent"},
