@@ -7,6 +7,7 @@ anything is touched: a bad config or user data ends here with the key named and 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pwd
@@ -23,6 +24,8 @@ from spotrun.config import Config, ConfigError
 from spotrun.lease import LeaseHeld
 
 CONFIG_ENV = "SPOTRUN_CONFIG"
+# Room for the backoff between git attempts, on top of their own timeouts.
+CHECKOUT_SLACK_S = 120.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,7 +98,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def build_lifecycle(config: Config, metadata):
     """The lifecycle with its real edges."""
     from spotrun import checkout as checkoutmod
-    from spotrun import ec2, fleet, identity, monitor, volumes
+    from spotrun import ec2, fleet, identity, monitor, notify, volumes
     from spotrun.lifecycle import Lifecycle
 
     def region_of(ident) -> str:
@@ -104,8 +107,12 @@ def build_lifecycle(config: Config, metadata):
     def do_checkout(ident) -> str:
         code = config.code
         credentials = checkoutmod.load_credentials(code, aws_cfg=config.aws, region=region_of(ident))
-        return checkoutmod.checkout(code.repository, code.ref, Path(code.workspace),
-                                    credentials=credentials, owner=config.trainer.user)
+        # git cannot kick the watchdog; its own deadline (per attempt, times attempts) bounds it.
+        bound = inspect.signature(checkoutmod.checkout).parameters
+        with notify.process_notifier().watchdog_stretched(
+                bound["timeout_s"].default * bound["attempts"].default + CHECKOUT_SLACK_S):
+            return checkoutmod.checkout(code.repository, code.ref, Path(code.workspace),
+                                        credentials=credentials, owner=config.trainer.user)
 
     def cancel_fleet(launched_by) -> str:
         if launched_by is None:

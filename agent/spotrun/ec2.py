@@ -1,7 +1,7 @@
-"""boto3 clients for the agent, waiters with explicit deadlines and failure states, and
-"performed then failed" safe calls.
+"""botocore clients for the agent (one session per process: spotrun.awsclients), waiters with
+explicit deadlines and failure states, and "performed then failed" safe calls.
 
-Every boto3 client the agent makes comes from :func:`client` (retry mode and endpoint from
+Every AWS client the agent makes comes from :func:`client` (retry mode and endpoint from
 the config, short connect timeout). botocore's own waiters are not used: their ten-minute
 budget is too short for a first snapshot and they keep polling a volume in ``error``.
 
@@ -25,8 +25,6 @@ import re
 import time
 from typing import Any, Callable, Iterable
 
-import boto3
-import botocore.config
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
                                  EndpointConnectionError)
 
@@ -126,24 +124,21 @@ def _record_call(params: Any = None, model: Any = None, **_: Any) -> None:
 
 
 def client(service: str, aws: AwsConfig, region: str, *, max_attempts: int | None = None):
-    """The agent's boto3 client for ``service`` (retry mode/attempts and endpoint from config)."""
-    config = botocore.config.Config(
-        region_name=region,
-        retries={"mode": aws.retry_mode, "total_max_attempts": max_attempts or aws.max_attempts},
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
-    )
-    kwargs: dict[str, Any] = {"config": config, "region_name": region}
-    if aws.endpoint_url:
-        kwargs["endpoint_url"] = aws.endpoint_url
-    made = boto3.session.Session().client(service, **kwargs)
-    if os.environ.get(RECORD_CALLS_ENV):
-        made.meta.events.register("before-call", _record_call)
+    """The agent's client for ``service`` (retry mode/attempts and endpoint from config): one
+    per process and settings, from the process's one botocore session (spotrun.awsclients)."""
+    from spotrun import awsclients
+    made = awsclients.client(service, region=region, endpoint_url=aws.endpoint_url or None,
+                             retry_mode=aws.retry_mode,
+                             max_attempts=max_attempts or aws.max_attempts,
+                             connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
+    if os.environ.get(RECORD_CALLS_ENV):  # clients are shared: register once (unique_id)
+        made.meta.events.register("before-call", _record_call, unique_id="spotrun-record-calls")
     return made
 
 
 def single_attempt(ec2, aws: AwsConfig):
-    """A twin of ``ec2`` that never retries by itself (for calls that create things)."""
+    """A client like ``ec2`` that never retries by itself (for calls that create things); the
+    same session, so the same loaded model."""
     return client(ec2.meta.service_model.service_name, aws, ec2.meta.region_name, max_attempts=1)
 
 

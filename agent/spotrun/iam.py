@@ -50,10 +50,6 @@ AGENT_CALLS: list[tuple[str, str]] = [
 LEASE_CALLS = ("dynamodb:GetItem", "dynamodb:PutItem")
 
 
-def agent_actions(*, lease_table: bool = True) -> list[str]:
-    return [a for a, _ in AGENT_CALLS if lease_table or a not in LEASE_CALLS]
-
-
 def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
                  lease_table: str | None = None) -> dict:
     """The agent's IAM policy document for ``job_id`` (least privilege, scoped by the job tag)."""

@@ -31,7 +31,7 @@ from spotrun.config import Config
 from spotrun.log import bind, get_logger
 from spotrun.maintenance import MaintenanceDue, MaintenancePlan
 from spotrun.monitor import Maintenance, Rebalance, SpotNotice
-from spotrun.notify import Notifier
+from spotrun.notify import Notifier, process_notifier
 from spotrun.phases import ALLOWED, NEXT, Phase, TransitionError  # noqa: F401 - re-exported
 from spotrun.progress import PROGRESS_FILE
 from spotrun.state import StateFile, kill_leftover_trainer
@@ -71,7 +71,7 @@ class Lifecycle(Boot):
                  cancel_fleet: Callable[[Any], str], clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.metadata = metadata
-        self.notifier = notifier or Notifier()
+        self.notifier = notifier or process_notifier()
         self._identify = identify
         self._volume_manager = volume_manager
         self._checkout = checkout
@@ -167,8 +167,10 @@ class Lifecycle(Boot):
         self._install_signal_handlers()
         kill_leftover_trainer(self.state.read())
         self.transition(Phase.IDENTIFYING)
-        # READY as soon as the lifecycle runs: `systemctl start` returns, and every later
-        # phase (a migration may take hours) is reported with STATUS= instead.
+        # READY once the config is valid and the lifecycle has taken charge, not after the
+        # mount: a Type=notify start job waits for READY, and a migration by snapshot may take
+        # hours (boot would hang in `starting`, units ordered after us would wait). Later phases
+        # are STATUS= lines, and the watchdog, which systemd arms at READY, covers them.
         self.notifier.ready(self.status_line())
         self._watch()  # one monitor for the whole run: a notice is seen from boot on
         try:
@@ -182,6 +184,9 @@ class Lifecycle(Boot):
                 self.supervisor.note_agent_stopping()
             self.events.put(StopRequested(signum))
             self._stop_event.set()
+            # Deactivating from here on: no watchdog, TimeoutStopSec runs (a no-op if the
+            # signal was systemd's own stop). Lock-free, so safe in a handler.
+            self.notifier.stopping(f"stopping on {signal.Signals(signum).name}: draining")
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_signal)
@@ -248,6 +253,7 @@ class Lifecycle(Boot):
 
     def _training_loop(self) -> int:
         while True:
+            self.notifier.kick()
             try:
                 event = self.events.get(timeout=STATUS_INTERVAL_S)
             except queue.Empty:
@@ -305,7 +311,9 @@ class Lifecycle(Boot):
         self.transition(Phase.DRAINING, action=action, notice_time=_iso(when),
                         trainer_budget_s=round(trainer_s, 1))
         started = self.clock()
-        result = self.supervisor.drain(self.clock() + trainer_s, clock=self.clock)
+        result = self.supervisor.drain(self.clock() + trainer_s, clock=self.clock,
+                                       kick=self.notifier.kick,
+                                       kick_every_s=self.notifier.kick_every_s)
         progress = self.progress()
         log.info("trainer_drained", outcome=result.outcome.value, killed=result.killed,
                  seconds=round(self.clock() - started, 3), reached_step=progress.get("global_step"),
@@ -318,8 +326,9 @@ class Lifecycle(Boot):
         else:
             self.volumes.release()
             self.transition(Phase.RELEASED, drain_s=round(self.clock() - started, 3))
-        # No STOPPING=1 here: systemd would take the unit for deactivating and a later
-        # `systemctl stop` (the shutdown after the notice) would send no SIGTERM at all.
+        # No STOPPING=1 here (only on a stop signal): systemd would take the unit for
+        # deactivating and a later `systemctl stop` (the shutdown after the notice) would send
+        # no SIGTERM at all.
         return 0
 
     def _interruptions_total(self) -> str:
@@ -375,7 +384,20 @@ class Lifecycle(Boot):
             self._cancel_fleet(self.identity.launched_by)
         return 0
 
+    def _safe_point(self, where: str, *, look: bool = False) -> None:
+        self.notifier.kick()  # called between the polls of every volume and snapshot wait
+        super()._safe_point(where, look=look)
+
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """After a drain or the end: stay up (systemd sees us alive) until stopped or killed."""
-        return self._stop_event.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.notifier.kick()
+            step = self.notifier.kick_every_s or STATUS_INTERVAL_S
+            if deadline is not None:
+                step = min(step, max(0.0, deadline - time.monotonic()))
+            if self._stop_event.wait(step):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 

@@ -21,6 +21,9 @@ from spotrun.trainerproc import (Outcome, TrainerError, TrainerProcess, TrainerS
 
 log = get_logger("trainer")
 
+# A drain waits for the trainer in slices this long, kicking the watchdog between them.
+DRAIN_KICK_S = 5.0
+
 
 class SupervisorOutcome(enum.Enum):
     FINISHED = "finished"
@@ -149,12 +152,23 @@ class Supervisor:
             if proc is not None and proc.state in (TrainerState.RUNNING, TrainerState.DRAINING):
                 proc.request_stop()
 
-    def drain(self, deadline: float, clock: Callable[[], float] = time.monotonic) -> SupervisorResult:
-        """request_stop(), wait for the trainer until ``deadline`` (``clock`` time), SIGKILL after."""
+    def drain(self, deadline: float, clock: Callable[[], float] = time.monotonic, *,
+              kick: Callable[[], object] = lambda: None,
+              kick_every_s: float | None = None) -> SupervisorResult:
+        """request_stop(), wait for the trainer until ``deadline`` (``clock`` time), SIGKILL after.
+        ``kick``: called at least every few seconds of the wait (the systemd watchdog)."""
         self.request_stop()
         proc = self._current
         if proc is not None and proc.state is not TrainerState.CREATED:
-            if proc.wait(max(0.0, deadline - clock())) is None:
+            # The budget in ``clock`` time, waited out in real time, in slices between kicks.
+            end = time.monotonic() + max(0.0, deadline - clock())
+            exited = None
+            while True:
+                kick()
+                exited = proc.wait(min(kick_every_s or DRAIN_KICK_S, max(0.0, end - time.monotonic())))
+                if exited is not None or time.monotonic() >= end:
+                    break
+            if exited is None:
                 log.warning("trainer_drain_deadline_passed", pid=proc.pid)
                 proc.kill()
         result = self.wait(10.0 if self._thread else 0.0)

@@ -21,16 +21,16 @@ from spotrun.lifecycle import Lifecycle, Phase
 from spotrun.localcloud.imds import InstanceMetadata, MetadataServer
 from spotrun.maintenance import MaintenancePlan
 from spotrun.monitor import InterruptionMonitor, Rebalance, SpotNotice
+from spotrun.notify import Notifier
 
 IID = "i-0123456789abcdef0"
 
 
-class Quiet:
-    def status(self, text):
-        return True
+class Quiet(Notifier):
+    """The real notifier outside systemd (no socket): every message is a no-op."""
 
-    def ready(self, text=""):
-        return True
+    def __init__(self):
+        super().__init__("")
 
 
 class RecordingVolumes:

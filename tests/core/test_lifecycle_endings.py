@@ -22,15 +22,15 @@ from spotrun import tags as T
 from spotrun.lifecycle import COMPLETION_RECORD, Lifecycle, Phase
 from spotrun.supervisor import Supervisor, SupervisorOutcome, SupervisorResult
 from spotrun.trainerproc import TrainerProcess
+from spotrun.notify import Notifier
 from spotrun_trainer import protocol
 
 
-class _Quiet:
-    def status(self, text):
-        return True
+class _Quiet(Notifier):
+    """The real notifier outside systemd (no socket): every message is a no-op."""
 
-    def ready(self, text=""):
-        return True
+    def __init__(self):
+        super().__init__("")
 
 
 class TagsInADict:

@@ -27,6 +27,7 @@ from spotrun import config
 from spotrun.lifecycle import Lifecycle, Phase, StopRequested
 from spotrun.maintenance import MaintenanceDue, MaintenancePlan, drain_kind
 from spotrun.monitor import InterruptionMonitor, Maintenance
+from spotrun.notify import Notifier
 
 LEAD = 120.0
 DUE_IN = 2.5  # seconds from scheduling until the old code's timer would drain
@@ -36,12 +37,11 @@ TRAINER = ("import signal, sys, time\n"
            "time.sleep(600)\n")
 
 
-class Quiet:
-    def status(self, text):
-        return True
+class Quiet(Notifier):
+    """The real notifier outside systemd (no socket): every message is a no-op."""
 
-    def ready(self, text=""):
-        return True
+    def __init__(self):
+        super().__init__("")
 
 
 class CountingVolume:

@@ -10,14 +10,14 @@ from spotrun import config
 from spotrun.lifecycle import ALLOWED, Lifecycle, Phase, TransitionError
 from spotrun.progress import PROGRESS_FILE
 from spotrun.trainerproc import TrainerProcess
+from spotrun.notify import Notifier
 
 
-class _Quiet:
-    def status(self, text):
-        return True
+class _Quiet(Notifier):
+    """The real notifier outside systemd (no socket): every message is a no-op."""
 
-    def ready(self, text=""):
-        return True
+    def __init__(self):
+        super().__init__("")
 
 
 def _lifecycle(tmp_path):

@@ -101,7 +101,7 @@ class Job:
         (dropin / "50-localcloud.conf").write_text(
             "[Service]\n" + "".join(f'Environment="{k}={v}"\n' for k, v in sorted(env.items())))
         self.container.run(["systemctl", "daemon-reload"])
-        # Type=notify: `start` would wait for READY=1 (after the volume is acquired).
+        # Type=notify: `start` would wait for READY=1 (sent once the config is valid).
         self.container.run(["systemctl", "start", "--no-block", UNIT])
 
     def events(self, **match) -> list[dict]:

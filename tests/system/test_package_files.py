@@ -69,6 +69,13 @@ def test_unit_contract():
     # ... and the agent's own stop deadline ends before systemd's SIGKILL.
     assert Config().agent.stop_budget_s < int(service["TimeoutStopSec"])
     assert service["SyslogIdentifier"] == "spotrun-agent"
+    # A hung agent is restarted: the watchdog is on, and a busy one is not: its longest
+    # wait between two kicks (one AWS attempt: connect + read timeout), plus the kicks' rate
+    # limit (a quarter interval, spotrun.notify), fits in it.
+    from spotrun import ec2
+    watchdog_s = int(service["WatchdogSec"])
+    assert ec2.CONNECT_TIMEOUT_S + ec2.READ_TIMEOUT_S + watchdog_s / 4 < watchdog_s
+    assert service["TimeoutStartSec"] != "infinity"
     assert service["NoNewPrivileges"] == "yes"
     assert set(service["RestrictAddressFamilies"].split()) == {
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
@@ -99,7 +106,7 @@ def test_has_job_decides_whether_the_agent_starts(tmp_path, config, expected_exi
         path.write_text(config)
     # Runs with the system python3 in isolated mode, as the unit does; the user data
     # files it also looks at do not exist on a test machine.
-    for user_data in ("/etc/spotrun/user-data.toml", "/var/lib/cloud/instance/user-data.txt"):
+    for user_data in ("/var/lib/cloud/instance/user-data.txt",):
         if Path(user_data).exists():
             pytest.skip(f"{user_data} exists on this machine: has-job would always start")
     result = subprocess.run(["/usr/bin/python3", "-ISB", str(HAS_JOB)], capture_output=True,

@@ -238,10 +238,6 @@ class EbsDataPlane:
             del self._attached[volume_id]
             log.info("volume_device_detached", volume_id=volume_id, device=device, forced=force)
 
-    def attached_volumes(self) -> list[str]:
-        with self._lock:
-            return list(self._attached)
-
     # -- cleanup -------------------------------------------------------------------------
     def release_all(self) -> None:
         """Unmount (lazily) and release every loop device this root bound, crashed runs too."""

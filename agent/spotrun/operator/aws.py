@@ -68,10 +68,6 @@ def describe_error(exc: BaseException) -> str:
     return f"AWS: {exc}"
 
 
-def for_job(job: Any, endpoint_url: str = "") -> Aws:
-    return Aws(region=job.region, endpoint_url=endpoint_url or job.config.aws.endpoint_url)
-
-
 class _OperatorLog:
     """The operator's logger, looked up at each call: a logger bound at import time would
     keep the configuration of that moment (stdout, info) after the CLI reconfigures it."""
