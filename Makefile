@@ -38,11 +38,11 @@ deps: apt venv
 # The whole suite: unit, integration on the local spot cloud (real loop devices, moto's
 # server, real processes), the short soak, and the systemd-in-a-container system test.
 test: deps
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests -m "not bench"
 
 # Quick loop while developing: skips the slow and system tests.
 test-fast: deps
-	$(VENV)/bin/pytest tests -m "not slow and not system"
+	$(VENV)/bin/pytest tests -m "not slow and not system and not bench"
 
 # The full rehearsal on the local spot cloud (train → notice → drain → migrate → resume → done).
 # Fails (exit 1, naming why) unless demo-out/report.txt shows a mid-training interruption that
@@ -50,7 +50,9 @@ test-fast: deps
 demo: deps
 	$(VENV)/bin/spotrun rehearse --out demo-out
 
+# First the quick run of every figure (is it all wired up? ~2 min), then the real one.
 bench: deps
+	$(VENV)/bin/pytest -q tests/bench -m bench
 	$(VENV)/bin/python -m bench.run --out bench/results.json
 
 soak: deps

@@ -129,11 +129,14 @@ def stop_before_training(lc, stop: Interrupted) -> None:
         lc._record_tags({T.INTERRUPTIONS: lc._interruptions_total()}, force=True)
     if holds and reason.keep_volume:
         lc.volumes.unmount_in_place()
-    elif holds:
+    released_ours = holds and not reason.keep_volume and lc.volume_id is not None
+    if holds and not reason.keep_volume:
         # The drain snapshot only of the job's proven volume: an unfinished copy is not one.
-        lc.volumes.release(snapshot=None if lc.volume_id is not None else False)
+        # The phase goes on its tags while the lease is still held (see Lifecycle.drain).
+        lc.volumes.release(snapshot=None if released_ours else False,
+                           final_tags={T.PHASE: Phase.RELEASED.value} if released_ours else None)
     lc.transition(Phase.STOPPED if reason.keep_volume else Phase.RELEASED,
-                  interrupted_phase=phase.value)
+                  interrupted_phase=phase.value, tagged_on_release=released_ours)
 
 
 class Boot:

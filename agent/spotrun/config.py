@@ -161,6 +161,9 @@ class AgentConfig:
     stop_budget_s: float = 100.0
     # Scheduled maintenance is drained this long before its NotBefore (like a 2-minute notice).
     maintenance_lead_s: float = 120.0
+    # How often training progress goes on the volume's tags (what `spotrun status` reads):
+    # one CreateTags per interval, so not much more often than a minute on AWS.
+    progress_tag_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ _POSITIVE = {
     ("volume", "attach_timeout_s"), ("volume", "device_timeout_s"),
     ("volume", "create_timeout_s"), ("volume", "snapshot_timeout_s"),
     ("lease", "takeover_window_s"), ("lease", "takeover_lookups"), ("lease", "loser_wait_s"),
+    ("agent", "progress_tag_interval_s"),
 }
 # Numbers that must be finite (TOML reads `inf` and `nan`): a bound that never ends is none.
 _FINITE = {("lease", "takeover_window_s"), ("lease", "loser_wait_s")}

@@ -42,6 +42,8 @@ PAUSEPOINTS: tuple[str, ...] = (
     "identify.started",
     "acquire.started",
     "migration.started",
+    # A migrated copy mounted, about to be verified: the soak boots a replacement meanwhile.
+    "migration.verifying",
 )
 
 

@@ -46,7 +46,6 @@ log = get_logger("lifecycle")
 # A trainer always gets this long to checkpoint, even for a notice whose time is (nearly) past.
 MIN_TRAINER_DRAIN_S = 5.0
 STATUS_INTERVAL_S = 5.0
-TAG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -97,9 +96,12 @@ class Lifecycle(Boot):
 
     # -- transitions --------------------------------------------------------------------
 
-    def transition(self, phase: Phase, *, tags: dict[str, str] | None = None, **fields: Any) -> None:
+    def transition(self, phase: Phase, *, tags: dict[str, str] | None = None,
+                   tagged_on_release: bool = False, **fields: Any) -> None:
         """``tags`` go on the volume with the phase, in one call that must succeed: a final
-        state is recorded before the fleet is cancelled, or not cancelled at all."""
+        state is recorded before the fleet is cancelled, or not cancelled at all.
+        ``tagged_on_release``: the release wrote them while the lease was still held (after
+        it, the volume is the next holder's: no write from here)."""
         previous = self.phase
         if phase not in ALLOWED[previous]:
             raise TransitionError(f"lifecycle: {previous} → {phase} is not a transition")
@@ -108,7 +110,9 @@ class Lifecycle(Boot):
         log.info("phase_changed", previous=previous.value if previous else None, **fields)
         self.notifier.status(self.status_line())
         self._write_state()
-        if tags is not None:
+        if tagged_on_release:
+            pass
+        elif tags is not None:
             self.volumes.record(**{T.PHASE: phase.value, **tags})
         elif self.volumes is not None and self.volume_id is not None:
             self._record_tags({T.PHASE: phase.value}, force=True)
@@ -153,7 +157,7 @@ class Lifecycle(Boot):
 
     def _record_tags(self, values: dict[str, str], *, force: bool = False) -> None:
         now = self.clock()
-        if not force and now - self._last_tags < TAG_INTERVAL_S:
+        if not force and now - self._last_tags < self.config.agent.progress_tag_interval_s:
             return
         self._last_tags = now
         try:
@@ -324,8 +328,9 @@ class Lifecycle(Boot):
             self.volumes.unmount_in_place()  # a stopped or rebooted instance keeps its EBS volumes
             self.transition(Phase.STOPPED)
         else:
-            self.volumes.release()
-            self.transition(Phase.RELEASED, drain_s=round(self.clock() - started, 3))
+            self.volumes.release(final_tags={T.PHASE: Phase.RELEASED.value})
+            self.transition(Phase.RELEASED, tagged_on_release=True,
+                            drain_s=round(self.clock() - started, 3))
         # No STOPPING=1 here (only on a stop signal): systemd would take the unit for
         # deactivating and a later `systemctl stop` (the shutdown after the notice) would send
         # no SIGTERM at all.
@@ -362,12 +367,13 @@ class Lifecycle(Boot):
                      trainer_record=completion is not None)
         done: dict[str, str] | None = None
         if self.volumes is not None:
-            self.volumes.release(snapshot=False)
             done = {T.COMPLETED: _iso(_utcnow())}
             if metrics:
                 done[T.RESULT] = json.dumps(metrics, separators=(",", ":"), default=str)[:T.MAX_VALUE]
+            # Done on the tags while the lease is still ours; then nobody needs to write them.
+            self.volumes.release(snapshot=False, final_tags={T.PHASE: Phase.DONE.value, **done})
         self.final = {"completed": done[T.COMPLETED] if done else True}
-        self.transition(Phase.DONE, tags=done)
+        self.transition(Phase.DONE, tagged_on_release=done is not None)
         self._cancel_fleet(self.identity.launched_by)
         return 0
 

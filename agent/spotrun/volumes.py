@@ -26,7 +26,7 @@ from spotrun import lease as leasemod
 from spotrun import migration as M
 from spotrun import tags as T
 from spotrun.config import Config
-from spotrun.crashpoints import crashpoint
+from spotrun.crashpoints import crashpoint, pausepoint
 from spotrun.log import bind, get_logger
 from spotrun.volumecheck import VolumeError, verify_volume
 
@@ -194,6 +194,7 @@ class VolumeManager:
         if source is not None:
             M.set_step(self.ec2, volume_id, M.STEP_MOUNTED, guard=self._guard)
             crashpoint("migration.mounted")
+            pausepoint("migration.verifying")
         self.safe_point("acquire.mounted")  # release() unmounts and detaches it again
         generation = M.generation(volume)
         verify_volume(self.config, volume_id, generation, migrated=source is not None,
@@ -349,8 +350,11 @@ class VolumeManager:
             self._tag(volume["VolumeId"], {M.MOUNT_STATE: M.CLEAN})
             log().info("volume_unmounted_in_place", volume_id=volume["VolumeId"])
 
-    def release(self, *, snapshot: bool | None = None) -> None:
-        """Sync, unmount, start the ahead-of-need snapshot, detach, release the lease."""
+    def release(self, *, snapshot: bool | None = None,
+                final_tags: dict[str, str] | None = None) -> None:
+        """Sync, unmount, tag ``final_tags``, start the ahead-of-need snapshot, detach, release
+        the lease. The final tags (the phase the job is left in) are written while this
+        instance still holds the lease: after release, the volume is the next holder's."""
         take_snapshot = self.config.volume.snapshot_on_drain if snapshot is None else snapshot
         if self.lease is not None:
             self.lease.mark_draining()  # whoever waits for the job now waits for this drain
@@ -362,12 +366,16 @@ class VolumeManager:
             if unmounted_now:
                 blockdev.sync(mount_point)
                 blockdev.unmount(mount_point)
+            final = {(k if ":" in k else T.PREFIX + k): str(v)
+                     for k, v in (final_tags or {}).items()}
             if unmounted_now or M.tags_of(volume).get(M.MOUNT_STATE) == M.CLEAN:
-                self._tag(volume_id, {M.MOUNT_STATE: M.CLEAN})
+                self._tag(volume_id, {M.MOUNT_STATE: M.CLEAN, **final})
                 if take_snapshot:
                     M.start_snapshot(self.ec2, self.ec2_once, self.config.job.id,
                                      self._refresh(volume_id), M.ROLE_DRAIN_SNAPSHOT,
                                      window_s=self.config.aws.consistency_window_s, optional=True)
+            elif final:
+                self._tag(volume_id, final)
 
             def detach_requested() -> bool:
                 # Detaching (or gone) from this instance: an earlier DetachVolume that was

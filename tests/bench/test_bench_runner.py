@@ -73,6 +73,9 @@ def scratch():
         shutil.rmtree(path, ignore_errors=True)
 
 
+# Runs every figure's real code (~2-4 min on 2 cores): `make bench` runs it before the
+# benchmark itself, `make test` leaves it out.
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.loopdev
 def test_quick_run_writes_well_formed_results_for_every_figure(scratch):

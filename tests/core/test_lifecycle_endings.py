@@ -10,6 +10,7 @@ instance or the operator would read at that moment.
 from __future__ import annotations
 
 import json
+import time
 import os
 import signal
 import sys
@@ -39,12 +40,23 @@ class TagsInADict:
     def __init__(self):
         self.tags: dict[str, str] = {}
         self.released = 0
+        self.written_after_release: list[dict] = []  # tags nobody's lease covered
 
     def record(self, **values: str) -> None:
+        if self.released:
+            self.written_after_release.append(values)
         self.tags.update({(k if ":" in k else T.PREFIX + k): str(v) for k, v in values.items()})
 
-    def release(self, *, snapshot=None) -> None:
+    def release(self, *, snapshot=None, final_tags=None) -> None:
+        # The real release writes final_tags before it lets go of the lease.
+        self.record(**(final_tags or {}))
         self.released += 1
+
+    def unmount_in_place(self) -> None:
+        pass
+
+    def job_volumes(self) -> list[dict]:
+        return [{"VolumeId": "vol-1", "Tags": T.as_list(self.tags)}]
 
 
 def _training_lifecycle(tmp_path, **trainer):
@@ -95,6 +107,23 @@ def test_a_completion_is_recorded_as_done_before_the_cancel(tmp_path):
     assert json.loads(at_cancel["tags"][T.RESULT]) == {"loss": 0.25}
     assert at_cancel["state"]["phase"] == "done" and at_cancel["state"]["completed"]
     assert lc.phase is Phase.DONE
+
+
+def test_the_volume_is_not_tagged_after_its_lease_is_released(tmp_path):
+    # Once released, the volume and its tags belong to whoever acquires the lease next: the
+    # final phase (done, released) must be written before the release, not after it.
+    lc, volumes, _ = _training_lifecycle(tmp_path)
+    lc.finish()
+    assert volumes.released == 1 and volumes.tags[T.PHASE] == "done"
+    assert volumes.written_after_release == []
+
+    lc, volumes, _ = _training_lifecycle(tmp_path / "drain")
+    lc.supervisor = SimpleNamespace(request_stop=lambda: None, current=None, drain=lambda *a, **k:
+                                    SimpleNamespace(outcome=SimpleNamespace(value="preempted"),
+                                                    killed=False))
+    lc.drain("terminate", time.time() + 60)
+    assert lc.phase is Phase.RELEASED and volumes.tags[T.PHASE] == "released"
+    assert volumes.written_after_release == []
 
 
 def test_the_trainers_completion_record_goes_into_the_agents(tmp_path):

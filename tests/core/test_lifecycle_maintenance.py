@@ -57,7 +57,7 @@ class CountingVolume:
     def record(self, **values):
         pass
 
-    def release(self, snapshot=True):
+    def release(self, snapshot=True, final_tags=None):
         self.released += 1
 
     def unmount_in_place(self):
