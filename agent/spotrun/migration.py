@@ -70,7 +70,7 @@ PROVEN_STEPS = (STEP_VERIFIED, STEP_DONE)
 _GONE_STATES = ("deleting", "deleted")
 # Tags never copied from the source to its migrated copy.
 _NOT_COPIED = {SOURCE_VOLUME, SOURCE_MOUNTS, STEP, CREATE_TOKEN, MOUNTS, MOUNT_STATE,
-               T.GENERATION, ORIGIN}
+               T.GENERATION, ORIGIN, snapshots.FRESH_SNAPSHOT}
 # What a decision about a volume rests on: if any differs when it is re-read, replan.
 JOURNAL_KEYS = (STEP, T.GENERATION, MOUNTS, SOURCE_VOLUME)
 
@@ -195,14 +195,18 @@ def job_snapshots(ec2, job_id: str, **tag_filters: str) -> list[dict]:
     return found
 
 
-def fresh_snapshot(ec2, job_id: str, volume: dict) -> dict | None:
-    """A snapshot of ``volume`` made since its last mount (pending or completed), if any."""
+def fresh_snapshot(ec2, job_id: str, volume: dict, settle_s: float = 0.0) -> dict | None:
+    """A snapshot of ``volume`` made since its last mount (pending or completed), if any:
+    listed, or recorded on the volume (looked up by id for ``settle_s``: EC2 may not list a
+    snapshot made seconds ago)."""
     candidates = [s for s in job_snapshots(ec2, job_id, **{SOURCE_VOLUME: volume["VolumeId"],
                                                            MOUNTS: str(mounts(volume))})
                   if s["State"] in ("pending", "completed")]
     # Prefer a completed one, then the oldest (the one kept when duplicates are found).
     candidates.sort(key=lambda s: (s["State"] != "completed", s["StartTime"], s["SnapshotId"]))
-    return candidates[0] if candidates else None
+    if candidates:
+        return candidates[0]
+    return snapshots.recorded(ec2, volume, mounts(volume), settle_s=settle_s)
 
 
 def snapshot_tags(job_id: str, volume: dict, role: str) -> dict[str, str]:
@@ -222,7 +226,8 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
     """Start (or find, if a previous try got that far) the snapshot of ``volume``'s current
     data: exactly one (see :mod:`spotrun.snapshots`). ``optional`` (the drain's snapshot):
     None rather than risk a second one or the drain's time."""
-    existing = fresh_snapshot(ec2, job_id, volume)
+    existing = fresh_snapshot(ec2, job_id, volume,
+                              settle_s=min(window_s, snapshots.OPTIONAL_SETTLE_S))
     if existing is not None:
         log().info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
                  state=existing["State"])
@@ -241,7 +246,10 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
         return None
     log().info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],
              role=role)
-    return snapshots.keep_one(ec2, with_token() or [snapshot], guard=guard) or snapshot
+    kept = snapshots.keep_one(ec2, with_token() or [snapshot], guard=guard) or snapshot
+    snapshots.record_on_volume(ec2, volume["VolumeId"], kept["SnapshotId"], mounts(volume),
+                               guard=guard)
+    return kept
 
 
 # -- the migration steps ------------------------------------------------------------------

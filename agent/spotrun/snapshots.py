@@ -79,3 +79,55 @@ def delete(ec2, snapshot_id: str, *, guard: Callable[[], None]) -> None:
     except Exception as exc:  # noqa: BLE001 - only NotFound is success
         if ec2mod.error_code(exc) != "InvalidSnapshot.NotFound":
             raise
+
+
+# -- the snapshot's id on its volume ------------------------------------------------------
+# A replacement in another AZ looks for the drain's snapshot seconds after it was made, when
+# EC2 may still leave it out of every filtered DescribeSnapshots: without its id it would make
+# a second one. So the id, with the mount count it belongs to, is recorded on the volume (a
+# volume's tags show at once) and the next agent describes the snapshot by id.
+FRESH_SNAPSHOT = "spotrun:fresh-snapshot"
+
+
+def record_on_volume(ec2, volume_id: str, snapshot_id: str, mounts: int, *,
+                     guard: Callable[[], None]) -> None:
+    """Best effort: without the record, the next agent may make a duplicate that is pruned."""
+    tags = {FRESH_SNAPSHOT: f"{snapshot_id}/{mounts}"}
+    try:
+        guard()
+        ec2mod.call_retrying(f"recording {snapshot_id} on {volume_id}", lambda: ec2.create_tags(
+            Resources=[volume_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]),
+            deadline_s=OPTIONAL_SETTLE_S,
+            settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
+    except Exception as exc:  # noqa: BLE001 - an optimisation; the snapshot is made either way
+        log().warning("snapshot_record_failed", snapshot_id=snapshot_id, volume_id=volume_id,
+                      error=str(exc)[:200])
+
+
+def recorded(ec2, volume: dict, mounts: int, *, settle_s: float,
+             sleep: Callable[[float], None] | None = None) -> dict | None:
+    """The snapshot recorded on ``volume`` for its current mount count, pending or completed;
+    looked up by id for ``settle_s`` (it may be too new for EC2 to show yet)."""
+    import time
+
+    tags = {t["Key"]: t["Value"] for t in volume.get("Tags") or []}
+    snapshot_id, _, at = tags.get(FRESH_SNAPSHOT, "").partition("/")
+    if not snapshot_id or at != str(mounts):
+        return None
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            found = ec2mod.describe_snapshot(ec2, snapshot_id)
+        except Exception as exc:  # noqa: BLE001 - transient errors: look again
+            if not ec2mod.is_transient(exc):
+                raise
+            found = None
+        if found is not None:
+            own = {t["Key"]: t["Value"] for t in found.get("Tags") or []}
+            usable = (own.get("spotrun:source-volume") == volume["VolumeId"]
+                      and own.get("spotrun:mounts") == at
+                      and found["State"] in ("pending", "completed"))
+            return found if usable else None
+        if time.monotonic() >= deadline:
+            return None
+        (sleep or time.sleep)(0.5)  # EC2 catching up with a new resource: polled
