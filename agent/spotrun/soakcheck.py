@@ -1,7 +1,8 @@
 """The soak's checker: after every job, the invariants of DESIGN.md against the cloud's truth.
 
-Reads only the cloud's fault-free view (``cloud.client("ec2", faults=False)``), the agents'
-JSON logs and the trainers' own logs. Each violation is one sentence naming the invariant.
+Reads only the cloud's fault-free view (``cloud.client("ec2", faults=False)``), its call
+ledger (races: :mod:`spotrun.soakledger`), the agents' JSON logs and the trainers' own logs.
+Each violation is one sentence naming the invariant.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from spotrun import soakledger
 from spotrun import tags as T
 
 DECOY_JOB = "soak-decoy-other-job"
@@ -107,10 +109,24 @@ def is_off_moment(fault: str) -> bool:
                            ":after_completion"))
 
 
-def race_violations(races: list[dict]) -> list[str]:
-    """Invariant 1 under a race: the agent that did not win the job touched nothing of it."""
-    return [f"inv1 two replacements: the one that did not win ({race['loser']}) acted on the "
-            f"job: {race['touched']}" for race in races if race["touched"]]
+def race_violations(races: list[dict], records: list[dict], job_id: str,
+                    table: str | None) -> list[str]:
+    """Invariant 1 under a race, from the cloud's call ledger (not the loser's own log): the
+    agent that did not win made no mutating call on the job after the winner's acquisition."""
+    volumes, snapshots = soakledger.job_resources(records, job_id)
+    return soakledger.race_violations(races, records, job_id, table or None, volumes, snapshots)
+
+
+def ledger_violations(job, volumes: list[dict]) -> list[str]:
+    """The ledger's race checks (spotrun.soakledger) for this job's calls, with the cloud's
+    own attachment state of the job's volumes at the end."""
+    cloud = job.cloud
+    records = job.ledger_records()
+    attached_now = {v["VolumeId"]: a["InstanceId"] for v in volumes
+                    for a in v.get("Attachments", []) if a.get("State") in ("attaching", "attached")
+                    and getattr(cloud.instances.get(a["InstanceId"]), "state", None) == "running"}
+    return soakledger.check(records, job.plan.job_id, job.plan.lease_table or None,
+                            races=job.race_results, attached_now=attached_now)
 
 
 def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
@@ -243,7 +259,14 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         if bad["changed"]:
             violations.append(f"inv7 malformed {bad['where']} changed the job's volumes/snapshots")
 
-    violations.extend(race_violations(job.race_results))
+    # Invariant 1 under races: from the cloud's call ledger, never the agents' logs.
+    violations.extend(ledger_violations(job, volumes))
+    # Exactly one snapshot per drain/migration, counted at creation from the ledger (issue 15).
+    records = [r for r in cloud.ledger() if r.get("t", 0) >= getattr(job, "started_wall", 0.0)]
+    creations = soakledger.snapshot_creations(records, plan.job_id)
+    violations.extend(soakledger.duplicate_snapshots(records, plan.job_id))
+    # What a kind saw go wrong on the way (soakkinds_cloud: a drain for nothing, a restart).
+    violations.extend(getattr(job, "kind_violations", []))
 
     # Invariant 6: nothing outside the job touched.
     view = decoy_view(cloud, decoy["volume_id"], decoy["snapshot_id"])
@@ -258,7 +281,9 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     return {"index": plan.index, "seed": plan.seed, "job": plan.job_id, "completed": completed,
             "interruptions": interruptions, "kinds": dict(kinds), "extra_faults": dict(extra),
             "missed": missed, "lost": dict(lost), "violations": violations,
-            "snapshots_left": kept, "same_instance_interruptions": job.same_instance_interruptions,
+            "snapshots_left": kept, "snapshots_created": creations["created"],
+            "duplicate_snapshots": sum(len(made) - 1 for _, made in creations["groups"]),
+            "same_instance_interruptions": job.same_instance_interruptions,
             "bad_inputs": job.bad_input_results, "races": job.race_results}
 
 
@@ -294,6 +319,8 @@ def summarize(results: list[dict], *, profile: str, seed: int, seconds: float) -
             "violations": sum(len(r["violations"]) for r in results),
             "lost": dict(sorted(lost.items())),
             "snapshots_left": sum(len(r.get("snapshots_left", [])) for r in results),
+            "snapshots_created": sum(r.get("snapshots_created", 0) for r in results),
+            "duplicate_snapshots": sum(r.get("duplicate_snapshots", 0) for r in results),
             "failing": [{"index": r["index"], "job": r["job"], "violations": r["violations"]}
                         for r in failing],
             "seconds": round(seconds, 1)}
@@ -306,6 +333,9 @@ def format_summary(s: dict) -> str:
              f"{s['undrained']} undrained kills)",
              f"invariant violations {s['violations']}",
              f"snapshots left       {s.get('snapshots_left', 0)} (all jobs, after completion)",
+             f"snapshots created    {s.get('snapshots_created', 0)} (ledger, every try counted)",
+             f"duplicates           {s.get('duplicate_snapshots', 0)} (more than one per "
+             "drain/migration)",
              "", "faults injected by kind:"]
     for kind, count in s["kinds"].items():
         lines.append(f"  {kind:<32}{count:>5}")

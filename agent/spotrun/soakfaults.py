@@ -25,6 +25,17 @@ from spotrun.soakkinds_cloud import (bad_input, crash_in_migration, ec2_faults_n
                                      imds_fault_then_notice, prepare_crash_in_migration,
                                      prepare_ec2_faults, prepare_slow_snapshots,
                                      slow_snapshots_notice, two_replacements)
+from spotrun.soakkinds_races import (holder_lookup_notfound, kill_mid_migration_two_replacements,
+                                     prepare_kill_mid_migration, prepare_replacement_during_verify,
+                                     prepare_simultaneous_first_boots, replacement_during_drain,
+                                     replacement_during_verify, simultaneous_first_boots)
+from spotrun.soakkinds_cloud import (attach_incorrect_state, ec2_consistency,  # issue 15
+                                     ec2_dropped_connections, ec2_performed_then_fail,
+                                     imds_path_slow, prepare_attach_incorrect_state,
+                                     prepare_ec2_consistency, prepare_ec2_dropped_connections,
+                                     prepare_ec2_performed_then_fail)
+from spotrun.soakkinds_maintenance import (maintenance_canceled, maintenance_codes,
+                                           maintenance_rescheduled, prepare_fast_maintenance_poll)
 from spotrun_trainer.store import SAVE_POINTS
 
 
@@ -355,4 +366,35 @@ CATALOGUE: dict[str, Kind] = {k.name: k for k in [
          slow_snapshots_notice, prepare_slow_snapshots),
     Kind("crash_in_migration", "replacement agent SIGKILLed at a migration step, restarted",
          crash_in_migration, prepare_crash_in_migration),
+    # Races of two agents for one job (issue 21; spotrun.soakkinds_races).
+    Kind("holder_lookup_notfound", "a replacement races the live holder while EC2 answers its "
+         "lookups of the holder NotFound (transiently)", holder_lookup_notfound),
+    Kind("replacement_during_verify", "a replacement boots while the old instance verifies its "
+         "migrated copy", replacement_during_verify, prepare_replacement_during_verify),
+    Kind("replacement_during_drain", "the fleet's replacement boots while the old instance drains",
+         replacement_during_drain),
+    Kind("simultaneous_first_boots", "two agents boot at once for a job never started",
+         simultaneous_first_boots, prepare_simultaneous_first_boots),
+    Kind("kill_mid_migration_two_replacements", "agent SIGKILLed after a migration call, the "
+         "instance goes, two replacements start at once", kill_mid_migration_two_replacements,
+         prepare_kill_mid_migration),
+    # EC2 and metadata as AWS documents them (issue 15; soakkinds_cloud, soakkinds_maintenance).
+    Kind("ec2_consistency", "new volumes/snapshots not found (by id and in lists) for seconds "
+         "during acquire, migration and drain", ec2_consistency, prepare_ec2_consistency),
+    Kind("ec2_performed_then_fail", "every mutating EC2 call may be performed, then answered 500 "
+         "or its connection dropped, during migration and drain", ec2_performed_then_fail,
+         prepare_ec2_performed_then_fail),
+    Kind("ec2_dropped_connections", "EC2 connections dropped without an answer, before or after "
+         "the action", ec2_dropped_connections, prepare_ec2_dropped_connections),
+    Kind("attach_incorrect_state", "AttachVolume refused IncorrectState though Describe said "
+         "available", attach_incorrect_state, prepare_attach_incorrect_state),
+    Kind("maintenance_canceled", "a scheduled event armed, then canceled before its drain (no "
+         "drain) or after it (volume taken back, training resumes)", maintenance_canceled,
+         prepare_fast_maintenance_poll),
+    Kind("maintenance_rescheduled", "a scheduled event moved later: the drain moves with it",
+         maintenance_rescheduled, prepare_fast_maintenance_poll),
+    Kind("maintenance_codes", "a scheduled event of a random code: reboots keep the volume, "
+         "system-maintenance needs no drain", maintenance_codes, prepare_fast_maintenance_poll),
+    Kind("imds_path_slow", "one metadata path answers in seconds; the notice on instance-action "
+         "is acted on at its own pace", imds_path_slow),
 ]}

@@ -15,7 +15,7 @@ from spotrun.rehearsal import Rehearsal, RehearsalPlan
 from spotrun.rehearsal_report import read_events, wall_time
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakinject import read_json_lines
-from spotrun.soakplan import JobPlan
+from spotrun.soakplan import PAIR_KINDS, JobPlan
 
 log = get_logger("soak")
 LEASE_TABLE = "soak-leases"  # one table for the soak's jobs, created with the cloud
@@ -64,6 +64,12 @@ class SoakJob(Rehearsal):
         self.bad_input_results: list[dict] = []
         self.race_results: list[dict] = []
         self.slot_started = time.time()
+        self.started_wall = time.time()  # the ledger's records of this job come after it
+        # The cloud's call ledger from this job's start on, read incrementally (ledger_records).
+        path = Path(cloud.ledger_path)
+        self._ledger_offset = path.stat().st_size if path.exists() else 0
+        self._ledger_records: list[dict] = []
+        self.first_capacity = 1  # >1: the fleet starts that many instances at once
 
     # -- boot, as systemd would -----------------------------------------------------------
 
@@ -306,6 +312,28 @@ class SoakJob(Rehearsal):
                 {s["SnapshotId"] for s in ec2.describe_snapshots(Filters=filters,
                                                                   OwnerIds=["self"])["Snapshots"]})
 
+    def ledger_records(self) -> list[dict]:
+        """The cloud's ledger records since this job started (whole lines only), new ones
+        read on each call; the checkers judge races on these, never on the agents' logs."""
+        import json
+
+        try:
+            with open(self.cloud.ledger_path, "rb") as fh:
+                fh.seek(self._ledger_offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return self._ledger_records
+        end = data.rfind(b"\n")
+        if end >= 0:
+            self._ledger_records.extend(json.loads(line) for line in data[:end].splitlines()
+                                        if line.strip())
+            self._ledger_offset += end + 1
+        return self._ledger_records
+
+    def ledger_seq(self) -> int:
+        records = self.ledger_records()
+        return records[-1]["seq"] if records else 0
+
     # -- faults that outlive one slot -----------------------------------------------------
 
     def before_interruption(self) -> None:
@@ -342,12 +370,16 @@ class SoakJob(Rehearsal):
         if first.prepare is not None:  # before the first boot, which it is meant for
             first.prepare(self, slots[0])
         self.start()
+        if self.first_capacity > 1:  # several first boots at once (soakkinds_races)
+            self.fleet.modify_target_capacity(self.first_capacity)
         for position, slot in enumerate(slots):
             kind = CATALOGUE[slot.kind]
             self.slot_started = time.time() - 0.5
             nxt = slots[position + 1] if position + 1 < len(slots) else None
             try:
-                if nxt is not None and CATALOGUE[nxt.kind].prepare is not None:
+                # After a pair of replacements no boot-time fault: it would hit a racer.
+                if nxt is not None and CATALOGUE[nxt.kind].prepare is not None \
+                        and slot.kind not in PAIR_KINDS:
                     self._prepare_next = (CATALOGUE[nxt.kind], nxt)
                 else:
                     self._prepare_next = None

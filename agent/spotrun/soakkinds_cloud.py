@@ -1,9 +1,14 @@
 """Soak fault kinds that come from outside the instance: a second agent (malformed input,
-or a valid replacement racing for the job), metadata faults, EC2 faults and slow EBS, and a
-crash inside the next boot's migration."""
+or a valid replacement racing for the job), metadata faults, EC2 faults and slow EBS, a
+crash inside the next boot's migration, and EC2 as AWS documents it (issue 15): resources
+not found for a while after create, mutations performed then failed or dropped, dropped
+connections, IncorrectState on attach, one metadata path slow."""
 from __future__ import annotations
 
+import time
+
 from spotrun.crashpoints import CRASHPOINTS
+from spotrun.rehearsal_report import wall_time
 from spotrun.soakinject import Outcome, kill_now, notice_and_drain, trained
 
 
@@ -145,3 +150,89 @@ def crash_in_migration(job, slot) -> Outcome:
         else:
             faults.append("crashpoint:not_reached")
     return notice_and_drain(job, trained(job, slot), "drained notice", faults=faults)
+
+
+# -- issue 15: EC2 as documented (eventual consistency, retried mutations, dropped connections) --
+
+MUTATING = ("CreateVolume", "CreateSnapshot", "AttachVolume", "DetachVolume", "DeleteVolume",
+            "DeleteSnapshot", "CreateTags", "DeleteTags")
+
+
+def kind_violation(job, text: str) -> None:
+    """A violation a kind saw on the way (soakcheck reports ``job.kind_violations``)."""
+    job.kind_violations = [*getattr(job, "kind_violations", []), text]
+
+
+def _injected_since(job, since: float, kinds: tuple[str, ...]) -> int:
+    """How many of the job's EC2 calls since ``since`` met one of these faults (the ledger)."""
+    return sum(1 for r in job.cloud.ledger() if r.get("t", 0) >= since and not r.get("checker")
+               and (r.get("injected") or {}).get("kind") in kinds)
+
+
+def _ec2_kind(name: str, injected: tuple[str, ...], plan):
+    """A kind whose EC2 faults (``plan(slot)``) hold from before the next boot (its acquire or
+    migration) through its drain. The agent must never exit for them (a restart is what the
+    issue saw); a kind whose faults never met a call of the job is ``:missed``."""
+    def prepare(job, slot) -> None:
+        job.set_ec2_faults(seed=slot.rng.randrange(1 << 30), **plan(slot))
+        job.ec2_kind_since = time.time()
+
+    def run(job, slot) -> Outcome:
+        since = getattr(job, "ec2_kind_since", time.time())  # from the acquire on
+        inst = trained(job, slot)
+        if not job.ec2_faults_on:  # cleared on training (an earlier slot's kind): on again
+            prepare(job, slot)
+        outcome = notice_and_drain(job, inst, "drained notice", in_seconds=15.0)
+        boots = [b for b in job.boots if b["instance_id"] == inst.instance_id]
+        if len(boots) > 1:
+            codes = [b["process"].returncode for b in boots[:-1]]
+            kind_violation(job, f"{name}: the agent on {inst.instance_id} exited and was restarted "
+                                f"{len(boots) - 1} time(s) (exit codes {codes})")
+        if not _injected_since(job, since, injected):
+            outcome.faults.append(f"{name}:missed")
+        job._clear_on_next_training = True  # the next boot's acquire is clean again
+        return outcome
+    return run, prepare
+
+
+ec2_consistency, prepare_ec2_consistency = _ec2_kind(
+    "ec2_consistency", ("not_found_after_create",),
+    lambda slot: {"not_found_after_create_s": slot.rng.uniform(2.0, 8.0)})
+ec2_performed_then_fail, prepare_ec2_performed_then_fail = _ec2_kind(
+    "ec2_performed_then_fail", ("performed_then_5xx", "dropped_after"),
+    lambda slot: {"performed_then_5xx": {a: 0.25 for a in MUTATING},
+                  "dropped_after": {a: 0.15 for a in MUTATING},
+                  "not_found_after_create_s": slot.rng.choice([0.0, 3.0])})
+ec2_dropped_connections, prepare_ec2_dropped_connections = _ec2_kind(
+    "ec2_dropped_connections", ("dropped_before", "dropped_after"),
+    lambda slot: {"dropped_before": {"*": 0.08, **{a: 0.15 for a in MUTATING}},
+                  "dropped_after": {"*": 0.08, **{a: 0.15 for a in MUTATING}}})
+attach_incorrect_state, prepare_attach_incorrect_state = _ec2_kind(
+    "attach_incorrect_state", ("incorrect_state",),
+    lambda slot: {"attach_incorrect_state_first": slot.rng.randint(1, 3),
+                  "attach_incorrect_state": 0.3})
+
+
+# Paths the agent reads besides the notice; a slow answer on one must not hold the notice.
+SLOW_PATHS = ("meta-data/events/maintenance/scheduled", "meta-data/events/recommendations/rebalance")
+HELD_NOTICE_S = 2.5  # ten notice polls: a notice this late was held behind the slow path
+
+
+def imds_path_slow(job, slot) -> Outcome:
+    """One metadata path answers slowly (seconds) while the notice arrives on instance-action:
+    it is read and acted on at the notice's own pace."""
+    inst = trained(job, slot)
+    path = slot.rng.choice(SLOW_PATHS)
+    delay = slot.rng.uniform(3.0, 5.0)
+    job.cloud.imds_fault(inst.instance_id, "slow", duration_s=60.0, delay_s=delay, path=path)
+    job.pause(slot.rng.uniform(0.3, 1.5))  # the agent inside a slow read of that path
+    posted = time.time()
+    outcome = notice_and_drain(job, inst, "drained notice", faults=[f"imds_path_slow:{path.rsplit('/', 1)[-1]}"])
+    seen = next((wall_time(e.get("ts")) for e in job.events_of(inst.instance_id)
+                 if e.get("event") == "interruption_notice"
+                 and (wall_time(e.get("ts")) or 0) >= posted), None)
+    if seen is not None and seen - posted >= HELD_NOTICE_S:
+        kind_violation(job, f"imds_path_slow: the notice on {inst.instance_id} was acted on "
+                            f"{seen - posted:.1f} s after it was posted, behind {delay:.1f} s "
+                            f"answers on {path}")
+    return outcome

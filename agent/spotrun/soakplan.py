@@ -15,13 +15,21 @@ PROFILES = {
     "short": {"jobs": 3, "slots": (2, 3), "timeout_s": 150.0},
     "long": {"jobs": None, "min_per_kind": 11, "slots": (3, 5), "timeout_s": 300.0},
 }
-NEXT_BOOT_KINDS = {name for name, kind in CATALOGUE.items() if kind.prepare is not None}
+# Kinds whose interruption boots two replacements at once: the next slot's boot-time fault
+# (a pause or crash point) cannot be aimed at one of them, so none is planned after one.
+PAIR_KINDS = {"two_replacements", "kill_mid_migration_two_replacements"}
+# Kinds about the job's very first boot: dealt into a job's first slot.
+FIRST_BOOT_KINDS = {"simultaneous_first_boots"}
+NEXT_BOOT_KINDS = {name for name, kind in CATALOGUE.items()
+                   if kind.prepare is not None and name not in FIRST_BOOT_KINDS}
 # Kinds where a second agent runs for the job beside the first: two valid replacements, or a
 # second instance booted with bad input (refused before it touches anything, but a second
 # instance all the same). They need the lease table; a job without one sets
 # aws.single_instance (the operator's promise of one instance) and gets only the other kinds,
 # where the fleet boots a replacement only once the old instance is terminated.
-NEEDS_LEASE = {"two_replacements", "bad_input"}
+NEEDS_LEASE = {"two_replacements", "bad_input", "holder_lookup_notfound",
+               "replacement_during_verify", "replacement_during_drain",
+               "simultaneous_first_boots", "kill_mid_migration_two_replacements"}
 
 
 @dataclass
@@ -74,12 +82,31 @@ def plan_jobs(profile: str, seed: int, jobs: int | None = None,
                 deck = list(catalogue)
                 rng.shuffle(deck)
             chosen.append(deck.pop())
+        if all(k in NEXT_BOOT_KINDS for k in chosen):
+            # Every kind dealt acts on a next boot: trade one for the deck's next that does not.
+            if not deck:
+                deck = list(catalogue)
+                rng.shuffle(deck)
+            spare = next((i for i in reversed(range(len(deck))) if deck[i] not in NEXT_BOOT_KINDS),
+                         None)
+            if spare is not None:
+                deck[spare], chosen[0] = chosen[0], deck[spare]
         dealt.update(chosen)
         # A kind that acts on the next boot needs a replacement boot: not the first slot.
         if chosen[0] in NEXT_BOOT_KINDS:
             swap = next((i for i, k in enumerate(chosen) if k not in NEXT_BOOT_KINDS), None)
             if swap is not None:
                 chosen[0], chosen[swap] = chosen[swap], chosen[0]
+        first = next((i for i, k in enumerate(chosen) if k in FIRST_BOOT_KINDS), None)
+        if first:  # (0 or None: nothing to move)
+            chosen.insert(0, chosen.pop(first))
+        for i in range(1, len(chosen)):
+            if chosen[i] in NEXT_BOOT_KINDS and chosen[i - 1] in PAIR_KINDS:
+                spot = next((j for j in range(1, len(chosen)) if chosen[j] not in NEXT_BOOT_KINDS
+                             and chosen[j - 1] not in PAIR_KINDS and chosen[j] not in PAIR_KINDS
+                             and chosen[j] not in FIRST_BOOT_KINDS), None)
+                if spot is not None:
+                    chosen[i], chosen[spot] = chosen[spot], chosen[i]
         every = job_rng.randint(6, 12)
         step = 0
         slots = []

@@ -29,8 +29,12 @@ def test_the_long_profile_plans_every_kind_ten_times_and_200_interruptions():
 
 
 def test_a_kind_that_acts_on_the_next_boot_is_never_a_jobs_first_slot():
+    from spotrun.soakplan import FIRST_BOOT_KINDS, NEXT_BOOT_KINDS
+
     for plan in soak.plan_jobs("long", 3):
-        assert CATALOGUE[plan.slots[0].kind].prepare is None, plan.describe()
+        assert plan.slots[0].kind not in NEXT_BOOT_KINDS, plan.describe()
+        # ... and a kind about the job's first boot is always its first slot.
+        assert all(s.kind not in FIRST_BOOT_KINDS for s in plan.slots[1:]), plan.describe()
 
 
 def test_the_decoy_check_sees_a_touched_resource(shared_tmp):
@@ -53,11 +57,21 @@ def test_the_summary_names_the_failing_jobs_seed_for_replay():
 
 
 def test_the_race_check_fails_when_the_agent_that_lost_acted_on_the_job():
-    fair = {"winner": "i-1", "loser": "i-2", "raced": True, "touched": []}
-    assert soakcheck.race_violations([fair]) == []
-    unfair = dict(fair, touched=["migration_start", "snapshot_started"])
-    [violation] = soakcheck.race_violations([fair, unfair])
-    assert "i-2" in violation and "migration_start" in violation
+    """Judged from the cloud's call ledger, not the loser's log (tests/soak/test_soakledger.py
+    has one planted ledger per invariant)."""
+    def record(seq, action, instance, **fields):
+        return {"seq": seq, "service": fields.pop("service", "ec2"), "action": action,
+                "instance": instance, "resources": [], "tags": {}, "created": [],
+                "status": 200, "error": None, "injected": None, "checker": False, **fields}
+    ledger = [record(1, "PutItem", "i-1", service="dynamodb", table="t",
+                     item={"job": "j", "holder": "i-1", "generation": "1"}),
+              record(2, "CreateVolume", "i-1", tags={"spotrun:job": "j"}, created=["vol-1"]),
+              record(3, "GetItem", "i-2", service="dynamodb", table="t", key={"job": "j"})]
+    fair = {"winner": "i-1", "loser": "i-2"}
+    assert soakcheck.race_violations([dict(fair)], ledger, "j", "t") == []
+    ledger.append(record(4, "CreateSnapshot", "i-2", resources=["vol-1"], created=["snap-1"]))
+    [violation] = soakcheck.race_violations([dict(fair)], ledger, "j", "t")
+    assert "i-2" in violation and "CreateSnapshot" in violation
 
 
 AIMED = ["notice_during_checkpoint_write", "kill_during_checkpoint_write", "two_replacements"]

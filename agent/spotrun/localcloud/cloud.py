@@ -229,18 +229,40 @@ class LocalCloud(ComputeMixin):
                    performed_then_5xx: Mapping[str, float] | None = None,
                    seed: int | None = None, actions: tuple[str, ...] = (),
                    attach_incorrect_state: float = 0.0,
-                   not_found_after_create_s: float = 0.0) -> FaultPlan:
+                   not_found_after_create_s: float = 0.0,
+                   dropped_before: Mapping[str, float] | None = None,
+                   dropped_after: Mapping[str, float] | None = None,
+                   attach_incorrect_state_first: int = 0) -> FaultPlan:
         """Set the EC2 fault plan (replaces the previous one; all zero = no faults)."""
         plan = FaultPlan(throttle, server_error, dict(performed_then_5xx or {}), actions, seed,
-                         attach_incorrect_state, not_found_after_create_s)
+                         attach_incorrect_state, not_found_after_create_s,
+                         dict(dropped_before or {}), dict(dropped_after or {}),
+                         attach_incorrect_state_first)
         self._faults.configure(plan)
         self.record_event("ec2_faults_configured", throttle=plan.throttle,
                           server_error=plan.server_error,
                           performed_then_5xx=dict(plan.performed_then_5xx),
                           actions=list(plan.actions), seed=seed,
                           attach_incorrect_state=plan.attach_incorrect_state,
-                          not_found_after_create_s=plan.not_found_after_create_s)
+                          not_found_after_create_s=plan.not_found_after_create_s,
+                          dropped_before=dict(plan.dropped_before),
+                          dropped_after=dict(plan.dropped_after),
+                          attach_incorrect_state_first=plan.attach_incorrect_state_first)
         return plan
+
+    def instance_not_found(self, instance_id: str, *, lookups: int | None = None,
+                           seconds: float | None = None, callers: set[str] | None = None) -> None:
+        """EC2's eventual consistency for an instance (visibility.py): DescribeInstances naming
+        ``instance_id`` answers InvalidInstanceID.NotFound the next ``lookups`` times and/or
+        for ``seconds``, to ``callers`` (access key ids, e.g. ``inst.access_key_id``; None:
+        every caller of the faulted endpoint). The checker's endpoint always sees it."""
+        if not self._started:
+            raise RuntimeError("LocalCloud is not started")
+        self._proxies[0].visibility.hide_instance(instance_id, lookups=lookups, seconds=seconds,
+                                                  callers=callers)
+        self.record_event("instance_not_found_configured", instance_id=instance_id,
+                          lookups=lookups, seconds=seconds,
+                          callers=sorted(callers) if callers is not None else None)
 
 
 def _quietly(action: Callable[[], Any]) -> None:

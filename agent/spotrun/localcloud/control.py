@@ -15,7 +15,9 @@ clients of it (:class:`ControlClient`).
                                               "listed", "in_seconds", "duration_s"}
     POST /instances/<id>/terminate           {}
     POST /instances/<id>/imds-fault          {"kind", "duration_s", "delay_s", "path"}
-    POST /ec2-faults                         {"throttle", "server_error", "performed_then_5xx", "seed"}
+    POST /ec2-faults                         {"throttle", "server_error", "performed_then_5xx", "seed",
+                                              "attach_incorrect_state", "not_found_after_create_s",
+                                              "dropped_before", "dropped_after"}
     POST /fleets                             {"target_capacity", "az_policy", "instance_type", "tags", "run"}
     POST /down                               stop the cloud
 """
@@ -183,18 +185,21 @@ class ControlServer:
 
     def _ec2_faults(self, body: dict) -> dict:
         rates = {name: _number(body, name, 0.0) for name in ("throttle", "server_error")}
-        performed = body.get("performed_then_5xx") or {}
-        if not isinstance(performed, dict):
-            raise BadRequest("performed_then_5xx: must map an EC2 action to a rate")
+        maps = {name: body.get(name) or {}
+                for name in ("performed_then_5xx", "dropped_before", "dropped_after")}
+        for name, given in maps.items():
+            if not isinstance(given, dict):
+                raise BadRequest(f"{name}: must map an EC2 action (or \"*\") to a rate")
         seed = body.get("seed")
         extra = {name: _number(body, name, 0.0)
-                 for name in ("attach_incorrect_state", "not_found_after_create_s")}
+                 for name in ("attach_incorrect_state", "not_found_after_create_s",
+                              "attach_incorrect_state_first")}
         try:
             self.cloud.ec2_faults(throttle=rates["throttle"], server_error=rates["server_error"],
-                                  performed_then_5xx=performed, seed=seed, **extra)
+                                  seed=seed, **maps, **extra)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        return {**rates, **extra, "performed_then_5xx": performed, "seed": seed}
+        return {**rates, **extra, **maps, "seed": seed}
 
     def _launch(self, body: dict) -> dict:
         cloud = self.cloud

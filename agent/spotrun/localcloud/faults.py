@@ -21,6 +21,13 @@ These kinds, all as EC2 really answers them (botocore's EC2 parser reads the
   resource is reported ``InvalidVolume.NotFound``/``InvalidSnapshot.NotFound`` on a
   Describe by id and left out of every listed Describe (visibility.py), as EC2 documents
   for resources just created ("eventual consistency", EC2 API reference).
+* ``dropped_before`` / ``dropped_after``: the proxy closes the connection without an answer,
+  before the request is performed or after it was (botocore sees ``ConnectionClosedError``
+  and retries it by itself, as it does against EC2 when a load balancer drops a connection;
+  a non-idempotent call retried that way meets its own effect, or makes a second resource).
+
+The per-action maps (``performed_then_5xx``, ``dropped_*``) accept ``"*"`` for every EC2 action
+not named in them.
 """
 from __future__ import annotations
 
@@ -34,14 +41,19 @@ from typing import Mapping
 # are accepted too, the proxy performs whatever it forwards.
 PERFORMED_THEN_5XX_ACTIONS = ("AttachVolume", "CreateVolume", "CreateSnapshot", "DetachVolume",
                               "DeleteVolume", "DeleteSnapshot", "CreateTags", "DeleteTags")
+ANY_ACTION = "*"
 
 
 @dataclass(frozen=True)
 class InjectedError:
-    kind: str  # throttle | server_error | performed_then_5xx | incorrect_state
+    kind: str  # throttle | server_error | performed_then_5xx | incorrect_state | dropped_*
     code: str
-    http_status: int
+    http_status: int  # 0: no answer at all, the connection is closed
     message: str
+
+    @property
+    def dropped(self) -> bool:
+        return self.http_status == 0
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -61,6 +73,16 @@ def _check_rate(name: str, rate: float) -> float:
     return float(rate)
 
 
+def _check_rates(name: str, rates: object) -> dict[str, float]:
+    if not isinstance(rates, Mapping):
+        raise ValueError(f"ec2_faults: {name} must map an action name to a rate")
+    return {str(action): _check_rate(f"{name}[{action}]", rate) for action, rate in rates.items()}
+
+
+def _rate_for(rates: Mapping[str, float], action: str) -> float:
+    return rates.get(action, rates.get(ANY_ACTION, 0.0))
+
+
 @dataclass
 class FaultPlan:
     """What to inject. Rates are probabilities per matching request (0..1)."""
@@ -75,8 +97,19 @@ class FaultPlan:
     attach_incorrect_state: float = 0.0
     # Seconds a just-created volume or snapshot stays invisible to Describe (0 = never).
     not_found_after_create_s: float = 0.0
+    # The connection closed without an answer, before / after performing the action.
+    dropped_before: Mapping[str, float] = field(default_factory=dict)
+    dropped_after: Mapping[str, float] = field(default_factory=dict)
+    # The first N AttachVolume calls after configure refused IncorrectState (then the rate).
+    attach_incorrect_state_first: int = 0
 
     def __post_init__(self) -> None:
+        first = self.attach_incorrect_state_first
+        if isinstance(first, bool) or not isinstance(first, (int, float)) or first < 0 \
+                or first != int(first):
+            raise ValueError("ec2_faults: attach_incorrect_state_first must be a whole number "
+                             f">= 0, got {first!r}")
+        self.attach_incorrect_state_first = int(first)
         self.throttle = _check_rate("throttle", self.throttle)
         self.attach_incorrect_state = _check_rate("attach_incorrect_state",
                                                   self.attach_incorrect_state)
@@ -86,16 +119,17 @@ class FaultPlan:
                              f">= 0, got {window!r}")
         self.not_found_after_create_s = float(window)
         self.server_error = _check_rate("server_error", self.server_error)
-        if not isinstance(self.performed_then_5xx, Mapping):
-            raise ValueError("ec2_faults: performed_then_5xx must map an action name to a rate")
-        self.performed_then_5xx = {str(action): _check_rate(f"performed_then_5xx[{action}]", rate)
-                                   for action, rate in self.performed_then_5xx.items()}
+        self.performed_then_5xx = _check_rates("performed_then_5xx", self.performed_then_5xx)
+        self.dropped_before = _check_rates("dropped_before", self.dropped_before)
+        self.dropped_after = _check_rates("dropped_after", self.dropped_after)
         self.actions = tuple(self.actions)
 
     @property
     def active(self) -> bool:
         return bool(self.throttle or self.server_error or any(self.performed_then_5xx.values())
-                    or self.attach_incorrect_state or self.not_found_after_create_s)
+                    or self.attach_incorrect_state or self.not_found_after_create_s
+                    or any(self.dropped_before.values()) or any(self.dropped_after.values())
+                    or self.attach_incorrect_state_first)
 
 
 class FaultInjector:
@@ -105,6 +139,7 @@ class FaultInjector:
         self._lock = threading.Lock()
         self._plan = FaultPlan()
         self._rng = random.Random(0)
+        self._attaches = 0
 
     @property
     def plan(self) -> FaultPlan:
@@ -114,16 +149,23 @@ class FaultInjector:
         with self._lock:
             self._plan = plan
             self._rng = random.Random(plan.seed)
+            self._attaches = 0
 
     def before(self, action: str, params: Mapping[str, str] | None = None) -> InjectedError | None:
         """A fault that replaces the answer (the request is not performed), or None."""
         with self._lock:
             plan = self._plan
-            if action == "AttachVolume" and plan.attach_incorrect_state \
-                    and self._rng.random() < plan.attach_incorrect_state:
+            self._attaches += action == "AttachVolume"
+            if action == "AttachVolume" and (
+                    self._attaches <= plan.attach_incorrect_state_first
+                    or (plan.attach_incorrect_state
+                        and self._rng.random() < plan.attach_incorrect_state)):
                 volume_id = (params or {}).get("VolumeId", "")
                 return InjectedError("incorrect_state", "IncorrectState", 400,
                                      f"vol '{volume_id}' is not 'available'.")
+            rate = _rate_for(plan.dropped_before, action)
+            if rate and self._rng.random() < rate:
+                return InjectedError("dropped_before", "", 0, "connection closed, not performed")
             if plan.actions and action not in plan.actions:
                 return None
             if plan.throttle and self._rng.random() < plan.throttle:
@@ -138,10 +180,13 @@ class FaultInjector:
         return None
 
     def after(self, action: str) -> InjectedError | None:
-        """A 5xx to answer after the request was performed, or None."""
+        """A 5xx (or a closed connection) instead of the answer of a performed request, or None."""
         with self._lock:
-            rate = self._plan.performed_then_5xx.get(action, 0.0)
+            rate = _rate_for(self._plan.performed_then_5xx, action)
             if rate and self._rng.random() < rate:
                 return InjectedError("performed_then_5xx", "InternalError", 500,
                                      "An internal error has occurred.")
+            rate = _rate_for(self._plan.dropped_after, action)
+            if rate and self._rng.random() < rate:
+                return InjectedError("dropped_after", "", 0, "connection closed, performed")
         return None

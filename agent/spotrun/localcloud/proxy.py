@@ -39,6 +39,10 @@ _EC2_AUTH = ("AWS4-HMAC-SHA256 Credential=testing/20260101/{region}/ec2/aws4_req
              "SignedHeaders=host, Signature=0")
 
 
+class ConnectionDropped(Exception):
+    """The fault plan says: close the client's connection without an answer."""
+
+
 class MotoUpstream:
     """Plain HTTP to moto's server, with this cloud's account header."""
 
@@ -111,6 +115,10 @@ class Ec2Proxy:
         outcome: dict = {"injected": None, "performed_answer": None}
         try:
             response = self._answer(method, path, headers, body, outcome)
+        except ConnectionDropped:
+            # Status 0: no answer reached the client; the ledger still says what was performed.
+            self._write_ledger(method, path, headers, body, t0, outcome, Ec2Response(0, [], b""))
+            raise
         except Exception as exc:
             self._write_ledger(method, path, headers, body, t0, outcome,
                                error_response(502, "InternalError", str(exc)))
@@ -142,8 +150,10 @@ class Ec2Proxy:
                 self._record("ec2_fault_injected", kind=fault.kind, action=action,
                              code=fault.code, http_status=fault.http_status)
                 outcome["injected"] = {"kind": fault.kind, "performed": False}
+                if fault.dropped:
+                    raise ConnectionDropped(fault.message)
                 return error_response(fault.http_status, fault.code, fault.message)
-            refusal = self.visibility.refusal(action, params)
+            refusal = self.visibility.refusal(action, params, headers)
             if refusal is not None:
                 self._record("ec2_fault_injected", kind="not_found_after_create", action=action,
                              code="NotFound", http_status=400)
@@ -165,6 +175,8 @@ class Ec2Proxy:
                              code=fault.code, http_status=fault.http_status)
                 outcome["injected"] = {"kind": fault.kind, "performed": True}
                 outcome["performed_answer"] = response.body
+                if fault.dropped:
+                    raise ConnectionDropped(fault.message)
                 return error_response(fault.http_status, fault.code, fault.message)
         return response
 
@@ -191,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             response = self.owner.answer(self.command, self.path, list(self.headers.items()), body)
+        except ConnectionDropped:
+            self.close_connection = True  # nothing written: the client sees the connection close
+            return
         except Exception as exc:  # noqa: BLE001 - answer 502 rather than drop the connection
             log.exception("proxy_error", path=self.path)
             response = error_response(502, "InternalError", f"local cloud proxy: {exc}")

@@ -9,11 +9,20 @@ that treat "not found" as "gone" pass against it and crash against EC2. The faul
 
 A resource is hidden once, from its first creation answer: a CreateVolume replayed by its
 ClientToken returns the same volume and does not hide it again.
+
+Instances too, on request (:meth:`Visibility.hide_instance`, ``cloud.instance_not_found``):
+EC2 documents that a just-launched instance may be unknown to DescribeInstances for a while,
+and a lookup of another job's lease holder must not take one such answer for "gone". A rule
+names the instance, optionally the callers it misleads (by their access key: one agent's
+view, not the holder's own), and how long it lasts: the next ``lookups`` DescribeInstances
+naming it, and/or ``seconds`` from now.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
+from dataclasses import dataclass
 
 from spotrun.localcloud.ec2xml import (Ec2Response, child, child_text, error_response,
                                        numbered)
@@ -26,12 +35,66 @@ _KINDS = {
 _CREATES = {"CreateVolume": "volume", "CreateSnapshot": "snapshot"}
 _DESCRIBES = {"DescribeVolumes": ("volume", "volumeSet"),
               "DescribeSnapshots": ("snapshot", "snapshotSet")}
+_ACCESS_KEY = re.compile(r"Credential=([^/,\s]+)/")
+
+
+@dataclass
+class _InstanceRule:
+    lookups: int | None      # answers left (None: no count limit)
+    until: float | None      # monotonic end (None: no time limit)
+    callers: frozenset[str] | None  # access key ids misled (None: every caller)
+
+    def live(self, now: float) -> bool:
+        return (self.lookups is None or self.lookups > 0) and (self.until is None or now < self.until)
+
+
+def caller_key(headers: list[tuple[str, str]] | None) -> str | None:
+    """The access key id a request was signed with."""
+    for key, value in headers or ():
+        if key.lower() == "authorization":
+            found = _ACCESS_KEY.search(value)
+            return found.group(1) if found else None
+    return None
 
 
 class Visibility:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._visible_at: dict[str, float] = {}
+        self._instances: dict[str, _InstanceRule] = {}
+
+    def hide_instance(self, instance_id: str, *, lookups: int | None = None,
+                      seconds: float | None = None, callers: set[str] | None = None) -> None:
+        """Answer DescribeInstances naming ``instance_id`` InvalidInstanceID.NotFound for the
+        next ``lookups`` such calls and/or ``seconds`` from now (at least one is required),
+        to ``callers`` (access key ids; None: anyone). Replaces the instance's earlier rule."""
+        if lookups is None and seconds is None:
+            raise ValueError("instance_not_found: give lookups, seconds or both")
+        if lookups is not None and (isinstance(lookups, bool) or not isinstance(lookups, int)
+                                    or lookups < 1):
+            raise ValueError(f"instance_not_found: lookups must be an integer >= 1, got {lookups!r}")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or seconds <= 0):
+            raise ValueError(f"instance_not_found: seconds must be > 0, got {seconds!r}")
+        with self._lock:
+            self._instances[instance_id] = _InstanceRule(
+                lookups, None if seconds is None else time.monotonic() + seconds,
+                None if callers is None else frozenset(callers))
+
+    def _instance_refusal(self, params: dict, caller: str | None) -> Ec2Response | None:
+        now = time.monotonic()
+        with self._lock:
+            named = [i for i in sorted(numbered(params, "InstanceId")) if i in self._instances]
+            hidden = [i for i in named if self._instances[i].live(now) and (
+                self._instances[i].callers is None or caller in self._instances[i].callers)]
+            if not hidden:
+                return None
+            for instance_id in hidden:  # one answer spends one lookup of each rule it used
+                rule = self._instances[instance_id]
+                if rule.lookups is not None:
+                    rule.lookups -= 1
+        return error_response(400, "InvalidInstanceID.NotFound",
+                              f"The instance ID '{hidden[0]}' does not exist")
 
     def created(self, action: str, response: Ec2Response, window_s: float) -> None:
         """Note a successful create (before any fault replaces its answer)."""
@@ -46,8 +109,11 @@ class Visibility:
     def _hidden(self, resource_id: str, now: float) -> bool:
         return self._visible_at.get(resource_id, 0.0) > now
 
-    def refusal(self, action: str, params: dict) -> Ec2Response | None:
+    def refusal(self, action: str, params: dict,
+                headers: list[tuple[str, str]] | None = None) -> Ec2Response | None:
         """A Describe by id that names a hidden resource: EC2's NotFound for it."""
+        if action == "DescribeInstances":
+            return self._instance_refusal(params, caller_key(headers))
         if action not in _DESCRIBES:
             return None
         element, parameter, code, noun = _KINDS[_DESCRIBES[action][0]]
