@@ -42,6 +42,35 @@ def pytest_configure(config):
               file=sys.stderr)
 
 
+def pytest_sessionstart(session):
+    """Under CI or SPOTRUN_REQUIRE_REAL=1 (make test), a machine without root, loop devices or
+    the tools the tests drive fails the run here, naming what is missing (realguard)."""
+    import realguard
+
+    if realguard.required():
+        parts = realguard.missing()
+        if parts:
+            pytest.exit(realguard.message(parts), returncode=pytest.ExitCode.TESTS_FAILED)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI or SPOTRUN_REQUIRE_REAL=1, a skip for a missing part of the machine (a loop
+    device that would not bind, a mount refused, ...) is a failure, not a green skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or getattr(report, "wasxfail", None) is not None:
+        return
+    import realguard
+
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if realguard.required() and realguard.ENVIRONMENT_SKIP.search(reason or ""):
+        report.outcome = "failed"
+        report.longrepr = (f"{reason}\n(a skip for a missing part of the machine is a failure "
+                           f"when the run must prove the real thing: CI or "
+                           f"{realguard.REQUIRE_ENV}=1)")
+
+
 @pytest.fixture(autouse=True)
 def _default_logging():
     """No test leaves a logging level or a captured stream behind for the next one."""

@@ -190,7 +190,12 @@ class Rehearsal:
             self.plan.repository = make_demo_repository(self.out / "repo")
         if self.cloud is None:
             self.say(f"starting the local spot cloud under {self.out / 'cloud'}")
+            # Loop devices, or a DataPlaneError saying how to ask for directories by name
+            # (SPOTRUN_LOCALCLOUD_VOLUMES=directory): never a silent fallback.
             self.cloud = LocalCloud(self.out / "cloud", TimingModel.fast()).start()
+            if not self.cloud.uses_loop_devices:
+                self.say(f"volumes are directories ({self.cloud.dataplane.no_loop_reason}): "
+                         "nothing is formatted, mounted, checked or detached for real")
         if self.plan.lease_table:
             ensure_lease_table(self.cloud, self.plan.lease_table)
         self.say(f"requesting a Spot Fleet: capacity 1, maintain, replacements {self.plan.az_policy}")

@@ -1,8 +1,9 @@
 """The soak's checker: after every job, the invariants of DESIGN.md against the cloud's truth.
 
 Reads only the cloud's fault-free view (``cloud.client("ec2", faults=False)``), its call
-ledger (races: :mod:`spotrun.soakledger`), the agents' JSON logs and the trainers' own logs.
-Each violation is one sentence naming the invariant.
+ledger (invariant 1 and races: :mod:`spotrun.soakledger`; invariants 2, 5 and 6:
+:mod:`spotrun.soakwitness`), the job's final volume image, the agents' JSON logs and the
+trainers' own logs. Each violation is one sentence naming the invariant.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from spotrun import soakledger
+from spotrun import soakledger, soakwitness
 from spotrun import tags as T
+from spotrun.rehearsal_volume import VolumeImage, VolumeReadError
 
 DECOY_JOB = "soak-decoy-other-job"
 SNAPSHOT_ROLES = ("migration-snapshot", "drain-snapshot")
@@ -129,6 +131,46 @@ def ledger_violations(job, volumes: list[dict]) -> list[str]:
                             races=job.race_results, attached_now=attached_now)
 
 
+def final_completion(cloud, volumes: list[dict]) -> tuple[dict | None, str | None]:
+    """The completion record on the job's one remaining volume, read from its image (not
+    through the agent): (record or None, why it could not be read or None)."""
+    if len(volumes) != 1:
+        return None, f"{len(volumes)} job volumes at the end, not one"
+    volume_id = volumes[0]["VolumeId"]
+    try:
+        image = VolumeImage(cloud.dataplane.volume_path(volume_id))
+        data = image.read([soakwitness.COMPLETION_RECORD]).get(soakwitness.COMPLETION_RECORD)
+    except VolumeReadError as exc:
+        return None, str(exc)
+    if data is None:
+        return None, None
+    try:
+        import json
+        record = json.loads(data)
+    except ValueError as exc:
+        return None, f"{volume_id}: {soakwitness.COMPLETION_RECORD} is not JSON ({exc})"
+    return (record if isinstance(record, dict) else {"time": None}), None
+
+
+def witness_violations(job, volumes: list[dict]) -> tuple[list[str], dict | None, str | None]:
+    """Invariants 2, 5 and 6 from the ledger and the final image (spotrun.soakwitness)."""
+    cloud = job.cloud
+    ec2 = _ec2(cloud)
+    completion, image_error = final_completion(cloud, volumes)
+    instances = {b["instance_id"] for b in job.boots}
+    fleets = {job.fleet.request_id} if job.fleet is not None else set()
+    existing_volumes = {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]
+                        if v["State"] not in ("deleting", "deleted")}
+    existing_snapshots = {s["SnapshotId"] for s in ec2.describe_snapshots(
+        OwnerIds=["self"])["Snapshots"]}
+    found = soakwitness.check(
+        job.ledger_records(), job.plan.job_id, instances, fleets, completion=completion,
+        image_error=image_error, expect_cancel=not job.cancelled_by_soak,
+        final_volumes={v["VolumeId"] for v in volumes}, existing_volumes=existing_volumes,
+        existing_snapshots=existing_snapshots)
+    return found, completion, image_error
+
+
 def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     plan = job.job_plan
     cloud = job.cloud
@@ -157,7 +199,7 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     orphans = [v["VolumeId"] for v in new if T.JOB not in T.as_dict(v.get("Tags"))
                and not any(a.get("Device") == "/dev/sda1" for a in v.get("Attachments", []))]
     if orphans:
-        violations.append(f"inv2 orphaned volumes without a job tag: {orphans}")
+        violations.append(f"inv6 orphaned volumes without a job tag: {orphans}")
     snapshots = ec2.describe_snapshots(Filters=T.job_filters(plan.job_id), OwnerIds=["self"])["Snapshots"]
     live = {v["VolumeId"] for v in volumes}
     kept = []
@@ -168,11 +210,11 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         kept.append({"id": s["SnapshotId"], "role": st.get(T.ROLE), "state": s["State"],
                      "of_live_volume": st.get("spotrun:source-volume") in live})
 
-    # Invariant 5: only success cancels the fleet, and success does.
-    completed = bool(tags.get(T.COMPLETED))
-    cancelled = job._fleet_cancelled()
-    if cancelled != completed and not job.cancelled_by_soak:
-        violations.append(f"inv5 fleet cancelled={cancelled} but completed={completed}")
+    # Invariants 2, 5 and 6 from the ledger and the final image: only success cancels the
+    # fleet (and success does), copy before delete, only the job's own resources touched.
+    witnessed, completion, image_error = witness_violations(job, volumes)
+    violations.extend(witnessed)
+    completed = completion is not None if image_error is None else bool(tags.get(T.COMPLETED))
     failures = [e for b in {b["instance_id"] for b in job.boots} for e in job.events_of(b)
                 if e.get("event") == "failure_policy"]
     if failures:
@@ -268,7 +310,9 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     # What a kind saw go wrong on the way (soakkinds_cloud: a drain for nothing, a restart).
     violations.extend(getattr(job, "kind_violations", []))
 
-    # Invariant 6: nothing outside the job touched.
+    # Invariant 6 is judged on the ledger above (the decoy is one planted target there: a
+    # snapshot of it, a tag on it, a volume from its snapshot all name it); the cloud's own
+    # view of the decoy is the last word on whether it changed.
     view = decoy_view(cloud, decoy["volume_id"], decoy["snapshot_id"])
     if view != decoy["view"]:
         violations.append(f"inv6 the decoy job's resources changed: {view}")

@@ -6,8 +6,13 @@ binds a loop device (``losetup --find --show``) and links
 gives an EBS volume under /dev/disk/by-id on Nitro instances. A snapshot is a sparse copy
 of the image as of the call; a volume created from a snapshot starts as a copy of it.
 
-Where loop devices are unavailable (not root, no /dev/loop-control, ``losetup`` fails) a
-volume is a directory and the link points at it; there is then no block device to mount.
+Directory-backed volumes (a volume is a directory and the link points at it: no block
+device, no mkfs, fsck or real detach) exist only when asked for by name:
+``SPOTRUN_LOCALCLOUD_VOLUMES=directory`` in the environment, or ``use_loop_devices=False``.
+Otherwise loop devices are required, and a cloud started where they are unavailable (not
+root, no /dev/loop-control, ``losetup`` fails) fails saying why and how to ask for
+directories: a silent fallback would let tests, the soak and the demo pass on a data plane
+that never mounts anything.
 
 Every loop device bound here is written to ``<root>/ebs/loop-devices.json`` before use, so
 that the next start on the same root cleans up what a crashed run left behind. Only loop
@@ -32,6 +37,19 @@ log = get_logger("localcloud.ebs")
 
 class DataPlaneError(RuntimeError):
     pass
+
+
+VOLUMES_ENV = "SPOTRUN_LOCALCLOUD_VOLUMES"
+VOLUME_KINDS = ("loop", "directory")
+
+
+def volumes_asked_for() -> str:
+    """The volume kind the environment asks for: "loop" (the default) or "directory"."""
+    value = os.environ.get(VOLUMES_ENV, "").strip().lower() or "loop"
+    if value not in VOLUME_KINDS:
+        raise DataPlaneError(f"{VOLUMES_ENV}={os.environ.get(VOLUMES_ENV)!r}: expected one of "
+                             f"{', '.join(VOLUME_KINDS)}")
+    return value
 
 
 def device_link_name(volume_id: str) -> str:
@@ -113,8 +131,18 @@ class EbsDataPlane:
         for directory in (self.volumes_dir, self.snapshots_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        if use_loop_devices is None:
-            use_loop_devices, self.no_loop_reason = probe_loop_devices(self.root)
+        if use_loop_devices is None and volumes_asked_for() == "directory":
+            use_loop_devices, self.no_loop_reason = False, f"asked for by {VOLUMES_ENV}=directory"
+        elif use_loop_devices is None:
+            usable, why = probe_loop_devices(self.root)
+            if not usable:
+                raise DataPlaneError(
+                    f"loop devices unavailable ({why}): the local cloud's volumes are ext4 images "
+                    "on loop devices, which need root and /dev/loop-control (modprobe loop; in a "
+                    "container, give it the loop devices, e.g. --privileged). To run on "
+                    "directory-backed volumes instead (no mkfs, fsck or real detach), ask for "
+                    f"them by name: {VOLUMES_ENV}=directory")
+            use_loop_devices, self.no_loop_reason = True, ""
         else:
             self.no_loop_reason = "" if use_loop_devices else "disabled by configuration"
         self.uses_loop_devices = use_loop_devices
