@@ -8,6 +8,11 @@ The single-attempt EC2 client for creates (spotrun.ec2.create_once) is a second 
 the same session, sharing its model.
 
 botocore directly, not boto3: boto3 adds resources and s3transfer the agent never uses.
+
+With :func:`use_trimmed_models` (the agent calls it with its state directory), each of the
+agent's services is loaded from a model holding only the operations it calls
+(spotrun.botomodel), put first on the session loader's search path before that service's first
+client; the full model stays the fallback.
 """
 from __future__ import annotations
 
@@ -23,6 +28,21 @@ _session_env: tuple = ()
 _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                    "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 _clients: dict[tuple, Any] = {}
+_model_cache: str | None = None
+# Per session: the loader's own search path (where full models are), and the services whose
+# model source is decided (it must be before the loader first looks the service up: it caches).
+_full_model_paths: list[str] = []
+_decided: set[str] = set()
+
+
+def use_trimmed_models(cache_root: str | os.PathLike | None) -> None:
+    """Load the agent's services from trimmed models cached under ``cache_root`` (None: full
+    models). Clients made before are dropped: a session's loader keeps what it has loaded."""
+    global _model_cache, _session
+    with _lock:
+        _model_cache = os.fspath(cache_root) if cache_root is not None else None
+        _session = None
+        _clients.clear()
 
 
 def _session_locked():
@@ -32,7 +52,30 @@ def _session_locked():
         import botocore.session
         _session, _session_env = botocore.session.get_session(), env
         _clients.clear()
+        _decided.clear()
+        _full_model_paths[:] = _session.get_component("data_loader").search_paths
     return _session
+
+
+def _choose_model_locked(service: str) -> None:
+    if _model_cache is None or service in _decided:
+        return
+    _decided.add(service)
+    from spotrun import botomodel
+
+    operations = botomodel.agent_operations().get(service)
+    if not operations:
+        return  # not one of the agent's services: botocore's full model
+    try:
+        data_dir = botomodel.ensure(service, operations, _model_cache, _full_model_paths)
+    except Exception as exc:  # whatever it is, the full model still works
+        from spotrun import log
+        log.get_logger("awsclients").warning(
+            "botocore_model_full", service=service, cache=_model_cache,
+            error=f"{type(exc).__name__}: {exc}",
+            note="the trimmed model could not be made or read; using botocore's full model")
+        return
+    _session.get_component("data_loader").search_paths.insert(0, os.fspath(data_dir))
 
 
 def client(service: str, *, region: str, endpoint_url: str | None = None,
@@ -56,6 +99,7 @@ def client(service: str, *, region: str, endpoint_url: str | None = None,
         kwargs: dict[str, Any] = {"config": config, "region_name": region}
         if endpoint_url:
             kwargs["endpoint_url"] = endpoint_url
+        _choose_model_locked(service)
         made = _session_locked().create_client(service, **kwargs)
         # Every request, retries included, is a sign of life for the systemd watchdog.
         made.meta.events.register("before-send", notify.kick_from_main_thread)

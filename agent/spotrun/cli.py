@@ -13,11 +13,30 @@ from spotrun.config import ConfigError
 from spotrun.errors import SpotrunError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from spotrun import agentcmd, rehearsal
-    from spotrun import soak
-    from spotrun.localcloud import cli as localcloud_cli
-    from spotrun.operator import cli as operator_cli
+# Which module registers each subcommand. A command line naming one imports that module
+# alone: the agent systemd starts never loads the operator CLI (boto3), the local cloud (moto)
+# or the soak, ~20 MB it would otherwise keep resident. --help and anything not listed load all
+# (so a subcommand missing here still works; tests/core/test_cli_lazy.py keeps the list whole).
+SUBCOMMANDS = {
+    "agent": "spotrun.agentcmd",
+    "init": "spotrun.operator.cli", "launch": "spotrun.operator.cli",
+    "status": "spotrun.operator.cli", "cancel": "spotrun.operator.cli",
+    "teardown": "spotrun.operator.cli",
+    "localcloud": "spotrun.localcloud.cli",
+    "rehearse": "spotrun.rehearsal",
+    "soak": "spotrun.soak",
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: only the named subcommand's module when ``argv`` starts with
+    one, every subcommand otherwise."""
+    import importlib
+
+    if argv and argv[0] in SUBCOMMANDS:
+        modules = [SUBCOMMANDS[argv[0]]]
+    else:
+        modules = list(dict.fromkeys(SUBCOMMANDS.values()))
 
     parser = argparse.ArgumentParser(
         prog="spotrun",
@@ -25,16 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"spotrun {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    agentcmd.register(subparsers)
-    operator_cli.register(subparsers)
-    localcloud_cli.register(subparsers)
-    rehearsal.register(subparsers)
-    soak.register(subparsers)
+    for name in modules:
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

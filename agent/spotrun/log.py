@@ -13,7 +13,25 @@ import re
 import sys
 from typing import Any, TextIO
 
-import structlog
+
+def _import_structlog_without_rich():
+    """structlog's package imports its console renderer, and that imports ``rich`` when it is
+    installed (a development tool; the agent's .deb has none). This process only writes JSON
+    lines, so rich (~5 MB resident, in every agent) is kept out as on an instance: a None in
+    sys.modules makes structlog's ``import rich`` fail as if it were not installed. Only while
+    structlog is first imported: a later ``import rich`` elsewhere works as usual."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        import structlog
+        return structlog
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog
+    finally:
+        del sys.modules["rich"]
+    return structlog
+
+
+structlog = _import_structlog_without_rich()
 
 # syslog(3) priorities.
 PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "warn": 4, "error": 3,
