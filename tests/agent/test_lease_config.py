@@ -98,7 +98,8 @@ def test_soak_jobs_without_a_table_promise_one_instance_and_meet_no_second_agent
     inst = SimpleNamespace(agent_overrides=lambda: {"metadata": {}, "volume": {},
                                                     "aws": {"region": "us-east-1"}})
     for plan in (next(p for p in plans if p.lease), next(p for p in plans if not p.lease)):
-        job = SoakJob(None, Path("/nonexistent"), plan, "file:///nonexistent", 1.0)
+        cloud = SimpleNamespace(ledger_path="/nonexistent/ledger.jsonl")  # only its config is read
+        job = SoakJob(cloud, Path("/nonexistent"), plan, "file:///nonexistent", 1.0)
         mapping = job._agent_config(inst)
         for section, values in job._job_overrides().items():
             mapping.setdefault(section, {}).update(values)
