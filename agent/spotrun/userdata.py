@@ -22,50 +22,15 @@ import re
 from typing import Any, Callable, Mapping
 
 from spotrun.config import ConfigError, from_mapping, parse_toml
+# One secret check for the operator (before launch) and the agent (at boot): what the
+# operator sends is exactly what the agent accepts.
+from spotrun.usersecrets import check_no_secrets as _check_no_secrets
 
 MARKER = "#spotrun-config v1"
 # AWS: "User data is limited to 16 KB, in raw form, before it is base64-encoded."
 MAX_BYTES = 16 * 1024
 POINTER_SECTION = "spotrun"
 
-# Key names that hold secret material (anywhere, trainer.env included).
-_SECRET_NAME = re.compile(r"(token|secret|passw(or)?d|credential|api[_-]?key|private[_-]?key|"
-                          r"access[_-]?key|authorization)", re.I)
-# Keys that *point at* a secret the agent reads at run time: allowed, that is the point of them.
-_SECRET_POINTERS = {("code", "credentials_file"), ("code", "credentials_ssm_parameter"),
-                    ("code", "credentials_secret_id"), ("metadata", "token_ttl_s")}
-# Values that are secret material whatever key they sit under.
-_SECRET_VALUE = re.compile(
-    r"(AKIA|ASIA)[A-Z0-9]{16}"  # AWS access key id
-    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{20,}"  # GitHub tokens
-    r"|glpat-[A-Za-z0-9_-]{20}"  # GitLab
-    r"|xox[abprs]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
-    r"|[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@"  # URL with user:password@
-)
-
-
-def _check_no_secrets(overrides: Mapping[str, Any], source: str) -> None:
-    for section, values in overrides.items():
-        if not isinstance(values, Mapping):
-            continue
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            if _SECRET_NAME.search(key) and (section, key) not in _SECRET_POINTERS:
-                raise ConfigError(name, "looks like a secret; user data is not secret. Put it in "
-                                  "SSM/Secrets Manager and point to it (code.credentials_*)", source)
-            items = value.items() if isinstance(value, Mapping) else [(None, value)]
-            for sub, item in items:
-                where = f"{name}.{sub}" if sub else name
-                if sub and _SECRET_NAME.search(sub):
-                    raise ConfigError(where, "looks like a secret; user data is not secret. Have the "
-                                      "trainer read it from SSM/Secrets Manager instead", source)
-                for text in (item if isinstance(item, list) else [item]):
-                    if isinstance(text, str) and _SECRET_VALUE.search(text):
-                        raise ConfigError(where, "contains what looks like a credential "
-                                          "(access key, token, password in a URL); refusing to "
-                                          "put it in user data", source)
 
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")

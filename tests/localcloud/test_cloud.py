@@ -34,6 +34,13 @@ def test_zones_region_and_endpoints(cloud):
     assert {"us-east-1a", "us-east-1b", "us-east-1c"} <= {z["ZoneName"] for z in zones}
 
 
+def test_aws_managed_policies_exist_as_on_aws(cloud):
+    # `spotrun init` for a Spot Fleet attaches this one to the fleet's role.
+    arn = "arn:aws:iam::aws:policy/service-role/AmazonEC2SpotFleetTaggingRole"
+    policy = cloud.client("iam").get_policy(PolicyArn=arn)["Policy"]
+    assert policy["PolicyName"] == "AmazonEC2SpotFleetTaggingRole"
+
+
 def test_launched_instance_matches_in_moto_and_in_its_metadata(cloud):
     tags = {"Name": "trainer", "aws:ec2spot:fleet-request-id": "sfr-12345678"}
     inst = cloud.launch_instance(az="us-east-1b", instance_type="g4dn.xlarge", tags=tags,

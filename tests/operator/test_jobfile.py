@@ -59,7 +59,8 @@ def test_good_job_file_reaches_the_endpoint(job_file, recorder, spotrun):
     endpoint, seen = recorder
     code, _, err = spotrun("launch", "-f", job_file(), "--endpoint-url", endpoint)
     assert code == 1 and seen, err
-    assert "AWS DescribeVolumes failed" in err and "Traceback" not in err
+    # The first call checks the job's zones exist in the region, before anything is created.
+    assert "AWS DescribeAvailabilityZones failed" in err and "Traceback" not in err
 
 
 def test_dry_runs_make_no_aws_call(job_file, recorder, spotrun):

@@ -105,10 +105,14 @@ def test_cost_estimate_compares_with_on_demand():
     instances = [{"LaunchTime": now - timedelta(hours=2), "InstanceType": "p3.2xlarge",
                   "Placement": {"AvailabilityZone": "us-west-2b"}},
                  {"LaunchTime": now - timedelta(hours=1), "InstanceType": "x9.weird",
+                  "Placement": {"AvailabilityZone": "us-west-2b"}},
+                 {"LaunchTime": now - timedelta(hours=1), "InstanceType": "x8.nospot",
                   "Placement": {"AvailabilityZone": "us-west-2b"}}]
     cost = pricing.estimate(instances, {("p3.2xlarge", "us-west-2b"): 0.918, ("x9.weird", "us-west-2b"): 1.0}, now)
-    assert cost["instance_hours"] == 2.0 and cost["spot_usd"] == 1.84 and cost["on_demand_usd"] == 6.12
-    assert cost["savings_percent"] == 70.0 and cost["unpriced_instance_types"] == ["x9.weird"]
+    # x9.weird has no on-demand price: its spot hours count, the comparison leaves it out.
+    assert cost["instance_hours"] == 3.0 and cost["spot_usd"] == 2.84 and cost["on_demand_usd"] == 6.12
+    assert cost["compared_spot_usd"] == 1.84 and cost["savings_percent"] == 70.0
+    assert cost["spot_only_types"] == ["x9.weird"] and cost["unpriced_instance_types"] == ["x8.nospot"]
 
 
 def test_spot_prices_are_read_from_the_api(moto, client):

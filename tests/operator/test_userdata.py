@@ -56,8 +56,8 @@ def test_pointer_stub_resolves_through_the_given_reader():
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"trainer": {"env": {"WANDB_API_KEY": "abc"}}}, "trainer.env.WANDB_API_KEY"),
-    ({"trainer": {"env": {"HF_TOKEN": "abc"}}}, "trainer.env.HF_TOKEN"),
+    ({"trainer": {"env": {"WANDB_API_KEY": "3f9a1c2e7b"}}}, "trainer.env.WANDB_API_KEY"),
+    ({"trainer": {"env": {"HF_TOKEN": "abcd1234efgh"}}}, "trainer.env.HF_TOKEN"),
     ({"trainer": {"env": {"X": "AKIAABCDEFGHIJKLMNOP"}}}, "trainer.env.X"),
     ({"code": {"repository": "https://user:s3cret@github.com/o/r.git"}}, "code.repository"),
     ({"code": {"repository": "https://ghp_abcdefghijklmnopqrstuvwxyz0123456789@github.com/o/r.git"}},
@@ -87,7 +87,7 @@ def test_pointers_to_secrets_are_allowed():
     (b"#spotrun-config v1\n[job\nid=1", "(syntax)"),
     (b"#spotrun-config v1\n[trainer]\nmax_restarts = \"three\"\n", "trainer.max_restarts"),
     (b"#spotrun-config v1\n[bogus]\nx = 1\n", "bogus"),
-    (b"#spotrun-config v1\n[job]\nid = \"x\"\n[trainer.env]\nGITHUB_TOKEN = \"x\"\n", "trainer.env.GITHUB_TOKEN"),
+    (b"#spotrun-config v1\n[job]\nid = \"x\"\n[trainer.env]\nGITHUB_TOKEN = \"abcd1234efgh\"\n", "trainer.env.GITHUB_TOKEN"),
     (b"#spotrun-config v1\n" + b"#" * (16 * 1024), "(size)"),
 ])
 def test_malformed_user_data_names_the_field(raw, key):
@@ -140,3 +140,10 @@ def test_a_wait_that_never_ends_says_what_it_waited_for():
     with pytest.raises(SpotrunError) as err:
         Reporter(stream=io.StringIO(), interval_s=0.01).wait("snapshot snap-1", lambda: (False, "pending 40%"), 0.05)
     assert "snapshot snap-1" in str(err.value) and "pending 40%" in str(err.value)
+
+
+def test_the_agent_accepts_what_the_operator_sends_hugging_face_settings_included():
+    # One secret check on both sides: a setting whose name merely contains "token" is no secret.
+    stub = userdata.render({"job": {"id": "x"}, "trainer": {"env": {"TOKENIZERS_PARALLELISM": "false",
+                                                                    "PAD_TOKEN": "<pad>"}}})
+    assert userdata.parse(stub)["trainer"]["env"]["TOKENIZERS_PARALLELISM"] == "false"

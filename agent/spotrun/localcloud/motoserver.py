@@ -9,6 +9,7 @@ sends to moto in the ``x-moto-account-id`` header.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 import threading
@@ -58,6 +59,10 @@ class MotoServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         # werkzeug logs every request on stderr; the proxy logs what matters instead.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        # AWS's managed policies exist on AWS (`spotrun init` attaches
+        # AmazonEC2SpotFleetTaggingRole to the Spot Fleet role); moto loads them into each
+        # account's IAM backend only when this is set when that backend is made.
+        os.environ.setdefault("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
         self._server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
         self.endpoint = ""
 

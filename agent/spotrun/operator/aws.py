@@ -12,6 +12,7 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 
 from spotrun.errors import SpotrunError
 
@@ -44,7 +45,9 @@ class Aws:
             kwargs = {"config": RETRY_CONFIG}
             if self.endpoint_url:
                 kwargs["endpoint_url"] = self.endpoint_url
-            self._clients[service] = self.session.client(service, **kwargs)
+            client = self.session.client(service, **kwargs)
+            client.meta.events.register("before-call", _remember_call)
+            self._clients[service] = client
         return self._clients[service]
 
     def account_id(self) -> str:
@@ -57,15 +60,39 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
+# The API call in flight, for errors that do not carry it (a connection refused, an answer
+# that is not XML/JSON): the operator is one thread, one call at a time.
+_last_call = {"name": ""}
+
+# What the operator turns into one line (exit 1) instead of a traceback.
+AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+              botocore.parsers.ResponseParserError)
+
+
+def _remember_call(model: Any = None, **_: Any) -> None:
+    _last_call["name"] = getattr(model, "name", "") or ""
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def describe_error(exc: BaseException) -> str:
-    """One line for the operator: which call, what AWS said."""
+    """One line for the operator: which call, what AWS (or the network) said."""
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
-        return f"AWS {exc.operation_name} failed: {err.get('Code', '?')}: {err.get('Message', '')}".strip()
+        return _one_line(f"AWS {exc.operation_name} failed: {err.get('Code', '?')}: "
+                         f"{err.get('Message', '')}".strip())
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return ("no AWS credentials found (environment, ~/.aws/credentials, SSO or a role); "
                 "see `aws configure`")
-    return f"AWS: {exc}"
+    call = _last_call["name"] or "call"
+    if isinstance(exc, botocore.parsers.ResponseParserError):
+        first = str(exc).splitlines()[0].rstrip(": ") if str(exc) else ""
+        return _one_line(f"AWS {call} failed: the endpoint's answer is not an AWS response "
+                         f"(an HTML error page?): {first}")
+    return _one_line(f"AWS {call} failed: {exc}")
 
 
 class _OperatorLog:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
 
 from spotrun import log
 from spotrun.errors import SpotrunError, UsageError
@@ -19,7 +18,8 @@ from spotrun.operator import init as init_mod
 from spotrun.operator import jobfile
 from spotrun.operator import launch as launch_mod
 from spotrun.operator import status as status_mod
-from spotrun.operator.aws import Aws, describe_error
+from spotrun.operator import teardown as teardown_mod
+from spotrun.operator.aws import AWS_ERRORS, Aws, describe_error
 from spotrun.operator.progress import Reporter
 
 LOCAL_STATE = Path("/var/lib/spotrun/state.json")
@@ -75,6 +75,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cancel.add_argument("--yes", "-y", action="store_true", help="don't ask (required without a terminal)")
     cancel.set_defaults(func=cmd_cancel)
 
+    teardown = subparsers.add_parser(
+        "teardown", help="after the job: remove its launch template, role, policy, instance profile "
+                         "and lease entry; keeps the volume and snapshots unless asked",
+        description="Refused while the job still runs (`spotrun cancel` first). Asks first.")
+    _common(teardown)
+    teardown.add_argument("--delete-volume", action="store_true",
+                          help="also snapshot, then delete, the job's volume")
+    teardown.add_argument("--delete-snapshots", action="store_true", help="also delete the job's snapshots")
+    teardown.add_argument("--all", action="store_true",
+                          help="also delete the lease table (shared by every job that uses it)")
+    teardown.add_argument("--yes", "-y", action="store_true", help="don't ask (required without a terminal)")
+    teardown.set_defaults(func=cmd_teardown)
+
 
 def _aws_errors_as_messages(func):
     """botocore's exceptions become one clear line and exit 1, not a traceback."""
@@ -82,8 +95,8 @@ def _aws_errors_as_messages(func):
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise SpotrunError(describe_error(exc)) from exc
+        except AWS_ERRORS as exc:
+            raise SpotrunError(describe_error(exc)) from None
     return wrapper
 
 
@@ -204,13 +217,34 @@ def cmd_status(args: argparse.Namespace) -> int:
             text = "\033[H\033[2J" + text  # redraw in place, like watch(1)
         _emit(args, view, text)
         shown += 1
+        ending = view["outcome"]
+        if args.watch and ending:
+            # Nothing more will happen: end with the final state instead of redrawing forever.
+            print(_final_line(view), file=sys.stderr, flush=True)
+            return WATCH_EXIT[ending]
         if not args.watch or (args.count and shown >= args.count):
             return 0
-        if view["agent"]["completed"] and not view["capacity"]:
-            return 0  # finished and its fleet cancelled: nothing more will change
         if not args.json and not sys.stdout.isatty():
             print("", flush=True)
         time.sleep(args.interval)
+
+
+# `status --watch` ends with the job: 0 done, 1 failed, 3 cancelled (2 is bad input).
+WATCH_EXIT = {"done": 0, "failed": 1, "cancelled": 3}
+
+
+def _final_line(view: dict) -> str:
+    agent, ending = view["agent"], view["outcome"]
+    if ending == "done":
+        line = f"job {view['job']} done (completed {agent['completed'] or 'as recorded by the agent'})"
+    elif ending == "failed":
+        line = f"job {view['job']} FAILED: {agent['failure'] or 'see the volume tags'}"
+    else:
+        line = f"job {view['job']} cancelled: no capacity and no instance runs"
+    if view["capacity"]:
+        ids = ", ".join(f"{c['kind']} {c['id']}" for c in view["capacity"])
+        line += f"; capacity still up ({ids}): `spotrun cancel` stops it"
+    return line
 
 
 @_aws_errors_as_messages
@@ -232,4 +266,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             f"{len(result['terminated'])} stray instance(s); kept {len(result['volumes_kept'])} volume(s), "
             f"deleted {len(result['volumes_deleted'])}")
     _emit(args, result, text)
+    return 0
+
+
+@_aws_errors_as_messages
+def cmd_teardown(args: argparse.Namespace) -> int:
+    job = jobfile.load(args.job_file)  # the names come from the job file
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("teardown removes the job's AWS resources: confirm with --yes when not on a terminal")
+        extra = [w for w, on in (("the volume", args.delete_volume), ("the snapshots", args.delete_snapshots),
+                                 (f"lease table {job.lease_table}", args.all)) if on]
+        answer = input(f"Remove job {job.id}'s launch template, role, policy, instance profile and lease entry"
+                       f"{' and ' + ', '.join(extra) if extra else ''}? Type the job id to confirm: ")
+        if answer.strip() != job.id:
+            raise UsageError("not confirmed; nothing was changed")
+    reporter = _setup(args)
+    args.watch_line = False
+    result = teardown_mod.apply(_aws(args, job), job, reporter, delete_volume=args.delete_volume,
+                                delete_snapshots=args.delete_snapshots, delete_table=args.all)
+    text = (f"job {job.id}: removed {len(result['removed'])}, kept {len(result['kept'])}: "
+            + ", ".join(f"{k['resource']} {k['name']}" for k in result["kept"]))
+    _emit(args, result, text.rstrip(": "))
     return 0

@@ -26,9 +26,16 @@ class Capacity:
     fulfilled: float
     instance_ids: list[str] = field(default_factory=list)
 
+    @property
+    def finished(self) -> bool:
+        """Cancelled, deleted or failed: EC2 lists such fleets (and their terminated instances)
+        for a while, but they will never run anything again."""
+        return self.state in _EC2_FLEET_DONE | _SPOT_FLEET_DONE | {"deleting"}
+
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "id": self.id, "state": self.state, "target": self.target,
-                "fulfilled": self.fulfilled, "instances": list(self.instance_ids)}
+                "fulfilled": self.fulfilled, "instances": list(self.instance_ids),
+                "finished": self.finished}
 
 
 def _job_of(tag_list: list[dict] | None) -> str | None:

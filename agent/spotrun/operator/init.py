@@ -14,6 +14,7 @@ from typing import Any
 
 from spotrun import iam, lease, tags
 from spotrun.errors import SpotrunError
+from spotrun.operator import validate
 from spotrun.operator.aws import Aws, error_code, oplog as _log
 from spotrun.operator.jobfile import Job
 from spotrun.operator.progress import Reporter
@@ -193,6 +194,9 @@ def _ensure_lease_table(aws: Aws, job: Job, reporter: Reporter, step: Step) -> N
 def apply(aws: Aws, job: Job, reporter: Reporter) -> list[Step]:
     """Create or adopt everything in ``plan(job)``; returns the steps with their outcome."""
     steps = plan(job)
+    if job.launch.availability_zones or job.launch.volume_availability_zone:
+        # First call, before anything is created: a zone the region lacks stops init here.
+        validate.check_zones(job, aws.region or aws.session.region_name, validate.known_zones(aws.client("ec2")))
     iam = aws.client("iam")
     account = aws.account_id()
     document = agent_policy_for(job, aws.region, account)

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 from spotrun import config as agent_config
 from spotrun.config import ConfigError
+from spotrun.operator import validate
+from spotrun.usersecrets import check_no_secrets
 
 DEFAULT_JOB_FILE = "spotrun.toml"
 FLEET_KINDS = ("ec2-fleet", "asg", "spot-fleet")
@@ -193,8 +195,12 @@ def _launch_spec(raw: Mapping[str, Any], source: str) -> LaunchSpec:
 
 
 def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
-    """Validate a parsed job file; ConfigError names the first bad field."""
+    """Validate a parsed job file; ConfigError names the first bad field.
+
+    The one validation path: every command loads the job through here before any AWS call."""
     raw = dict(raw)
+    validate.check_finite(raw, source)
+    check_no_secrets(raw, source)
     launch = _launch_spec(raw.pop("launch", {}), source)
     config = agent_config.load(None, (raw, source))
     if not config.code.repository:
@@ -214,7 +220,9 @@ def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
         raise ConfigError("launch.target_capacity", f"{launch.target_capacity} instances cannot "
                           "keep aws.single_instance's promise of one", source)
     overrides = {section: dict(values) for section, values in raw.items()}
-    return Job(config=config, launch=launch, agent_overrides=overrides, source=source)
+    job = Job(config=config, launch=launch, agent_overrides=overrides, source=source)
+    validate.render_user_data(job)  # size and content of what launch will send, checked for init too
+    return job
 
 
 def load(path: str | Path | None) -> Job:

@@ -7,12 +7,14 @@ into JSON, IMDSv1 closed, several instance types with price-capacity-optimized a
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from typing import Any
 
-from spotrun import tags, userdata
+from spotrun import tags
 from spotrun.errors import SpotrunError, UsageError
-from spotrun.operator import fleets
+from spotrun.operator import fleets, validate
+from spotrun.operator import init as init_mod
 from spotrun.operator.aws import Aws, error_code, oplog as _log
 from spotrun.operator.init import find_volumes
 from spotrun.operator.jobfile import Job
@@ -132,7 +134,7 @@ def plan(job: Job) -> dict[str, Any]:
     """Everything launch would send, from the job file alone (``--dry-run``; no AWS call)."""
     if not job.launch.image_id:
         raise UsageError(f"{job.source}: launch.image_id: is required to launch (the AMI with spotrun installed)")
-    stub = userdata.render(job)
+    stub = validate.render_user_data(job)
     template = {"LaunchTemplateName": job.launch_template_name, "Version": "(new version)"}
     if job.launch.fleet == "ec2-fleet":
         request = ec2_fleet_request(job, template)
@@ -165,22 +167,71 @@ def _ensure_template(ec2: Any, job: Job, data: dict) -> dict[str, str]:
     return {"LaunchTemplateName": name, "Version": str(version)}
 
 
+def _missing(aws: Aws, job: Job) -> list[str]:
+    """Everything ``init`` makes that is not there (or not as the agent needs it)."""
+    iam = aws.client("iam")
+    problems = []
+    if not find_volumes(aws.client("ec2"), job):
+        problems.append(f"no volume tagged {tags.JOB}={job.id}")
+
+    def absent(call, code: str = "NoSuchEntity", **kwargs) -> dict | None:
+        try:
+            return call(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - only "not found" is a finding; the rest is a failure
+            if error_code(exc) != code:
+                raise
+            return None
+
+    if absent(iam.get_role, RoleName=job.role_name) is None:
+        problems.append(f"role {job.role_name} is missing")
+    else:
+        policy = absent(iam.get_role_policy, RoleName=job.role_name, PolicyName=init_mod.AGENT_POLICY_NAME)
+        if policy is None:
+            problems.append(f"policy {job.role_name}/{init_mod.AGENT_POLICY_NAME} is missing")
+        else:
+            document = policy["PolicyDocument"]
+            document = json.loads(document) if isinstance(document, str) else document
+            if document != init_mod.agent_policy_for(job, aws.region, aws.account_id()):
+                problems.append(f"policy {job.role_name}/{init_mod.AGENT_POLICY_NAME} differs from "
+                                "what the agent needs")
+    profile = absent(iam.get_instance_profile, InstanceProfileName=job.role_name)
+    if profile is None:
+        problems.append(f"instance profile {job.role_name} is missing")
+    elif not any(r["RoleName"] == job.role_name for r in profile["InstanceProfile"].get("Roles", [])):
+        problems.append(f"instance profile {job.role_name} does not hold role {job.role_name}")
+    if job.launch.fleet == "spot-fleet":
+        if absent(iam.get_role, RoleName=job.launch.spot_fleet_role) is None:
+            problems.append(f"spot fleet role {job.launch.spot_fleet_role} is missing")
+        else:
+            attached = iam.list_attached_role_policies(RoleName=job.launch.spot_fleet_role)["AttachedPolicies"]
+            if not any(p["PolicyArn"] == init_mod.SPOT_FLEET_MANAGED_POLICY for p in attached):
+                problems.append(f"spot fleet role {job.launch.spot_fleet_role} lacks "
+                                f"{init_mod.SPOT_FLEET_MANAGED_POLICY}")
+    if job.lease_table:
+        table = absent(aws.client("dynamodb").describe_table, "ResourceNotFoundException",
+                       TableName=job.lease_table)
+        if table is None:
+            problems.append(f"lease table {job.lease_table} is missing (the agents would stop on every boot)")
+        elif table["Table"].get("TableStatus") not in ("ACTIVE", "UPDATING"):
+            problems.append(f"lease table {job.lease_table} is {table['Table'].get('TableStatus')}")
+    return problems
+
+
 def _preflight(aws: Aws, job: Job) -> None:
-    """What init must have made; a clear message instead of an EC2 error later."""
-    volumes = find_volumes(aws.client("ec2"), job)
-    if not volumes:
-        raise SpotrunError(f"job {job.id} has no volume tagged {tags.JOB}={job.id}; run `spotrun init` first")
-    completed = [tags.as_dict(v.get("Tags")).get(tags.COMPLETED) for v in volumes]
+    """What init must have made, all of it, before anything is created: one message naming
+    every missing piece and what to run, instead of agents failing on boot."""
+    ec2 = aws.client("ec2")
+    if job.launch.availability_zones or job.launch.volume_availability_zone:
+        validate.check_zones(job, aws.region, validate.known_zones(ec2))
+    problems = _missing(aws, job)
+    if problems:
+        raise SpotrunError(f"job {job.id} is not ready to launch: {'; '.join(problems)}. "
+                           f"Run `spotrun init -f {job.source}` first (it creates only what is missing)")
+    completed = [tags.as_dict(v.get("Tags")).get(tags.COMPLETED) for v in find_volumes(ec2, job)]
     if any(completed):
         # The agent would see the completion record, finish at once and cancel the fleet.
         raise SpotrunError(f"job {job.id} completed at {next(c for c in completed if c)}; "
                            "use a new job.id to train again (the volume and its checkpoints stay)")
-    try:
-        aws.client("iam").get_instance_profile(InstanceProfileName=job.role_name)
-    except Exception as exc:  # noqa: BLE001
-        if error_code(exc) == "NoSuchEntity":
-            raise SpotrunError(f"instance profile {job.role_name} is missing; run `spotrun init` first") from None
-        raise
     live = fleets.find(aws, job.id)
     if live:
         ids = ", ".join(f"{c.kind} {c.id}" for c in live)
@@ -188,7 +239,7 @@ def _preflight(aws: Aws, job: Job) -> None:
 
 
 def apply(aws: Aws, job: Job, reporter: Reporter, wait: bool = False, timeout_s: float = 900) -> dict:
-    stub = userdata.render(job)  # before any call: a stub we can't send stops here
+    stub = validate.render_user_data(job)  # before any call: a stub we can't send stops here
     if not job.launch.image_id:
         raise UsageError(f"{job.source}: launch.image_id: is required to launch")
     _preflight(aws, job)

@@ -51,11 +51,12 @@ def estimate(instances: list[dict], spot_prices: dict[tuple[str, str], float],
 
     Uses the current spot price for the whole run (AWS bills the price in effect each
     second, so this drifts when the price moved); terminated instances count until their
-    termination time when EC2 still reports it.
+    termination time when EC2 still reports it. An instance type missing from the on-demand
+    table still costs its spot price: only the comparison leaves it out (``spot_only_types``).
     """
     now = now or datetime.now(timezone.utc)
-    hours_total = spot_total = on_demand_total = 0.0
-    unpriced = set()
+    hours_total = spot_total = compared_spot = on_demand_total = 0.0
+    unpriced, spot_only = set(), set()
     for inst in instances:
         started = inst.get("LaunchTime")
         if not started:
@@ -64,16 +65,22 @@ def estimate(instances: list[dict], spot_prices: dict[tuple[str, str], float],
         hours = max(0.0, (ended - started).total_seconds() / 3600.0)
         itype, az = inst.get("InstanceType", ""), inst.get("Placement", {}).get("AvailabilityZone", "")
         spot = spot_prices.get((itype, az))
-        od = on_demand(itype)
-        if spot is None or od is None:
+        if spot is None:
             unpriced.add(itype)
             continue
         hours_total += hours
         spot_total += hours * spot
+        od = on_demand(itype)
+        if od is None:
+            spot_only.add(itype)
+            continue
+        compared_spot += hours * spot
         on_demand_total += hours * od
-    saving = (1 - spot_total / on_demand_total) if on_demand_total else None
+    saving = (1 - compared_spot / on_demand_total) if on_demand_total else None
     return {"estimate": True, "instance_hours": round(hours_total, 3),
-            "spot_usd": round(spot_total, 2), "on_demand_usd": round(on_demand_total, 2),
+            "spot_usd": round(spot_total, 2), "compared_spot_usd": round(compared_spot, 2),
+            "on_demand_usd": round(on_demand_total, 2),
             "savings_percent": round(100 * saving, 1) if saving is not None else None,
             "unpriced_instance_types": sorted(unpriced),
+            "spot_only_types": sorted(spot_only),
             "on_demand_table": f"{TABLE_SOURCE}, {TABLE_DATE}"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from spotrun import tags
@@ -16,16 +16,30 @@ from spotrun.operator import fleets, pricing
 from spotrun.operator.aws import Aws
 
 _ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
-_TRANSITION_TIME = re.compile(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) GMT\)")
+# EC2 writes the time in StateTransitionReason as "User initiated (2017-03-22 19:40:37 GMT)";
+# moto (and so the local cloud) as "... UTC)"; ISO forms with T, Z or an offset are accepted too.
+_TRANSITION_TIME = re.compile(r"(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(?:\.\d+)?\s*"
+                              r"(GMT|UTC|Z|[+-]\d\d:?\d\d)?(?![\d:])")
+
+
+def transition_time(reason: str) -> datetime | None:
+    match = _TRANSITION_TIME.search(reason or "")
+    if not match:
+        return None
+    stamp = datetime.strptime(f"{match.group(1)} {match.group(2)}", "%Y-%m-%d %H:%M:%S")
+    zone = match.group(3) or "UTC"
+    if zone in ("GMT", "UTC", "Z"):
+        return stamp.replace(tzinfo=timezone.utc)
+    sign = 1 if zone[0] == "+" else -1
+    digits = zone[1:].replace(":", "")
+    offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    return stamp.replace(tzinfo=timezone(sign * offset))
 
 
 def _ended(instance: dict) -> datetime | None:
     if instance["State"]["Name"] not in ("shutting-down", "terminated", "stopped"):
         return None
-    match = _TRANSITION_TIME.search(instance.get("StateTransitionReason", ""))
-    if match:
-        return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
-    return None
+    return transition_time(instance.get("StateTransitionReason", ""))
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -75,7 +89,7 @@ def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
            now: datetime | None = None) -> dict[str, Any]:
     now = now or datetime.now(timezone.utc)
     ec2 = aws.client("ec2")
-    capacity = fleets.find(aws, job_id)
+    capacity = fleets.find(aws, job_id, include_done=True)
     volumes = ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
     # The job's instances: tagged by our launch template, in its fleets, or holding its volume.
     related = {i for c in capacity for i in c.instance_ids}
@@ -92,11 +106,16 @@ def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
     types = sorted(set(instance_types or []) | {i["InstanceType"] for i in instances.values()})
     spot_prices = pricing.current_spot_prices(ec2, types)
     live = [i for i in instances.values() if i["State"]["Name"] in ("pending", "running")]
+    agent = agent_view(tags.as_dict(newest.get("Tags")) if newest else {}, now)
+    active = [c for c in capacity if not c.finished]
+    finished = [c for c in capacity if c.finished]
     return {
         "job": job_id,
         "time": now.isoformat(timespec="seconds"),
-        "agent": agent_view(tags.as_dict(newest.get("Tags")) if newest else {}, now),
-        "capacity": [c.as_dict() for c in capacity],
+        "agent": agent,
+        "capacity": [c.as_dict() for c in active],
+        "finished_capacity": [c.as_dict() for c in finished],
+        "outcome": outcome(agent, active, finished, live),
         "instances": [{
             "id": i["InstanceId"], "type": i["InstanceType"],
             "az": i.get("Placement", {}).get("AvailabilityZone"), "state": i["State"]["Name"],
@@ -117,6 +136,20 @@ def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
         "cost": pricing.estimate(list(instances.values()), spot_prices, now),
         "running": bool(live),
     }
+
+
+def outcome(agent: dict[str, Any], active: list, finished: list, live: list) -> str | None:
+    """done | failed | cancelled once nothing more will happen to the job, else None.
+
+    Cancelled: the job's capacity is all finished (by `spotrun cancel` or by hand) and no
+    instance runs, without a completion or failure record."""
+    if agent["completed"] or agent["phase"] == "done":
+        return "done"
+    if agent["failure"] or agent["phase"] == "failed":
+        return "failed"
+    if finished and not active and not live:
+        return "cancelled"
+    return None
 
 
 def _age(seconds: float | None) -> str:
@@ -151,6 +184,8 @@ def render(view: dict[str, Any]) -> str:
     for cap in view["capacity"]:
         lines.append(f"capacity       {cap['kind']} {cap['id']}  {cap['state']}  "
                      f"{cap['fulfilled']:g}/{cap['target']} instance(s)")
+    for cap in view.get("finished_capacity", []):
+        lines.append(f"finished       {cap['kind']} {cap['id']}  {cap['state']}  (runs nothing more)")
     for inst in view["instances"]:
         price = inst["spot_price_usd_per_hour"]
         lines.append(f"instance       {inst['id']}  {inst['type']}  {inst['az']}  {inst['state']}  "
@@ -163,12 +198,20 @@ def render(view: dict[str, Any]) -> str:
         lines.append(f"snapshot       {snap['id']}  {snap['state']} {snap['progress'] or ''}  "
                      f"{snap['started']}  {snap['role']}")
     cost = view["cost"]
-    if cost["on_demand_usd"]:
+    spot_only = cost.get("spot_only_types", [])
+    if cost["on_demand_usd"] and not spot_only:
         lines.append(f"cost (est.)    ${cost['spot_usd']:.2f} at spot vs ${cost['on_demand_usd']:.2f} on demand "
                      f"for {cost['instance_hours']:.2f} instance-hours ({cost['savings_percent']}% saved)")
+    elif cost["on_demand_usd"]:
+        lines.append(f"cost (est.)    ${cost['spot_usd']:.2f} at spot over {cost['instance_hours']:.2f} "
+                     f"instance-hours; of it ${cost['compared_spot_usd']:.2f} vs ${cost['on_demand_usd']:.2f} "
+                     f"on demand ({cost['savings_percent']}% saved)")
     else:
         lines.append(f"cost (est.)    ${cost['spot_usd']:.2f} at spot over {cost['instance_hours']:.2f} "
                      "instance-hours")
+    if spot_only:
+        lines.append(f"               from the spot price history only: no on-demand price known for "
+                     f"{', '.join(spot_only)}")
     if cost["unpriced_instance_types"]:
         lines.append(f"               no price for {', '.join(cost['unpriced_instance_types'])}")
     lines.append(f"               estimate: today's spot price x hours; on demand from {cost['on_demand_table']}")
