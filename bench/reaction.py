@@ -18,7 +18,6 @@ since each sample mostly waits for the next poll.
 """
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import random
@@ -93,20 +92,20 @@ def _lifecycle(config, client, detected: dict):
 
 
 def _read_events(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from spotrun.jsonlines import read_jsonl
+
+    try:  # all or nothing: a line still being written makes this read count as none
+        return read_jsonl(path, skip_torn_last=False)
     except (OSError, ValueError):
         return []
 
 
 def _await(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)  # another process's file: nothing to wait on but the file
-    raise TimeoutError(f"bench reaction: timed out waiting for {what}")
+    from spotrun.waiting import wait_until
+
+    # Another process's file: nothing to wait on but the file.
+    return wait_until(condition, timeout, interval_s=0.01, what=what,
+                      error=lambda: TimeoutError(f"bench reaction: timed out waiting for {what}"))
 
 
 def measure(poll_s: float, notices: int, workdir: Path, seed: int = 0) -> list[dict]:

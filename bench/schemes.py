@@ -13,7 +13,6 @@ wall time summed (start-up and compilation included, replacement instances exclu
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -63,8 +62,10 @@ class SchemeRun:
 
 
 def _events(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from spotrun.jsonlines import read_jsonl
+
+    try:  # all or nothing: a line still being written makes this read count as none
+        return read_jsonl(path, skip_torn_last=False)
     except (OSError, ValueError):
         return []
 

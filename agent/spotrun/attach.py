@@ -12,9 +12,7 @@ from spotrun.volumecheck import VolumeError
 DEVICE_NAMES = tuple(f"/dev/sd{c}" for c in "fghijklmnop")
 
 
-def log():
-    """Looked up per call, so the process's logging configuration (made later) applies."""
-    return get_logger("volumes")
+log = get_logger("volumes")
 
 
 def used_device_names(ec2, instance_id: str) -> set[str]:
@@ -74,4 +72,4 @@ def attach_call(ec2, ec2_once, volume_id: str, instance_id: str, deadline_s: flo
                     f"this instance leaves it alone (use a lease table to make one wait)") from None
             raise
         break
-    log().info("volume_attach_requested", volume_id=volume_id, device_name=name)
+    log.info("volume_attach_requested", volume_id=volume_id, device_name=name)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
+from spotrun.waiting import wait_until
 
 NITRO_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
 DIRECTORY = "directory"  # filesystem_type() of a directory-backed volume
@@ -39,9 +40,7 @@ EXT4_LABEL_MAX = 16
 _VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8,17}$")
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
-def log():
-    # Looked up at each use, so that spotrun.log.configure() later (e.g. a test's stream) applies.
-    return get_logger("blockdev")
+log = get_logger("blockdev")
 
 
 class DeviceError(SpotrunError):
@@ -104,24 +103,20 @@ def wait_for_device(volume_id: str, device_dir: Path, timeout_s: float, *,
     _check_volume_id(volume_id)
     device_dir = Path(device_dir)
     started = time.monotonic()
-    deadline = started + timeout_s
-    interval = 0.05
-    while True:
-        device = find_device(volume_id, device_dir, sys_block=sys_block, dev=dev)
-        if device is not None:
-            log().info("device_found", volume_id=volume_id, device=str(device),
-                     waited_s=round(time.monotonic() - started, 3))
-            return device
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-        interval = min(interval * 2, 0.5)
-    log().error("device_timeout", volume_id=volume_id, device_dir=str(device_dir), timeout_s=timeout_s)
-    raise DeviceError(
-        f"volume {volume_id}: no device appeared within {timeout_s:g} s: no "
-        f"{device_dir / device_link_name(volume_id)} in {device_dir}, and no NVMe device in "
-        f"{sys_block} with serial {volume_id.replace('-', '', 1)}"
-    )
+
+    def not_found() -> DeviceError:
+        log.error("device_timeout", volume_id=volume_id, device_dir=str(device_dir),
+                  timeout_s=timeout_s)
+        return DeviceError(
+            f"volume {volume_id}: no device appeared within {timeout_s:g} s: no "
+            f"{device_dir / device_link_name(volume_id)} in {device_dir}, and no NVMe device in "
+            f"{sys_block} with serial {volume_id.replace('-', '', 1)}")
+    device = wait_until(lambda: find_device(volume_id, device_dir, sys_block=sys_block, dev=dev),
+                        timeout_s, interval_s=0.05, backoff=2.0, max_interval_s=0.5,
+                        what=f"a device for {volume_id}", error=not_found)
+    log.info("device_found", volume_id=volume_id, device=str(device),
+             waited_s=round(time.monotonic() - started, 3))
+    return device
 
 
 # -- filesystems -----------------------------------------------------------------------------
@@ -176,7 +171,7 @@ def make_filesystem(device: Path, label: str) -> None:
     made = filesystem_type(device)
     if made != "ext4":
         raise DeviceError(f"mkfs.ext4 on {device} finished but blkid finds {made!r}, not ext4")
-    log().info("filesystem_made", device=str(device), fstype="ext4", label=label,
+    log.info("filesystem_made", device=str(device), fstype="ext4", label=label,
              duration_s=round(time.monotonic() - started, 3))
 
 
@@ -189,40 +184,48 @@ def check_filesystem(device: Path) -> None:
     device = Path(device)
     fstype = filesystem_type(device)
     if fstype not in ("ext2", "ext3", "ext4"):
-        log().info("fsck_skipped", device=str(device), fstype=fstype, reason="not ext2/3/4")
+        log.info("fsck_skipped", device=str(device), fstype=fstype, reason="not ext2/3/4")
         return
     points = mount_points_of(device)
     if points:
-        log().info("fsck_skipped", device=str(device), reason="mounted", mount_points=points)
+        log.info("fsck_skipped", device=str(device), reason="mounted", mount_points=points)
         return
     started = time.monotonic()
     # e2fsck exit codes: 0 clean, 1 errors fixed, 2 fixed and reboot advised; 4+ not fixed.
     result = _run(["e2fsck", "-p", str(device)], f"checking the filesystem on {device}", ok=(0, 1, 2))
-    log().info("fsck_done", device=str(device), exit_code=result.returncode,
+    log.info("fsck_done", device=str(device), exit_code=result.returncode,
              repaired=result.returncode != 0, duration_s=round(time.monotonic() - started, 3))
 
 
 # -- mounts ----------------------------------------------------------------------------------
 
 def _unescape(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \ooo (octal), one pass.
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _mountinfo() -> list[dict[str, str]]:
+def parse_mountinfo(text: str) -> list[dict[str, str]]:
+    """proc(5) mountinfo lines as dicts: dev (major:minor), root, mount_point, options,
+    fstype, source; paths unescaped."""
     entries = []
-    for line in MOUNTINFO.read_text().splitlines():
+    for line in text.splitlines():
         fields = line.split(" ")
-        sep = fields.index("-")
+        sep = fields.index("-")  # after the optional fields, which never are "-"
         entries.append({"dev": fields[2], "root": _unescape(fields[3]),
-                        "mount_point": _unescape(fields[4]), "fstype": fields[sep + 1],
-                        "source": _unescape(fields[sep + 2])})
+                        "mount_point": _unescape(fields[4]), "options": fields[5],
+                        "fstype": fields[sep + 1], "source": _unescape(fields[sep + 2])})
     return entries
+
+
+def mounts() -> list[dict[str, str]]:
+    """Every mount this process sees (:func:`parse_mountinfo`), in mount order."""
+    return parse_mountinfo(MOUNTINFO.read_text(encoding="utf-8", errors="surrogateescape"))
 
 
 def _top_mount(mount_point: Path) -> dict[str, str] | None:
     target = os.path.realpath(mount_point)
     found = None
-    for entry in _mountinfo():
+    for entry in mounts():
         if entry["mount_point"] == target:
             found = entry  # the last one is the one on top
     return found
@@ -246,13 +249,13 @@ def is_mounted(mount_point: Path) -> bool:
 def mounted_device(mount_point: Path) -> Path | None:
     """What is mounted at ``mount_point``: the device, or the directory of a bind mount."""
     entry = _top_mount(Path(mount_point))
-    return None if entry is None else _entry_device(entry, _mountinfo())
+    return None if entry is None else _entry_device(entry, mounts())
 
 
 def mount_points_of(device: Path) -> list[str]:
     """Where ``device`` (or a directory-backed volume) is mounted now."""
     wanted = Path(os.path.realpath(device))
-    entries = _mountinfo()
+    entries = mounts()
     return [e["mount_point"] for e in entries if _entry_device(e, entries) == wanted]
 
 
@@ -262,7 +265,7 @@ def mount(device: Path, mount_point: Path, options: str = "noatime") -> None:
     mount_point = Path(mount_point)
     current = mounted_device(mount_point)
     if current == device:
-        log().info("mount_already", device=str(device), mount_point=str(mount_point))
+        log.info("mount_already", device=str(device), mount_point=str(mount_point))
         return
     if current is not None:
         raise DeviceError(f"cannot mount {device} at {mount_point}: {current} is mounted there")
@@ -273,7 +276,7 @@ def mount(device: Path, mount_point: Path, options: str = "noatime") -> None:
     mount_point.mkdir(parents=True, exist_ok=True)
     if any(mount_point.iterdir()):
         # Files written while nothing was mounted would be hidden, not lost; say so.
-        log().warning("mount_point_not_empty", mount_point=str(mount_point))
+        log.warning("mount_point_not_empty", mount_point=str(mount_point))
     if device.is_dir():
         argv = ["mount", "--bind", str(device), str(mount_point)]
         kind = "bind"
@@ -284,7 +287,7 @@ def mount(device: Path, mount_point: Path, options: str = "noatime") -> None:
         argv = ["mount", "-t", fstype, "-o", options, str(device), str(mount_point)]
         kind = fstype
     _run(argv, f"mounting {device} at {mount_point}")
-    log().info("mounted", device=str(device), mount_point=str(mount_point), fstype=kind, options=options)
+    log.info("mounted", device=str(device), mount_point=str(mount_point), fstype=kind, options=options)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -332,7 +335,7 @@ def unmount(mount_point: Path) -> None:
     mount_point = Path(mount_point)
     device = mounted_device(mount_point)
     if device is None:
-        log().info("unmount_already", mount_point=str(mount_point))
+        log.info("unmount_already", mount_point=str(mount_point))
         return
     sync(mount_point)
     result = subprocess.run(["umount", str(mount_point)], capture_output=True, text=True,
@@ -341,12 +344,12 @@ def unmount(mount_point: Path) -> None:
         holders = _holders(mount_point)
         message = result.stderr.strip() or f"umount exited {result.returncode}"
         if "busy" in message or holders:
-            log().error("unmount_busy", mount_point=str(mount_point), holders=holders)
+            log.error("unmount_busy", mount_point=str(mount_point), holders=holders)
             raise DeviceError(f"cannot unmount {mount_point}: it is busy"
                               + (f"; held by {', '.join(holders)}" if holders else "")
                               + f" ({message})")
         raise DeviceError(f"cannot unmount {mount_point}: {message}")
-    log().info("unmounted", mount_point=str(mount_point), device=str(device))
+    log.info("unmounted", mount_point=str(mount_point), device=str(device))
 
 
 # -- layout ----------------------------------------------------------------------------------
@@ -384,4 +387,4 @@ def prepare_layout(mount_point: Path, subdirs: list[str], user: str) -> None:
         stat = path.stat()
         if created or (stat.st_uid, stat.st_gid) != (account.pw_uid, account.pw_gid):
             _chown_tree(path, account.pw_uid, account.pw_gid)
-            log().info("layout_owned", path=str(path), user=user, created=created)
+            log.info("layout_owned", path=str(path), user=user, created=created)

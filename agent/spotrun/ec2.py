@@ -31,10 +31,9 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError
 from spotrun.config import AwsConfig
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
+from spotrun.waiting import wait_until
 
-def log():
-    """Looked up per call, so the process's logging configuration (made later) applies."""
-    return get_logger("ec2")
+log = get_logger("ec2")
 
 # Test-only: when set, every AWS operation this process calls is appended (one JSON line)
 # to this file, so the IAM test can check the policy covers exactly what the agent did.
@@ -174,7 +173,7 @@ def create_once(
             found = find_existing()
         if found is not None:
             if attempt:
-                log().info("create_found_after_failure", what=what, attempt=attempt)
+                log.info("create_found_after_failure", what=what, attempt=attempt)
             return found
         if unknown_since is not None and not retry_unknown:
             raise CreateOutcomeUnknown(
@@ -185,8 +184,8 @@ def create_once(
         except (ClientError, BotoCoreError) as exc:
             if not is_transient(exc) or time.monotonic() > deadline:
                 raise
-            log().warning("create_retry", what=what, attempt=attempt, error=str(exc)[:200],
-                          maybe_performed=maybe_performed(exc))
+            log.warning("create_retry", what=what, attempt=attempt, error=str(exc)[:200],
+                        maybe_performed=maybe_performed(exc))
             attempt += 1
             unknown_since = time.monotonic() if maybe_performed(exc) else None
             if unknown_since is None or settle_s <= 0:
@@ -212,15 +211,15 @@ def call_retrying(what: str, call: Callable[[], Any], *, deadline_s: float = 120
             if settled is not None and (transient(exc) or error_code(exc) in done_codes):
                 try:
                     if settled():
-                        log().info("call_performed_despite_error", what=what,
-                                   error=str(exc)[:200])
+                        log.info("call_performed_despite_error", what=what,
+                                 error=str(exc)[:200])
                         return None
                 except (ClientError, BotoCoreError):
                     pass
             if not transient(exc) or time.monotonic() > deadline:
                 raise
             attempt += 1
-            log().info("call_retry", what=what, attempt=attempt, error=str(exc)[:200])
+            log.info("call_retry", what=what, attempt=attempt, error=str(exc)[:200])
             time.sleep(backoff(attempt))  # backoff between attempts, not synchronisation
 
 
@@ -259,40 +258,41 @@ def _poll(what: str, fetch: Callable[[], Any], done: Callable[[Any], bool],
     accepted for ``missing_ok_s`` (unseen in a row) first, as EC2 may not show a new
     resource yet. ``safe_point``: called between polls; it may raise to end the wait (a
     notice came in: see spotrun.boot)."""
-    deadline = time.monotonic() + deadline_s
-    interval = min(poll_s, 0.2)
     last = None
     missing_since: float | None = None
-    while True:
+
+    def settled() -> tuple | None:
+        nonlocal last, missing_since
         try:
             last = fetch()
         except (ClientError, BotoCoreError) as exc:
             if not is_transient(exc):
                 raise
+            return None
+        if done(last):
+            return (last,)  # boxed: "deleted" is done with nothing left to return
+        if last is None and gone is not None:
+            now = time.monotonic()
+            missing_since = now if missing_since is None else missing_since
+            if now - missing_since >= missing_ok_s:
+                if missing_ok_s <= 0:
+                    raise ResourceGone(f"{gone} no longer exists")
+                raise ResourceGone(
+                    f"{gone} no longer exists: EC2 did not find it for {now - missing_since:.0f} s"
+                    f" (waited up to aws.consistency_window_s = {missing_ok_s:g} s for a "
+                    "new resource to show)")
         else:
-            if done(last):
-                return last
-            if last is None and gone is not None:
-                now = time.monotonic()
-                missing_since = now if missing_since is None else missing_since
-                if now - missing_since >= missing_ok_s:
-                    if missing_ok_s <= 0:
-                        raise ResourceGone(f"{gone} no longer exists")
-                    raise ResourceGone(
-                        f"{gone} no longer exists: EC2 did not find it for {now - missing_since:.0f} s"
-                        f" (waited up to aws.consistency_window_s = {missing_ok_s:g} s for a "
-                        "new resource to show)")
-            else:
-                missing_since = None
-                reason = failed(last)
-                if reason:
-                    raise ResourceFailed(f"{what}: {reason}")
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"{what}: not done after {deadline_s:.0f} s (last seen: {_brief(last)})")
-        if safe_point is not None:
-            safe_point(what)
-        time.sleep(interval)
-        interval = min(poll_s, interval * 1.5)
+            missing_since = None
+            reason = failed(last)
+            if reason:
+                raise ResourceFailed(f"{what}: {reason}")
+        return None
+
+    return wait_until(
+        settled, deadline_s, interval_s=min(poll_s, 0.2), backoff=1.5, max_interval_s=poll_s,
+        what=what, on_poll=None if safe_point is None else (lambda _elapsed: safe_point(what)),
+        error=lambda: WaitTimeout(f"{what}: not done after {deadline_s:.0f} s "
+                                  f"(last seen: {_brief(last)})"))[0]
 
 
 def _brief(resource: Any) -> str:

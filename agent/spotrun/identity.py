@@ -45,8 +45,7 @@ _DOCUMENT_FIELDS = {
 _AZ_ID = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*-az\d+$")
 
 
-def log():
-    return get_logger("identity")
+log = get_logger("identity")
 
 
 class IdentityError(SpotrunError):
@@ -109,7 +108,7 @@ def _availability_zone_id(client: MetadataClient) -> str:
     value = client.get(AZ_ID_PATH)
     if value is None:
         # Older regions' metadata may lack it; the AZ name still identifies the placement.
-        log().warning("az_id_unavailable", path=AZ_ID_PATH)
+        log.warning("az_id_unavailable", path=AZ_ID_PATH)
         return ""
     value = value.strip()
     if not _AZ_ID.match(value):
@@ -151,8 +150,8 @@ def identify(client: MetadataClient,
     if tags is None:
         if ec2_client_factory is None:
             source, tags = "none", {}
-            log().warning("instance_tags_unavailable", instance_id=doc["instanceId"],
-                          reason="metadata tags are off and no EC2 client was given")
+            log.warning("instance_tags_unavailable", instance_id=doc["instanceId"],
+                        reason="metadata tags are off and no EC2 client was given")
         else:
             source = "describe_tags"
             tags = _tags_from_ec2(ec2_client_factory(doc["region"]), doc["instanceId"])
@@ -167,8 +166,8 @@ def identify(client: MetadataClient,
         tags=tags,
     )
     launched = identity.launched_by
-    log().info("identified", instance_id=identity.instance_id, region=identity.region,
-               az=identity.availability_zone, az_id=identity.availability_zone_id,
-               instance_type=identity.instance_type, tags_source=source,
-               launched_by=f"{launched.kind}:{launched.id}" if launched else None)
+    log.info("identified", instance_id=identity.instance_id, region=identity.region,
+             az=identity.availability_zone, az_id=identity.availability_zone_id,
+             instance_type=identity.instance_type, tags_source=source,
+             launched_by=f"{launched.kind}:{launched.id}" if launched else None)
     return identity

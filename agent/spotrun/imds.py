@@ -49,9 +49,7 @@ BACKOFF_CAP_S = 5.0
 # In IMDSv1 fallback, how often the token endpoint is tried again.
 V1_RECHECK_S = 60.0
 
-def log():
-    # Looked up at each use, so that spotrun.log.configure() later (e.g. a test's stream) applies.
-    return get_logger("imds")
+log = get_logger("imds")
 
 
 class MetadataError(SpotrunError):
@@ -215,9 +213,9 @@ class MetadataClient:
                 continue
             delay = min(remaining, BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt - 1, 16))
             delay *= random.uniform(0.5, 1.0)
-            log().debug("imds_retry", path=path, attempt=attempt, reason=last_reason, delay_s=round(delay, 3))
+            log.debug("imds_retry", path=path, attempt=attempt, reason=last_reason, delay_s=round(delay, 3))
             self._sleep(delay)
-        log().info("imds_unavailable", path=path, endpoint=self.endpoint, attempts=attempt,
+        log.info("imds_unavailable", path=path, endpoint=self.endpoint, attempts=attempt,
                     reason=last_reason, deadline_s=budget)
         hint = ""
         if last_reason.startswith("token PUT failed"):
@@ -293,16 +291,16 @@ class MetadataClient:
                 pass
             self._token_expires = requested_at + ttl
             self._token_granted_s = float(max(ttl, 1))
-            log().info("imds_token_acquired", ttl_s=ttl)
+            log.info("imds_token_acquired", ttl_s=ttl)
             if self._v1_mode:
                 self._v1_mode = False
-                log().warning("imds_v2_restored", endpoint=self.endpoint)
+                log.warning("imds_v2_restored", endpoint=self.endpoint)
             return self._token
         if status in (404, 405) and self.allow_imdsv1:
             if not self._v1_mode:
-                log().warning("imds_v1_fallback", endpoint=self.endpoint, status=status,
-                              reason="token endpoint absent; allow_imdsv1 is on",
-                              recheck_s=V1_RECHECK_S)
+                log.warning("imds_v1_fallback", endpoint=self.endpoint, status=status,
+                            reason="token endpoint absent; allow_imdsv1 is on",
+                            recheck_s=V1_RECHECK_S)
             self._v1_mode = True
             self._v1_recheck_at = self._clock() + V1_RECHECK_S
             return None
@@ -316,7 +314,7 @@ class MetadataClient:
             hint = " (no IMDSv2 token endpoint; set metadata.allow_imdsv1 = true to use IMDSv1)"
         elif status == 400:
             hint = f" (token TTL {self.token_ttl_s} s refused)"
-        log().error("imds_token_refused", endpoint=self.endpoint, status=status, path=path)
+        log.error("imds_token_refused", endpoint=self.endpoint, status=status, path=path)
         raise MetadataError(
             f"instance metadata {url}: HTTP {status} on the token request for {path}{hint}", path
         )

@@ -47,11 +47,10 @@ from spotrun import ec2 as ec2mod
 from spotrun.config import LeaseConfig
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
+from spotrun.waiting import wait_until
 
 
-def log():
-    """Looked up per call, so the process's logging configuration (made later) applies."""
-    return get_logger("lease")
+log = get_logger("lease")
 
 
 KEY = "job"
@@ -230,8 +229,8 @@ class Lease:
             current = self._read()
             if current is None or current.holder in (None, self.instance_id):
                 if self._take(current):
-                    log().info("lease_acquired", table=self.table, generation=self.generation,
-                               waited=waited)
+                    log.info("lease_acquired", table=self.table, generation=self.generation,
+                             waited=waited)
                     return
                 continue
             other = current.holder
@@ -251,15 +250,15 @@ class Lease:
                 absent = None  # seen alive: any NotFound before was EC2 catching up
             if proof is not None:
                 if self._take(current):
-                    log().warning("lease_taken_over", table=self.table, previous_holder=other,
-                                  previous_generation=current.count, proof=proof,
-                                  generation=self.generation)
+                    log.warning("lease_taken_over", table=self.table, previous_holder=other,
+                                previous_generation=current.count, proof=proof,
+                                generation=self.generation)
                     return
                 absent = None
                 continue
             if not waited:
-                log().info("lease_wait", table=self.table, holder=other, holder_state=state,
-                           draining=bool(current.draining))
+                log.info("lease_wait", table=self.table, holder=other, holder_state=state,
+                         draining=bool(current.draining))
                 waited = True
             if absent is not None:  # proving it gone: back off, as AWS advises
                 time.sleep(min(self.poll_s * 2 ** absent[2],
@@ -271,8 +270,8 @@ class Lease:
                            f"{current.az}, since {current.since}"
                            f"{', draining' if current.draining else ''}); this instance waited "
                            f"{limit:.0f} s and did not touch the job's volume")
-                log().error("lease_gave_up", table=self.table, holder=other, holder_state=state,
-                            waited_s=round(now - start, 1), hint=GAVE_UP_HINT)
+                log.error("lease_gave_up", table=self.table, holder=other, holder_state=state,
+                          waited_s=round(now - start, 1), hint=GAVE_UP_HINT)
                 raise LeaseHeld(f"{message}. {GAVE_UP_HINT}", holder=other, holder_state=state,
                                 waited_s=round(now - start, 1))
             time.sleep(self.poll_s)
@@ -291,8 +290,8 @@ class Lease:
             now = "nobody holds it now"
         else:
             now = f"instance {current.holder} holds it with generation {current.count} since {current.since}"
-        log().error("lease_lost", table=self.table, generation=self.generation,
-                    holder=current.holder if current else None)
+        log.error("lease_lost", table=self.table, generation=self.generation,
+                  holder=current.holder if current else None)
         raise LeaseLost(f"job {self.job_id!r}: this agent acquired the lease as generation "
                         f"{self.generation} but {now}; stopping without touching the job's "
                         f"volumes or snapshots")
@@ -310,14 +309,14 @@ class Lease:
         current = self._read()
         if current is None or current.holder != self.instance_id or (
                 self.generation is not None and current.generation != self.generation):
-            log().warning("lease_not_ours_at_release", table=self.table, generation=self.generation,
-                          holder=current.holder if current else None)
+            log.warning("lease_not_ours_at_release", table=self.table, generation=self.generation,
+                        holder=current.holder if current else None)
             return
         if self._swap(current, {"generation": current.count, "az": current.az,
                                 "since": current.since, "released": _now()}):
-            log().info("lease_released", table=self.table, generation=current.count)
+            log.info("lease_released", table=self.table, generation=current.count)
         else:
-            log().warning("lease_not_ours_at_release", table=self.table, generation=self.generation)
+            log.warning("lease_not_ours_at_release", table=self.table, generation=self.generation)
         self.generation = None
 
 
@@ -333,38 +332,42 @@ def wait_until_free(ec2, volume_id: str, instance_id: str, deadline_s: float,
     loser_wait_s = LOSER_WAIT_S if loser_wait_s is None else loser_wait_s
     start = time.monotonic()
     waited_for = None
-    while True:
+    volume: dict = {}
+
+    def usable() -> bool:
+        # The shorter limit for a live holder depends on what each poll sees, so it is
+        # checked here; the helper keeps the overall deadline.
+        nonlocal volume, waited_for
         volume = ec2mod.describe_volume(ec2, volume_id)
         if volume is None:
             raise ec2mod.ResourceGone(f"volume {volume_id} no longer exists")
         if volume["State"] == "error":
             raise ec2mod.ResourceFailed(f"volume {volume_id} is in state 'error'")
         att = ec2mod.attachment_of(volume)
-        limit = deadline_s
         if att is None or att["InstanceId"] == instance_id:
-            if volume["State"] in ("available", "in-use"):
-                return volume, waited_for
-        else:
-            holder_state = instance_state(ec2, att["InstanceId"])
-            keeps_it = att["State"] in ("attaching", "attached") and holder_state in ALIVE_STATES
-            limit = min(loser_wait_s, deadline_s) if keeps_it else deadline_s
-            if time.monotonic() - start >= limit:
-                log().error("volume_held_gave_up", volume_id=volume_id, holder=att["InstanceId"],
-                            holder_state=holder_state, hint=GAVE_UP_HINT if keeps_it else "")
-                raise LeaseHeld(
-                    f"volume {volume_id} is still {att['State']} to instance {att['InstanceId']} "
-                    f"({holder_state}) after {limit:.0f} s; not touching it"
-                    + (f". {GAVE_UP_HINT}" if keeps_it else ""),
-                    holder=att["InstanceId"], holder_state=holder_state,
-                    waited_s=round(time.monotonic() - start, 1))
-            if waited_for is None:
-                log().info("volume_held_wait", volume_id=volume_id, holder=att["InstanceId"],
-                           holder_state=holder_state, attachment_state=att["State"])
-                waited_for = att["InstanceId"]
+            return volume["State"] in ("available", "in-use")
+        holder_state = instance_state(ec2, att["InstanceId"])
+        keeps_it = att["State"] in ("attaching", "attached") and holder_state in ALIVE_STATES
+        limit = min(loser_wait_s, deadline_s) if keeps_it else deadline_s
         if time.monotonic() - start >= limit:
-            raise LeaseHeld(f"volume {volume_id} did not become usable in {limit:.0f} s "
-                            f"(state {volume['State']})")
-        time.sleep(poll_s)
+            log.error("volume_held_gave_up", volume_id=volume_id, holder=att["InstanceId"],
+                      holder_state=holder_state, hint=GAVE_UP_HINT if keeps_it else "")
+            raise LeaseHeld(
+                f"volume {volume_id} is still {att['State']} to instance {att['InstanceId']} "
+                f"({holder_state}) after {limit:.0f} s; not touching it"
+                + (f". {GAVE_UP_HINT}" if keeps_it else ""),
+                holder=att["InstanceId"], holder_state=holder_state,
+                waited_s=round(time.monotonic() - start, 1))
+        if waited_for is None:
+            log.info("volume_held_wait", volume_id=volume_id, holder=att["InstanceId"],
+                     holder_state=holder_state, attachment_state=att["State"])
+            waited_for = att["InstanceId"]
+        return False
+
+    wait_until(usable, deadline_s, interval_s=poll_s, what=f"volume {volume_id} to be usable",
+               error=lambda: LeaseHeld(f"volume {volume_id} did not become usable in "
+                                       f"{deadline_s:.0f} s (state {volume['State']})"))
+    return volume, waited_for
 
 
 def wait_until_unheld(ec2, volume_id: str, instance_id: str, deadline_s: float,

@@ -39,9 +39,7 @@ from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 
 
-def log():
-    """Looked up per call, so the process's logging configuration (made later) applies."""
-    return get_logger("migration")
+log = get_logger("migration")
 
 
 # Journal tag keys (volumes.py and the lead's lifecycle read them through this module).
@@ -229,7 +227,7 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
     existing = fresh_snapshot(ec2, job_id, volume,
                               settle_s=min(window_s, snapshots.OPTIONAL_SETTLE_S))
     if existing is not None:
-        log().info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
+        log.info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
                  state=existing["State"])
         return existing
     tags = snapshot_tags(job_id, volume, role)
@@ -244,7 +242,7 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
         window_s=window_s, optional=optional, guard=guard)
     if snapshot is None:
         return None
-    log().info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],
+    log.info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],
              role=role)
     kept = snapshots.keep_one(ec2, with_token() or [snapshot], guard=guard) or snapshot
     snapshots.record_on_volume(ec2, volume["VolumeId"], kept["SnapshotId"], mounts(volume),
@@ -264,7 +262,7 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     """
     pausepoint("migration.started")
     job_id = config.job.id
-    log().info("migration_start", source_volume=source["VolumeId"],
+    log.info("migration_start", source_volume=source["VolumeId"],
              source_az=source["AvailabilityZone"], target_az=identity.availability_zone,
              generation=generation(source))
     window = config.aws.consistency_window_s
@@ -279,7 +277,7 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
     snapshot = snapshots.keep_one(ec2, job_snapshots(ec2, job_id, **{
         CREATE_TOKEN: tags_of(snapshot)[CREATE_TOKEN]}) if CREATE_TOKEN in tags_of(snapshot)
         else [snapshot], guard=guard) or snapshot
-    log().info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
+    log.info("snapshot_completed", snapshot_id=snapshot["SnapshotId"])
     crashpoint("migration.snapshot_completed")
     safe_point("migration.snapshot_completed")
     create_token = token("migrate", source["VolumeId"], str(mounts(source)),
@@ -315,7 +313,7 @@ def migrate_here(ec2, ec2_once, config, identity, source: dict, *, deadline_crea
         return ec2_once.create_volume(**params)
 
     created = ec2mod.create_once(f"volume from {snapshot['SnapshotId']}", create, find)
-    log().info("migration_volume_created", new_volume=created["VolumeId"],
+    log.info("migration_volume_created", new_volume=created["VolumeId"],
              snapshot_id=snapshot["SnapshotId"], az=identity.availability_zone)
     volume = ec2mod.wait_for_volume(ec2, created["VolumeId"], ("available", "in-use"),
                                     deadline_create_s, missing_ok_s=window, safe_point=safe_point)
@@ -334,7 +332,7 @@ def set_step(ec2, volume_id: str, step: str, *, guard: Guard = _no_guard, **extr
     ec2mod.call_retrying(f"tagging {volume_id}", lambda: ec2.create_tags(
         Resources=[volume_id], Tags=T.as_list(tags)),
         settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
-    log().info("migration_step", volume_id=volume_id, step=step)
+    log.info("migration_step", volume_id=volume_id, step=step)
 
 
 def delete_volume(ec2, volume: dict, why: str, deadline_s: float, *,
@@ -368,7 +366,7 @@ def delete_volume(ec2, volume: dict, why: str, deadline_s: float, *,
     except Exception as exc:  # noqa: BLE001 - NotFound after a performed-then-5xx is success
         if ec2mod.error_code(exc) not in ("InvalidVolume.NotFound",):
             raise
-    log().info("volume_deleted", volume_id=volume_id, reason=why)
+    log.info("volume_deleted", volume_id=volume_id, reason=why)
     ec2mod.wait_for_volume_deleted(ec2, volume_id, deadline_s, poll_s=1.0)
 
 
@@ -392,7 +390,7 @@ def finish(ec2, source: dict, new_volume_id: str, deadline_s: float, *,
     delete_volume(ec2, source, f"migrated to {new_volume_id}", deadline_s, guard=guard)
     crashpoint("migration.after_delete")
     set_step(ec2, new_volume_id, STEP_DONE, guard=guard)
-    log().info("migration_done", source_volume=source["VolumeId"], new_volume=new_volume_id)
+    log.info("migration_done", source_volume=source["VolumeId"], new_volume=new_volume_id)
 
 
 def delete_snapshot(ec2, snapshot_id: str, *, guard: Guard = _no_guard) -> None:
@@ -431,5 +429,5 @@ def prune_snapshots(ec2, job_id: str, live_volume_ids: set[str], retention_days:
         delete_snapshot(ec2, s["SnapshotId"], guard=guard)
         deleted.append(s["SnapshotId"])
     if deleted:
-        log().info("snapshots_pruned", snapshot_ids=deleted, retention_days=retention_days)
+        log.info("snapshots_pruned", snapshot_ids=deleted, retention_days=retention_days)
     return deleted

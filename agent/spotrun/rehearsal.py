@@ -29,6 +29,7 @@ from spotrun.log import get_logger
 from spotrun.rehearsal_report import (InterruptionRecord, MissedInterruption, TimelineEntry,
                                       build_report, read_events)
 from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.waiting import wait_until
 
 log = get_logger("rehearsal")
 
@@ -227,12 +228,9 @@ class Rehearsal:
             return {}
 
     def _await(self, what: str, condition, deadline: float, interval: float = 0.1):
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(interval)  # watching another process's files: nothing to wait on
-        raise TimeoutError(f"rehearsal: timed out waiting for {what}")
+        # Watching another process's files: nothing to block on.
+        return wait_until(condition, deadline - time.monotonic(), interval_s=interval, what=what,
+                          error=lambda: TimeoutError(f"rehearsal: timed out waiting for {what}"))
 
     def run(self) -> dict:
         plan = self.plan

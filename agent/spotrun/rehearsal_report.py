@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spotrun import tags as T
+from spotrun.jsonlines import read_jsonl
 
 
 @dataclass
@@ -41,18 +42,11 @@ class TimelineEntry:
 
 def read_events(path: Path) -> list[dict]:
     """The JSON events of an agent log (lines shaped `<N>{...}`); other lines are skipped."""
-    events = []
     try:
-        text = path.read_text(errors="replace")
+        return read_jsonl(path, skip_torn_last=False, bad="skip", syslog_prefix=True,
+                          errors="replace")
     except OSError:
-        return events
-    for line in text.splitlines():
-        if line.startswith("<") and ">" in line[:4]:
-            try:
-                events.append(json.loads(line[line.index(">") + 1:]))
-            except ValueError:
-                continue
-    return events
+        return []
 
 
 def wall_time(iso: str | None) -> float | None:

@@ -26,9 +26,7 @@ from spotrun.log import get_logger
 OPTIONAL_SETTLE_S = 10.0
 
 
-def log():
-    """Looked up per call, so the process's logging configuration (made later) applies."""
-    return get_logger("migration")
+log = get_logger("migration")
 
 
 def create_exactly_once(ec2_once, *, what: str, params: dict,
@@ -50,7 +48,7 @@ def create_exactly_once(ec2_once, *, what: str, params: dict,
         return ec2mod.create_once(what, create, find, settle_s=settle_s,
                                   retry_unknown=not optional)
     except ec2mod.CreateOutcomeUnknown as exc:
-        log().warning("snapshot_outcome_unknown", what=what, error=str(exc))
+        log.warning("snapshot_outcome_unknown", what=what, error=str(exc))
         return None
 
 
@@ -65,8 +63,8 @@ def keep_one(ec2, found: list[dict], *, guard: Callable[[], None]) -> dict | Non
     for duplicate in extra:
         delete(ec2, duplicate["SnapshotId"], guard=guard)
     if extra:
-        log().warning("duplicate_snapshots_deleted", kept=kept["SnapshotId"],
-                      deleted=[s["SnapshotId"] for s in extra])
+        log.warning("duplicate_snapshots_deleted", kept=kept["SnapshotId"],
+                    deleted=[s["SnapshotId"] for s in extra])
     return kept
 
 
@@ -100,8 +98,8 @@ def record_on_volume(ec2, volume_id: str, snapshot_id: str, mounts: int, *,
             deadline_s=OPTIONAL_SETTLE_S,
             settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
     except Exception as exc:  # noqa: BLE001 - an optimisation; the snapshot is made either way
-        log().warning("snapshot_record_failed", snapshot_id=snapshot_id, volume_id=volume_id,
-                      error=str(exc)[:200])
+        log.warning("snapshot_record_failed", snapshot_id=snapshot_id, volume_id=volume_id,
+                    error=str(exc)[:200])
 
 
 def recorded(ec2, volume: dict, mounts: int, *, settle_s: float,

@@ -7,13 +7,13 @@ trainers' own logs. Each violation is one sentence naming the invariant.
 """
 from __future__ import annotations
 
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from spotrun import soakledger, soakwitness
 from spotrun import tags as T
 from spotrun.rehearsal_volume import VolumeImage, VolumeReadError
+from spotrun.waiting import wait_until
 
 DECOY_JOB = "soak-decoy-other-job"
 SNAPSHOT_ROLES = ("migration-snapshot", "drain-snapshot")
@@ -24,13 +24,9 @@ def _ec2(cloud):
 
 
 def _await(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)  # the cloud's timed states: polled, as a client of EC2 would
-    raise TimeoutError(what)
+    # The cloud's timed states: polled, as a client of EC2 would.
+    return wait_until(condition, timeout, interval_s=0.05, what=what,
+                      error=lambda: TimeoutError(what))
 
 
 def make_decoy(cloud) -> dict:

@@ -7,11 +7,12 @@ notice that the agent drains, or the instance killed outright.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from spotrun.jsonlines import read_jsonl
 
 
 @dataclass
@@ -80,16 +81,7 @@ def signal_pid(pid: int, sig: int) -> bool:
 
 
 def read_json_lines(path: Path) -> list[dict]:
-    out = []
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        return read_jsonl(path, skip_torn_last=False, bad="skip", errors="replace")
     except OSError:
-        return out
-    for line in lines:
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+        return []

@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 from spotrun import crashpoints
+from spotrun.jsonlines import parse_jsonl
 from spotrun.log import get_logger
 from spotrun.rehearsal import Rehearsal, RehearsalPlan
 from spotrun.rehearsal_report import read_events, wall_time
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakinject import read_json_lines
 from spotrun.soakplan import PAIR_KINDS, JobPlan
+from spotrun.waiting import wait_until
 
 log = get_logger("soak")
 LEASE_TABLE = "soak-leases"  # one table for the soak's jobs, created with the cloud
@@ -137,13 +139,13 @@ class SoakJob(Rehearsal):
 
     def wait(self, what: str, condition, timeout: float | None = None):
         deadline = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
-        while time.monotonic() < deadline:
+
+        def ticked():
             self._systemd_tick()
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.05)  # another process's files and logs: nothing to block on
-        raise TimeoutError(f"{self.plan.job_id}: timed out waiting for {what}")
+            return condition()
+        # Another process's files and logs: nothing to block on.
+        return wait_until(ticked, deadline - time.monotonic(), interval_s=0.05, what=what,
+                          error=lambda: TimeoutError(f"{self.plan.job_id}: timed out waiting for {what}"))
 
     def pause(self, seconds: float) -> None:
         time.sleep(seconds)  # a deliberate delay in the fault schedule, not synchronisation
@@ -315,8 +317,6 @@ class SoakJob(Rehearsal):
     def ledger_records(self) -> list[dict]:
         """The cloud's ledger records since this job started (whole lines only), new ones
         read on each call; the checkers judge races on these, never on the agents' logs."""
-        import json
-
         try:
             with open(self.cloud.ledger_path, "rb") as fh:
                 fh.seek(self._ledger_offset)
@@ -325,8 +325,8 @@ class SoakJob(Rehearsal):
             return self._ledger_records
         end = data.rfind(b"\n")
         if end >= 0:
-            self._ledger_records.extend(json.loads(line) for line in data[:end].splitlines()
-                                        if line.strip())
+            self._ledger_records.extend(parse_jsonl(data[:end + 1].decode("utf-8"),
+                                                    source=str(self.cloud.ledger_path)))
             self._ledger_offset += end + 1
         return self._ledger_records
 

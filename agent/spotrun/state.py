@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from spotrun.log import get_logger
+from spotrun.waiting import wait_until
 from spotrun_trainer.store import write_json_atomic
 
 log = get_logger("state")
@@ -65,9 +65,11 @@ def kill_leftover_trainer(previous_state: dict, grace_s: float = LEFTOVER_TRAINE
         os.killpg(pid, signal.SIGTERM)  # the trainer leads its own process group
     except ProcessLookupError:
         return False
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and process_start_ticks(pid) == ticks:
-        time.sleep(0.1)  # not our child: no wait() is possible, so poll its /proc entry
+    try:  # not our child: no wait() is possible, so poll its /proc entry
+        wait_until(lambda: process_start_ticks(pid) != ticks, grace_s, interval_s=0.1,
+                   what=f"leftover trainer {pid} to stop")
+    except TimeoutError:
+        pass
     if process_start_ticks(pid) == ticks:
         try:
             os.killpg(pid, signal.SIGKILL)

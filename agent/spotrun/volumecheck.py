@@ -15,9 +15,7 @@ MARKER = ".spotrun-volume.json"
 MARKER_FORMAT = 1
 
 
-def log():
-    """Looked up per call, so the process's logging configuration (made later) applies."""
-    return get_logger("volumes")
+log = get_logger("volumes")
 
 
 class VolumeError(SpotrunError):
@@ -50,14 +48,14 @@ def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: 
     if data.get("generation") != generation or not marker.exists():
         data["generation"] = generation
         write_json_atomic(marker, data)
-    log().info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
+    log.info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
 
 
 def verify_latest_checkpoint(config: Config, volume_id: str) -> None:
     try:
         from spotrun_trainer.store import CheckpointError, CheckpointStore, IncompatibleCheckpoint
     except ImportError:  # the trainer library is not installed with this agent
-        log().warning("checkpoint_verify_skipped", reason="spotrun_trainer not importable")
+        log.warning("checkpoint_verify_skipped", reason="spotrun_trainer not importable")
         return
     store = CheckpointStore(config.checkpoints_path)
     if not store.list():
@@ -65,12 +63,12 @@ def verify_latest_checkpoint(config: Config, volume_id: str) -> None:
     try:
         latest = store.latest_valid()
     except IncompatibleCheckpoint as exc:  # readable, by another library version
-        log().warning("checkpoint_other_format", reason=str(exc))
+        log.warning("checkpoint_other_format", reason=str(exc))
         return
     except CheckpointError as exc:
         latest = None
-        log().warning("checkpoint_unreadable", reason=str(exc))
+        log.warning("checkpoint_unreadable", reason=str(exc))
     if latest is None:
         raise VolumeError(f"volume {volume_id} (migrated): no checkpoint under "
                           f"{config.checkpoints_path} verifies; the source volume is kept")
-    log().info("checkpoint_verified", step=latest.step, path=str(latest.path))
+    log.info("checkpoint_verified", step=latest.step, path=str(latest.path))

@@ -31,9 +31,7 @@ from spotrun.log import bind, get_logger
 from spotrun.volumecheck import VolumeError, verify_volume
 
 
-def log():
-    """Looked up per call, so the process's logging configuration (made later) applies."""
-    return get_logger("volumes")
+log = get_logger("volumes")
 
 
 FS_LABEL = "spotrun"
@@ -136,14 +134,14 @@ class VolumeManager:
             if self._my_volume() is None:
                 self.lease.release()
         except Exception as exc:  # noqa: BLE001 - the acquire's own error is the one to report
-            log().warning("lease_release_after_failure_failed", error=str(exc)[:200])
+            log.warning("lease_release_after_failure_failed", error=str(exc)[:200])
 
     def _acquire(self) -> AcquiredVolume:
         for attempt in range(1, MAX_PLANS + 1):
             try:
                 return self._acquire_from_fresh_plan()
             except M.StalePlan as stale:
-                log().info("plan_recomputed", reason=str(stale), attempt=attempt)
+                log.info("plan_recomputed", reason=str(stale), attempt=attempt)
         raise VolumeError(f"the job's volumes changed under this agent {MAX_PLANS} times while "
                           "it acted on them (another instance is working on the job); stopped")
 
@@ -214,7 +212,7 @@ class VolumeManager:
         self._acquired = AcquiredVolume(volume_id, generation, device, self.config.mount_point,
                                         created, source is not None)
         self.record(instance=self.me)
-        log().info("volume_ready", generation=generation, device=str(device),
+        log.info("volume_ready", generation=generation, device=str(device),
                  mount_point=str(self.config.mount_point), created=created,
                  migrated=source is not None)
         return self._acquired
@@ -233,7 +231,7 @@ class VolumeManager:
         for snapshot in M.job_snapshots(self.ec2, self.config.job.id,
                                         **{M.SOURCE_VOLUME: blank["VolumeId"]}):
             M.delete_snapshot(self.ec2, snapshot["SnapshotId"], guard=self._guard)
-            log().info("snapshot_deleted", snapshot_id=snapshot["SnapshotId"], reason=why)
+            log.info("snapshot_deleted", snapshot_id=snapshot["SnapshotId"], reason=why)
         M.delete_volume(self.ec2, blank, "never used: the job starts over in "
                         f"{self.identity.availability_zone}", deadline, guard=self._guard)
         return self._create_first()
@@ -275,7 +273,7 @@ class VolumeManager:
             return self.ec2_once.create_volume(**params)
 
         volume = ec2mod.create_once("the job's first volume", create, find)
-        log().info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
+        log.info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
                  az=self.identity.availability_zone)
         return ec2mod.wait_for_volume(self.ec2, volume["VolumeId"], ("available",),
                                       vc.create_timeout_s,
@@ -302,7 +300,7 @@ class VolumeManager:
         the source had none either (`spotrun init` leaves it unformatted), not lost data."""
         mount_point = self.config.mount_point
         if blockdev.mounted_device(mount_point) == Path(os.path.realpath(device)):
-            log().info("volume_already_mounted", device=str(device))
+            log.info("volume_already_mounted", device=str(device))
             return
         volume_id = volume["VolumeId"]
         fstype = blockdev.filesystem_type(device)
@@ -314,7 +312,7 @@ class VolumeManager:
                     f"no filesystem; refusing to make one over restored data")
             blockdev.make_filesystem(device, FS_LABEL)
         elif tags.get(M.MOUNT_STATE, M.CLEAN) != M.CLEAN:
-            log().info("fsck_needed", volume_id=volume_id, mount_state=tags.get(M.MOUNT_STATE))
+            log.info("fsck_needed", volume_id=volume_id, mount_state=tags.get(M.MOUNT_STATE))
             blockdev.check_filesystem(device)
         # Recorded before mounting: a snapshot with the old count is no longer fresh.
         self._guard()
@@ -348,7 +346,7 @@ class VolumeManager:
             blockdev.unmount(mount_point)
         if volume is not None:
             self._tag(volume["VolumeId"], {M.MOUNT_STATE: M.CLEAN})
-            log().info("volume_unmounted_in_place", volume_id=volume["VolumeId"])
+            log.info("volume_unmounted_in_place", volume_id=volume["VolumeId"])
 
     def release(self, *, snapshot: bool | None = None,
                 final_tags: dict[str, str] | None = None) -> None:
@@ -388,7 +386,7 @@ class VolumeManager:
                 done_codes=("IncorrectState",))
             ec2mod.wait_for_attachment(self.ec2, volume_id, self.me,
                                        self.config.volume.attach_timeout_s, state="detached")
-            log().info("volume_released", volume_id=volume_id, snapshot=take_snapshot)
+            log.info("volume_released", volume_id=volume_id, snapshot=take_snapshot)
         if self.lease is not None:
             self.lease.release()
         self._acquired = None

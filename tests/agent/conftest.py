@@ -31,14 +31,9 @@ class LoopVolume:
 
 def _mount_points_of(device: Path) -> list[str]:
     """Mount points whose source is ``device`` (newest first, so nested ones go first)."""
-    points = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            source = fields[fields.index("-") + 2]
-            if source == str(device):
-                points.append(fields[4].encode().decode("unicode_escape"))
-    return list(reversed(points))
+    from spotrun import blockdev
+
+    return [m["mount_point"] for m in reversed(blockdev.mounts()) if m["source"] == str(device)]
 
 
 def _loop_devices_usable() -> str | None:

@@ -135,11 +135,7 @@ def test_appears_then_mkfs_mount_write_unmount_remount(loop_volume, tmp_path):
 
 
 def _mount_options(mount_point: Path) -> str:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == str(mount_point):
-            return fields[5]
-    return ""
+    return next((m["options"] for m in blockdev.mounts() if m["mount_point"] == str(mount_point)), "")
 
 
 @pytest.mark.loopdev

@@ -29,6 +29,6 @@ def loop_devices_backed_by(root: Path) -> list[str]:
 
 
 def mounts_under(root: Path) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        points = [line.split()[4] for line in handle]
-    return [p for p in points if p.startswith(str(root))]
+    from spotrun import blockdev
+
+    return [m["mount_point"] for m in blockdev.mounts() if m["mount_point"].startswith(str(root))]

@@ -14,12 +14,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from spotrun.errors import SpotrunError
 from spotrun.localcloud import control
+from spotrun.waiting import wait_until
 
 DEFAULT_ROOT = "/var/tmp/spotrun-localcloud"
 IMDS_FAULTS = ("5xx", "slow", "refused", "401", "malformed")
@@ -267,8 +267,8 @@ def _detach(args: argparse.Namespace, root: Path) -> int:
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    def came_up() -> dict | None:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise SpotrunError(f"the local cloud exited with {proc.returncode}; "
@@ -276,26 +276,29 @@ def _detach(args: argparse.Namespace, root: Path) -> int:
         try:
             info = control.read_state(root)
         except SpotrunError:
-            info = None
-        if info and info["pid"] == proc.pid:
-            print(f"local cloud up (pid {proc.pid}): EC2 {info['ec2_endpoint']}, "
-                  f"control {info['control']}, log {log_path}")
-            return 0
-        time.sleep(0.1)  # polling for the child's state file, with a deadline
-    proc.terminate()
-    raise SpotrunError(f"the local cloud did not come up within 120 s; see {log_path}")
+            return None
+        return info if info and info["pid"] == proc.pid else None
+
+    try:  # polling for the child's state file
+        info = wait_until(came_up, 120, interval_s=0.1, what="the local cloud to come up")
+    except TimeoutError:
+        proc.terminate()
+        raise SpotrunError(f"the local cloud did not come up within 120 s; see {log_path}") from None
+    print(f"local cloud up (pid {proc.pid}): EC2 {info['ec2_endpoint']}, "
+          f"control {info['control']}, log {log_path}")
+    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     client = control.ControlClient(args.root)
     pid = int(client.info["pid"])
     client.call("POST", "/down")
-    deadline = time.monotonic() + 60
-    while control.pid_alive(pid) and time.monotonic() < deadline:
+
+    def ended() -> bool:
         _reap(pid)
-        time.sleep(0.1)  # polling for the process to end, with a deadline
-    if control.pid_alive(pid):
-        raise SpotrunError(f"the local cloud (pid {pid}) is still running after 60 s")
+        return not control.pid_alive(pid)
+    wait_until(ended, 60, interval_s=0.1, what=f"the local cloud (pid {pid}) to end",
+               error=lambda: SpotrunError(f"the local cloud (pid {pid}) is still running after 60 s"))
     print(f"local cloud under {args.root} stopped")
     return 0
 

@@ -28,6 +28,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from spotrun import blockdev
 from spotrun.log import get_logger
 
 GIB = 1024 ** 3
@@ -64,23 +65,9 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
-
-
 def mounts() -> list[tuple[str, str, str]]:
     """(major:minor, mount point, source) for every mount visible to this process."""
-    result = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        for line in handle:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and len(rfields) >= 2:
-                result.append((fields[2], _unescape_mountinfo(fields[4]), rfields[1]))
-    return result
+    return [(m["dev"], m["mount_point"], m["source"]) for m in blockdev.mounts()]
 
 
 def mount_points_under(path: Path) -> list[str]:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qsl, urlsplit
 
+from spotrun.jsonlines import read_jsonl
+
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/[^/]*/([^/]*)/([^/]+)/")
 # Resource ids the checkers follow; ami-/subnet-/sg- ids are not the job's resources.
 _ID_VALUE = re.compile(r"^(?:vol|snap|i|fleet|sfr|lt|sir)-[0-9a-fA-F][0-9a-fA-F-]{6,}$")
@@ -199,18 +201,7 @@ def _error_code(answer: bytes) -> str | None:
 def read_ledger(path: str | Path) -> list[dict[str, Any]]:
     """Every record, in file order. A last line without its newline (the cloud killed while
     writing) is left out; any other line that is not a JSON object is an error."""
-    path = Path(path)
-    lines = (path.read_text(encoding="utf-8") if path.exists() else "").split("\n")
-    records = []
-    for number, line in enumerate(lines[:-1], start=1):  # lines[-1]: after the last newline
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{path}: line {number} is not a JSON record: {exc}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object")
-        records.append(record)
-    return records
+    return read_jsonl(path, skip_torn_last=True, bad="raise", skip_blank=False)
 
 
 def performed(record: dict[str, Any]) -> bool:

@@ -11,6 +11,7 @@ from typing import Callable, TextIO
 
 from spotrun.errors import SpotrunError
 from spotrun.operator.aws import oplog as _log
+from spotrun.waiting import wait_until
 
 
 
@@ -34,21 +35,28 @@ class Reporter:
         start = time.monotonic()
         _log.info("wait_started", what=what)
         state = ""
-        while True:
-            done, state = check()
-            elapsed = time.monotonic() - start
-            if done:
-                if self.interactive:
-                    self.stream.write(f"\r\033[K{what}: {state} after {elapsed:.0f}s\n")
-                    self.stream.flush()
-                _log.info("wait_finished", what=what, state=state, elapsed_s=round(elapsed, 1))
-                return state
-            if elapsed >= timeout_s:
-                if self.interactive:
-                    self.stream.write("\n")
-                _log.warning("wait_timed_out", what=what, state=state, elapsed_s=round(elapsed, 1))
-                raise SpotrunError(f"gave up waiting for {what} after {elapsed:.0f}s (still {state})")
+
+        def done() -> bool:
+            nonlocal state
+            finished, state = check()
+            return finished
+
+        def show(elapsed: float) -> None:
             if self.interactive:
                 self.stream.write(f"\r\033[Kwaiting for {what}: {state or '…'} ({elapsed:.0f}s so far)")
                 self.stream.flush()
-            time.sleep(min(self.interval_s, max(0.0, timeout_s - elapsed)))
+
+        def gave_up() -> SpotrunError:
+            elapsed = time.monotonic() - start
+            if self.interactive:
+                self.stream.write("\n")
+            _log.warning("wait_timed_out", what=what, state=state, elapsed_s=round(elapsed, 1))
+            return SpotrunError(f"gave up waiting for {what} after {elapsed:.0f}s (still {state})")
+
+        wait_until(done, timeout_s, interval_s=self.interval_s, what=what, on_poll=show, error=gave_up)
+        elapsed = time.monotonic() - start
+        if self.interactive:
+            self.stream.write(f"\r\033[K{what}: {state} after {elapsed:.0f}s\n")
+            self.stream.flush()
+        _log.info("wait_finished", what=what, state=state, elapsed_s=round(elapsed, 1))
+        return state
