@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from typing import Callable, TypeVar
 
+from spotrun import waiting
 from spotrun.localcloud.imds import InstanceMetadata, MetadataServer
 from spotrun.localcloud.imdshttp import VERSIONED
 
@@ -19,14 +19,8 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
                interval: float = 0.02) -> T:
     """Poll ``predicate`` until it returns something truthy, and return that; fail (an
     AssertionError naming ``what``) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)  # polling a real condition with a deadline, not synchronising by sleep
+    return waiting.wait_until(predicate, timeout, interval_s=interval, what=what, error=lambda: AssertionError(
+        f"timed out after {timeout} s waiting for {what}"))
 
 
 def instance_metadata(**overrides) -> InstanceMetadata:

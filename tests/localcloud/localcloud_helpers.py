@@ -2,22 +2,17 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable
+
+from spotrun import waiting
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
                what: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return waiting.wait_until(predicate, timeout, interval_s=interval, what=what,
+                              error=lambda: AssertionError(f"timed out after {timeout}s waiting for {what}"))
 
 
 def loop_devices_backed_by(root: Path) -> list[str]:

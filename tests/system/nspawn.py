@@ -217,14 +217,10 @@ class Container:
 
     def wait_for(self, predicate, what: str, timeout: float = 60.0, interval: float = 0.2):
         """Poll ``predicate()`` until it returns a true value; fail naming ``what``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise ContainerError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(interval)
+        from spotrun import waiting
+
+        return waiting.wait_until(predicate, timeout, interval_s=interval, what=what, error=lambda: ContainerError(
+            f"timed out after {timeout:.0f} s waiting for {what}"))
 
 
 def apt_install(container: Container, deb: Path) -> str:
