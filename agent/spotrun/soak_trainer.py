@@ -101,11 +101,15 @@ while step < total:
             and not os.path.exists(crashed_once):
         open(crashed_once, "w").close()
         sys.exit(3)
-    if flags["stop"] or flags["save"] or step % every == 0:
+    # The stop flag is read once per step: a SIGTERM landing between two reads (after the
+    # save decision, before the exit) would exit without its checkpoint (seen in the soak:
+    # 11 steps redone). One arriving after this read is saved and acted on at the next step.
+    stopping = flags["stop"]
+    if stopping or flags["save"] or step % every == 0:
         save()
         flags["save"] = False
     progress()
-    if flags["stop"]:
+    if stopping:
         protocol.withdraw_completion(completion)
         print(json.dumps({"event": "trainer_preempted", "step": step}), flush=True)
         sys.exit(protocol.STOPPED_EXIT_CODE)
