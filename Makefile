@@ -38,7 +38,7 @@ deps: apt venv
 # The whole suite: unit, integration on the local spot cloud (real loop devices, moto's
 # server, real processes), the short soak, and the systemd-in-a-container system test.
 test: deps
-	SPOTRUN_REQUIRE_REAL=1 $(VENV)/bin/pytest tests -m "not bench"
+	SPOTRUN_REQUIRE_REAL=1 $(VENV)/bin/pytest tests -m "not bench" --durations=25
 
 # Quick loop while developing: skips the slow and system tests.
 test-fast: deps
