@@ -97,7 +97,7 @@ def commit_repository(path: Path, files: dict[str, str | Path], message: str) ->
                               capture_output=True).returncode == 0
     if not (unchanged and has_head):
         subprocess.run(git + ["commit", "-q", "-m", message], check=True)
-    return f"file://{path}"
+    return f"file://{path.resolve()}"  # the agent clones from its own directory
 
 
 def ensure_lease_table(cloud, name: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -211,22 +212,38 @@ def corrupt_latest_checkpoint(job, slot) -> Outcome:
 
 
 def _fill(filler: Path) -> None:
-    """Allocate all free blocks to ``filler`` (as root: the reserved ones too)."""
-    stats = os.statvfs(filler.parent)
-    size = stats.f_bfree * stats.f_frsize
+    """Allocate all free blocks to ``filler`` (as root: the reserved ones too), in big
+    extents first: one allocation of the whole free space fails on the extents' own
+    metadata, and shrinking it step by step took seconds on a loaded machine."""
+    chunk = 64 * 1024 * 1024
+    offset = 0
     with open(filler, "wb", buffering=0) as fh:  # unbuffered: no ENOSPC left for close()
-        while size > 0:
+        while chunk >= 4096:
             try:
-                os.posix_fallocate(fh.fileno(), 0, size)
-                break
+                os.posix_fallocate(fh.fileno(), offset, chunk)
+                offset += chunk
             except OSError:
-                size -= 256 * 1024  # the extents' own metadata takes some blocks
-        chunk = b"\0" * 4096
+                chunk //= 8
+        fh.seek(offset)
         try:
             while True:  # the last partial blocks
-                fh.write(chunk)
+                fh.write(b"\0" * 512)
         except OSError:
             pass
+
+
+def _await_exit(pid: int | None, timeout: float) -> None:
+    """Block until process ``pid`` (not our child) exits, or ``timeout`` passes."""
+    if pid is None:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], timeout)  # a pidfd turns readable when its process exits
+    finally:
+        os.close(fd)
 
 
 def disk_full(job, slot) -> Outcome:
@@ -239,15 +256,30 @@ def disk_full(job, slot) -> Outcome:
         # A directory-backed volume is the host's disk: never fill that.
         return notice_and_drain(job, inst, "drained notice", faults=["disk_full:missed"])
     step = job.step_of(inst)
+    pid = job.trainer_pid(inst)
     filler = mount / ".soak-filler"
-    _fill(filler)
+    # Held still while the disk fills, so it fails at its next save, not halfway through
+    # the filling, with no time left to free the space before its restarts.
+    if pid is not None:
+        signal_pid(pid, signal.SIGSTOP)
+    try:
+        _fill(filler)
+    finally:
+        if pid is not None:
+            signal_pid(pid, signal.SIGCONT)
+    try:
+        # The space must come back before the agent's restart backoff (0.5 s) ends, or every
+        # restarted trainer dies on the full disk too and the failure policy gives up: wait on
+        # the trainer's exit itself (a kernel event), not on the agent's log, which a loaded
+        # machine may leave unread for seconds.
+        _await_exit(pid, timeout=20)
+    finally:
+        filler.unlink()
     try:
         job.await_event(inst.instance_id, "trainer_restart_scheduled", timeout=20)
         failed = True
     except TimeoutError:
         failed = False
-    finally:
-        filler.unlink()
     if failed:
         job.expect_resume_on_same_instance(inst.instance_id, step, "disk full")
     return train_on_then_notice(job, slot, inst, faults=[] if failed else ["disk_full:no_failure"])

@@ -169,3 +169,15 @@ def test_a_rerun_reuses_the_repository_and_clears_only_the_runs_state(tmp_path):
     assert sorted(clear_previous_run(out)) == sorted(RUN_STATE)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     assert clear_previous_run(out) == []
+
+
+def test_a_relative_output_directory_still_gives_the_agent_a_url_it_can_clone(tmp_path, monkeypatch):
+    # The defect: `spotrun soak --out replay` handed the agent file://replay/repo, which git
+    # reads as host "replay", path /repo; every checkout failed and the job timed out.
+    monkeypatch.chdir(tmp_path)
+    url = commit_repository(Path("relative-out") / "repo", {"train.py": "print(1)\n"}, "code")
+    assert url == f"file://{tmp_path.resolve()}/relative-out/repo"
+    clone = subprocess.run(["git", "clone", "-q", url, str(tmp_path / "clone")], capture_output=True,
+                           text=True, cwd="/")
+    assert clone.returncode == 0, clone.stderr
+    assert (tmp_path / "clone" / "train.py").read_text() == "print(1)\n"
