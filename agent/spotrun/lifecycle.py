@@ -249,6 +249,9 @@ class Lifecycle(Boot):
 
     def _resume(self) -> int:
         """The maintenance drained for was called off: take the volume back and train on."""
+        if self.phase is Phase.RELEASED:
+            # Let go: the volume is whoever acquires it next; no phase tag on it until we do.
+            self.volume_id = None
         self.transition(Phase.ACQUIRING, resumed_after=self.phase.value)
         try:
             return self._acquire_and_train(self.commit)  # checked out already

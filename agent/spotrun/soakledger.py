@@ -188,9 +188,11 @@ def lease_violations(records: Iterable[dict], job_id: str, table: str | None,
     resources = volumes | snapshots
     skip = set(skip_instances)
     holder: str | None = None
+    released_by: str | None = None
     generation = None
     gone: set[str] = set()
     flagged: dict[str, list[str]] = {}
+    after_release: dict[str, list[str]] = {}
     out = []
     for r in _ordered(records):
         gone.update(_terminated(r))
@@ -207,16 +209,23 @@ def lease_violations(records: Iterable[dict], job_id: str, table: str | None,
                            f"lease (generation {item.get('generation')}) from {holder} "
                            f"(generation {generation}), which was never terminated "
                            f"(ledger seq {r['seq']})")
+            released_by = instance if holder is not None and not new else None
             holder, generation = new or None, item.get("generation")
             continue
-        # While nobody holds it (e.g. the finishing holder's last tags after its release) no
-        # two writers meet; while another holds it, any write is a second writer.
+        # While another holds it, any write is a second writer; after letting it go, the
+        # releaser's own write (its last tags, say) can land on a copy a successor already
+        # trusts: the final tags belong inside the release.
         if holder is not None and instance != holder and instance not in skip:
             flagged.setdefault(instance, []).append(f"{r.get('action')}@{r['seq']}")
+        elif holder is None and instance == released_by:
+            after_release.setdefault(instance, []).append(f"{r.get('action')}@{r['seq']}")
     for instance, what in flagged.items():
         out.append(f"inv1 no mutating call without the lease: {instance} made {len(what)} mutating "
                    f"call(s) on job {job_id}'s resources while another instance held the lease: "
                    f"{what[:8]}")
+    for instance, what in after_release.items():
+        out.append(f"inv1 no mutating call after letting go: {instance} made {len(what)} mutating "
+                   f"call(s) on job {job_id}'s resources after releasing its lease: {what[:8]}")
     return out
 
 

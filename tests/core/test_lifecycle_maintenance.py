@@ -49,16 +49,21 @@ class CountingVolume:
         self.released = 0
         self.unmounted = 0
         self.acquired = 0
+        self.held = True  # the fixture's lifecycle starts with the volume acquired
+        self.writes_not_held: list[dict] = []
 
     def acquire(self):
         self.acquired += 1
+        self.held = True
         return SimpleNamespace(volume_id="vol-1")
 
     def record(self, **values):
-        pass
+        if not self.held:
+            self.writes_not_held.append(values)
 
     def release(self, snapshot=True, final_tags=None):
         self.released += 1
+        self.held = False
 
     def unmount_in_place(self):
         self.unmounted += 1
@@ -224,6 +229,9 @@ def test_a_drain_for_an_event_then_canceled_takes_the_volume_back_and_trains_on(
              and lc.supervisor.current is not None, 30, "training again")
     assert volume.acquired == 1 and "rc" not in outcome
     assert lc.state.read()["phase"] == "training" and lc.interruptions == 1
+    # Released, the volume was the next holder's until acquired again: the long soak's ledger
+    # caught the "acquiring-volume" phase tag written to it before the lease was taken back.
+    assert volume.writes_not_held == []
 
 
 def test_a_notice_after_a_maintenance_drain_leaves_it_drained(imds, training):

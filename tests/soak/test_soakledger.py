@@ -219,3 +219,19 @@ def test_a_loser_that_takes_the_job_after_the_winner_let_go_is_not_a_violation()
     led.add("AttachVolume", "i-lost", resources=["vol-b", "i-lost"])
     [violation] = check(led)
     assert "did not win (i-lost)" in violation and "AttachVolume" in violation
+
+
+def test_a_write_after_letting_go_is_named_and_one_after_taking_the_lease_back_is_not():
+    """Caught in the long soak: an agent whose maintenance drain was called off tagged the
+    released volume "acquiring-volume" before taking its lease back."""
+    def released() -> Ledger:
+        led = Ledger().lease("i-a", "i-a", 1).create_volume("i-a", "vol-a").attach("i-a", "vol-a")
+        return led.detach("i-a", "vol-a").lease("i-a", None, 1)
+
+    led = released().add("CreateTags", "i-a", resources=["vol-a"],
+                         tags={"spotrun:phase": "acquiring-volume"})
+    [violation] = soakledger.check(led.records, JOB, TABLE)
+    assert violation.startswith("inv1 no mutating call after letting go") and "CreateTags@" in violation
+    led = released().lease("i-a", "i-a", 2).add("CreateTags", "i-a", resources=["vol-a"],
+                                                tags={"spotrun:phase": "acquiring-volume"})
+    assert soakledger.check(led.records, JOB, TABLE) == []
