@@ -4,8 +4,10 @@ operator's kill, `systemctl kill`, the shutdown race) never completes the job, a
 state is on the volume's tags and in the state file before the fleet cancel, which
 terminates the instance and the agent with it.
 
-Judged from the cloud: the fleet's state, the volume's tags, the files on the volume, and
-what the cloud held at the moment the cancel call reached it.
+Judged from evidence the agent cannot write: the local cloud's ledger of calls (who cancelled
+the fleet, and when), the files on the job volume's image once it is detached (the completion
+record, the trainer's final sum), the trainer's own output, and what the cloud held at the
+moment the cancel call reached it. The volume's tags are checked too, as what an operator sees.
 """
 import json
 import os
@@ -15,7 +17,9 @@ import time
 
 import pytest
 
+from spotrun import soakwitness
 from spotrun import tags as T
+from spotrun.rehearsal_volume import VolumeImage
 
 pytestmark = [pytest.mark.loopdev]
 PYTHON = sys.executable
@@ -40,6 +44,27 @@ def _volume_tags(r) -> dict:
     volumes = r.cloud.moto_client("ec2").describe_volumes(Filters=T.job_filters(r.plan.job_id))["Volumes"]
     assert len(volumes) == 1, volumes
     return T.as_dict(volumes[0].get("Tags"))
+
+
+def _cancels(r) -> list[dict]:
+    """The agents' fleet cancels, tried or performed, from the cloud's ledger."""
+    return soakwitness.cancels(r.cloud.ledger(), {b["instance_id"] for b in r.boots},
+                               {r.fleet.request_id})
+
+
+def _final_image_files(r) -> dict:
+    """The completion record and the trainer's final metrics, read from the job volume's image
+    once the cancel's termination has detached it (not through the agent)."""
+    ec2 = r.cloud.moto_client("ec2")
+
+    def detached():
+        volumes = ec2.describe_volumes(Filters=T.job_filters(r.plan.job_id))["Volumes"]
+        return volumes if len(volumes) == 1 and volumes[0]["State"] == "available" else None
+
+    [volume] = r._await("the job volume detached", detached, time.monotonic() + 60)
+    image = VolumeImage(r.cloud.dataplane.volume_path(volume["VolumeId"]))
+    found = image.read([soakwitness.COMPLETION_RECORD, "checkpoints/final_metrics.json"])
+    return {rel: json.loads(data) for rel, data in found.items()}
 
 
 def _state_files(r) -> dict:
@@ -116,6 +141,16 @@ def _await_step(r, inst, step):
 
 def _assert_completed_exactly(r, runs: int) -> None:
     r._await("the fleet cancel", r._fleet_cancelled, time.monotonic() + 120)
+    files = _final_image_files(r)
+    # Every step of the surviving lineage ran once: the trainer's sum, on the image.
+    assert files.get("checkpoints/final_metrics.json") == {"sum": 300 * 301 // 2, "steps": 300,
+                                                           "runs": runs}, files
+    completion = files.get(soakwitness.COMPLETION_RECORD)
+    assert completion is not None, files
+    # One cancel, by an agent, not before the completion record on the image was written.
+    assert len(_cancels(r)) == 1
+    assert soakwitness.cancel_violations(r.cloud.ledger(), {b["instance_id"] for b in r.boots},
+                                         {r.fleet.request_id}, completion) == []
     tags = _volume_tags(r)
     assert tags[T.COMPLETED] and tags[T.PHASE] == "done"
     assert json.loads(tags[T.RESULT]) == {"sum": 300 * 301 // 2, "steps": 300, "runs": runs}
@@ -134,9 +169,9 @@ def test_an_outside_sigterm_to_the_trainer_resumes_and_never_completes_early(reh
     (os.kill if target == "pid" else os.killpg)(pid, signal.SIGTERM)
 
     _await_second_trainer(r, inst)
-    # The stop completed nothing: the fleet runs, the volume is not marked done, and the
-    # volume holds no completion record.
-    assert not r._fleet_cancelled()
+    # The stop completed nothing: no agent asked for a cancel, the volume is not marked done,
+    # and the volume holds no completion record.
+    assert _cancels(r) == [] and not r._fleet_cancelled()
     tags = _volume_tags(r)
     assert T.COMPLETED not in tags and tags[T.PHASE] == "training", tags
     assert not (inst.mount_point / ".spotrun-completed.json").exists()
@@ -163,7 +198,7 @@ def test_the_shutdown_race_drains_and_the_next_boot_resumes(rehearsal):
     os.killpg(pid, signal.SIGTERM)
     assert agent.wait(60) == 0
     r.await_agent_event(iid, "phase_changed", phase="released")
-    assert not r._fleet_cancelled() and r.at_cancel == []
+    assert _cancels(r) == [] and not r._fleet_cancelled() and r.at_cancel == []
     tags = _volume_tags(r)
     assert T.COMPLETED not in tags and tags[T.PHASE] == "released", tags
     [stopped] = [e for e in _trainer_lines(inst) if e["event"] == "trainer_preempted"]
@@ -187,3 +222,8 @@ def test_a_crash_loop_is_on_the_volume_as_failed_before_the_fleet_is_cancelled(r
     assert "crashed 3 times in a row" in at_cancel["state"][iid]["failure"]
     tags = _volume_tags(r)
     assert tags[T.PHASE] == "failed" and T.COMPLETED not in tags
+    # A failure is not a finish: the image holds no completion record, and the ledger's one
+    # cancel is by the agent that gave up.
+    files = _final_image_files(r)
+    assert soakwitness.COMPLETION_RECORD not in files and "checkpoints/final_metrics.json" not in files
+    assert [c["instance"] for c in _cancels(r)] == [iid]
