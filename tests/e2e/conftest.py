@@ -23,13 +23,14 @@ def expected_sum():
 @pytest.fixture
 def start_rehearsal(shared_tmp):
     """Factory: ``start_rehearsal(**plan)`` -> a started :class:`Rehearsal` of
-    ``RehearsalPlan(**plan)`` (``out``: a fresh folder by default); every one stopped at
-    teardown, whatever the test did."""
+    ``RehearsalPlan(**plan)`` (``out``: a fresh folder by default; ``make``: what to build
+    from the plan, e.g. a subclass or one sharing another rehearsal's cloud); every one
+    stopped at teardown, whatever the test did."""
     made: list[Rehearsal] = []
 
-    def start(**plan) -> Rehearsal:
+    def start(make=Rehearsal, **plan) -> Rehearsal:
         plan.setdefault("out", shared_tmp / f"run{len(made)}")
-        r = Rehearsal(RehearsalPlan(**plan))
+        r = make(RehearsalPlan(**plan))
         made.append(r)  # before start(): a start that fails half-way is stopped too
         r.start()
         return r

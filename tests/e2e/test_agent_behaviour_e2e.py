@@ -11,7 +11,7 @@ import time
 import pytest
 
 from spotrun import tags as T
-from spotrun.rehearsal import Rehearsal, RehearsalPlan
+from spotrun.rehearsal import Rehearsal
 from spotrun_trainer.store import CheckpointStore
 
 pytestmark = [pytest.mark.loopdev]
@@ -19,22 +19,12 @@ PYTHON = sys.executable
 
 
 @pytest.fixture
-def rehearsal(shared_tmp, counting_repo):
-    made = []
-
+def rehearsal(start_rehearsal, counting_repo):
     def make(env=None, **plan):
-        trainer_env = {"STEPS": "150", "STEP_S": "0.02", "CKPT_EVERY": "1000"}
-        trainer_env.update(env or {})
-        r = Rehearsal(RehearsalPlan(out=shared_tmp / f"run{len(made)}", repository=counting_repo,
-                                    command=[PYTHON, "train.py"], trainer_env=trainer_env,
-                                    timeout_s=120, **plan))
-        made.append(r)
-        r.start()
-        return r
-
-    yield make
-    for r in made:
-        r.stop()
+        trainer_env = {"STEPS": "150", "STEP_S": "0.02", "CKPT_EVERY": "1000", **(env or {})}
+        return start_rehearsal(repository=counting_repo, command=[PYTHON, "train.py"],
+                               trainer_env=trainer_env, timeout_s=120, **plan)
+    return make
 
 
 def _volume_tags(r):
@@ -158,16 +148,15 @@ def test_bad_config_fails_at_start_naming_the_key_and_touches_nothing(shared_tmp
         assert len(ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]) == snapshots_before
 
 
-def test_an_instance_that_boots_onto_a_completed_job_cancels_without_training(rehearsal):
+def test_an_instance_that_boots_onto_a_completed_job_cancels_without_training(rehearsal, start_rehearsal):
     r = rehearsal(env={"STEPS": "20"})
     first = _first_instance(r)
     r.await_agent_event(first, "completion_recorded")
     r._await("the fleet cancel", r._fleet_cancelled, time.monotonic() + 30)
     # The operator launches again onto the finished job: a new fleet, same job.
-    second = Rehearsal(RehearsalPlan(out=r.out / "again", repository=r.plan.repository,
-                                     command=r.plan.command, trainer_env=r.plan.trainer_env),
-                       cloud=r.cloud)
-    second.start()
+    second = start_rehearsal(make=lambda plan: Rehearsal(plan, cloud=r.cloud), out=r.out / "again",
+                             repository=r.plan.repository, command=r.plan.command,
+                             trainer_env=r.plan.trainer_env)
     iid = _first_instance(second)
     r2 = second.await_agent_event(iid, "job_already_completed")
     assert r2["volume_id"]

@@ -22,7 +22,7 @@ import pytest
 from spotrun import migration as M
 from spotrun import tags as T
 from spotrun.crashpoints import PAUSE_ENV
-from spotrun.rehearsal import Rehearsal, RehearsalPlan
+from spotrun.rehearsal import Rehearsal
 
 pytestmark = [pytest.mark.loopdev]
 STEPS = 200
@@ -57,21 +57,13 @@ class PausedRehearsal(Rehearsal):
 
 
 @pytest.fixture
-def rehearsal(shared_tmp, counting_repo):
-    made = []
-
+def rehearsal(start_rehearsal, counting_repo):
     def make(pauses, az_policy):
-        r = PausedRehearsal(RehearsalPlan(
-            out=shared_tmp / f"run{len(made)}", repository=counting_repo,
+        return start_rehearsal(
+            make=lambda plan: PausedRehearsal(plan, pauses), repository=counting_repo,
             command=[sys.executable, "train.py"], az_policy=az_policy, timeout_s=180,
-            trainer_env={"STEPS": str(STEPS), "STEP_S": "0.02", "CKPT_EVERY": "10"}), pauses)
-        made.append(r)
-        r.start()
-        return r
-
-    yield make
-    for r in made:
-        r.stop()
+            trainer_env={"STEPS": str(STEPS), "STEP_S": "0.02", "CKPT_EVERY": "10"})
+    return make
 
 
 def _await(what, condition, timeout=90.0):

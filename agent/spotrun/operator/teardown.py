@@ -35,6 +35,16 @@ def _gone(call: Callable[..., Any], **kwargs: Any) -> bool:
         return False
 
 
+def _get_or_none(call: Callable[..., Any], key: str, **kwargs: Any) -> dict | None:
+    """An IAM read; None when the entity does not exist."""
+    try:
+        return call(**kwargs)[key]
+    except Exception as exc:  # noqa: BLE001 - only "no such entity" is expected
+        if error_code(exc) != "NoSuchEntity":
+            raise
+        return None
+
+
 def apply(aws: Aws, job: Job, reporter: Reporter, delete_volume: bool = False,
           delete_snapshots: bool = False, delete_table: bool = False,
           timeout_s: float = 3600) -> dict[str, Any]:
@@ -59,23 +69,13 @@ def apply(aws: Aws, job: Job, reporter: Reporter, delete_volume: bool = False,
     for template in (t for t in templates if t["LaunchTemplateName"] == job.launch_template_name):
         note(_gone(ec2.delete_launch_template, LaunchTemplateId=template["LaunchTemplateId"]),
              "launch-template", job.launch_template_name)
-    try:
-        profile = iam.get_instance_profile(InstanceProfileName=job.role_name)["InstanceProfile"]
-    except Exception as exc:  # noqa: BLE001
-        if error_code(exc) != "NoSuchEntity":
-            raise
-        profile = None
+    profile = _get_or_none(iam.get_instance_profile, "InstanceProfile", InstanceProfileName=job.role_name)
     if profile is not None:
         for role in profile.get("Roles", []):
             iam.remove_role_from_instance_profile(InstanceProfileName=job.role_name, RoleName=role["RoleName"])
         note(_gone(iam.delete_instance_profile, InstanceProfileName=job.role_name),
              "instance-profile", job.role_name)
-    try:
-        role = iam.get_role(RoleName=job.role_name)["Role"]
-    except Exception as exc:  # noqa: BLE001
-        if error_code(exc) != "NoSuchEntity":
-            raise
-        role = None
+    role = _get_or_none(iam.get_role, "Role", RoleName=job.role_name)
     if role is not None:
         # A role the user named (launch.instance_role) and init adopted is theirs: kept.
         if tags.as_dict(role.get("Tags")).get(tags.JOB) == job.id:
