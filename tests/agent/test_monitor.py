@@ -57,31 +57,57 @@ def test_notice_rebalance_and_maintenance_are_each_reported_once(imds, client):
     assert monitor.poll_once() == [SpotNotice("stop", t200)]
 
 
-def test_the_thread_delivers_within_a_poll_interval(imds, running):
-    monitor, events = running
-    t120 = when(120)
-    imds.notice("terminate", t120)
-    published = time.monotonic()
-    event = events.get(timeout=5)
-    latency = time.monotonic() - published
-    assert event == SpotNotice("terminate", t120)
-    assert latency < POLL + 0.5, latency
-    imds.rebalance()
-    assert isinstance(events.get(timeout=5), Rebalance)
-    assert events.empty()
+SPOT_READS = "meta-data/spot/instance-action"
 
 
-def test_outage_then_notice_is_acted_on_within_one_poll_interval(imds, running, capsys):
-    monitor, events = running
+def _counting_reads_at_delivery(client, imds):
+    """A started monitor whose deliveries also note how many notice-path reads the metadata
+    server had answered by then: "handed on by the first read that saw it" is counted by
+    the server, not timed (the latency is a figure of `make bench`)."""
+    events: queue.Queue = queue.Queue()
+
+    def deliver(event):
+        events.put((event, imds.gets[SPOT_READS]))
+    monitor = InterruptionMonitor(client, poll_interval_s=POLL, on_event=deliver)
+    monitor.start()
+    return monitor, events
+
+
+def test_the_thread_hands_a_notice_on_at_the_first_read_that_sees_it(imds, client):
+    monitor, events = _counting_reads_at_delivery(client, imds)
+    try:
+        t120 = when(120)
+        imds.notice("terminate", t120)
+        reads_before = imds.gets[SPOT_READS]
+        event, reads_at_delivery = events.get(timeout=5)
+        assert event == SpotNotice("terminate", t120)
+        # One read, or two if one counted just before ours answered after the notice.
+        assert 1 <= reads_at_delivery - reads_before <= 2, (reads_before, reads_at_delivery)
+        imds.rebalance()
+        assert isinstance(events.get(timeout=5)[0], Rebalance)
+        assert events.empty()
+    finally:
+        monitor.stop()
+
+
+def test_outage_then_notice_is_acted_on_at_the_first_read_after_it(imds, client, capsys):
+    monitor, events = _counting_reads_at_delivery(client, imds)
+    try:
+        _outage_then_notice(imds, monitor, events, capsys)
+    finally:
+        monitor.stop()
+
+
+def _outage_then_notice(imds, monitor, events, capsys):
     imds.fault("refused", duration_s=2.0)
     wait_until(lambda: monitor.in_outage, 10, "the monitor to see the outage", interval=0.01)
     imds.notice("terminate", when(120))  # published while metadata is down
+    reads_in_outage = imds.gets[SPOT_READS]  # a refused connection is never answered
     wait_until(lambda: not imds.active_faults(), 10, "the emulator's outage to end", interval=0.01)
-    back = time.monotonic()
-    event = events.get(timeout=5)
+    event, reads_at_delivery = events.get(timeout=5)
     assert event.action == "terminate"
-    # Within one poll interval of metadata returning (plus connection/retry slack).
-    assert time.monotonic() - back < POLL + 0.7
+    # Handed on by the first notice-path read metadata answered once it was back.
+    assert reads_at_delivery - reads_in_outage == 1, (reads_in_outage, reads_at_delivery)
     # Over once every path (each on its own schedule) has answered.
     wait_until(lambda: not monitor.in_outage, 10, "the monitor to see the outage end", interval=0.01)
     logged = capsys.readouterr().out
