@@ -111,10 +111,9 @@ def longest_repeat(windows: list[dict]) -> dict | None:
 # -- figures ---------------------------------------------------------------------------------
 
 GOALS = {"same-az": 25, "cross-az": 45}  # issue 15: calls per same-AZ boot / per migration
-SCHEMES = {"same-az": "spotrun (same-az)", "cross-az": "spotrun (cross-az / migration)",
-           "first": "spotrun (first)"}
+SCHEMES = {"same-az": "spotrun (same-az, {model})", "cross-az": "spotrun (cross-az / migration, {model})",
+           "first": "spotrun (first, {model})"}
 CONFIG = {
-    "measured_on": "local cloud, fast timing model (TimingModel.fast())",
     "counted_by": "the local cloud's call ledger (every request through its proxy, caller named by "
                   "the instance's own access key); checker calls left out",
     "polling": "the agent's waits poll from 0.2 s backing off to their poll interval (ec2._poll): "
@@ -127,9 +126,9 @@ CONFIG = {
 }
 
 
-def _window_config(windows: list[dict], what: str) -> dict:
+def _window_config(windows: list[dict], what: str, timing_model: dict) -> dict:
     sample = median_sample(windows)
-    return {**CONFIG, "window": what,
+    return {**CONFIG, "timing_model": timing_model, "window": what,
             "median_sample": {k: sample[k] for k in ("instance_id", "total", "mutating", "errors",
                                                      "seconds", "after_released", "by_action")
                               if k in sample} if sample else None,
@@ -140,27 +139,31 @@ def _window_config(windows: list[dict], what: str) -> dict:
                  for run in w["repeated_unchanged"]] for w in windows]}
 
 
-def figures(boots: list[dict]) -> list[dict]:
+def figures(boots: list[dict], timing_model: dict, note: str | None = None) -> list[dict]:
     """api_calls_per_boot per boot kind and api_calls_per_drain, from ``boots`` entries
-    carrying ``kind`` and ``api_calls`` (instance_calls's answer)."""
+    carrying ``kind`` and ``api_calls`` (instance_calls's answer), all counted on a local cloud
+    under ``timing_model`` (bench.agent_runs.timing_config: ``name`` and ``durations_s``): the
+    name goes into every scheme, the whole of it into every config. ``note`` replaces the
+    "n/a" of an empty kind (a run left out on purpose says why)."""
     from bench.figures import figure
 
+    model = timing_model["name"]
     out = []
     for kind in ("same-az", "cross-az", "first"):
         windows = [b["api_calls"]["boot"] for b in boots
                    if b["kind"] == kind and b.get("api_calls", {}).get("boot")]
         limit = GOALS.get(kind)
         out.append(figure(
-            "api_calls_per_boot", scheme=SCHEMES[kind], unit="calls",
+            "api_calls_per_boot", scheme=SCHEMES[kind].format(model=model), unit="calls",
             samples=[w["total"] for w in windows],
-            config=_window_config(windows, "the instance boots → the agent starts training"),
+            config=_window_config(windows, "the instance boots → the agent starts training", timing_model),
             goal=f"<= {limit} calls" if limit else None,
             meets=(lambda e, limit=limit: e["p99"] <= limit) if limit else None,
-            note=None if windows else f"n/a: no {kind} boot reached training in this run"))
+            note=None if windows else note or f"n/a: no {kind} boot reached training in this run"))
     drains = [b["api_calls"]["drain"] for b in boots if b.get("api_calls", {}).get("drain")]
-    out.append(figure("api_calls_per_drain", scheme="spotrun", unit="calls",
+    out.append(figure("api_calls_per_drain", scheme=f"spotrun ({model})", unit="calls",
                       samples=[w["total"] for w in drains],
                       config=_window_config(drains, "spot notice posted → the agent released the "
-                                                    "volume (phase released)"),
-                      note=None if drains else "n/a: no drain finished in this run"))
+                                                    "volume (phase released)", timing_model),
+                      note=None if drains else note or "n/a: no drain finished in this run"))
     return out

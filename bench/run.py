@@ -33,12 +33,15 @@ def _profile(quick: bool) -> dict:
     if quick:
         return {"polls": [0.25, 1.0], "notices": 2, "idle_s": 3.0,
                 "job": {"epochs": 2, "samples": 256, "batch_size": 32, "save_steps": 3, "interruptions": 1},
-                "boots": {"interrupt_at": [20], "steps": 60},
+                "boots": {"interrupt_at": [20], "steps": 60,
+                          "aws": {"run": False, "scale": 0.25, "interrupt_at": [20], "steps": 60}},
                 "overhead": ["--seconds", "3", "--interval", "1", "--warmup-steps", "5", "--samples", "512"],
                 "footprint_s": 5.0}
     return {"polls": [0.25, 1.0], "notices": 100, "idle_s": 30.0,
             "job": {"epochs": 6, "samples": 1024, "batch_size": 32, "save_steps": 8, "interruptions": 3},
-            "boots": {"interrupt_at": [30, 80], "steps": 150},
+            # aws: one boot of each kind and one drain per policy, the waits ×0.25 (docs/benchmarks.md)
+            "boots": {"interrupt_at": [30, 80], "steps": 150,
+                      "aws": {"run": True, "scale": 0.25, "interrupt_at": [20], "steps": 60}},
             "overhead": ["--seconds", "65", "--interval", "30"],
             "footprint_s": 60.0}
 
@@ -88,7 +91,8 @@ def reaction_figures(profile: dict, workdir: Path) -> list[dict]:
 # -- figures 2 and 3 -----------------------------------------------------------------------
 
 SCHEME_NAMES = {"spotrun": "spotrun", "seed": "seed (per-epoch ModelCheckpoint)",
-                "bnr-epoch": "Keras BackupAndRestore(epoch)", "bnr-step": "Keras BackupAndRestore(step {n})"}
+                "bnr-epoch": "Keras BackupAndRestore(epoch)", "bnr-step": "Keras BackupAndRestore(step {n})",
+                "bnr-term": "Keras BackupAndRestore(step {n}) + SIGTERM handler that saves"}
 
 
 def scheme_figures(profile: dict, workdir: Path) -> list[dict]:
@@ -99,7 +103,12 @@ def scheme_figures(profile: dict, workdir: Path) -> list[dict]:
     config = {"model": "spotrun_trainer.resnet_cifar tiny", "backend": "jax", "epochs": job.epochs,
               "steps_per_epoch": job.steps_per_epoch, "total_steps": job.total_steps,
               "batch_size": job.batch_size, "interruption_positions": job.schedule(),
-              "interruption": "SIGTERM to the trainer process after the step reaching each position",
+              "interruption": "SIGTERM from the runner (outside the trainer) once the trainer reports the "
+                              "position reached; it trains on while the signal is on its way",
+              "counted_by": "the trainer's witness callback (bench/scheme_trainer.py Interrupter), not the "
+                            "scheme: batches run per process, and each run's data start; steps redone at an "
+                            "interruption = the data-stream step the run reached − the one the next run "
+                            "started at (their sum = steps run − job steps)",
               "schemes_ran": "side by side, one process per scheme at a time"}
     out = []
     goodput = {}
@@ -107,8 +116,15 @@ def scheme_figures(profile: dict, workdir: Path) -> list[dict]:
         name = SCHEME_NAMES[key].format(n=job.save_steps)
         spot = key == "spotrun"
         out.append(figure("work_lost_per_interruption", scheme=name, unit="steps redone", samples=run.redone,
-                          config=config, goal="<= 1 step" if spot else None,
+                          config={**config, "steps_redone_total": run.redone_total},
+                          goal="<= 1 step" if spot else None,
                           meets=(lambda e: e["p99"] <= 1) if spot else None))
+        out.append(figure("work_lost_per_interruption_by_optimizer", scheme=name, unit="optimizer steps lost",
+                          samples=run.redone_by_iterations,
+                          config={**config, "what": "optimizer iterations the interrupted run reached − those "
+                                  "the next run restored: the state kept, whatever data is replayed (differs "
+                                  "from work_lost_per_interruption where the data restarts at the epoch's first "
+                                  "batch on weights of a later step: BackupAndRestore(step))"}))
         goodput[key] = job.total_steps / run.executed
         out.append(figure("goodput", scheme=name, unit="useful steps / steps run", value=goodput[key],
                           with_p99=False, config={**config, "steps_run": run.executed,
@@ -121,8 +137,9 @@ def scheme_figures(profile: dict, workdir: Path) -> list[dict]:
         if spot:
             out.append(figure("sigterm_to_exit_tiny_keras", scheme="spotrun", unit="s",
                               samples=[r["sigterm_to_exit_s"] for r in run.runs if r["sigterm_to_exit_s"] is not None],
-                              config={**config, "what": "SIGTERM → SpotCheckpoint's checkpoint durable → process "
-                                      "exit (an upper bound on → durable), real tiny Keras model"}))
+                              config={**config, "what": "the runner's SIGTERM → SpotCheckpoint's checkpoint "
+                                      "durable at the next step boundary → process exit (an upper bound on → "
+                                      "durable), real tiny Keras model"}))
     if "spotrun" in goodput and "seed" in goodput:
         out.append(figure("goodput_ratio_to_seed", scheme="spotrun ÷ seed", unit="ratio",
                           value=goodput["spotrun"] / goodput["seed"], with_p99=False, config=config))
@@ -132,36 +149,28 @@ def scheme_figures(profile: dict, workdir: Path) -> list[dict]:
 # -- figure 3b: boots ----------------------------------------------------------------------
 
 def boot_figures(profile: dict, workdir: Path) -> list[dict]:
-    from bench import agent_runs, api_calls
+    """Figure 3b under the fast timing model (every sample) and the aws one (scaled, one
+    sample of each boot kind and a drain); every entry names its model (agent_runs.timing_label)."""
+    from bench import agent_runs
+    from spotrun.localcloud import TimingModel
 
     spec = profile["boots"]
-    runs = {policy: agent_runs.boots(workdir / "boots", policy, spec["interrupt_at"], spec["steps"])
-            for policy in ("fixed:us-east-1a", "round-robin")}
-    boots = [b for run in runs.values() for b in run["boots"]]
-    config = {"timing_model": "TimingModel.fast() (volume create 0.3 s, attach 0.2 s, snapshot 0.6 s, "
-              "detach after terminate 1.0 s)", "agent": "python -m spotrun agent run, poll 1 s",
-              "trainer": "bench/bench_trainer.py (framework-free: trainer start-up not included)",
-              "agent_share": "boot → training minus the modelled AWS waits on that path "
-              "(first: create + attach; same AZ: detach-after-terminate + attach; cross AZ: create + attach)"}
-    out = []
-    for kind in ("first", "same-az", "cross-az"):
-        of_kind = [b for b in boots if b["kind"] == kind]
-        out.append(figure("boot_to_training", scheme=f"spotrun ({kind})", unit="s",
-                          samples=[b["boot_to_training_s"] for b in of_kind if b["boot_to_training_s"] is not None],
-                          config={**config, "phases": [b["phases"] for b in of_kind]}))
-        out.append(figure("agent_share_of_boot", scheme=f"spotrun ({kind})", unit="s",
-                          samples=[b["agent_share_s"] for b in of_kind if b["agent_share_s"] is not None],
-                          config=config))
-    interruptions = [i for run in runs.values() for i in run["interruptions"]]
-    out.append(figure("notice_to_durable_checkpoint_whole_agent", scheme="spotrun (poll 1 s)", unit="s",
-                      samples=[i["notice_to_durable_checkpoint_s"] for i in interruptions
-                               if i["notice_to_durable_checkpoint_s"] is not None],
-                      config={**config, "what": "the agent process on an instance of the local cloud: "
-                              "notice → trainer's checkpoint durable (from the agent's trainer_drained event)"}))
-    out.append(figure("steps_redone_whole_agent", scheme="spotrun", unit="steps redone",
-                      samples=[i["steps_redone"] for i in interruptions if i["steps_redone"] is not None],
-                      config=config))
-    return out + api_calls.figures(boots)
+    fast = TimingModel.fast()
+    runs = [agent_runs.boots(workdir / "boots", policy, spec["interrupt_at"], spec["steps"], timing=fast)
+            for policy in ("fixed:us-east-1a", "round-robin")]
+    out = agent_runs.figures(runs, fast)
+    aws = spec["aws"]
+    model = TimingModel.aws_like().scaled(aws["scale"]) if aws["scale"] != 1 else TimingModel.aws_like()
+    # EC2's two-minute notice on the same scale: the drain's snapshot must fit inside it.
+    aws_runs = [agent_runs.boots(workdir / "boots-aws", policy, aws["interrupt_at"], aws["steps"],
+                                 timeout_s=600, timing=model, notice_s=120.0 * aws["scale"])
+                for policy in ("fixed:us-east-1a", "round-robin")] if aws["run"] else []
+    out += agent_runs.figures(aws_runs, model, note=None if aws["run"] else
+                              "n/a in --quick: the aws timing model's boots take minutes (run without --quick)")
+    problems = agent_runs.check_timing_labels(out)
+    if problems:
+        raise ValueError("boot figures name the wrong timing model: " + "; ".join(problems))
+    return out
 
 
 # -- figure 4 ------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """bench/api_calls.py: AWS calls per boot / drain window from a hand-written call ledger."""
 from __future__ import annotations
 
+from bench.agent_runs import timing_config
 from bench.api_calls import (count_calls, figures, instance_calls, longest_repeat,
                              median_sample, repeated_unchanged)
+from spotrun.localcloud import TimingModel
 
 A, B = "i-0aaaaaaaaaaaaaaaa", "i-0bbbbbbbbbbbbbbbb"
+FAST = timing_config(TimingModel.fast())
 VOL, VOL2 = "vol-0123456789abcdef0", "vol-0fedcba9876543210"
 
 
@@ -125,20 +128,20 @@ def test_figures_give_goals_per_kind_and_the_median_sample_s_breakdown():
 
     boots = [boot("first", 30), boot("same-az", 20, drain=12), boot("same-az", 26, drain=15),
              boot("same-az", 22, repeats=7), boot("cross-az", 44, drain=18)]
-    by_name = {(f["name"], f["scheme"]): f for f in figures(boots)}
-    same = by_name["api_calls_per_boot", "spotrun (same-az)"]
+    by_name = {(f["name"], f["scheme"]): f for f in figures(boots, FAST)}
+    same = by_name["api_calls_per_boot", "spotrun (same-az, fast timing model)"]
     assert (same["samples"], same["unit"], same["goal"]) == ([20.0, 26.0, 22.0], "calls",
                                                              "<= 25 calls")
     assert same["goal_met"] is False  # one boot over 25 is a miss, though the median is 22
     assert same["config"]["median_sample"]["instance_id"] == "i-same-az-22"
     assert same["config"]["median_sample"]["by_action"] == {"ec2:DescribeVolumes": 22}
     assert same["config"]["longest_repeated_unchanged"]["count"] == 7
-    assert "fast timing model" in same["config"]["measured_on"]
-    cross = by_name["api_calls_per_boot", "spotrun (cross-az / migration)"]
+    assert same["config"]["timing_model"] == FAST
+    cross = by_name["api_calls_per_boot", "spotrun (cross-az / migration, fast timing model)"]
     assert (cross["goal"], cross["goal_met"]) == ("<= 45 calls", True)
-    first = by_name["api_calls_per_boot", "spotrun (first)"]
+    first = by_name["api_calls_per_boot", "spotrun (first, fast timing model)"]
     assert "goal" not in first and first["samples"] == [30.0]
-    drain = by_name["api_calls_per_drain", "spotrun"]
+    drain = by_name["api_calls_per_drain", "spotrun (fast timing model)"]
     assert drain["samples"] == [12.0, 15.0, 18.0]
     assert drain["config"]["median_sample"]["total"] == 15
     assert drain["config"]["median_sample"]["instance_id"] == "i-same-az-26"
@@ -149,8 +152,11 @@ def test_figures_give_goals_per_kind_and_the_median_sample_s_breakdown():
 
 
 def test_a_kind_without_samples_says_why_instead_of_a_number():
-    by_name = {(f["name"], f["scheme"]): f for f in figures([])}
-    empty = by_name["api_calls_per_boot", "spotrun (same-az)"]
+    by_name = {(f["name"], f["scheme"]): f for f in figures([], FAST)}
+    empty = by_name["api_calls_per_boot", "spotrun (same-az, fast timing model)"]
     assert (empty["n"], empty["median"], empty["goal_met"]) == (0, None, None)
     assert empty["note"].startswith("n/a: no same-az boot")
-    assert by_name["api_calls_per_drain", "spotrun"]["note"].startswith("n/a")
+    assert by_name["api_calls_per_drain", "spotrun (fast timing model)"]["note"].startswith("n/a")
+    # A run left out on purpose says so instead.
+    skipped = figures([], FAST, note="n/a in --quick")
+    assert {f["note"] for f in skipped} == {"n/a in --quick"}

@@ -13,18 +13,25 @@ from bench.figures import figure, median, p99
 
 ROOT = Path(__file__).resolve().parents[2]
 
+LOCAL_CLOUD_MODELS = ("fast timing model", "aws timing model ×0.25")
 EXPECTED = {  # name -> schemes that must have it
     "notice_to_sigterm": {"spotrun (poll 0.25 s)", "spotrun (poll 1 s)", "seed"},
     "notice_to_durable_checkpoint": {"spotrun (poll 0.25 s)", "spotrun (poll 1 s)", "seed"},
     "metadata_requests_per_second_idle": {"spotrun (default intervals)"},
     "work_lost_per_interruption": {"spotrun", "seed (per-epoch ModelCheckpoint)",
-                                   "Keras BackupAndRestore(epoch)", "Keras BackupAndRestore(step 3)"},
+                                   "Keras BackupAndRestore(epoch)", "Keras BackupAndRestore(step 3)",
+                                   "Keras BackupAndRestore(step 3) + SIGTERM handler that saves"},
     "goodput": {"spotrun", "seed (per-epoch ModelCheckpoint)", "Keras BackupAndRestore(epoch)",
                 "Keras BackupAndRestore(step 3)"},
-    "boot_to_training": {"spotrun (first)", "spotrun (same-az)", "spotrun (cross-az)"},
-    "agent_share_of_boot": {"spotrun (first)", "spotrun (same-az)", "spotrun (cross-az)"},
-    "api_calls_per_boot": {"spotrun (first)", "spotrun (same-az)", "spotrun (cross-az / migration)"},
-    "api_calls_per_drain": {"spotrun"},
+    # Local-cloud figures name their timing model (bench/agent_runs.py timing_label); --quick
+    # gives the aws model's entries as notes.
+    **{name: {f"spotrun ({kind}, {model})" for kind in kinds for model in LOCAL_CLOUD_MODELS}
+       for name, kinds in (("boot_to_training", ("first", "same-az", "cross-az")),
+                           ("agent_share_of_boot", ("first", "same-az", "cross-az")),
+                           ("api_calls_per_boot", ("first", "same-az", "cross-az / migration")),
+                           ("notice_to_durable_checkpoint_whole_agent", ("poll 1 s",)))},
+    "api_calls_per_drain": {f"spotrun ({model})" for model in LOCAL_CLOUD_MODELS},
+    "steps_redone_whole_agent": {f"spotrun ({model})" for model in LOCAL_CLOUD_MODELS},
     "checkpoint_overhead": {"spotrun (sync, every 1 s)", "spotrun (async, every 1 s)"},
     "idle_agent_rss": {"spotrun agent"},
     "idle_agent_cpu": {"spotrun agent"},
