@@ -57,7 +57,16 @@ def test_unit_contract():
     service = unit["Service"]
     assert service["Type"] == "notify"
     assert "network-online.target" in unit["Unit"]["Wants"]
-    assert "network-online.target" in unit["Unit"]["After"]
+    after = unit["Unit"]["After"].split()
+    assert "network-online.target" in after
+    # After cloud-init has written its copy of the user data (what has-job looks at), under
+    # each name cloud-init has had: cloud-init.service before 24.3, then the split
+    # cloud-init-main.service and cloud-init-network.service. Ordering only: never Wants=
+    # or Requires=, which would pull cloud-init into a machine configured by hand.
+    assert {"cloud-init.service", "cloud-init-main.service",
+            "cloud-init-network.service"} <= set(after)
+    for key in ("Wants", "Requires", "Requisite", "BindsTo"):
+        assert "cloud-init" not in unit["Unit"].get(key, ""), key
     assert service["ExecStart"] == "/usr/bin/spotrun agent run"
     assert service["ExecCondition"] == "/usr/libexec/spotrun/has-job"
     assert service["KillMode"] == "mixed"
