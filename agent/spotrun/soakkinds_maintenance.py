@@ -12,8 +12,12 @@ agent saw the change too late to act on it) is ``:late``, not a violation.
 from __future__ import annotations
 
 import time
-import tomllib
 from datetime import datetime, timedelta, timezone
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (Ubuntu 22.04): the vendored tomli
+    import tomli as tomllib
 
 from spotrun.localcloud.imdsevents import EVENT_CODES
 from spotrun.rehearsal_report import wall_time

@@ -106,6 +106,14 @@ build {
       # Baked, not run: enabled for the next boots, not running now.
       "test \"$(systemctl is-enabled spotrun-agent)\" = enabled",
       "! systemctl is-active --quiet spotrun-agent",
+      # And it starts on this AMI's Python (22.04: 3.10; a missing vendored module shows
+      # here, not as a crash loop on every spot instance): the command, and the agent's
+      # config loading with the shipped defaults plus the two keys a job's user data always
+      # brings (the trainer user "ubuntu" is checked against this image).
+      "spotrun --help >/dev/null",
+      "printf '[code]\\nrepository = \"https://git.invalid/bake-check.git\"\\n[aws]\\nlease_table = \"spotrun-leases\"\\n' > /tmp/spotrun-check.toml",
+      "sudo spotrun agent check-config --no-user-data --config /tmp/spotrun-check.toml",
+      "rm /tmp/spotrun-check.toml",
       # Nitro exposes EBS as NVMe; AWS advises the longest I/O timeout so that a slow
       # volume (a migrated one still loading from its snapshot) is never failed by the kernel.
       "echo 'GRUB_CMDLINE_LINUX_DEFAULT=\"$GRUB_CMDLINE_LINUX_DEFAULT nvme_core.io_timeout=4294967295\"' | sudo tee /etc/default/grub.d/60-spotrun-nvme.cfg",

@@ -46,6 +46,9 @@ def test_ami_installs_the_deb_and_sets_the_nvme_timeout():
     assert "apt-get install -y /tmp/spotrun.deb" in text
     assert "nvme_core.io_timeout=4294967295" in text and "update-grub" in text
     assert "cloud-init clean" in text  # the next boot fetches its own user data
+    # The agent starts on the AMI's own Python, not only "enabled" (issue 14).
+    assert '"spotrun --help >/dev/null"' in text
+    assert '"sudo spotrun agent check-config --no-user-data --config /tmp/spotrun-check.toml"' in text
     assert re.search(r'owners\s*=\s*\["amazon"\]', text)
 
 
