@@ -127,32 +127,44 @@ def ledger_violations(job, volumes: list[dict]) -> list[str]:
                             races=job.race_results, attached_now=attached_now)
 
 
-def final_completion(cloud, volumes: list[dict]) -> tuple[dict | None, str | None]:
-    """The completion record on the job's one remaining volume, read from its image (not
-    through the agent): (record or None, why it could not be read or None)."""
+def final_records(cloud, volumes: list[dict]) -> tuple[dict | None, dict | None, str | None]:
+    """The agent's completion record and the trainer's own, on the job's one remaining volume,
+    read from its image (not through the agent): (agent's or None, trainer's or None, why the
+    image could not be read or None)."""
+    import json
+
     if len(volumes) != 1:
-        return None, f"{len(volumes)} job volumes at the end, not one"
+        return None, None, f"{len(volumes)} job volumes at the end, not one"
     volume_id = volumes[0]["VolumeId"]
+    wanted = [soakwitness.COMPLETION_RECORD, soakwitness.TRAINER_COMPLETION]
     try:
-        image = VolumeImage(cloud.dataplane.volume_path(volume_id))
-        data = image.read([soakwitness.COMPLETION_RECORD]).get(soakwitness.COMPLETION_RECORD)
+        found = VolumeImage(cloud.dataplane.volume_path(volume_id)).read(wanted)
     except VolumeReadError as exc:
-        return None, str(exc)
-    if data is None:
-        return None, None
-    try:
-        import json
-        record = json.loads(data)
-    except ValueError as exc:
-        return None, f"{volume_id}: {soakwitness.COMPLETION_RECORD} is not JSON ({exc})"
-    return (record if isinstance(record, dict) else {"time": None}), None
+        return None, None, str(exc)
+    records = []
+    for name in wanted:
+        if found.get(name) is None:
+            records.append(None)
+            continue
+        try:
+            record = json.loads(found[name])
+        except ValueError as exc:
+            return None, None, f"{volume_id}: {name} is not JSON ({exc})"
+        records.append(record if isinstance(record, dict) else {"time": None})
+    return records[0], records[1], None
+
+
+def final_completion(cloud, volumes: list[dict]) -> tuple[dict | None, str | None]:
+    """The agent's completion record on the job's one remaining volume (:func:`final_records`)."""
+    record, _, error = final_records(cloud, volumes)
+    return record, error
 
 
 def witness_violations(job, volumes: list[dict]) -> tuple[list[str], dict | None, str | None]:
     """Invariants 2, 5 and 6 from the ledger and the final image (spotrun.soakwitness)."""
     cloud = job.cloud
     ec2 = _ec2(cloud)
-    completion, image_error = final_completion(cloud, volumes)
+    completion, trainer_completion, image_error = final_records(cloud, volumes)
     instances = {b["instance_id"] for b in job.boots}
     fleets = {job.fleet.request_id} if job.fleet is not None else set()
     existing_volumes = {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]
@@ -163,7 +175,8 @@ def witness_violations(job, volumes: list[dict]) -> tuple[list[str], dict | None
         job.ledger_records(), job.plan.job_id, instances, fleets, completion=completion,
         image_error=image_error, expect_cancel=not job.cancelled_by_soak,
         final_volumes={v["VolumeId"] for v in volumes}, existing_volumes=existing_volumes,
-        existing_snapshots=existing_snapshots)
+        existing_snapshots=existing_snapshots, trainer_completion=trainer_completion,
+        require_trainer_record=True)  # the soak's trainer speaks the protocol
     return found, completion, image_error
 
 

@@ -41,6 +41,9 @@ from spotrun.soakledger import PROVEN_STEPS, STEP, _ordered
 # The completion record's name at the volume's root (spotrun.boot.COMPLETION_RECORD; not
 # imported so this checker does not load the agent's lifecycle).
 COMPLETION_RECORD = ".spotrun-completed.json"
+# The trainer's own record that it trained to the end (spotrun_trainer.protocol), in the
+# job's checkpoints directory: the agent's record alone is the agent's word.
+TRAINER_COMPLETION = "checkpoints/.spotrun-trainer-completed.json"
 SNAPSHOT_ROLES = ("migration-snapshot", "drain-snapshot")
 CANCEL_ACTIONS = ("CancelSpotFleetRequests", "DeleteFleets", "UpdateAutoScalingGroup",
                   "SetDesiredCapacity")
@@ -152,10 +155,14 @@ def _epoch(value) -> float | None:
 
 def cancel_violations(records: Iterable[dict], instances: Iterable[str], fleets: Iterable[str],
                       completion: dict | None, *, image_error: str | None = None,
-                      expect_cancel: bool = True) -> list[str]:
+                      expect_cancel: bool = True, trainer_completion: dict | None = None,
+                      require_trainer_record: bool = False) -> list[str]:
     """Only success cancels, and success does. ``completion``: the completion record read from
     the job's final volume image (None: the image holds none); ``image_error``: why the image
-    could not be read; ``expect_cancel``: False when the soak itself cancelled the fleet."""
+    could not be read; ``expect_cancel``: False when the soak itself cancelled the fleet.
+    ``require_trainer_record`` (a trainer that speaks the protocol, as the soak's does): a
+    cancel also needs the trainer's own record on the image (``trainer_completion``), or an
+    agent that took a stopped trainer for a finished one and wrote its own record passes."""
     made = cancels(records, instances, fleets)
     first = made[0] if made else None
     where = (f"{first.get('instance')} called {first.get('action')} on "
@@ -182,6 +189,10 @@ def cancel_violations(records: Iterable[dict], instances: Iterable[str], fleets:
         return [f"inv5 cancel after the completion record: {where} (t={first.get('t'):.3f}), "
                 f"before the completion record on the image was written "
                 f"(time {completion.get('time')})"]
+    if require_trainer_record and trainer_completion is None:
+        return [f"inv5 only success cancels: {where}; the image holds the agent's completion "
+                f"record but not the trainer's own ({TRAINER_COMPLETION}): nothing the trainer "
+                f"wrote says it trained to the end"]
     return []
 
 
@@ -245,12 +256,14 @@ def _state(volumes: list[str], attached: set[str], proven: set[str]) -> str:
 def check(records: list[dict], job_id: str, instances: Iterable[str], fleets: Iterable[str], *,
           completion: dict | None, image_error: str | None = None, expect_cancel: bool = True,
           final_volumes: Iterable[str] = (), existing_volumes: Iterable[str] = (),
-          existing_snapshots: Iterable[str] = ()) -> list[str]:
+          existing_snapshots: Iterable[str] = (), trainer_completion: dict | None = None,
+          require_trainer_record: bool = False) -> list[str]:
     """Invariants 2, 5 and 6 of one job, from its ledger records and its final image."""
     instances, fleets = set(instances), set(fleets)
     out = migration_violations(records, job_id)
     out += cancel_violations(records, instances, fleets, completion, image_error=image_error,
-                             expect_cancel=expect_cancel)
+                             expect_cancel=expect_cancel, trainer_completion=trainer_completion,
+                             require_trainer_record=require_trainer_record)
     out += foreign_touches(records, job_id, instances, fleets)
     out += unaccounted(records, job_id, instances, final_volumes=final_volumes,
                        existing_volumes=existing_volumes, existing_snapshots=existing_snapshots)

@@ -267,6 +267,7 @@ def _image(tmp_path, files: dict[str, bytes]):
     root = tmp_path / "root"
     root.mkdir()
     for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     image = tmp_path / "vol.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(image), "8M"], check=True)
@@ -291,3 +292,20 @@ def test_an_unreadable_image_is_an_error_not_an_absent_record(tmp_path):
     cloud = SimpleNamespace(dataplane=SimpleNamespace(volume_path=lambda volume_id: bad))
     record, error = soakcheck.final_completion(cloud, [{"VolumeId": VOL_B}])
     assert record is None and error and "bad.img" in error
+
+
+def test_a_cancel_on_the_agents_record_alone_is_named_when_the_trainer_keeps_one():
+    """The agent's own record is its word: a trainer that speaks the protocol leaves its
+    record too (found by a broken agent that took a stopped trainer for a finished one)."""
+    [violation] = check(clean_job(), require_trainer_record=True, trainer_completion=None)
+    assert violation.startswith("inv5 only success cancels") and "trainer's own" in violation
+    assert check(clean_job(), require_trainer_record=True,
+                 trainer_completion={"time": "2027-01-15T08:00:00Z"}) == []
+
+
+def test_both_records_are_read_from_the_volume_image(tmp_path):
+    agent = {"time": "2027-01-15T08:00:00Z", "instance_id": B}
+    trainer = {"time": "2027-01-15T07:59:59Z", "metrics": {"loss": 0.5}}
+    cloud = _image(tmp_path, {".spotrun-completed.json": json.dumps(agent).encode(),
+                              "checkpoints/.spotrun-trainer-completed.json": json.dumps(trainer).encode()})
+    assert soakcheck.final_records(cloud, [{"VolumeId": VOL_B}]) == (agent, trainer, None)
