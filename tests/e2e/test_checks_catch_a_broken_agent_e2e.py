@@ -38,7 +38,7 @@ import pytest
 from spotrun import soakcheck, soakledger
 from spotrun import tags as T
 from spotrun.localcloud.ledger import performed
-from spotrun.rehearsal import Rehearsal
+from tests.helpers.rehearsals import CloudWithEnv, PerBootEnvRehearsal
 
 pytestmark = [pytest.mark.loopdev]
 BROKEN_AGENT = Path(__file__).resolve().parent / "broken_agent"
@@ -53,21 +53,7 @@ def break_env(name: str, **extra: str) -> dict[str, str]:
     return {"PYTHONPATH": path, "SPOTRUN_TEST_BREAK": name, **extra}
 
 
-class _WithEnv:
-    """The cloud, with extra environment for the agent process it starts."""
-
-    def __init__(self, cloud, extra: dict):
-        self._cloud, self._extra = cloud, extra
-
-    def __getattr__(self, name):
-        return getattr(self._cloud, name)
-
-    def start_process(self, inst, argv, env=None, **popen):
-        return self._cloud.start_process(inst, argv, env={**(env or inst.env()), **self._extra},
-                                         **popen)
-
-
-class BrokenRehearsal(Rehearsal):
+class BrokenRehearsal(PerBootEnvRehearsal):
     """Boot number ``n`` (0 = the first) runs an agent with break ``breaks[n]``. With
     ``decoy``, a volume of another job is made in the first boot's AZ before any agent starts
     (the unbroken run has it too), and a broken agent is told its id."""
@@ -78,17 +64,16 @@ class BrokenRehearsal(Rehearsal):
         self.decoy: str | None = None
         self._want_decoy = decoy
 
-    def boot(self, cloud, inst):
+    def env_for(self, index, cloud, inst):
         if self._want_decoy and self.decoy is None:
             self.decoy = cloud.client("ec2", faults=False).create_volume(
                 AvailabilityZone=inst.az, Size=1, TagSpecifications=[{
                     "ResourceType": "volume",
                     "Tags": T.as_list({T.NAME: "decoy", T.JOB: DECOY_JOB})}])["VolumeId"]
-        name = self.breaks.pop(len(self.boots), None)
+        name = self.breaks.pop(index, None)
         if name is None:
-            return super().boot(cloud, inst)
-        extra = {"SPOTRUN_TEST_DECOY": self.decoy} if self.decoy else {}
-        return super().boot(_WithEnv(cloud, break_env(name, **extra)), inst)
+            return None
+        return break_env(name, **({"SPOTRUN_TEST_DECOY": self.decoy} if self.decoy else {}))
 
 
 @pytest.fixture
@@ -286,7 +271,7 @@ def test_inv1_a_second_agent_next_to_the_live_holder_is_named(rehearsal, name, b
         instance_type=fleet.launch.instance_type,
         tags={**fleet.launch.tags, T.SPOT_FLEET_REQUEST: fleet.request_id},
         user_data=fleet.launch.user_data)
-    r.boot(_WithEnv(r.cloud, break_env(name)) if broken else r.cloud, racer)
+    r.boot(CloudWithEnv(r.cloud, break_env(name)) if broken else r.cloud, racer)
     loser = racer.instance_id
     if broken:
         _installed(r.boots[-1], name)

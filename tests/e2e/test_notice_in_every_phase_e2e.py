@@ -22,7 +22,7 @@ import pytest
 from spotrun import migration as M
 from spotrun import tags as T
 from spotrun.crashpoints import PAUSE_ENV
-from spotrun.rehearsal import Rehearsal
+from tests.helpers.rehearsals import PerBootEnvRehearsal
 
 pytestmark = [pytest.mark.loopdev]
 STEPS = 200
@@ -30,30 +30,16 @@ NOTICE_S = 90.0  # far off: the instance is terminated as soon as its agent has 
 PRE_TRAINING = ("identifying", "acquiring-volume", "checking-out")
 
 
-class _WithEnv:
-    """The cloud, with extra environment for the agent process it starts."""
-
-    def __init__(self, cloud, extra: dict):
-        self._cloud, self._extra = cloud, extra
-
-    def __getattr__(self, name):
-        return getattr(self._cloud, name)
-
-    def start_process(self, inst, argv, env=None, **popen):
-        return self._cloud.start_process(inst, argv, env={**(env or inst.env()), **self._extra},
-                                         **popen)
-
-
-class PausedRehearsal(Rehearsal):
+class PausedRehearsal(PerBootEnvRehearsal):
     """Boot number ``n`` (0 = the first) is started with SPOTRUN_PAUSE_AT = ``pauses[n]``."""
 
     def __init__(self, plan, pauses: dict[int, str]):
         super().__init__(plan)
         self.pauses = dict(pauses)
 
-    def boot(self, cloud, inst):
-        point = self.pauses.pop(len(self.boots), None)
-        return super().boot(_WithEnv(cloud, {PAUSE_ENV: point}) if point else cloud, inst)
+    def env_for(self, index, cloud, inst):
+        point = self.pauses.pop(index, None)
+        return {PAUSE_ENV: point} if point else None
 
 
 @pytest.fixture
