@@ -74,6 +74,32 @@ def _trainer_starts(job, instance_id: str) -> list[dict]:
         return []
 
 
+def _trainer_said(job, instance_id: str, event: str) -> list[dict]:
+    """The trainer's own lines of ``event`` on one instance (its output, which the agent only
+    redirects to state/trainer.log): the resume check reads these, not the agent's events."""
+    import json
+    import re
+
+    path = job.cloud.instance(instance_id).state_dir / "trainer.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        # The trainer library's log lines carry a journal priority prefix ("<6>{...}").
+        line = re.sub(r"^<\d>", "", line)
+        if f'"{event}"' not in line:
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and item.get("event") == event:
+            found.append(item)
+    return found
+
+
 def _next_resume(job, instance_id: str) -> int | None:
     """The step the trainer that ran after ``instance_id``'s went away resumed from."""
     order = []
@@ -230,31 +256,32 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
         violations.append(f"failure policy applied: {failures[0].get('reason')}")
 
     # Invariant 4: resume is exact — the running sum, and the steps redone per interruption.
-    metrics = {}
-    try:
-        import json
-        metrics = json.loads(tags.get(T.RESULT, "{}"))
-    except ValueError:
-        pass
+    # The sum from the trainer's own completion record on the final image, not from the
+    # result tag the agent wrote from it.
+    _, trainer_record, _ = final_records(cloud, volumes)
+    metrics = (trainer_record or {}).get("metrics") or {}
     expected = plan.steps * (plan.steps + 1) // 2
     if completed and metrics.get("sum") != expected:
         violations.append(f"inv4 exact resume: final sum {metrics.get('sum')} != {expected}")
     interruptions = []
     lost: Counter = Counter()
     for slot, outcome in zip(plan.slots, job.outcomes):
-        # The last drain: an instance stopped and started again drained once before.
-        drained_ev = next((e for e in reversed(job.events_of(outcome.instance_id))
-                           if e.get("event") == "trainer_drained"), {})
+        # What the trainer itself said on this instance (the last stop: an instance stopped
+        # and started again stopped once before): the step it saved and stopped at, else its
+        # last durable checkpoint; a trainer that never ran a step here (the notice or kill
+        # came during acquire or checkout) "reached" what it resumed from.
+        stopped = _trainer_said(job, outcome.instance_id, "trainer_preempted")
+        saved = _trainer_said(job, outcome.instance_id, "checkpoint_saved")
+        starts = _trainer_starts(job, outcome.instance_id)
+        stopped_at = stopped[-1].get("step") if stopped else None
+        saved_at = saved[-1].get("step") if saved else None
+        own_resume = starts[0].get("resume_step") if starts else None
         resumed = _next_resume(job, outcome.instance_id)
-        # A trainer that never ran a step on this instance (the notice or kill came during
-        # acquire or checkout) "reached" what it would have resumed from.
-        own_resume = next((e.get("checkpoint_step", 0) for e in job.events_of(outcome.instance_id)
-                           if e.get("event") == "resume_point"), None)
         if outcome.drained:
-            candidates = (drained_ev.get("reached_step"), drained_ev.get("checkpoint_step"), own_resume)
+            candidates = (stopped_at, saved_at, own_resume)
             limit = 1
         else:
-            candidates = (drained_ev.get("reached_step"), outcome.observed_step, own_resume)
+            candidates = (outcome.observed_step, saved_at, own_resume)
             limit = every
         reached = next((v for v in candidates if isinstance(v, int)), None)
         if reached is None and not _trainer_starts(job, outcome.instance_id):

@@ -309,3 +309,20 @@ def test_both_records_are_read_from_the_volume_image(tmp_path):
     cloud = _image(tmp_path, {".spotrun-completed.json": json.dumps(agent).encode(),
                               "checkpoints/.spotrun-trainer-completed.json": json.dumps(trainer).encode()})
     assert soakcheck.final_records(cloud, [{"VolumeId": VOL_B}]) == (agent, trainer, None)
+
+
+def test_the_resume_check_reads_the_trainers_own_lines_priority_prefix_and_all(tmp_path):
+    """inv4's "reached" comes from what the trainer wrote (its stop line, its store's saves),
+    not from the agent's events; the store's lines carry a journal priority prefix."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "trainer.log").write_text(
+        '{"event": "trainer_start", "resume_step": 32, "runs": 2}\n'
+        '<6>{"event":"checkpoint_saved","component":"store","step":40}\n'
+        'Traceback (most recent call last): not JSON\n'
+        '<6>{"event":"checkpoint_saved","component":"store","step":59}\n'
+        '{"event": "trainer_preempted", "step": 59}\n')
+    job = SimpleNamespace(cloud=SimpleNamespace(instance=lambda _: SimpleNamespace(state_dir=state)))
+    assert [e["step"] for e in soakcheck._trainer_said(job, "i-1", "checkpoint_saved")] == [40, 59]
+    assert soakcheck._trainer_said(job, "i-1", "trainer_preempted") == [{"event": "trainer_preempted", "step": 59}]
+    assert soakcheck._trainer_said(job, "i-1", "trainer_start")[0]["resume_step"] == 32
