@@ -20,6 +20,7 @@ from pathlib import Path
 from spotrun import lease, soakcheck
 from spotrun.log import get_logger
 from spotrun.rehearsal import commit_repository
+from spotrun.soakdeletes import DeleteWitness
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakjob import LEASE_TABLE, JobEnded, SoakJob  # noqa: F401 - re-exported
 from spotrun.soakplan import PROFILES, JobPlan, Slot, plan_jobs  # noqa: F401 - re-exported
@@ -56,9 +57,11 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
     started = time.monotonic()
     with LocalCloud(out / "cloud", TimingModel.fast()) as cloud:
         decoy = soakcheck.make_decoy(cloud)
+        deletes = DeleteWitness(cloud).install()  # inv2: the copies' images at each delete
         cloud.client("dynamodb", faults=False).create_table(**lease.table_definition(LEASE_TABLE))
         for plan in plans:
             job = SoakJob(cloud, out / plan.job_id, plan, repository, timeout_s)
+            job.delete_witness = deletes
             job_started = time.monotonic()
             baseline = soakcheck.volume_ids(cloud)
             try:

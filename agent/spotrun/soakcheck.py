@@ -202,7 +202,8 @@ def witness_violations(job, volumes: list[dict]) -> tuple[list[str], dict | None
         image_error=image_error, expect_cancel=not job.cancelled_by_soak,
         final_volumes={v["VolumeId"] for v in volumes}, existing_volumes=existing_volumes,
         existing_snapshots=existing_snapshots, trainer_completion=trainer_completion,
-        require_trainer_record=True)  # the soak's trainer speaks the protocol
+        require_trainer_record=True,  # the soak's trainer speaks the protocol
+        image_at_delete=getattr(getattr(job, "delete_witness", None), "seen", None))
     return found, completion, image_error
 
 

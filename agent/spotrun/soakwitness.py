@@ -198,9 +198,13 @@ def cancel_violations(records: Iterable[dict], instances: Iterable[str], fleets:
 
 # -- inv2 -----------------------------------------------------------------------------------
 
-def migration_violations(records: Iterable[dict], job_id: str) -> list[str]:
+def migration_violations(records: Iterable[dict], job_id: str,
+                         image_at_delete: dict[str, dict[str, int | None]] | None = None) -> list[str]:
     """In every migration the old volume, and the snapshot its copy was made from, are deleted
-    only after a copy was attached and then proven (verified/done) — by the ledger."""
+    only after a copy was attached and then proven (verified/done) — by the ledger; and, with
+    ``image_at_delete`` (spotrun.soakdeletes: the newest readable checkpoint step of each job
+    volume's image when the delete arrived), only once a copy's image held the old volume's
+    newest checkpoint — by the bytes, not by the agent's "verified" tag."""
     snapshot_of: dict[str, str] = {}            # snapshot -> its source volume
     copies: dict[str, tuple[str, str]] = {}     # copy volume -> (snapshot, source volume)
     attached: set[str] = set()
@@ -236,6 +240,8 @@ def migration_violations(records: Iterable[dict], job_id: str) -> list[str]:
                            f"{volume} (ledger seq {seq}) before a copy of it was attached and "
                            f"verified "
                            f"(copies {_state(made, attached, proven)})")
+            elif made and image_at_delete is not None and volume not in gone:
+                out += _copy_held_it(image_at_delete.get(volume), volume, made, job_id, who, seq)
             gone.add(volume)
         elif action == "DeleteSnapshot":
             for snap in (i for i in resources if i.startswith("snap-")):
@@ -245,6 +251,21 @@ def migration_violations(records: Iterable[dict], job_id: str) -> list[str]:
                                f"deleted job {job_id}'s {snap} (ledger seq {seq}) while its "
                                f"copies were unproven ({_state(made, attached, proven)})")
     return out
+
+
+def _copy_held_it(steps: dict[str, int | None] | None, volume: str, made: list[str],
+                  job_id: str, who: str, seq) -> list[str]:
+    where = f"{who} deleted job {job_id}'s old volume {volume} (ledger seq {seq})"
+    if steps is None:
+        return [f"inv2 copy before delete: {where} and no image was read when the delete "
+                f"arrived (the cloud-side witness missed it)"]
+    source = steps.get(volume)
+    held = [steps.get(w) for w in made if steps.get(w) is not None]
+    if source is not None and (not held or max(held) < source):
+        return [f"inv2 copy before delete: {where} while no copy's image held its newest "
+                f"checkpoint (step {source}; the copies' newest: "
+                f"{ {w: steps.get(w) for w in made} })"]
+    return []
 
 
 def _state(volumes: list[str], attached: set[str], proven: set[str]) -> str:
@@ -257,10 +278,11 @@ def check(records: list[dict], job_id: str, instances: Iterable[str], fleets: It
           completion: dict | None, image_error: str | None = None, expect_cancel: bool = True,
           final_volumes: Iterable[str] = (), existing_volumes: Iterable[str] = (),
           existing_snapshots: Iterable[str] = (), trainer_completion: dict | None = None,
-          require_trainer_record: bool = False) -> list[str]:
+          require_trainer_record: bool = False,
+          image_at_delete: dict[str, dict[str, int | None]] | None = None) -> list[str]:
     """Invariants 2, 5 and 6 of one job, from its ledger records and its final image."""
     instances, fleets = set(instances), set(fleets)
-    out = migration_violations(records, job_id)
+    out = migration_violations(records, job_id, image_at_delete)
     out += cancel_violations(records, instances, fleets, completion, image_error=image_error,
                              expect_cancel=expect_cancel, trainer_completion=trainer_completion,
                              require_trainer_record=require_trainer_record)

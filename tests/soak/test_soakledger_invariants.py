@@ -228,6 +228,19 @@ def test_deleting_the_old_volume_before_the_copy_is_verified_is_named():
     assert f"{VOL_B}: attached" in violation
 
 
+@pytest.mark.parametrize("copy_held,named", [(41, False), (40, True), (None, True)])
+def test_the_old_volume_goes_only_once_the_copys_image_holds_its_newest_checkpoint(copy_held, named):
+    """By the bytes the cloud read when the delete arrived (spotrun.soakdeletes), not by the
+    agent's "verified" tag: the clean ledger, with the copy's image behind the source's."""
+    seen = {VOL_A: {VOL_A: 41, VOL_B: copy_held}}
+    found = check(clean_job(), image_at_delete=seen)
+    assert bool(found) is named, found
+    if named:
+        assert found[0].startswith("inv2 copy before delete") and "no copy's image held" in found[0]
+    missed = check(clean_job(), image_at_delete={})
+    assert missed and "no image was read" in missed[0]
+
+
 def test_deleting_the_old_volume_before_the_copy_is_attached_is_named():
     """A verified tag on a copy never attached proves nothing."""
     led = clean_job()
