@@ -68,7 +68,7 @@ PROVEN_STEPS = (STEP_VERIFIED, STEP_DONE)
 _GONE_STATES = ("deleting", "deleted")
 # Tags never copied from the source to its migrated copy.
 _NOT_COPIED = {SOURCE_VOLUME, SOURCE_MOUNTS, STEP, CREATE_TOKEN, MOUNTS, MOUNT_STATE,
-               T.GENERATION, ORIGIN, snapshots.FRESH_SNAPSHOT}
+               T.GENERATION, ORIGIN, snapshots.FRESH_SNAPSHOT, snapshots.SNAPSHOT_INTENT}
 # What a decision about a volume rests on: if any differs when it is re-read, replan.
 JOURNAL_KEYS = (STEP, T.GENERATION, MOUNTS, SOURCE_VOLUME)
 
@@ -224,18 +224,25 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
     """Start (or find, if a previous try got that far) the snapshot of ``volume``'s current
     data: exactly one (see :mod:`spotrun.snapshots`). ``optional`` (the drain's snapshot):
     None rather than risk a second one or the drain's time."""
+    tags = snapshot_tags(job_id, volume, role)
+
+    def with_token() -> list[dict]:
+        return job_snapshots(ec2, job_id, **{CREATE_TOKEN: tags[CREATE_TOKEN]})
+
     existing = fresh_snapshot(ec2, job_id, volume,
                               settle_s=min(window_s, snapshots.OPTIONAL_SETTLE_S))
+    if existing is None and not optional:
+        # The drain (optional) wrote the intent itself a moment ago: only a later agent waits.
+        existing = snapshots.await_begun(
+            volume, mounts(volume), window_s, guard=guard,
+            listed=lambda: next((s for s in with_token()
+                                 if s["State"] in ("pending", "completed")), None))
     if existing is not None:
         log.info("snapshot_reused", snapshot_id=existing["SnapshotId"], volume_id=volume["VolumeId"],
                  state=existing["State"])
         return existing
-    tags = snapshot_tags(job_id, volume, role)
     params = {"VolumeId": volume["VolumeId"], "Description": tags[T.NAME][:255],
               "TagSpecifications": [{"ResourceType": "snapshot", "Tags": T.as_list(tags)}]}
-
-    def with_token() -> list[dict]:
-        return job_snapshots(ec2, job_id, **{CREATE_TOKEN: tags[CREATE_TOKEN]})
 
     snapshot = snapshots.create_exactly_once(
         ec2_once, what=f"snapshot of {volume['VolumeId']}", params=params, with_token=with_token,

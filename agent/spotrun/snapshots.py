@@ -16,10 +16,12 @@ for a while (eventual consistency). A blind retry therefore makes a second snaps
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from spotrun import ec2 as ec2mod
 from spotrun.log import get_logger
+from spotrun.waiting import wait_until
 
 # The drain's snapshot is ahead of need and the drain has about two minutes: after a create
 # that may have been performed, look for it this long at most, then go on without it.
@@ -129,3 +131,49 @@ def recorded(ec2, volume: dict, mounts: int, *, settle_s: float,
         if time.monotonic() >= deadline:
             return None
         (sleep or time.sleep)(0.5)  # EC2 catching up with a new resource: polled
+
+
+# -- a snapshot begun and never recorded ----------------------------------------------------
+# A drain cut short between CreateSnapshot and the record above (the instance terminated as
+# the notice ran out, or the create answered 5xx and the drain went on without it) leaves a
+# snapshot nobody recorded, which EC2 may leave out of filtered lists for a while: the next
+# agent would make a second one (seen in the long soak). So the drain states its intent on the
+# volume in the CreateTags that marks the clean unmount (no extra call), and a replacement that
+# finds the intent and no record looks for the snapshot by its token until the consistency
+# window since the intent has passed, before it makes its own.
+SNAPSHOT_INTENT = "spotrun:snapshot-intent"
+
+
+def intent_tags(mounts: int, *, now: Callable[[], float] = time.time) -> dict[str, str]:
+    return {SNAPSHOT_INTENT: f"{mounts}/{int(now())}"}
+
+
+def unlisted_for_s(volume: dict, mounts: int, window_s: float, *,
+                   now: Callable[[], float] = time.time) -> float:
+    """How much longer a snapshot the last holder began at this mount count may stay unlisted
+    (0: none was begun, or EC2 lists it by now). Wall-clock time: the intent was written by
+    another instance (EC2 instances keep their clocks in sync)."""
+    tags = {t["Key"]: t["Value"] for t in volume.get("Tags") or []}
+    at, _, since = tags.get(SNAPSHOT_INTENT, "").partition("/")
+    if at != str(mounts) or not since.isdigit():
+        return 0.0
+    return max(0.0, int(since) + window_s - now())
+
+
+def await_begun(volume: dict, mounts: int, window_s: float, listed: Callable[[], dict | None], *,
+                guard: Callable[[], None]) -> dict | None:
+    """The snapshot the last holder began (``listed()`` finds it by token) if EC2 lists it
+    before the consistency window since the intent ends; None if none was begun or it never
+    showed (a drain cut short before its CreateSnapshot)."""
+    left = unlisted_for_s(volume, mounts, window_s)
+    if left <= 0:
+        return None
+    log.info("snapshot_awaited", volume_id=volume["VolumeId"], up_to_s=round(left, 1),
+             why="the last holder began a snapshot and did not record it")
+    try:
+        return wait_until(listed, left, interval_s=1.0, backoff=1.5, max_interval_s=5.0,
+                          what=f"the last holder's snapshot of {volume['VolumeId']}",
+                          on_poll=lambda _elapsed: guard())
+    except TimeoutError:
+        log.info("snapshot_not_begun", volume_id=volume["VolumeId"])
+        return None
