@@ -207,6 +207,15 @@ def witness_violations(job, volumes: list[dict]) -> tuple[list[str], dict | None
     return found, completion, image_error
 
 
+def unreached_slots(kinds: list[str], completed: bool) -> tuple[list[str], list[str]]:
+    """Slots the job finished before (the agent cancelled the fleet before the harness got to
+    them): missed moments when the job did complete, a violation when it did not."""
+    missed = [f"{kind}/{kind}:after_completion" for kind in kinds]
+    violations = [] if completed or not kinds else [
+        f"the fleet was cancelled before the soak's slots {kinds} and the job has not completed"]
+    return missed, violations
+
+
 def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     plan = job.job_plan
     cloud = job.cloud
@@ -359,6 +368,10 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
     extra = Counter(f for o in job.outcomes for f in o.faults if not is_off_moment(f))
     missed = [f"{s.kind}/{f}" for s, o in zip(plan.slots, job.outcomes) for f in o.faults
               if is_off_moment(f)]
+    unreached_missed, unreached_violations = unreached_slots(getattr(job, "unreached", []),
+                                                             completed)
+    missed += unreached_missed
+    violations.extend(unreached_violations)
     return {"index": plan.index, "seed": plan.seed, "job": plan.job_id, "completed": completed,
             "interruptions": interruptions, "kinds": dict(kinds), "extra_faults": dict(extra),
             "missed": missed, "lost": dict(lost), "violations": violations,
