@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,14 @@ def start_rehearsal(shared_tmp):
     yield start
     for r in made:
         r.stop()
+
+
+@pytest.fixture
+def start_counting(start_rehearsal, counting_repo):
+    """Factory: a started rehearsal of the counting trainer. ``env``: its settings over these
+    (200 steps of 0.02 s, a checkpoint every 10); the rest as :func:`start_rehearsal`."""
+    def start(env=None, *, timeout_s=180, **plan) -> Rehearsal:
+        trainer_env = {"STEPS": "200", "STEP_S": "0.02", "CKPT_EVERY": "10", **(env or {})}
+        return start_rehearsal(repository=counting_repo, command=[sys.executable, "train.py"],
+                               trainer_env=trainer_env, timeout_s=timeout_s, **plan)
+    return start

@@ -19,11 +19,10 @@ PYTHON = sys.executable
 
 
 @pytest.fixture
-def rehearsal(start_rehearsal, counting_repo):
+def rehearsal(start_counting):
     def make(env=None, **plan):
-        trainer_env = {"STEPS": "150", "STEP_S": "0.02", "CKPT_EVERY": "1000", **(env or {})}
-        return start_rehearsal(repository=counting_repo, command=[PYTHON, "train.py"],
-                               trainer_env=trainer_env, timeout_s=120, **plan)
+        return start_counting({"STEPS": "150", "CKPT_EVERY": "1000", **(env or {})},
+                              timeout_s=120, **plan)
     return make
 
 

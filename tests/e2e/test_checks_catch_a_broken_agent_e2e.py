@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +37,7 @@ from spotrun import soakcheck, soakledger
 from spotrun import tags as T
 from spotrun.localcloud.ledger import performed
 from tests.helpers.rehearsals import CloudWithEnv, PerBootEnvRehearsal
+from tests.helpers.testkit import wait_until
 
 pytestmark = [pytest.mark.loopdev]
 BROKEN_AGENT = Path(__file__).resolve().parent / "broken_agent"
@@ -77,39 +76,29 @@ class BrokenRehearsal(PerBootEnvRehearsal):
 
 
 @pytest.fixture
-def rehearsal(start_rehearsal, counting_repo):
+def rehearsal(start_counting):
     def make(breaks=None, *, decoy=False, steps=STEPS, **plan):
-        return start_rehearsal(
-            make=lambda p: BrokenRehearsal(p, breaks or {}, decoy), repository=counting_repo,
-            command=[sys.executable, "train.py"], timeout_s=180,
-            trainer_env={"STEPS": str(steps), "STEP_S": "0.02", "CKPT_EVERY": "10"}, **plan)
+        return start_counting({"STEPS": str(steps)},
+                              make=lambda p: BrokenRehearsal(p, breaks or {}, decoy), **plan)
     return make
 
 
-def _await(what, condition, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling the cloud and the instance's files, not synchronising
-
-
 def _boot(r, n: int) -> dict:
-    return _await(f"boot {n}", lambda: r.boots[n] if len(r.boots) > n else None, 60)
+    return wait_until(lambda: r.boots[n] if len(r.boots) > n else None,
+        60, f"boot {n}", interval=0.05)
 
 
 def _installed(boot: dict, name: str) -> None:
     """The break is in that agent (else a "caught" would prove nothing about the checker)."""
     line = f"spotrun test break installed: {name}"
-    _await(f"break {name} in {boot['instance_id']}",
-           lambda: line in Path(boot["log"]).read_text(errors="replace"), 30)
+    wait_until(lambda: line in Path(boot["log"]).read_text(errors="replace"),
+        30, f"break {name} in {boot['instance_id']}", interval=0.05)
 
 
 def _await_step(r, iid: str, step: int) -> None:
     inst = r.cloud.instance(iid)
-    _await(f"step {step}", lambda: (r.progress_of(inst).get("global_step") or 0) >= step)
+    wait_until(lambda: (r.progress_of(inst).get("global_step") or 0) >= step,
+        90.0, f"step {step}", interval=0.05)
 
 
 def _job_volumes(r) -> list[dict]:
@@ -127,12 +116,12 @@ def _settled_volumes(r) -> list[dict]:
                    if v["State"] not in ("deleting", "deleted")]
         return volumes if volumes and all(v["State"] == "available" for v in volumes) else None
 
-    return _await("the job's volumes detached", settled, 60)
+    return wait_until(settled, 60, "the job's volumes detached", interval=0.05)
 
 
 def _witness(r) -> tuple[list[str], dict | None, str | None]:
     """Invariants 2, 5 and 6 as the soak judges a job: its ledger and its final image."""
-    _await("the fleet cancel", r._fleet_cancelled, 120)
+    wait_until(r._fleet_cancelled, 120, "the fleet cancel", interval=0.05)
     job = SimpleNamespace(cloud=r.cloud, boots=r.boots, fleet=r.fleet, plan=r.plan,
                           ledger_records=r.cloud.ledger, cancelled_by_soak=False)
     return soakcheck.witness_violations(job, _settled_volumes(r))
@@ -275,12 +264,14 @@ def test_inv1_a_second_agent_next_to_the_live_holder_is_named(rehearsal, name, b
     loser = racer.instance_id
     if broken:
         _installed(r.boots[-1], name)
-        _await(f"the racer's {action}", lambda: [
+        wait_until(lambda: [
             rec for rec in r.cloud.ledger() if rec.get("instance") == loser
-            and rec.get("action") == action and performed(rec)], 60)
+            and rec.get("action") == action and performed(rec)],
+                60, f"the racer's {action}", interval=0.05)
     else:
-        _await("the racer to ask for the holder's lease", lambda: soakledger.contended(
-            r.cloud.ledger(), job, table, holder, loser, since), 60)
+        wait_until(lambda: soakledger.contended(
+            r.cloud.ledger(), job, table, holder, loser, since),
+                60, "the racer to ask for the holder's lease", interval=0.05)
     r.cloud.terminate(loser)  # the fleet's excess instance
 
     race = {"kind": "second_instance", "winner": holder, "loser": loser, "since_seq": since}

@@ -13,8 +13,6 @@ with training), so ``no trainer started`` fails for every case.
 import json
 import os
 import signal
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from spotrun import migration as M
 from spotrun import tags as T
 from spotrun.crashpoints import PAUSE_ENV
 from tests.helpers.rehearsals import PerBootEnvRehearsal
+from tests.helpers.testkit import wait_until
 
 pytestmark = [pytest.mark.loopdev]
 STEPS = 200
@@ -43,27 +42,16 @@ class PausedRehearsal(PerBootEnvRehearsal):
 
 
 @pytest.fixture
-def rehearsal(start_rehearsal, counting_repo):
+def rehearsal(start_counting):
     def make(pauses, az_policy):
-        return start_rehearsal(
-            make=lambda plan: PausedRehearsal(plan, pauses), repository=counting_repo,
-            command=[sys.executable, "train.py"], az_policy=az_policy, timeout_s=180,
-            trainer_env={"STEPS": str(STEPS), "STEP_S": "0.02", "CKPT_EVERY": "10"})
+        return start_counting({"STEPS": str(STEPS)}, az_policy=az_policy,
+                              make=lambda plan: PausedRehearsal(plan, pauses))
     return make
 
 
-def _await(what, condition, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling the cloud and the instance, not synchronising
-
-
 def _boot(r, n: int) -> dict:
-    return _await(f"boot {n}", lambda: r.boots[n] if len(r.boots) > n else None)
+    return wait_until(lambda: r.boots[n] if len(r.boots) > n else None,
+        90.0, f"boot {n}", interval=0.05)
 
 
 def _paused_pid(boot: dict) -> int:
@@ -74,7 +62,7 @@ def _paused_pid(boot: dict) -> int:
         stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         return proc.pid if stat == "T" else None
 
-    return _await("the agent to pause", stopped, 60)
+    return wait_until(stopped, 60, "the agent to pause", interval=0.05)
 
 
 def _state(inst) -> dict:
@@ -114,7 +102,8 @@ def _released_while_running(r, iid: str, ends=("released", "training")) -> dict:
     """The agent ended its boot RELEASED, before the notice's time (the instance still runs);
     ``ends``: the phases that end the wait (training: it went on instead)."""
     inst = r.cloud.instance(iid)
-    state = _await(f"{iid} released", lambda: (s := _state(inst)).get("phase") in ends and s, 60)
+    state = wait_until(lambda: (s := _state(inst)).get("phase") in ends and s,
+        60, f"{iid} released", interval=0.05)
     assert inst.state == "running", inst.state
     assert state["phase"] == "released", f"{iid} went on to {state['phase']}"
     return state
@@ -124,14 +113,15 @@ def _train_then_notice(r, boot: dict) -> None:
     """Boot ``boot`` trains to step 20, gets an ordinary notice, drains; terminated at once."""
     iid = boot["instance_id"]
     inst = r.cloud.instance(iid)
-    _await("step 20", lambda: (r.progress_of(inst).get("global_step") or 0) >= 20)
+    wait_until(lambda: (r.progress_of(inst).get("global_step") or 0) >= 20,
+        90.0, "step 20", interval=0.05)
     r.cloud.interrupt(iid, "terminate", in_seconds=NOTICE_S)
     _released_while_running(r, iid, ends=("released",))
     r.cloud.terminate(iid)
 
 
 def _assert_completed(r) -> None:
-    _await("the fleet cancel", r._fleet_cancelled, 150)
+    wait_until(r._fleet_cancelled, 150, "the fleet cancel", interval=0.05)
     [volume] = _job_volumes(r)  # one copy survives (invariant 1)
     tags = T.as_dict(volume.get("Tags"))
     assert tags[T.COMPLETED] and tags[T.PHASE] == "done", tags

@@ -12,7 +12,6 @@ moment the cancel call reached it. The volume's tags are checked too, as what an
 import json
 import os
 import signal
-import sys
 import time
 
 import pytest
@@ -22,18 +21,15 @@ from spotrun import tags as T
 from spotrun.rehearsal_volume import VolumeImage
 
 pytestmark = [pytest.mark.loopdev]
-PYTHON = sys.executable
 CANCEL = "CancelSpotFleetRequests"  # the rehearsal's fleets are Spot Fleets
 
 
 @pytest.fixture
-def rehearsal(start_rehearsal, counting_repo, monkeypatch):
+def rehearsal(start_counting, monkeypatch):
     """Factory: the counting trainer's rehearsal (``env``: its settings over these), started,
     with what the cloud held at the fleet cancel in ``at_cancel``."""
     def make(env=None, **plan):
-        trainer_env = {"STEPS": "300", "STEP_S": "0.02", "CKPT_EVERY": "10", **(env or {})}
-        r = start_rehearsal(repository=counting_repo, command=[PYTHON, "train.py"],
-                            trainer_env=trainer_env, timeout_s=180, **plan)
+        r = start_counting({"STEPS": "300", **(env or {})}, **plan)
         r.at_cancel = _watch_cancel(r, monkeypatch)
         return r
 
