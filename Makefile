@@ -37,8 +37,13 @@ deps: apt venv
 
 # The whole suite: unit, integration on the local spot cloud (real loop devices, moto's
 # server, real processes), the short soak, and the systemd-in-a-container system test.
+# Two workers: the tests that drive the machine (loop devices, mounts, systemd, agents) run
+# one at a time in one of them, the trainer's and other unit tests beside them
+# (tests/conftest.py: xdist_group_of). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: deps
-	SPOTRUN_REQUIRE_REAL=1 $(VENV)/bin/pytest tests -m "not bench" --durations=25
+	SPOTRUN_REQUIRE_REAL=1 $(VENV)/bin/pytest tests -m "not bench" --durations=25 \
+		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # Quick loop while developing: skips the slow and system tests.
 test-fast: deps

@@ -71,6 +71,32 @@ def pytest_runtest_makereport(item, call):
                            f"{realguard.REQUIRE_ENV}=1)")
 
 
+# make test runs two pytest-xdist workers (--dist loadgroup). Everything that drives the
+# machine itself -- loop devices, mounts, systemd in a container, the local cloud with its
+# agents, timing-sensitive supervision -- stays in one group, so those tests still run one at
+# a time, as they were written to; the trainer's, the operator CLI's and the local cloud's own
+# unit tests (no block devices, no mounts) run beside them, a file per group so a module's
+# fixtures are built once.
+PARALLEL_DIRS = {"trainer", "operator", "localcloud", "bench"}
+MACHINE_GROUP = "machine"
+
+
+def xdist_group_of(item) -> str:
+    path = Path(str(item.fspath)).resolve()
+    try:
+        top = path.relative_to(ROOT / "tests").parts[0]
+    except ValueError:
+        return MACHINE_GROUP
+    if top in PARALLEL_DIRS and not any(item.get_closest_marker(m) for m in ("loopdev", "system")):
+        return str(path.relative_to(ROOT))
+    return MACHINE_GROUP
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+
+
 @pytest.fixture(autouse=True)
 def _default_logging():
     """No test leaves a logging level or a captured stream behind for the next one."""
