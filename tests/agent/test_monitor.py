@@ -77,12 +77,15 @@ def test_the_thread_hands_a_notice_on_at_the_first_read_that_sees_it(imds, clien
     monitor, events = _counting_reads_at_delivery(client, imds)
     try:
         t120 = when(120)
-        imds.notice("terminate", t120)
+        # Counted before the notice is posted: a read counted after the post may be the one
+        # that sees it before this line runs (a busy machine did that once).
         reads_before = imds.gets[SPOT_READS]
+        imds.notice("terminate", t120)
         event, reads_at_delivery = events.get(timeout=5)
         assert event == SpotNotice("terminate", t120)
-        # One read, or two if one counted just before ours answered after the notice.
-        assert 1 <= reads_at_delivery - reads_before <= 2, (reads_before, reads_at_delivery)
+        # The read that saw it, and at most one more (already on its way without it while the
+        # notice was being posted): a notice seen and not handed on is read again.
+        assert reads_at_delivery - reads_before <= 2, (reads_before, reads_at_delivery)
         imds.rebalance()
         assert isinstance(events.get(timeout=5)[0], Rebalance)
         assert events.empty()
