@@ -5,15 +5,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 # importlib import mode: the helper module beside this file is not importable otherwise.
 sys.path.insert(0, str(Path(__file__).parent))
-from nspawn import Container  # noqa: E402
+from nspawn import Container, apt_install  # noqa: E402
+from unitjob import Job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+COUNTING_TRAINER = REPO / "agent/spotrun/soak_trainer.py"
 NEEDS = ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage", "dh", "lintian")
 
 
@@ -72,3 +76,42 @@ def booted_container(system_ready, tmp_path_factory):
     with Container(workdir) as container:
         yield container
 
+
+@pytest.fixture(scope="module")
+def world(system_ready, deb):
+    """The local spot cloud, a git repository of training code, and the booted system."""
+    tomli_w = pytest.importorskip("tomli_w")
+    from spotrun.localcloud import LocalCloud, TimingModel
+    from spotrun.rehearsal import commit_repository
+
+    # Bound into the container and traversed by the training user: not pytest's 0700 tmp.
+    shared = Path(tempfile.mkdtemp(prefix="spotrun-systest-"))
+    shared.chmod(0o755)
+    try:
+        repo = shared / "repo"
+        commit_repository(repo, {"train.py": COUNTING_TRAINER}, "counting trainer")
+        with LocalCloud(shared / "cloud", TimingModel.fast()) as cloud:
+            if not cloud.uses_loop_devices:
+                pytest.skip("the local cloud has no loop devices here")
+            workdir = shared / "container"
+            workdir.mkdir()
+            with Container(workdir, binds=[str(shared)]) as container:
+                apt_install(container, deb)
+                yield SimpleNamespace(cloud=cloud, container=container, tomli_w=tomli_w,
+                                      repository=f"file://{repo}")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.fixture
+def job(world, request):
+    made = []
+
+    def make(steps: int, **kw) -> Job:
+        made.append(Job(world, f"sys-{request.node.name[5:25]}-{len(made)}".replace("_", "-"),
+                        steps, **kw))
+        return made[-1]
+
+    yield make
+    for j in made:
+        j.close()

@@ -2,8 +2,8 @@
 
 An upgrade must not interrupt training but must make systemd load the new unit; a remove
 must stop (drain) the agent instead of leaving it running from deleted files. Both are
-judged with a real agent training under systemd on the local spot cloud (test_lifecycle's
-world: its fixtures are imported, not copied), by systemd's own view of the unit, the
+judged with a real agent training under systemd on the local spot cloud (the
+fixtures in conftest.py, shared with test_lifecycle), by systemd's own view of the unit, the
 container's process table, and the cloud's record of the job's volume.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nspawn import apt_install  # noqa: E402
-from test_lifecycle import Job, job, world  # noqa: E402,F401  (fixtures used below)
+from unitjob import Job  # noqa: E402
 
 pytestmark = [pytest.mark.system]
 
