@@ -157,17 +157,13 @@ class Rehearsal:
 
     def boot(self, cloud, inst) -> subprocess.Popen:
         """What the AMI does at boot: systemd starts `spotrun agent run` (here, a process)."""
-        import tomli_w
+        from spotrun.localcloud.agents import agent_log_path, boot_agent
 
-        config_path = inst.root / "agent.toml"
-        config_path.write_text(tomli_w.dumps(self._agent_config(inst)))
-        log_file = open(inst.root / "agent.log", "ab")
-        argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
         boot = {"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
-                "log": str(inst.root / "agent.log"), "trainer_log": str(inst.state_dir / "trainer.log")}
+                "log": str(agent_log_path(inst)), "trainer_log": str(inst.state_dir / "trainer.log")}
         log.info("instance_booting", instance_id=inst.instance_id, az=inst.az)
         self.say(f"instance {inst.instance_id} boots in {inst.az}: the agent starts")
-        boot["process"] = cloud.start_process(inst, argv, stdout=log_file, stderr=subprocess.STDOUT)
+        boot["process"] = boot_agent(cloud, inst, self._agent_config(inst))
         with self._lock:
             self.boots.append(boot)
         return boot["process"]

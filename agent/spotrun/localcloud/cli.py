@@ -111,6 +111,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="metadata also answers without a token (IMDSv1 'optional' mode)")
     up.add_argument("--no-tags-in-metadata", action="store_true",
                     help="instance tags are not exposed under meta-data/tags/instance")
+    up.add_argument("--run-agents", action="store_true",
+                    help="instances that fleets and Auto Scaling groups launch through the EC2 "
+                         "API (e.g. `spotrun launch`) boot the real agent, as the AMI does; "
+                         "its log: <root>/instances/<id>/agent.log")
     up.set_defaults(func=cmd_up)
 
     down = commands.add_parser("down", parents=[common], help="stop the local cloud")
@@ -231,6 +235,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, root: Path) -> int:
     from spotrun.localcloud import LocalCloud
+    from spotrun.localcloud.agents import InstanceAgents
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -238,11 +243,13 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     with LocalCloud(root=root, timing=_timing(args.timing), require_imds_token=not args.imdsv1,
                     tags_in_metadata=not args.no_tags_in_metadata) as cloud:
         server = control.ControlServer(cloud, on_down=stop.set, port=args.control_port).start()
+        agents = InstanceAgents(cloud).start() if args.run_agents else None
         try:
             info = {"pid": os.getpid(), "control": server.endpoint, "control_key": server.key,
                     "ec2_endpoint": cloud.ec2_endpoint, "moto_endpoint": cloud.moto_endpoint,
                     "region": cloud.region, "azs": list(cloud.azs), "root": str(root),
                     "timing": args.timing, "uses_loop_devices": cloud.uses_loop_devices,
+                    "run_agents": bool(args.run_agents),
                     "started": datetime.now(timezone.utc).isoformat()}
             path = control.write_state(root, info)
             print(f"local cloud up: EC2 {cloud.ec2_endpoint}, control {server.endpoint}, "
@@ -252,6 +259,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
                       file=sys.stderr, flush=True)
             stop.wait()
         finally:
+            if agents is not None:
+                agents.stop()  # before the cloud ends the instances: none is taken in meanwhile
             server.stop()
             (root / control.STATE_FILE).unlink(missing_ok=True)
     print("local cloud down", file=sys.stderr, flush=True)
@@ -263,6 +272,7 @@ def _detach(args: argparse.Namespace, root: Path) -> int:
     argv = [sys.executable, "-m", "spotrun", "localcloud", "up", "--root", str(root),
             "--timing", args.timing, "--control-port", str(args.control_port)]
     argv += ["--imdsv1"] * args.imdsv1 + ["--no-tags-in-metadata"] * args.no_tags_in_metadata
+    argv += ["--run-agents"] * args.run_agents
     (root / control.STATE_FILE).unlink(missing_ok=True)  # a stale one from a dead cloud
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -285,7 +295,8 @@ def _detach(args: argparse.Namespace, root: Path) -> int:
         proc.terminate()
         raise SpotrunError(f"the local cloud did not come up within 120 s; see {log_path}") from None
     print(f"local cloud up (pid {proc.pid}): EC2 {info['ec2_endpoint']}, "
-          f"control {info['control']}, log {log_path}")
+          f"control {info['control']}, log {log_path}"
+          + (", agents boot on fleet instances" if args.run_agents else ""))
     return 0
 
 

@@ -1,0 +1,254 @@
+"""Instances launched through the EC2 API boot the real agent, as the spotrun AMI does.
+
+``spotrun launch`` asks EC2 (here: moto, behind the cloud's proxy) for capacity: CreateFleet,
+CreateAutoScalingGroup or RequestSpotFleet, with a launch template carrying the user-data
+stub. moto then marks instances ``running`` and nothing more: no metadata service, no
+process. With :class:`InstanceAgents` started (``spotrun localcloud up --run-agents``), every
+instance such a fleet or group launches is taken in by the cloud (its directories, its
+metadata service serving the launch template's user data and its tags) and boots
+:func:`boot_agent`: what systemd does on the AMI (``spotrun agent run``, the unit's command
+line), with the instance's metadata endpoint, the cloud's EC2 endpoint and the instance's
+dummy credentials, its volume devices on the cloud's data plane, its output in
+``<root>/instances/<id>/agent.log``. ``spotrun rehearse`` boots its fleets' agents with the
+same :func:`boot_agent`.
+
+What EC2 does and moto does not, done here while the instances' fleets run:
+  * EC2 tags fleet instances ``aws:ec2:fleet-id`` / ``aws:ec2spot:fleet-request-id`` (the
+    agent reads them to know what to cancel when the job is done); moto tags only its Auto
+    Scaling groups' instances.
+  * A ``maintain`` fleet replaces a terminated instance; moto's fleets never do (its Auto
+    Scaling groups replace instances ended by TerminateInstances already).
+  * An instance that moto terminates behind the cloud's back (DeleteFleets or
+    CancelSpotFleetRequests with termination, DeleteAutoScalingGroup with ForceDelete, as the
+    agent does when training is done) powers off: its processes die with it, as on EC2.
+Instances the cloud launched itself (``launch_instance``, its own Spot Fleets) are never
+taken in: only members of moto's fleets and groups are.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+from spotrun import tags as tagkeys
+from spotrun.localcloud.instance import Instance
+from spotrun.log import get_logger
+
+log = get_logger("localcloud.agents")
+GONE = ("shutting-down", "terminated")
+
+
+def agent_log_path(inst: Instance) -> Path:
+    return inst.root / "agent.log"
+
+
+def boot_agent(cloud: Any, inst: Instance, config: Mapping[str, Any]) -> subprocess.Popen:
+    """What the AMI does at boot: systemd starts ``spotrun agent run`` (here, a process tree
+    of the instance, killed when it powers off). ``config`` stands for the AMI's
+    /etc/spotrun/agent.toml; the job comes from the user data, read through metadata."""
+    import tomli_w
+
+    config_path = inst.root / "agent.toml"
+    config_path.write_text(tomli_w.dumps(dict(config)))
+    env = inst.env()
+    env["SPOTRUN_CONFIG"] = str(config_path)  # the unit's default path, moved under the instance
+    argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
+    with open(agent_log_path(inst), "ab") as log_file:  # the child holds its own copy
+        return cloud.start_process(inst, argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def local_ami_config(inst: Instance) -> dict[str, dict[str, Any]]:
+    """The local stand-in for the AMI's agent.toml: where this instance's metadata, EC2,
+    devices and directories are, plus what a desk-sized cloud needs. The job's own settings
+    (user data) override it, as on AWS."""
+    config = inst.agent_overrides()
+    config["metadata"]["poll_interval_s"] = 0.5  # notices scaled down with the rest
+    # The AMI's training user ("ubuntu") rarely exists on the machine running the cloud.
+    config["trainer"] = {"user": "root", "restart_backoff_s": 1.0}
+    config["volume"]["create_timeout_s"] = 120.0
+    return config
+
+
+def _user_data(raw: Any) -> bytes:
+    """moto keeps the launch template's user data as the base64 text it was sent."""
+    if isinstance(raw, (list, tuple)):
+        raw = raw[0] if raw else b""
+    if not raw:
+        return b""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return text.encode()
+
+
+def _first_override_type(group: Any) -> str:
+    policy = getattr(group, "mixed_instances_policy", None) or {}
+    overrides = policy.get("LaunchTemplate", {}).get("Overrides", [])
+    return next((o["InstanceType"] for o in overrides if o.get("InstanceType")), "")
+
+
+class InstanceAgents:
+    """Takes in the instances moto's fleets and groups launch, boots their agents, replaces
+    what a ``maintain`` fleet lost and powers off what moto terminated (see the module)."""
+
+    def __init__(self, cloud: Any, config=local_ami_config, poll_s: float = 0.2):
+        self.cloud = cloud
+        self.config = config  # inst -> the AMI's agent config for it
+        self.poll_s = poll_s
+        self.taken: list[str] = []  # instance ids taken in, in order
+        # Spot Fleets that moto itself fulfilled (made through the API). The cloud's own
+        # (fleet.py) are made with capacity 0 and registered in cloud.fleets only once
+        # started: never "replace" for them in between.
+        self._api_spot_fleets: set[str] = set()
+        self.booted: dict[str, subprocess.Popen] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "InstanceAgents":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="localcloud-agents", daemon=True)
+        self._thread.start()
+        self.cloud.record_event("instance_agents_started")
+        return self
+
+    def stop(self) -> None:
+        """Stop taking instances in (before the cloud stops: it ends the instances)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._thread = None
+
+    def __enter__(self) -> "InstanceAgents":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.reconcile()
+            except Exception as exc:  # noqa: BLE001 - one bad pass must not end the booting
+                log.exception("instance_agents_pass_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- one pass ---------------------------------------------------------------------------
+    def _backends(self) -> tuple[Any, Any]:
+        from moto.autoscaling.models import autoscaling_backends
+        from moto.ec2.models import ec2_backends
+
+        return (ec2_backends[self.cloud.account_id][self.cloud.region],
+                autoscaling_backends[self.cloud.account_id][self.cloud.region])
+
+    def reconcile(self) -> None:
+        ec2, autoscaling = self._backends()
+        members = self._members(ec2, autoscaling)  # instance id -> (moto instance, reserved tags)
+        for instance_id, (moto_instance, reserved) in members.items():
+            if moto_instance.state not in GONE and instance_id not in self.cloud.instances:
+                self._take_in(moto_instance, reserved)
+        self._power_off_gone(ec2)
+        self._replace_lost(ec2)
+
+    def _members(self, ec2: Any, autoscaling: Any) -> dict[str, tuple[Any, dict[str, str]]]:
+        found: dict[str, tuple[Any, dict[str, str]]] = {}
+        for fleet in list(ec2.fleets.values()):
+            for request in list(fleet.spot_requests):
+                found[request.instance.id] = (request.instance, {tagkeys.EC2_FLEET: fleet.id})
+            for item in list(fleet.on_demand_instances):
+                found[item["instance"].id] = (item["instance"], {tagkeys.EC2_FLEET: fleet.id})
+        for request_id, fleet in list(ec2.spot_fleet_requests.items()):
+            if request_id in self.cloud.fleets:
+                continue  # the cloud's own Spot Fleet (fleet.py) runs its own instances
+            for request in list(fleet.spot_requests):
+                self._api_spot_fleets.add(request_id)
+                found[request.instance.id] = (request.instance,
+                                              {tagkeys.SPOT_FLEET_REQUEST: request_id})
+        for group in list(autoscaling.autoscaling_groups.values()):
+            chosen = _first_override_type(group)
+            for state in list(group.instance_states):
+                if not state.instance.instance_type and chosen:
+                    # moto leaves a mixed-instances group's type empty (the template names
+                    # none); EC2 launches one of the overrides, and says so everywhere.
+                    state.instance.instance_type = chosen
+                found[state.instance.id] = (state.instance, {})  # moto tags these itself
+        return found
+
+    def _take_in(self, moto_instance: Any, reserved: dict[str, str]) -> None:
+        cloud = self.cloud
+        instance_id = moto_instance.id
+        if reserved:
+            cloud._put_reserved_tags(instance_id, reserved)
+        tags = {t["key"]: t["value"] for t in moto_instance.get_tags()}
+        tags.update(reserved)
+        az = moto_instance.placement.zone or cloud.azs[0]
+        inst = Instance(instance_id=instance_id, az=az, az_id=cloud._az_ids.get(az, ""),
+                        instance_type=moto_instance.instance_type, region=cloud.region,
+                        account_id=cloud.account_id, ami_id=moto_instance.image_id,
+                        private_ip=moto_instance.private_ip or "10.0.0.10", tags=tags,
+                        user_data=_user_data(moto_instance.user_data),
+                        root=cloud.root / "instances" / instance_id,
+                        ec2_endpoint=cloud.ec2_endpoint)
+        inst.make_dirs()
+        inst.metadata = cloud._start_metadata(inst)
+        cloud.instances[instance_id] = inst
+        self.taken.append(instance_id)
+        cloud.record_event("instance_launched", instance_id=instance_id, az=az,
+                           instance_type=inst.instance_type, imds_endpoint=inst.imds_endpoint,
+                           root=str(inst.root), launched_by=reserved or {
+                               k: v for k, v in tags.items() if k == tagkeys.AUTOSCALING_GROUP})
+        if not inst.user_data:
+            # An AMI launched without a job stays idle (the unit's ExecCondition): so here.
+            cloud.record_event("instance_agent_skipped", instance_id=instance_id,
+                               reason="no user data")
+            return
+        try:
+            proc = boot_agent(cloud, inst, self.config(inst))
+        except Exception as exc:  # noqa: BLE001 - the instance exists, bootable or not
+            cloud.record_event("instance_agent_boot_failed", instance_id=instance_id,
+                               error=f"{type(exc).__name__}: {exc}")
+            return
+        self.booted[instance_id] = proc
+        cloud.record_event("instance_agent_booted", instance_id=instance_id, pid=proc.pid,
+                           log=str(agent_log_path(inst)))
+
+    def _power_off_gone(self, ec2: Any) -> None:
+        """Terminated in moto but still running here: the cloud was not asked (a fleet or
+        group deleted with its instances), so the instance dies now, processes and all."""
+        for instance_id in list(self.taken):
+            inst = self.cloud.instances.get(instance_id)
+            if inst is None or inst.state != "running":
+                continue
+            try:
+                moto_state = ec2.get_instance(instance_id).state
+            except Exception:  # noqa: BLE001 - moto forgot it: gone as well
+                moto_state = "terminated"
+            if moto_state in GONE:
+                self.cloud._power_off(inst, "terminated")
+            elif moto_state == "stopped":
+                self.cloud._power_off(inst, "stopped")
+
+    def _replace_lost(self, ec2: Any) -> None:
+        """A ``maintain`` fleet (moto's EC2 Fleets and API-made Spot Fleets) keeps its target:
+        a terminated member leaves its requests (moto drops some itself) and a new one is
+        launched, as EC2 does."""
+        fleets = [f for f in list(ec2.fleets.values())
+                  if f.fleet_type == "maintain" and f.state == "active"]
+        fleets += [f for request_id, f in list(ec2.spot_fleet_requests.items())
+                   if request_id in self._api_spot_fleets and request_id not in self.cloud.fleets
+                   and f.state == "active"]
+        for fleet in fleets:
+            lost = [r.instance.id for r in fleet.spot_requests if r.instance.state in GONE]
+            fleet.spot_requests = [r for r in fleet.spot_requests if r.instance.state not in GONE]
+            live = len(fleet.spot_requests) + len([
+                i for i in getattr(fleet, "on_demand_instances", []) if i["instance"].state not in GONE])
+            missing = fleet.target_capacity - live
+            if missing <= 0:
+                continue
+            fleet.fulfilled_capacity = float(live)
+            self.cloud.record_event("fleet_replacing", fleet_id=fleet.id, lost=lost,
+                                    launching=missing)
+            fleet.create_spot_requests(missing)
