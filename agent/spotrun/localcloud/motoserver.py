@@ -55,6 +55,27 @@ def reset_account(account: str) -> None:
             del backend_dict[account]
 
 
+def parse_new_versions_user_data() -> None:
+    """moto parses a launch template's user data in CreateLaunchTemplate but keeps it as the
+    raw text in CreateLaunchTemplateVersion; an Auto Scaling group launching from such a
+    version then fails moto's type assertion and the API answers 500 (a relaunch as a group,
+    issue 20). Parse it the way CreateLaunchTemplate does, once per process."""
+    from moto.ec2.models.launch_templates import LaunchTemplate
+    from moto.ec2.utils import parse_user_data
+
+    original = LaunchTemplate.create_version
+    if getattr(original, "_spotrun_parses_user_data", False):
+        return
+
+    def create_version(self, data, description):
+        if isinstance(data.get("UserData"), (str, bytes)):
+            data = {**data, "UserData": parse_user_data(data["UserData"])}
+        return original(self, data, description)
+
+    create_version._spotrun_parses_user_data = True
+    LaunchTemplate.create_version = create_version
+
+
 class MotoServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         # werkzeug logs every request on stderr; the proxy logs what matters instead.
@@ -63,6 +84,7 @@ class MotoServer:
         # AmazonEC2SpotFleetTaggingRole to the Spot Fleet role); moto loads them into each
         # account's IAM backend only when this is set when that backend is made.
         os.environ.setdefault("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+        parse_new_versions_user_data()
         self._server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
         self.endpoint = ""
 

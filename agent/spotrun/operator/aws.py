@@ -6,6 +6,7 @@ client at another endpoint, e.g. the local spot cloud or moto's server.
 """
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class Aws:
                 kwargs["endpoint_url"] = self.endpoint_url
             client = self.session.client(service, **kwargs)
             client.meta.events.register("before-call", _remember_call)
+            _last_call["endpoint"] = client.meta.endpoint_url
             self._clients[service] = client
         return self._clients[service]
 
@@ -62,7 +64,7 @@ def error_code(exc: BaseException) -> str:
 
 # The API call in flight, for errors that do not carry it (a connection refused, an answer
 # that is not XML/JSON): the operator is one thread, one call at a time.
-_last_call = {"name": ""}
+_last_call = {"name": "", "endpoint": ""}
 
 # What the operator turns into one line (exit 1) instead of a traceback.
 AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
@@ -84,15 +86,26 @@ def describe_error(exc: BaseException) -> str:
         err = exc.response.get("Error", {})
         return _one_line(f"AWS {exc.operation_name} failed: {err.get('Code', '?')}: "
                          f"{err.get('Message', '')}".strip())
-    if isinstance(exc, botocore.exceptions.NoCredentialsError):
-        return ("no AWS credentials found (environment, ~/.aws/credentials, SSO or a role); "
-                "see `aws configure`")
     call = _last_call["name"] or "call"
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        endpoint = _last_call["endpoint"]
+        if endpoint and not _is_aws(endpoint):
+            # The local spot cloud (moto) takes any pair; `aws configure` would be the wrong advice.
+            hint = (f"{endpoint} is not AWS and takes any credentials: "
+                    "export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing")
+        else:
+            hint = "set them in the environment, ~/.aws/credentials (`aws configure`), SSO or a role"
+        return f"AWS {call} failed: no AWS credentials found; {hint}"
     if isinstance(exc, botocore.parsers.ResponseParserError):
         first = str(exc).splitlines()[0].rstrip(": ") if str(exc) else ""
         return _one_line(f"AWS {call} failed: the endpoint's answer is not an AWS response "
                          f"(an HTML error page?): {first}")
     return _one_line(f"AWS {call} failed: {exc}")
+
+
+def _is_aws(endpoint: str) -> bool:
+    host = urllib.parse.urlsplit(endpoint).hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 
 
 class _OperatorLog:

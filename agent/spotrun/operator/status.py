@@ -115,7 +115,7 @@ def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
         "agent": agent,
         "capacity": [c.as_dict() for c in active],
         "finished_capacity": [c.as_dict() for c in finished],
-        "outcome": outcome(agent, active, finished, live),
+        "outcome": outcome(agent, active, finished, live, launched=bool(instances)),
         "instances": [{
             "id": i["InstanceId"], "type": i["InstanceType"],
             "az": i.get("Placement", {}).get("AvailabilityZone"), "state": i["State"]["Name"],
@@ -138,16 +138,20 @@ def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
     }
 
 
-def outcome(agent: dict[str, Any], active: list, finished: list, live: list) -> str | None:
+def outcome(agent: dict[str, Any], active: list, finished: list, live: list,
+            launched: bool = False) -> str | None:
     """done | failed | cancelled once nothing more will happen to the job, else None.
 
-    Cancelled: the job's capacity is all finished (by `spotrun cancel` or by hand) and no
-    instance runs, without a completion or failure record."""
+    Cancelled: no capacity is active and no instance runs, without a completion or failure
+    record, after the job was launched: its capacity is listed as finished, or it is gone
+    while the job's (terminated) instances remain. A deleted Auto Scaling group vanishes at
+    once (on AWS too) and moto forgets a cancelled Spot Fleet request: only their instances
+    are left to show the job ever ran. Nothing launched at all is still "not yet"."""
     if agent["completed"] or agent["phase"] == "done":
         return "done"
     if agent["failure"] or agent["phase"] == "failed":
         return "failed"
-    if finished and not active and not live:
+    if (finished or launched) and not active and not live:
         return "cancelled"
     return None
 
