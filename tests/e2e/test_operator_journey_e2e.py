@@ -147,6 +147,17 @@ def test_init_launch_interrupt_watch_until_done(journey):
     # Every step of the persisted lineage ran exactly once, across the interruption.
     assert completion["metrics"]["sum"] == STEPS * (STEPS + 1) // 2, completion
 
+    # -- the doc's last steps: cancel (twice: nothing is left to cancel), then teardown ------
+    for _ in range(2):
+        cancel = spotrun("cancel", cwd=work, env=env)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    teardown = spotrun("teardown", "--yes", cwd=work, env=env)
+    assert teardown.returncode == 0, teardown.stdout + teardown.stderr
+    left = _job_resources(env, "journey")
+    # What init and launch made is gone; the volume (and its data) stays unless asked.
+    assert left == {"templates": [], "roles": [], "profiles": [], "leases": [],
+                    "volumes": [volume_id]}, left
+
 
 def training(work: Path, env: dict) -> dict | None:
     """`spotrun status` once the agent reports training, before the middle of the job."""
@@ -203,3 +214,27 @@ def _ec2(env: dict):
 
     return boto3.client("ec2", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
                         aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _job_resources(env: dict, job_id: str) -> dict[str, list]:
+    import boto3
+
+    def client(service):
+        return boto3.client(service, endpoint_url=env["AWS_ENDPOINT_URL"],
+                            region_name=env["AWS_DEFAULT_REGION"],
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec2, iam, dynamodb = client("ec2"), client("iam"), client("dynamodb")
+    name = f"spotrun-{job_id}"
+    leases = [item for table in dynamodb.list_tables()["TableNames"]
+              for item in dynamodb.scan(TableName=table)["Items"]
+              if job_id in json.dumps(item)]
+    return {
+        "templates": [t["LaunchTemplateName"] for t in ec2.describe_launch_templates()[
+            "LaunchTemplates"] if t["LaunchTemplateName"] == name],
+        "roles": [r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"] == name],
+        "profiles": [p["InstanceProfileName"] for p in iam.list_instance_profiles()[
+            "InstanceProfiles"] if p["InstanceProfileName"] == name],
+        "leases": leases,
+        "volumes": [v["VolumeId"] for v in ec2.describe_volumes(
+            Filters=tags.job_filters(job_id))["Volumes"]],
+    }
