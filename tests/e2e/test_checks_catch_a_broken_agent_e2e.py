@@ -15,7 +15,8 @@ scenario, must give no sentence at all.
 - inv5 only success cancels: a trainer stopped from outside (exit 75) is taken as finished,
   the fleet cancelled with no completion record on the image;
 - inv2 copy before delete: in a cross-AZ migration the old volume is deleted as soon as its
-  copy exists, before the copy is attached and verified;
+  copy exists, before the copy is attached and verified; or the copy is emptied and called
+  verified, which only the copy's image, read when the delete arrives, shows;
 - inv6 only the job's own resources: the agent also tags a volume of another job;
 - inv1, a second instance next to the live holder: it takes the job's lease from the holder
   (named by the lease check), or skips the lease and copies and attaches the holder's volume
@@ -34,6 +35,7 @@ from types import SimpleNamespace
 import pytest
 
 from spotrun import soakcheck, soakledger
+from spotrun.soakdeletes import DeleteWitness
 from spotrun import tags as T
 from spotrun.localcloud.ledger import performed
 from tests.helpers.rehearsals import CloudWithEnv, PerBootEnvRehearsal
@@ -119,11 +121,13 @@ def _settled_volumes(r) -> list[dict]:
     return wait_until(settled, 60, "the job's volumes detached", interval=0.05)
 
 
-def _witness(r) -> tuple[list[str], dict | None, str | None]:
-    """Invariants 2, 5 and 6 as the soak judges a job: its ledger and its final image."""
+def _witness(r, deletes: DeleteWitness | None = None) -> tuple[list[str], dict | None, str | None]:
+    """Invariants 2, 5 and 6 as the soak judges a job: its ledger and its final image (and,
+    with ``deletes``, the images as they were when each DeleteVolume arrived)."""
     wait_until(r._fleet_cancelled, 120, "the fleet cancel", interval=0.05)
     job = SimpleNamespace(cloud=r.cloud, boots=r.boots, fleet=r.fleet, plan=r.plan,
-                          ledger_records=r.cloud.ledger, cancelled_by_soak=False)
+                          ledger_records=r.cloud.ledger, cancelled_by_soak=False,
+                          delete_witness=deletes)
     return soakcheck.witness_violations(job, _settled_volumes(r))
 
 
@@ -204,6 +208,37 @@ def test_inv2_deleting_the_old_volume_before_its_copy_is_verified_is_named(rehea
     if broken:
         _named(found, "inv2 copy before delete")
         assert source in found[0] and "not attached" in found[0], found
+    else:
+        assert found == []
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_inv2_deleting_the_old_volume_while_no_copy_holds_its_checkpoint_is_named(rehearsal,
+                                                                                  broken):
+    # The ledger alone sees a correct migration here (copy attached, tagged verified, then the
+    # delete): only the copy's image, read by the cloud when the delete arrives, tells.
+    name = "inv2-verify-an-empty-copy"
+    r = rehearsal({1: name} if broken else {}, az_policy="round-robin")
+    deletes = DeleteWitness(r.cloud).install()
+    first = _boot(r, 0)
+    iid = first["instance_id"]
+    _await_step(r, iid, 20)
+    [source] = [v["VolumeId"] for v in _job_volumes(r)]
+    r.cloud.interrupt(iid, "terminate", in_seconds=NOTICE_S)
+    r.await_agent_event(iid, "phase_changed", phase="released")
+    r.cloud.terminate(iid)
+    second = _boot(r, 1)
+    assert second["az"] != first["az"], (first["az"], second["az"])
+    if broken:
+        _installed(second, name)
+
+    found, completion, _ = _witness(r, deletes)
+    # The delete was witnessed with the source's checkpoint on its image (else nothing shown).
+    assert deletes.seen.get(source, {}).get(source) is not None, deletes.seen
+    assert completion is not None
+    if broken:
+        _named(found, "inv2 copy before delete")
+        assert source in found[0] and "no copy's image held" in found[0], found
     else:
         assert found == []
 

@@ -59,6 +59,30 @@ def _delete_source_early() -> None:
     migration.migrate_here = broken_migrate_here
 
 
+def _verify_an_empty_copy() -> None:
+    """inv2 by the bytes: in a cross-AZ migration the agent empties the copy's checkpoint
+    directory and calls the copy verified anyway (no check of its latest checkpoint), so the
+    old volume is deleted while no copy holds its data. Every tag and call is as a correct
+    agent's: only the copy's image tells."""
+    import shutil
+
+    from spotrun import volumes
+
+    verify = volumes.verify_volume
+
+    def broken_verify(config, volume_id, generation, *, migrated, marker_expected):
+        if not migrated:
+            return verify(config, volume_id, generation, migrated=migrated,
+                          marker_expected=marker_expected)
+        checkpoints = config.mount_point / config.volume.checkpoints_dir
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoints.mkdir()
+        os.sync()
+        return None
+
+    volumes.verify_volume = broken_verify
+
+
 def _tag_decoy() -> None:
     """inv6: each time the agent records its tags on the job's volume, it also tags the volume
     named by SPOTRUN_TEST_DECOY, which is not the job's."""
@@ -114,6 +138,7 @@ BREAKS = {
     "inv5-stopped-is-finished": _stopped_is_finished,
     "inv5-stopped-is-finished-with-record": _stopped_is_finished_with_record,
     "inv2-delete-source-early": _delete_source_early,
+    "inv2-verify-an-empty-copy": _verify_an_empty_copy,
     "inv6-tag-decoy": _tag_decoy,
     "inv1-take-over-lease": _take_over_lease,
     "inv1-skip-lease": _skip_lease,
