@@ -37,7 +37,7 @@ mkdir -p "$src"
 cp -a "$repo/agent" "$repo/trainer" "$repo/systemd" "$repo/setup.cfg" "$repo/README.md" "$src/"
 mkdir -p "$src/packaging"
 cp -a "$repo/packaging/bin" "$repo/packaging/libexec" "$repo/packaging/agent.toml" \
-      "$repo/packaging/spotrun.1" "$src/packaging/"
+      "$repo/packaging/spotrun.1" "$repo/packaging/exclude.txt" "$src/packaging/"
 cp -a "$repo/packaging/debian" "$src/debian"
 find "$src" \( -name __pycache__ -o -name '*.pyc' -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 

@@ -196,3 +196,40 @@ def test_hardening_exposure_stays_at_the_measured_level(installed):
     print(f"systemd-analyze security {UNIT}: {exposure}")
     # 9.6 without the hardening block, 5.2 with it (docs/packaging.md).
     assert exposure <= 5.5, out
+
+
+def _expected_modules() -> set[str]:
+    """The work tree's agent and trainer library less packaging/exclude.txt, as debian/rules
+    copies them (paths relative to /usr/lib/spotrun)."""
+    repo = Path(__file__).resolve().parents[2]
+    sources = {"spotrun": repo / "agent", "spotrun_trainer": repo / "trainer"}
+    left_out = set()
+    for line in (repo / "packaging/exclude.txt").read_text().splitlines():
+        pattern = line.split("#", 1)[0].strip()
+        if pattern:
+            for match in sources[pattern.split("/", 1)[0]].glob(pattern):
+                left_out |= set(match.rglob("*.py")) if match.is_dir() else {match}
+    return {str(path.relative_to(root)) for top, root in sources.items()
+            for path in (root / top).rglob("*.py") if path not in left_out}
+
+
+def test_installs_the_agent_and_the_trainer_library_only(installed):
+    container, _ = installed
+    lib = container.path("/usr/lib/spotrun")
+    installed_modules = {str(path.relative_to(lib)) for top in ("spotrun", "spotrun_trainer")
+                         for path in (lib / top).rglob("*.py")}
+    assert installed_modules == _expected_modules()
+    for gone in ("spotrun/localcloud", "spotrun/operator", "spotrun/soak.py",
+                 "spotrun/soak_trainer.py", "spotrun/rehearsal.py"):
+        assert not (lib / gone).exists(), gone
+    assert (lib / "spotrun/agentcmd.py").is_file() and (lib / "spotrun_trainer/store.py").is_file()
+    # --help lists what is installed: the agent's command alone.
+    help_text = container.run(["spotrun", "--help"]).stdout
+    commands = help_text.split("  COMMAND\n", 1)[1].split("\n\n", 1)[0]
+    assert [line.split()[0] for line in commands.splitlines()
+            if line.startswith("    ") and not line.startswith("     ")] == ["agent"], help_text
+    # A left-out command says so in one line (exit 2), not a traceback.
+    soak = container.run(["spotrun", "soak"], check=False)
+    assert soak.returncode == 2, soak
+    [line] = soak.stderr.splitlines()
+    assert line.startswith("spotrun: 'soak' is not installed here"), soak.stderr
