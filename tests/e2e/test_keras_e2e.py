@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from spotrun.rehearsal import DEMO_TRAIN_PY, Rehearsal, RehearsalPlan, commit_repository
+from tests.helpers.testkit import trainer_log_events
 
 pytestmark = [pytest.mark.loopdev, pytest.mark.slow]
 PYTHON = sys.executable
@@ -66,24 +67,6 @@ weights = np.concatenate([keras.ops.convert_to_numpy(w).ravel() for w in model.w
 spot.write_final_metrics({"global_step": spot.global_step,
                           "weights_l1": float(np.abs(weights.astype("float64")).sum())})
 '''
-
-
-def _trainer_events(inst) -> list[dict]:
-    """The library's ``<prio>{json}`` lines in the agent's trainer.log."""
-    out = []
-    try:
-        text = (inst.state_dir / "trainer.log").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        body = line.split(">", 1)[1] if line.startswith("<") and ">{" in line else line
-        try:
-            item = json.loads(body)
-        except ValueError:
-            continue
-        if isinstance(item, dict) and "event" in item:
-            out.append(item)
-    return out
 
 
 def _repo(path: Path) -> str:
@@ -143,7 +126,7 @@ def test_a_callbacks_list_script_stopped_from_outside_resumes_at_the_step_and_co
     r._await("the trainer restarted in place", restarted, deadline)
     done = r.await_agent_event(iid, "completion_recorded", timeout=240)
     r._await("the fleet cancel", r._fleet_cancelled, deadline)
-    events = _trainer_events(inst)
+    events = trainer_log_events(inst)
     [stopped] = [e for e in events if e["event"] == "training_stopped_for_interruption"]
     [resumed] = [e for e in events if e["event"] == "training_resumed"]
     assert stopped["exit_status"] == 75 and stopped["global_step"] >= 40

@@ -19,6 +19,7 @@ import pytest
 from spotrun import soakwitness
 from spotrun import tags as T
 from spotrun.rehearsal_volume import VolumeImage
+from tests.helpers.testkit import trainer_log_events
 
 pytestmark = [pytest.mark.loopdev]
 CANCEL = "CancelSpotFleetRequests"  # the rehearsal's fleets are Spot Fleets
@@ -100,23 +101,6 @@ def _first_instance(r):
     return r.boots[0]["instance_id"]
 
 
-def _trainer_lines(inst) -> list[dict]:
-    """The counting trainer's own JSON lines (its output goes to the agent's trainer.log)."""
-    out = []
-    try:
-        text = (inst.state_dir / "trainer.log").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(item, dict) and "event" in item:
-            out.append(item)
-    return out
-
-
 def _await_second_trainer(r, inst) -> list[dict]:
     """The trainer_start lines once a second trainer started; fails at once if the fleet is
     cancelled first (the job taken as complete)."""
@@ -124,7 +108,7 @@ def _await_second_trainer(r, inst) -> list[dict]:
         if r._fleet_cancelled():
             raise AssertionError(f"the fleet was cancelled before a trainer was restarted; "
                                  f"volume tags {_volume_tags(r)}")
-        starts = [e for e in _trainer_lines(inst) if e["event"] == "trainer_start"]
+        starts = [e for e in trainer_log_events(inst) if e["event"] == "trainer_start"]
         return starts if len(starts) >= 2 else None
 
     return r._await("a second trainer", second, time.monotonic() + 60)
@@ -171,7 +155,7 @@ def test_an_outside_sigterm_to_the_trainer_resumes_and_never_completes_early(reh
     tags = _volume_tags(r)
     assert T.COMPLETED not in tags and tags[T.PHASE] == "training", tags
     assert not (inst.mount_point / ".spotrun-completed.json").exists()
-    lines = _trainer_lines(inst)
+    lines = trainer_log_events(inst)
     [stopped] = [e for e in lines if e["event"] == "trainer_preempted"]
     starts = [e for e in lines if e["event"] == "trainer_start"]
     assert stopped["step"] >= 35
@@ -197,7 +181,7 @@ def test_the_shutdown_race_drains_and_the_next_boot_resumes(rehearsal):
     assert _cancels(r) == [] and not r._fleet_cancelled() and r.at_cancel == []
     tags = _volume_tags(r)
     assert T.COMPLETED not in tags and tags[T.PHASE] == "released", tags
-    [stopped] = [e for e in _trainer_lines(inst) if e["event"] == "trainer_preempted"]
+    [stopped] = [e for e in trainer_log_events(inst) if e["event"] == "trainer_preempted"]
 
     r.boot(r.cloud, inst)  # the unit is enabled: the next boot starts the agent again
     starts = _await_second_trainer(r, inst)

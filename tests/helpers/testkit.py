@@ -5,6 +5,7 @@ metadata emulator's instance, optionally with reads of some paths held until the
 from __future__ import annotations
 
 import collections
+import json
 import threading
 from typing import Callable, TypeVar
 
@@ -91,3 +92,23 @@ class HoldingMetadataServer(MetadataServer):
         if match:
             self.held.hold((match.group(2) or "").strip("/"))
         return super().resolve(path)
+
+
+def trainer_log_events(inst) -> list[dict]:
+    """The trainer's own JSON lines with an ``event`` in an instance's trainer.log (where the
+    agent sends the trainer's output), the journal priority prefix ``<N>`` dropped."""
+    try:
+        text = (inst.state_dir / "trainer.log").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        body = line.split(">", 1)[1] if line.startswith("<") and ">{" in line else line
+        try:
+            item = json.loads(body)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and "event" in item:
+            out.append(item)
+    return out
+
