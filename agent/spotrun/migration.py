@@ -232,7 +232,8 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
     existing = fresh_snapshot(ec2, job_id, volume,
                               settle_s=min(window_s, snapshots.OPTIONAL_SETTLE_S))
     if existing is None and not optional:
-        # The drain (optional) wrote the intent itself a moment ago: only a later agent waits.
+        # An earlier holder's snapshot that it began and did not record. Not in a drain
+        # (optional): its two minutes are worth more than a duplicate, which is pruned.
         existing = snapshots.await_begun(
             volume, mounts(volume), window_s, guard=guard,
             listed=lambda: next((s for s in with_token()
@@ -244,9 +245,16 @@ def start_snapshot(ec2, ec2_once, job_id: str, volume: dict, role: str, *,
     params = {"VolumeId": volume["VolumeId"], "Description": tags[T.NAME][:255],
               "TagSpecifications": [{"ResourceType": "snapshot", "Tags": T.as_list(tags)}]}
 
+    stated: list[bool] = []
+
+    def state_intent() -> None:
+        if not stated:  # once: a retried create is the same snapshot
+            snapshots.record_intent(ec2, volume["VolumeId"], mounts(volume), guard=guard)
+            stated.append(True)
+
     snapshot = snapshots.create_exactly_once(
         ec2_once, what=f"snapshot of {volume['VolumeId']}", params=params, with_token=with_token,
-        window_s=window_s, optional=optional, guard=guard)
+        window_s=window_s, optional=optional, guard=guard, before_create=state_intent)
     if snapshot is None:
         return None
     log.info("snapshot_started", snapshot_id=snapshot["SnapshotId"], volume_id=volume["VolumeId"],

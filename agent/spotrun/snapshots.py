@@ -33,13 +33,16 @@ log = get_logger("migration")
 
 def create_exactly_once(ec2_once, *, what: str, params: dict,
                         with_token: Callable[[], list[dict]], window_s: float,
-                        optional: bool, guard: Callable[[], None]) -> dict | None:
+                        optional: bool, guard: Callable[[], None],
+                        before_create: Callable[[], None] = lambda: None) -> dict | None:
     """The snapshot carrying the create token in ``params``' tags, made if there is none.
 
     ``with_token()`` lists the snapshots carrying that token. None only when ``optional`` and
-    a create that may have been performed did not show up within the settle time."""
+    a create that may have been performed did not show up within the settle time.
+    ``before_create()`` runs right before each CreateSnapshot (the intent on the volume)."""
     def create() -> dict:
         guard()
+        before_create()
         return ec2_once.create_snapshot(**params)
 
     def find() -> dict | None:
@@ -134,18 +137,36 @@ def recorded(ec2, volume: dict, mounts: int, *, settle_s: float,
 
 
 # -- a snapshot begun and never recorded ----------------------------------------------------
-# A drain cut short between CreateSnapshot and the record above (the instance terminated as
-# the notice ran out, or the create answered 5xx and the drain went on without it) leaves a
-# snapshot nobody recorded, which EC2 may leave out of filtered lists for a while: the next
-# agent would make a second one (seen in the long soak). So the drain states its intent on the
-# volume in the CreateTags that marks the clean unmount (no extra call), and a replacement that
-# finds the intent and no record looks for the snapshot by its token until the consistency
-# window since the intent has passed, before it makes its own.
+# An agent cut short between CreateSnapshot and the record above (a drain terminated as the
+# notice ran out, or whose create answered 5xx and which went on without it) leaves a snapshot
+# nobody recorded, which EC2 may leave out of filtered lists for a while: the next agent would
+# make a second one (long soak, seed 7, job 85). So the intent goes on the volume right before
+# the CreateSnapshot (one CreateTags), and a later agent that finds the intent and no record
+# looks for the snapshot by its token until the consistency window since the intent has passed,
+# before it makes its own. Right before, not earlier: an intent stated before the drain's
+# lookups made a replacement wait out the whole window for a drain killed before it created
+# anything (long soak, seed 7, job 56: 110 s).
 SNAPSHOT_INTENT = "spotrun:snapshot-intent"
 
 
 def intent_tags(mounts: int, *, now: Callable[[], float] = time.time) -> dict[str, str]:
     return {SNAPSHOT_INTENT: f"{mounts}/{int(now())}"}
+
+
+def record_intent(ec2, volume_id: str, mounts: int, *, guard: Callable[[], None]) -> None:
+    """Best effort, like the record: without it a later agent may make a duplicate (pruned)."""
+    tags = intent_tags(mounts)
+    try:
+        guard()
+        ec2mod.call_retrying(f"stating a snapshot of {volume_id}", lambda: ec2.create_tags(
+            Resources=[volume_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]),
+            deadline_s=OPTIONAL_SETTLE_S,
+            settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
+    except Exception as exc:  # noqa: BLE001 - an optimisation; the snapshot is made either way
+        if ec2mod.is_transient(exc) or isinstance(exc, TimeoutError):
+            log.warning("snapshot_intent_failed", volume_id=volume_id, error=str(exc)[:200])
+        else:
+            raise
 
 
 def unlisted_for_s(volume: dict, mounts: int, window_s: float, *,

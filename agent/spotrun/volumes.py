@@ -24,7 +24,6 @@ from spotrun import attach, blockdev
 from spotrun import ec2 as ec2mod
 from spotrun import lease as leasemod
 from spotrun import migration as M
-from spotrun import snapshots
 from spotrun import tags as T
 from spotrun.config import Config
 from spotrun.crashpoints import crashpoint, pausepoint
@@ -368,8 +367,7 @@ class VolumeManager:
             final = {(k if ":" in k else T.PREFIX + k): str(v)
                      for k, v in (final_tags or {}).items()}
             if unmounted_now or M.tags_of(volume).get(M.MOUNT_STATE) == M.CLEAN:
-                intent = snapshots.intent_tags(M.mounts(volume)) if take_snapshot else {}
-                self._tag(volume_id, {M.MOUNT_STATE: M.CLEAN, **final, **intent})
+                self._tag(volume_id, {M.MOUNT_STATE: M.CLEAN, **final})
                 if take_snapshot:
                     M.start_snapshot(self.ec2, self.ec2_once, self.config.job.id,
                                      self._refresh(volume_id), M.ROLE_DRAIN_SNAPSHOT,

@@ -78,6 +78,12 @@ def test_a_drain_snapshot_begun_and_never_recorded_is_awaited_not_made_again(wor
     # still unlisted (else this proves nothing); then it waited for it and made none.
     assert made[0]["instance"] == drainer.instance_id
     assert not any(snapshots.FRESH_SNAPSHOT in r["tags"] for r in recorded)
+    # The intent was stated right before the create, not earlier (job 56: a drain killed
+    # between an earlier intent and its create made the replacement wait out the window).
+    drainers = [r for r in ledger if r["instance"] == drainer.instance_id]
+    at = drainers.index(made[0])
+    assert snapshots.SNAPSHOT_INTENT in drainers[at - 1]["tags"], drainers[at - 3:at + 1]
+    assert drainers[at - 1]["action"] == "CreateTags"
     assert looked["t"] - made[0]["t"] < WINDOW_S
     assert [r["instance"] for r in made] == [drainer.instance_id]
     assert (replacement.mount_point / "datasets" / "data.txt").read_text() == "from a"
