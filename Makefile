@@ -52,8 +52,9 @@ test-fast: deps
 # The full rehearsal on the local spot cloud (train → notice → drain → migrate → resume → done).
 # Fails (exit 1, naming why) unless demo-out/report.txt shows a mid-training interruption that
 # the replacement resumed; a rerun removes the previous run's state in demo-out first.
+# The demo asks for its notice itself: rehearse sends none that is not asked for.
 demo: deps
-	$(VENV)/bin/spotrun rehearse --out demo-out
+	$(VENV)/bin/spotrun rehearse --out demo-out --interrupt-at-step 40
 
 # First the quick run of every figure (is it all wired up? ~2 min), then the real one.
 bench: deps

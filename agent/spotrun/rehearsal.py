@@ -14,8 +14,6 @@ script's interruption handling (`--repository`, `--command`) before paying for G
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,37 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotrun import tags as T
-from spotrun.errors import SpotrunError, UsageError
+from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
+# The set-up helpers live in rehearsal_setup; these names stay importable from here.
+from spotrun.rehearsal_setup import (DEMO_TRAIN_PY, _check_reachable,  # noqa: F401
+                                     commit_repository, ensure_lease_table, make_demo_repository)
 from spotrun.rehearsal_report import (InterruptionRecord, MissedInterruption, TimelineEntry,
-                                      build_report, read_events)
+                                      build_report, read_events, wall_time)
 from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
 from spotrun.waiting import wait_until
 
 log = get_logger("rehearsal")
-
-DEMO_TRAIN_PY = '''\
-"""Rehearsal training code: spotrun's reference trainer (tiny model) on a small synthetic
-CIFAR10-format data set, generated onto the volume on first run (labelled as synthetic).
-DEMO_STEP_S paces it (a sleep per step, the numbers unchanged): the tiny model trains a step in
-milliseconds, and the notice must land mid-training, not after the last step."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-data = Path(os.environ["SPOTRUN_DATA_DIR"])
-if not (data / "cifar-10-batches-py" / "test_batch").exists():
-    subprocess.run([sys.executable, "-m", "spotrun_trainer.datasets", "synth", "--dest", str(data),
-                    "--train", os.environ.get("DEMO_TRAIN", "2048"),
-                    "--test", os.environ.get("DEMO_TEST", "512"), "--seed", "7"], check=True)
-args = [sys.executable, "-m", "spotrun_trainer.resnet_cifar", "--model", "tiny",
-        "--epochs", os.environ.get("DEMO_EPOCHS", "3"),
-        "--batch-size", os.environ.get("DEMO_BATCH", "32"),
-        "--step-seconds", os.environ.get("DEMO_STEP_S", "0.05")] + sys.argv[1:]
-os.execv(sys.executable, args)  # the trainer takes this process's place: signals reach it
-'''
-
 
 @dataclass
 class RehearsalPlan:
@@ -66,6 +44,13 @@ class RehearsalPlan:
     trainer_env: dict[str, str] = field(default_factory=dict)
     trainer_user: str = "nobody"  # "" = nobody where it can reach the work, else root (said so)
     interrupt_at_steps: list[int] = field(default_factory=lambda: [40])
+    # Notices by time, for scripts with no progress file: seconds since the trainer started on
+    # the instance then training (after the step ones; one instance each, in order).
+    interrupt_after_s: list[float] = field(default_factory=list)
+    trainer_path_prepend: list[str] = field(default_factory=list)  # trainer.path_prepend
+    # An asked-for notice that training outran: a failure (the demo, which must show a resume)
+    # or a note in a report that still passes (a user's own script, which did finish).
+    missed_is_failure: bool = True
     notice_s: float = 20.0  # the two-minute notice, scaled down so the demo is quick
     az_policy: str = "round-robin"
     timeout_s: float = 900.0
@@ -75,47 +60,6 @@ class RehearsalPlan:
     lease_table: str = "spotrun-leases"
     # Extra agent config per section (e.g. {"trainer": {"max_restarts": 1}}), over the defaults here.
     agent_config: dict = field(default_factory=dict)
-
-
-def commit_repository(path: Path, files: dict[str, str | Path], message: str) -> str:
-    """A one-commit git repository (branch main) at ``path`` holding ``files`` (name -> text,
-    or a file to copy); returns its file:// URL, as the agent's `code.repository` takes it."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        target = path / name
-        if isinstance(content, Path):
-            shutil.copy(content, target)
-        else:
-            target.write_text(content)
-    git = ["git", "-c", "user.name=spotrun", "-c", "user.email=spotrun@localhost", "-C", str(path)]
-    if not (path / ".git").exists():
-        subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    subprocess.run(git + ["add", "."], check=True)
-    # A repository made by an earlier run with the same files has nothing new to commit.
-    unchanged = subprocess.run(git + ["diff", "--cached", "--quiet"]).returncode == 0
-    has_head = subprocess.run(git + ["rev-parse", "-q", "--verify", "HEAD"],
-                              capture_output=True).returncode == 0
-    if not (unchanged and has_head):
-        subprocess.run(git + ["commit", "-q", "-m", message], check=True)
-    return f"file://{path.resolve()}"  # the agent clones from its own directory
-
-
-def ensure_lease_table(cloud, name: str) -> None:
-    """The job's lease table on the local cloud, as `spotrun init` creates it on AWS."""
-    from botocore.exceptions import ClientError
-
-    from spotrun import lease
-
-    try:
-        cloud.client("dynamodb", faults=False).create_table(**lease.table_definition(name))
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
-            raise
-
-
-def make_demo_repository(path: Path) -> str:
-    """A git repository holding the rehearsal's training code; returns its file:// URL."""
-    return commit_repository(path, {"train.py": DEMO_TRAIN_PY}, "rehearsal training code")
 
 
 class Rehearsal:
@@ -128,6 +72,8 @@ class Rehearsal:
         self.fleet = None
         self.interruptions: list[InterruptionRecord] = []
         self.missed: list[MissedInterruption] = []
+        self.missed_after: list[tuple[float, str]] = []  # (seconds, why), the time-based ones
+        self.partial_report: dict | None = None  # what a failed run had shown so far
         self.timeline: list[TimelineEntry] = []
         self.final_volume: dict | None = None
         self.final_volume_error: str | None = None
@@ -153,7 +99,9 @@ class Rehearsal:
         plan = self.plan
         return {"job": {"id": plan.job_id},
                 "code": {"repository": plan.repository, "ref": plan.ref},
-                "trainer": {"command": list(plan.command), "env": dict(plan.trainer_env)}}
+                "trainer": {"command": list(plan.command), "env": dict(plan.trainer_env),
+                            **({"path_prepend": list(plan.trainer_path_prepend)}
+                               if plan.trainer_path_prepend else {})}}
 
     def boot(self, cloud, inst) -> subprocess.Popen:
         """What the AMI does at boot: systemd starts `spotrun agent run` (here, a process)."""
@@ -175,6 +123,8 @@ class Rehearsal:
 
         self.out.mkdir(parents=True, exist_ok=True)
         needed = [self.out, Path(sys.executable).parent]
+        if self.plan.command and Path(self.plan.command[0]).is_absolute():
+            needed.append(Path(self.plan.command[0]).parent)  # --python elsewhere
         if not self.plan.trainer_user:
             try:
                 _check_reachable("nobody", needed)
@@ -206,7 +156,18 @@ class Rehearsal:
 
     def stop(self) -> None:
         if self.cloud is not None and self._own_cloud:
+            self._save_cloud_events()
             self.cloud.stop()
+
+    def _save_cloud_events(self) -> None:
+        """The cloud's own record (notices posted, instances terminated) beside the report:
+        evidence the agent cannot write, kept after the cloud is gone."""
+        try:
+            with open(self.cloud.root / "cloud-events.jsonl", "w") as fh:
+                for event in list(self.cloud.events):
+                    fh.write(json.dumps(event, default=str) + "\n")
+        except OSError as exc:
+            log.warning("cloud_events_not_saved", error=str(exc))
 
     # -- watching -------------------------------------------------------------------------
 
@@ -231,25 +192,77 @@ class Rehearsal:
     def run(self) -> dict:
         plan = self.plan
         deadline = time.monotonic() + plan.timeout_s
-        self.start()
         try:
-            for target in plan.interrupt_at_steps:
-                found = self._await(f"training step {target}", lambda: self._at_step(target), deadline)
+            self.start()
+            targets = ([("step", s) for s in plan.interrupt_at_steps]
+                       + [("after", s) for s in plan.interrupt_after_s])
+            for index, (kind, target) in enumerate(targets):
+                if kind == "step":
+                    found = self._await(f"training step {target}",
+                                        lambda: self._at_step(target), deadline)
+                else:
+                    found = self._await(f"{target:g} s of training",
+                                        lambda: self._after(target), deadline, interval=0.25)
                 if found == "cancelled":
-                    self.missed.append(MissedInterruption(
-                        target, "training finished (the fleet was cancelled) before the trainer "
-                                "reached it: choose a step before the end"))
-                    self.say(f"no notice sent for step {target}: training finished first")
+                    self._missed(targets[index:])
                     break
                 self._interrupt(*found, deadline)
-            self.say("training resumes on the replacement; waiting for completion")
+            if self.interruptions:
+                self.say("training resumes on the replacement; waiting for completion")
             self._await("the fleet to be cancelled", lambda: self._fleet_cancelled(), deadline)
             self.timeline.append(TimelineEntry(time.time(), "rehearsal", "the fleet is cancelled"))
             self.say("training complete: the agent recorded it on the volume and cancelled the fleet")
             self._read_final_volume(deadline)
             return self.report()
+        except Exception:
+            if self.cloud is not None and self.fleet is not None:
+                try:
+                    self.partial_report = self.report()
+                except Exception as exc:  # the report is a courtesy here: the first error counts
+                    log.warning("partial_report_failed", error=str(exc))
+            raise
         finally:
             self.stop()
+
+    def _missed(self, targets: list) -> None:
+        """Training finished (the agent cancelled the fleet) before these notices could land."""
+        for kind, target in targets:
+            if kind == "step":
+                self.missed.append(MissedInterruption(
+                    target, "training finished (the fleet was cancelled) before the trainer "
+                            "reached it: choose a step before the end"))
+                self.say(f"no notice sent for step {target}: training finished first")
+            else:
+                self.missed_after.append((target, "training finished (the fleet was cancelled) "
+                                                  "before it: choose a shorter time"))
+                self.say(f"no notice sent {target:g} s after the trainer started: "
+                         "training finished first")
+
+    def _after(self, seconds: float):
+        """(instance, step) once the current instance's trainer has run ``seconds``;
+        "cancelled" once the fleet is gone."""
+        if self._fleet_cancelled():
+            return "cancelled"
+        inst = self.current_instance()
+        if inst is None or self._already_interrupted(inst):
+            return None
+        started = self._trainer_started_wall(inst.instance_id)
+        if started is None or time.time() - started < seconds:
+            return None
+        step = self.progress_of(inst).get("global_step")
+        # A script with no progress file (or none yet) has no step to show: 0 keeps the
+        # report's "notice before the checkpoint" comparison meaningful.
+        return inst, step if isinstance(step, int) else 0
+
+    def _trainer_started_wall(self, instance_id: str) -> float | None:
+        for event in self._agent_events(instance_id):
+            if event.get("event") == "phase_changed" and event.get("phase") == "training":
+                return wall_time(event.get("ts"))
+        return None
+
+    def _already_interrupted(self, inst) -> bool:
+        # The drained instance stays a fleet member until its notice's time is up.
+        return any(r.instance_id == inst.instance_id for r in self.interruptions)
 
     def _at_step(self, target: int):
         """(instance, step) once the current instance's trainer reports ``target``; "cancelled"
@@ -257,7 +270,7 @@ class Rehearsal:
         if self._fleet_cancelled():
             return "cancelled"
         inst = self.current_instance()
-        if inst is None:
+        if inst is None or self._already_interrupted(inst):
             return None
         step = self.progress_of(inst).get("global_step")
         return (inst, step) if isinstance(step, int) and step >= target else None
@@ -337,27 +350,19 @@ class Rehearsal:
     # -- the report -----------------------------------------------------------------------
 
     def report(self) -> dict:
-        return build_report(self)
-
-
-def _check_reachable(user: str, paths: list[Path]) -> None:
-    """The trainer runs as ``user``: it must be able to traverse to the work and interpreter."""
-    import pwd
-    import stat
-
-    if user == "root" or os.geteuid() != 0:
-        return
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        raise UsageError(f"--trainer-user: no such user {user!r}") from None
-    for path in paths:
-        for directory in [path, *path.parents]:
-            if directory != Path("/") and not directory.stat().st_mode & stat.S_IXOTH:
-                raise UsageError(
-                    f"the trainer runs as {user!r}, who cannot enter {directory} (mode "
-                    f"{stat.filemode(directory.stat().st_mode)}): choose --out elsewhere, "
-                    f"allow it (chmod o+x {directory}), or use --trainer-user root")
+        report = build_report(self)
+        report["missed_interruptions_after_s"] = [{"after_s": s, "reason": why}
+                                                  for s, why in self.missed_after]
+        missed = ([f"no interruption landed at step {m.target_step}: {m.reason}" for m in self.missed]
+                  + [f"no interruption landed {s:g} s after the trainer started: {why}"
+                     for s, why in self.missed_after])
+        report["notes"] = []
+        if self.plan.missed_is_failure:
+            report["failures"] += missed[len(self.missed):]  # the step ones are there already
+        else:
+            report["failures"] = [f for f in report["failures"] if f not in missed]
+            report["notes"] = [f"{m} (not needed: the job finished without it)" for m in missed]
+        return report
 
 
 def register(subparsers) -> None:

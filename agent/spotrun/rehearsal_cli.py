@@ -1,12 +1,17 @@
 """`spotrun rehearse` (what `make demo` runs): the command line around spotrun.rehearsal.
 
 A rerun in the same --out starts clean (it says so), the report goes to report.txt and
-report.json, and the exit status is 1, with the reason, whenever the report does not show a
-real resume (see rehearsal_report.verdict).
+report.json, and the exit status is 1, with the reason, whenever the report does not show what
+was asked (see rehearsal_report.verdict): the demo (no --repository) must show a resume; a
+user's own script must finish, and a notice that training outran is a note, not a failure.
+Notices are only those asked for (the demo asks for its own). A failure prints the agent's and
+trainer's last lines and the report so far, then one line of error.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +21,9 @@ from spotrun.rehearsal_report import format_report
 
 # What a rehearsal writes under --out; a rerun removes exactly these (never the whole --out).
 RUN_STATE = ("repo", "cloud", "report.json", "report.txt", "rehearsal.log")
+# The demo (no --repository) exists to show a resume: it interrupts here unless told otherwise.
+DEMO_INTERRUPT_AT_STEP = 40
+BARE_PYTHON = ("python", "python3")
 
 
 def clear_previous_run(out: Path) -> list[str]:
@@ -52,21 +60,25 @@ def cmd_rehearse(args) -> int:
     logmod.configure(stream=open(out / "rehearsal.log", "w"))
     narrate = None if args.quiet else (lambda message: print(f"rehearse: {message}", file=sys.stderr,
                                                               flush=True))
+    demo = not args.repository
+    steps, after = args.interrupt_at_step or [], args.interrupt_after or []
+    if demo and not steps and not after:
+        steps = [DEMO_INTERRUPT_AT_STEP]
     plan = RehearsalPlan(out=Path(args.out), job_id=args.job, repository=args.repository or "",
-                         ref=args.ref, interrupt_at_steps=args.interrupt_at_step or [40],
+                         ref=args.ref, interrupt_at_steps=steps, interrupt_after_s=after,
                          notice_s=args.notice_seconds, az_policy=args.az_policy,
-                         timeout_s=args.timeout, trainer_user=args.trainer_user)
-    if args.command:
-        plan.command = args.command
+                         timeout_s=args.timeout, trainer_user=args.trainer_user,
+                         command=trainer_command(args.command, args.python),
+                         trainer_env=dict(args.env or []),
+                         trainer_path_prepend=list(args.path_prepend or []),
+                         missed_is_failure=demo)
+    rehearsal = Rehearsal(plan, narrate=narrate)
     try:
-        report = Rehearsal(plan, narrate=narrate).run()
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"rehearse: FAILED: {exc} (logs under {out})", file=sys.stderr)
+        report = rehearsal.run()
+    except Exception as exc:  # noqa: BLE001 - one line and the evidence, never only a traceback
+        _show_failure(rehearsal, out, exc)
         return 1
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    table = format_report(report)
-    (out / "report.txt").write_text(table + "\n")
-    print(table)
+    _write_report(out, report)
     if report["failures"]:
         print(f"rehearse: FAILED: {'; '.join(report['failures'])} (report: {out / 'report.txt'})",
               file=sys.stderr)
@@ -74,24 +86,110 @@ def cmd_rehearse(args) -> int:
     return 0
 
 
+def trainer_command(command: list[str] | None, python: str | None) -> list[str]:
+    """The trainer's argv: a bare `python`/`python3` first word means the interpreter running
+    spotrun (its virtualenv or conda env), or --python; the trainer's PATH may have none."""
+    interpreter = python or sys.executable
+    argv = list(command) if command else ["python", "train.py"]
+    if argv[0] in BARE_PYTHON:
+        argv[0] = interpreter
+    return argv
+
+
+def _write_report(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = format_report(report)
+    if not report["interruptions"] and not report["failures"]:
+        # format_report's OK line claims a resume; with no notice there was none to show.
+        table = table.replace("OK: interrupted mid-training, resumed on the replacement, finished.",
+                              "OK: finished without an interruption (none was asked for or needed).")
+    table += "".join(f"\nnote: {n}" for n in report.get("notes", []))
+    (out / "report.txt").write_text(table + "\n")
+    print(table)
+
+
+def _tail(path: Path, lines: int = 15) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:] or ["(empty)"]
+    except FileNotFoundError:
+        return ["(not written yet)"]
+    except OSError as exc:
+        return [f"(unreadable: {exc})"]
+
+
+def _show_failure(rehearsal: Rehearsal, out: Path, exc: Exception) -> None:
+    """The agent's and trainer's last lines, the report so far, then one line saying why."""
+    for boot in rehearsal.boots:
+        for name, key in (("agent", "log"), ("trainer", "trainer_log")):
+            print(f"--- {boot['instance_id']}: the {name}'s last lines ({boot[key]}) ---",
+                  file=sys.stderr)
+            print("\n".join(_tail(Path(boot[key]))), file=sys.stderr)
+    if rehearsal.partial_report is not None:
+        print("--- the report so far ---", file=sys.stderr)
+        _write_report(out, rehearsal.partial_report)
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"rehearse: FAILED: {type(exc).__name__}: {reason} (logs under {out})", file=sys.stderr)
+
+
+def _env_item(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: want KEY=VALUE with a non-empty KEY")
+    return key, value
+
+
+def _python(text: str) -> str:
+    if not (os.path.isfile(text) and os.access(text, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an executable file")
+    return os.path.abspath(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a number of seconds > 0")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "rehearse", help="run a whole spot job on the local spot cloud (the demo)",
         description="Train on the local spot cloud with the real agent: notices at chosen steps, "
                     "replacement in another AZ, migration, resume, completion, fleet cancelled.")
-    parser.add_argument("--out", default="demo-out", help="working directory and report location")
-    parser.add_argument("--job", default="rehearsal", help="job id")
+    parser.add_argument("--out", default="demo-out", help="working directory and report location (default: demo-out)")
+    parser.add_argument("--job", default="rehearsal", help="job id (default: rehearsal)")
     parser.add_argument("--repository", help="your training code (git URL or file://); default: "
                                              "the reference trainer on synthetic data")
-    parser.add_argument("--ref", default="main", help="git ref to run")
-    parser.add_argument("--command", nargs="+", help="trainer command (default: python train.py)")
-    parser.add_argument("--interrupt-at-step", type=int, action="append",
-                        help="send a spot notice when training reaches this global step (repeatable)")
+    parser.add_argument("--ref", default="main", help="git ref to run (default: main)")
+    parser.add_argument("--command", nargs="+",
+                        help="trainer command, run in the checked-out code (default: python "
+                             "train.py); a bare python/python3 first word is the interpreter "
+                             f"running spotrun ({sys.executable}) unless --python is given")
+    parser.add_argument("--python", type=_python, metavar="PATH",
+                        help="the interpreter a bare python/python3 in --command means "
+                             "(default: the one running spotrun)")
+    parser.add_argument("--env", type=_env_item, action="append", metavar="KEY=VALUE",
+                        help="a variable for the trainer's environment (repeatable; default: none)")
+    parser.add_argument("--path-prepend", action="append", metavar="DIR",
+                        help="a directory put first on the trainer's PATH (repeatable; default: "
+                             "none, the trainer's PATH is the agent's minimal one)")
+    parser.add_argument("--interrupt-at-step", type=int, action="append", metavar="STEP",
+                        help="send a spot notice when training reaches this global step, read "
+                             "from the progress file (repeatable; default: none with "
+                             f"--repository, step {DEMO_INTERRUPT_AT_STEP} for the demo)")
+    parser.add_argument("--interrupt-after", type=_seconds, action="append", metavar="SECONDS",
+                        help="send a spot notice this many seconds after the trainer started on "
+                             "the instance then training, for scripts with no progress file "
+                             "(repeatable, one instance each, after the --interrupt-at-step "
+                             "ones; default: none)")
     parser.add_argument("--notice-seconds", type=float, default=20.0,
-                        help="time from notice to termination (AWS: 120; scaled down by default)")
+                        help="time from notice to termination (default: 20; AWS gives 120)")
     parser.add_argument("--az-policy", default="round-robin",
-                        help="where replacements launch: random, round-robin, fixed:<az>")
-    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+                        help="where replacements launch: random, round-robin, fixed:<az> (default: round-robin)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default: 900)")
     parser.add_argument("--trainer-user", default="",
                         help="user the trainer runs as (default: nobody, or root where nobody cannot "
                              "reach the work directory or the interpreter; on AWS: trainer.user)")
