@@ -33,8 +33,12 @@ class _GitHTTP(BaseHTTPRequestHandler):
 
     def _serve(self):
         expected = "Basic " + base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
-        self.seen_cmdlines.extend(" ".join(p.info["cmdline"] or []) for p in
-                                  psutil.process_iter(["cmdline"]))
+        # Not those naming another test's server: a git of an earlier test (one given a URL
+        # with credentials inside, on purpose) can still be exiting when this one starts.
+        here = f"127.0.0.1:{self.server.server_address[1]}/"
+        self.seen_cmdlines.extend(line for line in (" ".join(p.info["cmdline"] or []) for p in
+                                                    psutil.process_iter(["cmdline"]))
+                                  if here in line or "@127.0.0.1:" not in line)
         if self.headers.get("Authorization") != expected:
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="git"')
