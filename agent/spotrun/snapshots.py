@@ -95,16 +95,21 @@ FRESH_SNAPSHOT = "spotrun:fresh-snapshot"
 def record_on_volume(ec2, volume_id: str, snapshot_id: str, mounts: int, *,
                      guard: Callable[[], None]) -> None:
     """Best effort: without the record, the next agent may make a duplicate that is pruned."""
-    tags = {FRESH_SNAPSHOT: f"{snapshot_id}/{mounts}"}
     try:
-        guard()
-        ec2mod.call_retrying(f"recording {snapshot_id} on {volume_id}", lambda: ec2.create_tags(
-            Resources=[volume_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]),
-            deadline_s=OPTIONAL_SETTLE_S,
-            settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
+        _tag_volume(ec2, volume_id, {FRESH_SNAPSHOT: f"{snapshot_id}/{mounts}"},
+                    f"recording {snapshot_id} on {volume_id}", guard=guard)
     except Exception as exc:  # noqa: BLE001 - an optimisation; the snapshot is made either way
         log.warning("snapshot_record_failed", snapshot_id=snapshot_id, volume_id=volume_id,
                     error=str(exc)[:200])
+
+
+def _tag_volume(ec2, volume_id: str, tags: dict[str, str], what: str, *,
+                guard: Callable[[], None]) -> None:
+    """One CreateTags for the record or the intent, retried for OPTIONAL_SETTLE_S at most."""
+    guard()
+    ec2mod.call_retrying(what, lambda: ec2.create_tags(
+        Resources=[volume_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]),
+        deadline_s=OPTIONAL_SETTLE_S, settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
 
 
 def recorded(ec2, volume: dict, mounts: int, *, settle_s: float,
@@ -155,13 +160,9 @@ def intent_tags(mounts: int, *, now: Callable[[], float] = time.time) -> dict[st
 
 def record_intent(ec2, volume_id: str, mounts: int, *, guard: Callable[[], None]) -> None:
     """Best effort, like the record: without it a later agent may make a duplicate (pruned)."""
-    tags = intent_tags(mounts)
     try:
-        guard()
-        ec2mod.call_retrying(f"stating a snapshot of {volume_id}", lambda: ec2.create_tags(
-            Resources=[volume_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]),
-            deadline_s=OPTIONAL_SETTLE_S,
-            settled=lambda: ec2mod.volume_has_tags(ec2, volume_id, tags))
+        _tag_volume(ec2, volume_id, intent_tags(mounts), f"stating a snapshot of {volume_id}",
+                    guard=guard)
     except Exception as exc:  # noqa: BLE001 - an optimisation; the snapshot is made either way
         if ec2mod.is_transient(exc) or isinstance(exc, TimeoutError):
             log.warning("snapshot_intent_failed", volume_id=volume_id, error=str(exc)[:200])

@@ -178,12 +178,10 @@ def test_inv5_a_cancel_with_the_agents_record_for_a_stopped_trainer_is_named(reh
     _named(found, "inv5")
 
 
-# -- inv2 ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("broken", BROKEN)
-def test_inv2_deleting_the_old_volume_before_its_copy_is_verified_is_named(rehearsal, broken):
-    name = "inv2-delete-source-early"
-    r = rehearsal({1: name} if broken else {}, az_policy="round-robin")
+def _migrated(r, break_name: str | None) -> tuple[dict, str]:
+    """The first instance trains, is noticed and released, then terminated; the second boots in
+    another AZ (with ``break_name`` installed, if any) and migrates. Returns (second boot, the
+    source volume)."""
     first = _boot(r, 0)
     iid = first["instance_id"]
     _await_step(r, iid, 20)
@@ -193,8 +191,18 @@ def test_inv2_deleting_the_old_volume_before_its_copy_is_verified_is_named(rehea
     r.cloud.terminate(iid)  # as the spot service would at the notice's time
     second = _boot(r, 1)
     assert second["az"] != first["az"], (first["az"], second["az"])
-    if broken:
-        _installed(second, name)
+    if break_name:
+        _installed(second, break_name)
+    return second, source
+
+
+# -- inv2 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("broken", BROKEN)
+def test_inv2_deleting_the_old_volume_before_its_copy_is_verified_is_named(rehearsal, broken):
+    name = "inv2-delete-source-early"
+    r = rehearsal({1: name} if broken else {}, az_policy="round-robin")
+    second, source = _migrated(r, name if broken else None)
 
     found, completion, _ = _witness(r)
     # A migration happened (else the unbroken run would pass for nothing): the replacement
@@ -220,17 +228,7 @@ def test_inv2_deleting_the_old_volume_while_no_copy_holds_its_checkpoint_is_name
     name = "inv2-verify-an-empty-copy"
     r = rehearsal({1: name} if broken else {}, az_policy="round-robin")
     deletes = DeleteWitness(r.cloud).install()
-    first = _boot(r, 0)
-    iid = first["instance_id"]
-    _await_step(r, iid, 20)
-    [source] = [v["VolumeId"] for v in _job_volumes(r)]
-    r.cloud.interrupt(iid, "terminate", in_seconds=NOTICE_S)
-    r.await_agent_event(iid, "phase_changed", phase="released")
-    r.cloud.terminate(iid)
-    second = _boot(r, 1)
-    assert second["az"] != first["az"], (first["az"], second["az"])
-    if broken:
-        _installed(second, name)
+    _, source = _migrated(r, name if broken else None)
 
     found, completion, _ = _witness(r, deletes)
     # The delete was witnessed with the source's checkpoint on its image (else nothing shown).
