@@ -29,7 +29,7 @@ from spotrun.rehearsal_setup import (DEMO_TRAIN_PY, _check_reachable,  # noqa: F
                                      commit_repository, ensure_lease_table, make_demo_repository)
 from spotrun.rehearsal_report import (InterruptionRecord, MissedInterruption, TimelineEntry,
                                       build_report, read_events, wall_time)
-from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.rehearsal_volume import VolumeReadError, list_script_files, read_volume_state
 from spotrun.waiting import wait_until
 
 log = get_logger("rehearsal")
@@ -48,6 +48,14 @@ class RehearsalPlan:
     # the instance then training (after the step ones; one instance each, in order).
     interrupt_after_s: list[float] = field(default_factory=list)
     trainer_path_prepend: list[str] = field(default_factory=list)  # trainer.path_prepend
+    # Where each instance mounts the job's volume: "" = a directory of the instance's own
+    # under the cloud's root; a path (rehearse's default, /dltraining) = that path, inside a
+    # mount namespace of the instance's own, so a script with hard-coded paths runs unchanged
+    # and no two instances (nor the host) see each other's volume there.
+    mount_point: str = ""
+    # Rebalance recommendations by time: the k-th goes to the k-th instance that trains, once
+    # its trainer has run that many seconds (if it is still training then).
+    rebalance_after_s: list[float] = field(default_factory=list)
     # An asked-for notice that training outran: a failure (the demo, which must show a resume)
     # or a note in a report that still passes (a user's own script, which did finish).
     missed_is_failure: bool = True
@@ -77,6 +85,10 @@ class Rehearsal:
         self.timeline: list[TimelineEntry] = []
         self.final_volume: dict | None = None
         self.final_volume_error: str | None = None
+        self.final_script_files: list[dict] | None = None  # a script's own checkpoint files
+        self.rebalances: list[dict] = []  # {"instance_id", "after_s", "wall"}, as sent
+        self.missed_rebalances: list[tuple[float, str]] = []
+        self._finished = threading.Event()
         self.boots: list[dict] = []
         self._lock = threading.Lock()
 
@@ -91,6 +103,8 @@ class Rehearsal:
                                 "restart_backoff_s": 1.0}
         if self.plan.lease_table:
             overrides["aws"]["lease_table"] = self.plan.lease_table
+        if self.plan.mount_point:
+            overrides["volume"]["mount_point"] = self.plan.mount_point
         for section, values in self.plan.agent_config.items():
             overrides.setdefault(section, {}).update(values)
         return overrides
@@ -111,7 +125,8 @@ class Rehearsal:
                 "log": str(agent_log_path(inst)), "trainer_log": str(inst.state_dir / "trainer.log")}
         log.info("instance_booting", instance_id=inst.instance_id, az=inst.az)
         self.say(f"instance {inst.instance_id} boots in {inst.az}: the agent starts")
-        boot["process"] = boot_agent(cloud, inst, self._agent_config(inst))
+        boot["process"] = boot_agent(cloud, inst, self._agent_config(inst),
+                                     private_mounts=bool(self.plan.mount_point))
         with self._lock:
             self.boots.append(boot)
         return boot["process"]
@@ -175,9 +190,16 @@ class Rehearsal:
         members = self.fleet.live_members() if self.fleet else []
         return self.cloud.instance(members[-1].instance_id) if members else None
 
-    @staticmethod
-    def progress_of(inst) -> dict:
-        path = inst.mount_point / "checkpoints" / ".spotrun-progress.json"
+    def on_volume(self, inst, rel: str) -> Path:
+        """A path on the instance's mounted volume, as this process can reach it: through the
+        agent's own mount namespace when the instance has one (gone with its processes)."""
+        if not self.plan.mount_point:
+            return inst.mount_point / rel
+        pid = next((b["process"].pid for b in self.boots if b["instance_id"] == inst.instance_id), None)
+        return Path(f"/proc/{pid}/root") / self.plan.mount_point.lstrip("/") / rel
+
+    def progress_of(self, inst) -> dict:
+        path = self.on_volume(inst, "checkpoints/.spotrun-progress.json")
         try:
             data = json.loads(path.read_text())
             return data if isinstance(data, dict) else {}
@@ -194,6 +216,9 @@ class Rehearsal:
         deadline = time.monotonic() + plan.timeout_s
         try:
             self.start()
+            if plan.rebalance_after_s:
+                threading.Thread(target=self._send_rebalances, name="rehearsal-rebalances",
+                                 daemon=True).start()
             targets = ([("step", s) for s in plan.interrupt_at_steps]
                        + [("after", s) for s in plan.interrupt_after_s])
             for index, (kind, target) in enumerate(targets):
@@ -222,6 +247,7 @@ class Rehearsal:
                     log.warning("partial_report_failed", error=str(exc))
             raise
         finally:
+            self._finished.set()
             self.stop()
 
     def _missed(self, targets: list) -> None:
@@ -254,6 +280,49 @@ class Rehearsal:
         # report's "notice before the checkpoint" comparison meaningful.
         return inst, step if isinstance(step, int) else 0
 
+    def _send_rebalances(self) -> None:
+        try:
+            self._post_rebalances()
+        except Exception:  # noqa: BLE001 - a thread's error must reach the log, not vanish
+            log.exception("rebalances_failed")
+
+    def _post_rebalances(self) -> None:
+        """The k-th rebalance recommendation to the k-th instance that trains, once its trainer
+        has run the asked seconds; one that cannot land is noted, as a missed notice is."""
+        for k, seconds in enumerate(self.plan.rebalance_after_s):
+            while True:
+                if self._finished.wait(0.25):  # another process's log: nothing to block on
+                    return
+                if self._fleet_cancelled():
+                    self.missed_rebalances.append((seconds, "training finished first"))
+                    break
+                started = [(b["instance_id"], wall) for b in list(self.boots)
+                           if (wall := self._trainer_started_wall(b["instance_id"])) is not None]
+                if len(started) <= k or time.time() - started[k][1] < seconds:
+                    continue
+                instance_id = started[k][0]
+                inst = self.cloud.instance(instance_id)
+                if inst.state != "running" or self._already_interrupted(inst):
+                    self.missed_rebalances.append(
+                        (seconds, f"{instance_id} was no longer training by then"))
+                    break
+                self.cloud.rebalance(instance_id)
+                self.rebalances.append({"instance_id": instance_id, "after_s": seconds,
+                                        "wall": time.time()})
+                self.timeline.append(TimelineEntry(time.time(), "rehearsal",
+                                                   f"rebalance recommendation posted to {instance_id}"))
+                self.say(f"rebalance recommendation to {instance_id}, {seconds:g} s after its "
+                         "trainer started")
+                break
+
+    def _next_trainer_exit(self, rebalance: dict) -> dict | None:
+        """How the instance's trainer next exited after a rebalance recommendation: a script
+        without a SIGUSR1 handler that was signalled dies of it (-10)."""
+        for event in self._agent_events(rebalance["instance_id"]):
+            if event.get("event") == "trainer_exited" and (wall_time(event.get("ts")) or 0) >= rebalance["wall"]:
+                return {"returncode": event.get("returncode"), "outcome": event.get("outcome")}
+        return None
+
     def _trainer_started_wall(self, instance_id: str) -> float | None:
         for event in self._agent_events(instance_id):
             if event.get("event") == "phase_changed" and event.get("phase") == "training":
@@ -277,13 +346,15 @@ class Rehearsal:
 
     def _interrupt(self, inst, step: int, deadline: float) -> None:
         record = InterruptionRecord(inst.instance_id, inst.az, step, time.time())
+        where = (f"at training step {step}" if self.progress_of(inst)
+                 else "(the trainer writes no progress file)")
         self.cloud.interrupt(inst.instance_id, "terminate", in_seconds=self.plan.notice_s)
         self.interruptions.append(record)
         self.timeline.append(TimelineEntry(record.notice_wall, "rehearsal",
-                                           f"spot notice posted to {inst.instance_id}: trainer at "
-                                           f"step {step}, termination in {self.plan.notice_s:g} s"))
+                                           f"spot notice posted to {inst.instance_id} {where}, "
+                                           f"termination in {self.plan.notice_s:g} s"))
         log.info("notice_sent", instance_id=inst.instance_id, at_step=step)
-        self.say(f"spot interruption notice to {inst.instance_id} at training step {step} "
+        self.say(f"spot interruption notice to {inst.instance_id} {where} "
                  f"(termination in {self.plan.notice_s:g} s)")
         released = self._await(f"{inst.instance_id} to drain",
                                lambda: self._drained_event(inst.instance_id), deadline)
@@ -292,10 +363,15 @@ class Rehearsal:
         try:
             state = self._read_volume(released.get("volume_id"))
             record.volume_after_drain = state.as_dict()
+            if not state.checkpoints:  # a script of its own: its files are the evidence
+                record.script_files_after_drain = list_script_files(
+                    self.cloud.dataplane.volume_path(released.get("volume_id")))
             newest = state.newest
+            holds = (f"checkpoint {newest.name} at step {newest.step}" if newest else
+                     f"the script's {Path(record.script_files_after_drain[-1]['path']).name} newest"
+                     if record.script_files_after_drain else "no checkpoint")
             self.say(f"{inst.instance_id} drained in {released.get('drain_s')} s: the volume holds "
-                     f"checkpoint {newest.name if newest else None} at step "
-                     f"{newest.step if newest else None}; unmounted, snapshotted and released")
+                     f"{holds}; unmounted, snapshotted and released")
         except VolumeReadError as exc:
             record.volume_read_error = str(exc)
             self.say(f"{inst.instance_id} drained, but its volume could not be read: {exc}")
@@ -319,6 +395,8 @@ class Rehearsal:
             volume_id = self._await("the job's volume to be detached", available,
                                     min(deadline, time.monotonic() + 60))
             self.final_volume = self._read_volume(volume_id).as_dict()
+            if not self.final_volume["checkpoints"]:
+                self.final_script_files = list_script_files(self.cloud.dataplane.volume_path(volume_id))
         except (TimeoutError, VolumeReadError) as exc:
             self.final_volume_error = str(exc)
 
@@ -353,9 +431,13 @@ class Rehearsal:
         report = build_report(self)
         report["missed_interruptions_after_s"] = [{"after_s": s, "reason": why}
                                                   for s, why in self.missed_after]
+        report["rebalances"] = [dict(r, trainer_next_exit=self._next_trainer_exit(r))
+                                for r in self.rebalances]
         missed = ([f"no interruption landed at step {m.target_step}: {m.reason}" for m in self.missed]
                   + [f"no interruption landed {s:g} s after the trainer started: {why}"
-                     for s, why in self.missed_after])
+                     for s, why in self.missed_after]
+                  + [f"no rebalance recommendation landed {s:g} s after the trainer started: {why}"
+                     for s, why in self.missed_rebalances])
         report["notes"] = []
         if self.plan.missed_is_failure:
             report["failures"] += missed[len(self.missed):]  # the step ones are there already

@@ -71,6 +71,9 @@ def cmd_rehearse(args) -> int:
                          command=trainer_command(args.command, args.python),
                          trainer_env=dict(args.env or []),
                          trainer_path_prepend=list(args.path_prepend or []),
+                         mount_point=private_mount_point(args.mount_point, lambda m: print(
+                             f"rehearse: {m}", file=sys.stderr, flush=True)),
+                         rebalance_after_s=list(args.rebalance_after or []),
                          missed_is_failure=demo)
     rehearsal = Rehearsal(plan, narrate=narrate)
     try:
@@ -99,10 +102,6 @@ def trainer_command(command: list[str] | None, python: str | None) -> list[str]:
 def _write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = format_report(report)
-    if not report["interruptions"] and not report["failures"]:
-        # format_report's OK line claims a resume; with no notice there was none to show.
-        table = table.replace("OK: interrupted mid-training, resumed on the replacement, finished.",
-                              "OK: finished without an interruption (none was asked for or needed).")
     table += "".join(f"\nnote: {n}" for n in report.get("notes", []))
     (out / "report.txt").write_text(table + "\n")
     print(table)
@@ -154,6 +153,29 @@ def _seconds(text: str) -> float:
     return value
 
 
+DEFAULT_MOUNT_POINT = "/dltraining"
+
+
+def _mount_point(text: str) -> str:
+    path = os.path.normpath(text)
+    if not os.path.isabs(path) or path == "/":
+        raise argparse.ArgumentTypeError(f"--mount-point: an absolute path below /, not {text!r}")
+    return path
+
+
+def private_mount_point(asked: str, say) -> str:
+    """``asked`` where each instance can have a mount namespace of its own (root, unshare(1));
+    else "" (the instance's own directory), said out loud: hard-coded paths will miss it."""
+    why = ("not root" if os.geteuid() != 0
+           else "no unshare(1) (util-linux)" if shutil.which("unshare") is None else "")
+    if why:
+        say(f"{why}: no mount namespace per instance, so the volume is mounted under each "
+            f"instance's directory, not at {asked}; a script with hard-coded {asked} paths "
+            "will not reach it")
+        return ""
+    return asked
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "rehearse", help="run a whole spot job on the local spot cloud (the demo)",
@@ -185,6 +207,15 @@ def register(subparsers) -> None:
                              "the instance then training, for scripts with no progress file "
                              "(repeatable, one instance each, after the --interrupt-at-step "
                              "ones; default: none)")
+    parser.add_argument("--rebalance-after", type=_seconds, action="append", metavar="SECONDS",
+                        help="post a rebalance recommendation this many seconds after the trainer "
+                             "started: the first to the first instance that trains, the second to "
+                             "the second… (repeatable; default: none). The agent signals only a "
+                             "trainer that asked for it (SIGUSR1 kills a script without a handler)")
+    parser.add_argument("--mount-point", type=_mount_point, default=DEFAULT_MOUNT_POINT, metavar="PATH",
+                        help="where each instance mounts the job's volume, inside a mount namespace "
+                             f"of its own, as on EC2 (default: {DEFAULT_MOUNT_POINT}; needs root and "
+                             "unshare(1), else the volume is under the instance's directory)")
     parser.add_argument("--notice-seconds", type=float, default=20.0,
                         help="time from notice to termination (default: 20; AWS gives 120)")
     parser.add_argument("--az-policy", default="round-robin",

@@ -9,6 +9,7 @@ own `training_resumed` line. What the agent logged is shown beside them, as its 
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ class InterruptionRecord:
     notice_wall: float
     volume_after_drain: dict | None = None  # rehearsal_volume.VolumeState.as_dict()
     volume_read_error: str | None = None
+    script_files_after_drain: list[dict] | None = None  # rehearsal_volume.list_script_files
 
 
 @dataclass
@@ -109,6 +111,80 @@ def _resume_figures(rehearsal, boots: list[dict], final: dict | None) -> tuple[l
     return rows, steps_trained
 
 
+# What a saved file's name ends with that is not the checkpoint's own name: TensorFlow's
+# `<name>.index` and `<name>.data-00000-of-00001` are one checkpoint, as are `.keras`, `.h5`…
+_SAVE_SUFFIX = re.compile(r"(\.data-\d+-of-\d+|\.index|\.keras|\.weights\.h5|\.h5|\.hdf5|\.ckpt|"
+                          r"\.pt|\.pth|\.pkl|\.npz|\.tar|\.zip)$")
+
+
+def script_checkpoints(files: list[dict] | None) -> list[dict]:
+    """A script's own files (rehearsal_volume.list_script_files) as checkpoints, oldest first:
+    ``{"name", "number", "mtime"}``, the number being the last one in the name
+    (``cifar10_model.003.keras`` → 3; Keras numbers epochs from 1). Where some are numbered,
+    the others (TensorFlow's `checkpoint` index file, logs) are left out."""
+    groups: dict[str, dict] = {}
+    for f in files or []:
+        parent, _, stem = f["path"].rpartition("/")
+        while (suffix := _SAVE_SUFFIX.search(stem)) and suffix.start() > 0:
+            stem = stem[:suffix.start()]
+        group = groups.setdefault(f"{parent}/{stem}", {"name": f"{parent}/{stem}", "mtime": f["mtime"],
+                                                       "torn": False})
+        group["mtime"] = max(group["mtime"], f["mtime"])
+        group["torn"] = group["torn"] or f.get("intact") is False
+    for group in groups.values():
+        digits = re.findall(r"\d+", group["name"].rpartition("/")[2])
+        group["number"] = int(digits[-1]) if digits else None
+    found = sorted(groups.values(), key=lambda g: (g["mtime"], g["name"]))
+    numbered = [g for g in found if g["number"] is not None]
+    return numbered or found
+
+
+def _script_figures(rehearsal, boots: list[dict]) -> list[dict]:
+    """Per interruption, for a script that knows nothing of spotrun: from its own checkpoint
+    files on the volume images, the newest one when its trainer stopped, the training time
+    lost since, and where the replacement resumed (its first new file's number, less one)."""
+    listings = [r.script_files_after_drain for r in rehearsal.interruptions]
+    listings.append(rehearsal.final_script_files)
+    rows = []
+    for i, record in enumerate(rehearsal.interruptions):
+        index = next((k for k, b in enumerate(boots) if b["instance_id"] == record.instance_id), None)
+        boot = boots[index] if index is not None else {}
+        replacement = boots[index + 1] if index is not None and index + 1 < len(boots) else None
+        exit_ = boot.get("trainer_exit") or {}
+        stopped = exit_.get("wall") or record.notice_wall
+        started = boot.get("training_wall")
+        written = [c for c in script_checkpoints(listings[i]) if c["mtime"] <= stopped]
+        # A file torn by the stop (written in place when SIGTERM came) is no resume point.
+        at_stop = [c for c in written if not c["torn"]]
+        newest = at_stop[-1] if at_stop else None
+        since = max(newest["mtime"] if newest else started or stopped, started or 0.0)
+        first = None
+        if replacement is not None and replacement.get("training_wall") is not None:
+            later = [c for c in script_checkpoints(listings[i + 1])
+                     if c["mtime"] > replacement["training_wall"]]
+            first = later[0] if later else None
+        resumed = first["number"] - 1 if first and first["number"] is not None else None
+        newest_number = newest["number"] if newest else 0
+        rows.append({
+            "instance_id": record.instance_id, "az": record.az,
+            "trainer_ran_s": _delta(started, stopped),
+            "trainer_returncode": exit_.get("returncode"), "trainer_outcome": exit_.get("outcome"),
+            "torn_at_stop": [c["name"] for c in written if c["torn"]],
+            "newest_checkpoint_at_stop": newest["name"] if newest else None,
+            "newest_checkpoint_number": newest["number"] if newest else None,
+            "checkpoint_age_at_stop_s": _delta(newest["mtime"], stopped) if newest else None,
+            "training_lost_s": _delta(since, stopped),
+            "replacement": replacement["instance_id"] if replacement else None,
+            "replacement_first_checkpoint": first["name"] if first else None,
+            "resumed_after_number": resumed,
+            "resumed_from_newest": (resumed == newest_number
+                                    if resumed is not None and newest_number is not None else None),
+            "numbers_redone": (max(0, newest_number - resumed)
+                               if resumed is not None and newest_number is not None else None),
+        })
+    return rows
+
+
 def _final_step(final: dict | None) -> int | None:
     """The last step trained: the completion record on the final volume, else its newest
     checkpoint (the optimizer's count first, then the manifest)."""
@@ -137,6 +213,15 @@ def verdict(rehearsal, report: dict) -> list[str]:
     if rehearsal.plan.interrupt_at_steps and trained is None:
         why = report["final_volume_read_error"] or "no completion record or checkpoint"
         failures.append(f"no final step read from the final volume ({why})")
+    for r in report.get("script_interruptions") or []:
+        if r["resumed_from_newest"] is False:
+            failures.append(
+                f"the interruption of {r['instance_id']}: the replacement's first checkpoint is "
+                f"{r['replacement_first_checkpoint']} (so it resumed after number "
+                f"{r['resumed_after_number']}), but the newest at the stop was "
+                f"{r['newest_checkpoint_at_stop']}: {r['numbers_redone']} redone")
+    if report.get("script_interruptions"):
+        return failures  # the store's figures below do not exist for a script of its own
     for r in report["interruptions"]:
         who = f"the interruption of {r['instance_id']}"
         step = r["checkpoint_step"]
@@ -173,8 +258,13 @@ def build_report(rehearsal) -> dict:
         timeline.append(TimelineEntry(boot["boot_wall"], where, "instance boots; the agent starts"))
         timeline += [TimelineEntry(wall_time(e.get("ts")), where, text) for e, text in
                      ((e, _describe(e)) for e in events) if text and wall_time(e.get("ts"))]
+        exits = [e for e in events if e.get("event") == "trainer_exited"]
         boots.append({
             "instance_id": boot["instance_id"], "az": boot["az"],
+            "training_wall": wall_time(first.get("phase:training", {}).get("ts")),
+            "trainer_exit": ({"returncode": exits[-1].get("returncode"),
+                              "outcome": exits[-1].get("outcome"),
+                              "wall": wall_time(exits[-1].get("ts"))} if exits else None),
             "migrated": bool(first.get("volume_ready", {}).get("migrated")),
             "agent_says_resume_from_step": first.get("resume_point", {}).get("checkpoint_step"),
             "boot_to_training_s": _delta(boot["boot_wall"],
@@ -185,6 +275,8 @@ def build_report(rehearsal) -> dict:
         })
     final = rehearsal.final_volume
     interruptions, steps_trained = _resume_figures(rehearsal, boots, final)
+    script_mode = any(r.script_files_after_drain is not None for r in rehearsal.interruptions)
+    script_rows = _script_figures(rehearsal, boots) if script_mode else []
     seen = set()
     for state in [r.volume_after_drain for r in rehearsal.interruptions] + [final]:
         for c in (state or {}).get("checkpoints", []):
@@ -206,7 +298,11 @@ def build_report(rehearsal) -> dict:
         "job": rehearsal.plan.job_id,
         "interruptions": interruptions,
         "missed_interruptions": [m.__dict__ for m in rehearsal.missed],
-        "instances": [{k: v for k, v in b.items() if k not in ("trainer_log", "started_training")}
+        "script_interruptions": script_rows,
+        "script_checkpoints_final": [{"name": c["name"], "number": c["number"]} for c in
+                                     script_checkpoints(getattr(rehearsal, "final_script_files", None))],
+        "instances": [{k: v for k, v in b.items()
+                       if k not in ("trainer_log", "started_training", "training_wall", "trainer_exit")}
                       for b in boots],
         "volumes_left": [{"id": v["VolumeId"], "az": v["AvailabilityZone"], "state": v["State"]}
                          for v in volumes],
@@ -241,6 +337,10 @@ def _describe(event: dict) -> str | None:
         return f"volume {event.get('volume_id')} {how}, mounted"
     if name == "resume_point" and event.get("checkpoint_step") is not None:
         return f"agent: the volume's newest checkpoint is at step {event['checkpoint_step']}"
+    if name == "rebalance_recommendation":
+        return ("agent sees a rebalance recommendation: asks the trainer for a checkpoint (SIGUSR1)"
+                if event.get("checkpoint_requested") else "agent sees a rebalance recommendation: "
+                "the trainer did not ask for SIGUSR1, so it is left alone")
     if name == "interruption_notice":
         return f"agent sees the spot notice ({event.get('action')} at {event.get('time')})"
     if name == "trainer_exited":
@@ -267,8 +367,52 @@ def _where_in_epoch(r: dict) -> str:
     return f"{k} steps into epoch {epoch + 1}" if k else f"at the start of epoch {epoch + 1}"
 
 
+def _how_it_stopped(r: dict) -> str:
+    code = r["trainer_returncode"]
+    if code == -15:
+        return "it has no SIGTERM handler: the signal killed it at once"
+    if code == -9:
+        return "it did not exit by the drain's deadline and was killed (SIGKILL)"
+    return f"it exited {code} after SIGTERM" if code is not None else "its exit was not seen"
+
+
+def script_summary_lines(report: dict) -> list[str]:
+    """The same story for a script that knows nothing of spotrun, told from its own files."""
+    lines = []
+    for r in report.get("script_interruptions") or []:
+        newest = (f"its newest checkpoint was {r['newest_checkpoint_at_stop']}, written "
+                  f"{r['checkpoint_age_at_stop_s']} s before" if r["newest_checkpoint_at_stop"]
+                  else "it had written no checkpoint yet")
+        if r["resumed_after_number"] is None:
+            resumed = (f"the replacement {r['replacement']} wrote no numbered checkpoint, so where "
+                       "it resumed cannot be told from the volume")
+        elif r["resumed_from_newest"]:
+            resumed = (f"the replacement {r['replacement']} resumed from it: its first new file is "
+                       f"{r['replacement_first_checkpoint']}")
+        else:
+            resumed = (f"the replacement {r['replacement']} did NOT resume from it: its first new "
+                       f"file is {r['replacement_first_checkpoint']} ({r['numbers_redone']} redone)")
+        lines.append(textwrap.fill(
+            f"The spot notice reached {r['instance_id']} ({r['az']}) after its trainer had run "
+            f"{r['trainer_ran_s']} s; {_how_it_stopped(r)}. When it stopped, {newest}: "
+            f"{r['training_lost_s']} s of training lost"
+            + (f" (and it left {', '.join(r['torn_at_stop'])} torn: written in place when the "
+               "signal came)" if r["torn_at_stop"] else "")
+            + f". Then {resumed}.", width=100))
+    return lines
+
+
+ADVICE = ("advice: spotrun's callback saves when the notice comes (SIGTERM), so a replacement "
+          "loses no trained weights: add `from spotrun_trainer import SpotCheckpoint` and "
+          "`callbacks=[SpotCheckpoint()]` to model.fit (with plain arrays the interrupted "
+          "epoch's first steps are replayed; its data helpers resume at the exact step: "
+          "docs/trainer.md).")
+
+
 def summary_lines(report: dict) -> list[str]:
     """What happened, in words, for someone who has never seen a spot interruption."""
+    if report.get("script_interruptions"):
+        return script_summary_lines(report)
     lines = []
     for r in report["interruptions"]:
         if r["checkpoint_step"] is None:
@@ -293,8 +437,29 @@ def format_report(report: dict) -> str:
     for boot in report["instances"]:
         lines.append(f"  {boot['instance_id']} {boot['az']:<11} migrated={str(boot['migrated']):<5} "
                      f"boot→trainer started={boot['boot_to_training_s']} s  ended={boot['ended']}")
-    lines.append("interruptions (from the checkpoints on the volume images, not the agent's log):")
-    for r in report["interruptions"]:
+    script_rows = report.get("script_interruptions") or []
+    if script_rows:
+        lines.append("interruptions (from the script's own files on the volume images):")
+    for r in script_rows:
+        lines.append(f"  {r['instance_id']}: trainer ran {r['trainer_ran_s']} s, exit "
+                     f"{r['trainer_returncode']} ({r['trainer_outcome']}); newest checkpoint "
+                     f"{r['newest_checkpoint_at_stop']} ({r['checkpoint_age_at_stop_s']} s old); "
+                     f"training lost {r['training_lost_s']} s"
+                     + (f"; torn: {', '.join(r['torn_at_stop'])}" if r["torn_at_stop"] else ""))
+        lines.append(f"    replacement {r['replacement']}: first new checkpoint "
+                     f"{r['replacement_first_checkpoint']} → resumed after "
+                     f"{r['resumed_after_number']}; from the newest: {r['resumed_from_newest']}")
+    for rebalance in report.get("rebalances") or []:
+        after = rebalance.get("trainer_next_exit") or {}
+        fate = ("the trainer died of SIGUSR1 (-10): it has no handler for it"
+                if after.get("returncode") == -10 else
+                f"the trainer trained on (its next exit: {after.get('returncode')}, {after.get('outcome')})"
+                if after else "the trainer trained on")
+        lines.append(f"  rebalance recommendation to {rebalance['instance_id']} "
+                     f"{rebalance['after_s']:g} s after its trainer started: {fate}")
+    if not script_rows:
+        lines.append("interruptions (from the checkpoints on the volume images, not the agent's log):")
+    for r in report["interruptions"] if not script_rows else []:
         lines.append(f"  {r['instance_id']}: notice at step {r['notice_at_step']} → trainer reached "
                      f"{r['trainer_reached_step']}; checkpoint {r['checkpoint']} at step "
                      f"{r['checkpoint_step']} "
@@ -310,12 +475,25 @@ def format_report(report: dict) -> str:
     lines.append(f"snapshots left: {len(report['snapshots_left'])} "
                  f"({', '.join(str(s['role']) for s in report['snapshots_left'])})")
     lines.append(f"fleet: {report['fleet_state']}; completed: {report['completed']}")
-    lines.append(f"steps trained: {report['steps_trained']} (final volume)")
-    lines.append(f"final metrics: {json.dumps(report['final_metrics'])}")
+    numbered = [c["number"] for c in report.get("script_checkpoints_final") or [] if c["number"] is not None]
+    if script_rows or (report["steps_trained"] is None and numbered):
+        lines.append(f"the script's checkpoints on the final volume: {len(numbered)}, numbered "
+                     f"{min(numbered)}–{max(numbered)}" if numbered else
+                     "the script's checkpoints on the final volume: none numbered")
+    else:
+        lines.append(f"steps trained: {report['steps_trained']} (final volume)")
+        lines.append(f"final metrics: {json.dumps(report['final_metrics'])}")
     lines.append("")
     if report["failures"]:
         lines.append("FAILED: this rehearsal does not show a resume:")
         lines += [f"  - {f}" for f in report["failures"]]
+    elif not report["interruptions"]:
+        lines.append("OK: finished without an interruption (none was asked for or needed).")
+    elif script_rows:
+        lines.append("OK: interrupted mid-training; each replacement went on from the script's "
+                     "newest checkpoint; finished.")
     else:
         lines.append("OK: interrupted mid-training, resumed on the replacement, finished.")
+    if script_rows and any(r["training_lost_s"] for r in script_rows):
+        lines.append(ADVICE)
     return "\n".join(lines)

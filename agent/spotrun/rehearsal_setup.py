@@ -39,6 +39,7 @@ def commit_repository(path: Path, files: dict[str, str | Path], message: str) ->
     path.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, Path):
             shutil.copy(content, target)
         else:

@@ -25,6 +25,8 @@ PROGRESS_FILE = ".spotrun-progress.json"
 COMPLETION_FILE = ".spotrun-trainer-completed.json"
 WEIGHTS_FILE = "model.weights.h5"
 _CKPT_NAME = re.compile(r"^ckpt-(\d{12})$")
+_STAT_SIZE = re.compile(r"^User:\s+(\d+)\s.*\bSize: (\d+)")
+_STAT_MTIME = re.compile(r"^\s*mtime: 0x([0-9a-f]+)(?::([0-9a-f]+))?")
 
 
 class VolumeReadError(Exception):
@@ -75,19 +77,52 @@ class VolumeImage:
             raise VolumeReadError(f"{self.path}: no such volume image")
 
     def listdir(self, rel: str) -> list[str]:
+        return [name for name, _ in self.entries(rel)]
+
+    def entries(self, rel: str) -> list[tuple[str, bool]]:
+        """(name, is a directory) for each entry of a directory on the volume; [] if none."""
         if self.path.is_dir():
             try:
-                return sorted(p.name for p in (self.path / rel).iterdir())
+                return sorted((p.name, p.is_dir() and not p.is_symlink())
+                              for p in (self.path / rel).iterdir())
             except OSError:
                 return []
-        # `ls -p` prints /inode/mode/uid/gid/name/size/ per entry: parseable, unlike plain ls.
-        out = self._debugfs(["-R", f"ls -p /{rel}"]).stdout
-        names = []
-        for line in out.splitlines():
-            parts = line.split("/")
+        found = []
+        for line in self._debugfs(["-R", f"ls -p /{rel}"]).stdout.splitlines():
+            parts = line.split("/")  # /inode/mode/uid/gid/name/size/
             if len(parts) >= 7 and parts[5] not in (".", ".."):
-                names.append(parts[5])
-        return sorted(names)
+                found.append((parts[5], parts[2].startswith("04")))
+        return sorted(found)
+
+    def stat(self, rels: list[str]) -> dict[str, tuple[float, int, int]]:
+        """{rel: (mtime, size, owner uid)} for the files that exist among ``rels``."""
+        if self.path.is_dir():
+            found = {}
+            for rel in rels:
+                try:
+                    st = (self.path / rel).stat()
+                except OSError:
+                    continue
+                found[rel] = (st.st_mtime, st.st_size, st.st_uid)
+            return found
+        if not rels:
+            return {}
+        with tempfile.TemporaryDirectory(prefix="spotrun-volume-stat-") as tmp:
+            script = Path(tmp) / "commands"
+            script.write_text("".join(f'stat "/{rel}"\n' for rel in rels))
+            out = self._debugfs(["-f", str(script)]).stdout
+        found, current = {}, None
+        for line in out.splitlines():
+            if line.startswith("debugfs: stat "):
+                current, size = line[len("debugfs: stat "):].strip().strip('"').lstrip("/"), None
+            elif current and size is None and (m := _STAT_SIZE.search(line)):
+                size, uid = int(m.group(2)), int(m.group(1))
+            elif current and size is not None and (m := _STAT_MTIME.match(line)):
+                # ext4's extra field: nanoseconds << 2 | epoch bits.
+                found[current] = (int(m.group(1), 16) + (int(m.group(2) or "0", 16) >> 2) / 1e9,
+                                  size, uid)
+                current = None
+        return found
 
     def read(self, rels: list[str]) -> dict[str, bytes]:
         """The files that exist among ``rels``, as {rel: bytes}; missing ones are left out."""
@@ -146,6 +181,64 @@ def read_volume_state(volume_id: str, image_path: Path) -> VolumeState:
     state.progress = _json(files.get(f"{CHECKPOINTS}/{PROGRESS_FILE}"))
     state.completion = _json(files.get(f"{CHECKPOINTS}/{COMPLETION_FILE}"))
     return state
+
+
+def list_script_files(image_path: Path, top: str = CHECKPOINTS, depth: int = 3,
+                      check_newest: int = 3) -> list[dict]:
+    """The files a training script wrote under ``top`` on the volume (its own checkpoints),
+    leaving out spotrun's (the store, the progress and completion records): ``{"path",
+    "mtime", "size", "uid", "intact"}`` each, oldest first. ``intact`` is whether the file opens as
+    what its name says (a `.keras` zip, an HDF5 file), for the ``check_newest`` newest; None
+    where that is unknown or not checked. VolumeReadError if the image is unreadable."""
+    image = VolumeImage(image_path)
+    files, level = [], [top]
+    for _ in range(depth):
+        below = []
+        for directory in level:
+            for name, is_dir in image.entries(directory):
+                if name.startswith(".spotrun-") or (directory == top and name == STORE_SUBDIR):
+                    continue
+                (below if is_dir else files).append(f"{directory}/{name}")
+        level = below
+    stats = image.stat(files)
+    found = sorted(({"path": rel, "mtime": mtime, "size": size, "uid": uid, "intact": None}
+                    for rel, (mtime, size, uid) in stats.items()),
+                   key=lambda f: (f["mtime"], f["path"]))
+    newest = [f for f in found if f["path"].endswith(_CHECKABLE)][-check_newest:] if check_newest else []
+    contents = image.read([f["path"] for f in newest])
+    for f in newest:
+        f["intact"] = opens_whole(f["path"], contents.get(f["path"], b""))
+    return found
+
+
+_CHECKABLE = (".keras", ".zip", ".h5", ".hdf5")
+
+
+def opens_whole(name: str, data: bytes) -> bool | None:
+    """Whether a saved model file is whole: a `.keras` (a zip) whose members all read back
+    with their checksums, an HDF5 file h5py opens. A seed-style ModelCheckpoint writes in
+    place, so a SIGTERM mid-save leaves a torn newest file. None: no way to tell."""
+    import io
+
+    if name.endswith((".keras", ".zip")):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                return archive.testzip() is None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            return False
+    if name.endswith((".h5", ".hdf5")):
+        try:
+            import h5py
+        except ImportError:
+            return None
+        try:
+            with h5py.File(io.BytesIO(data), "r"):
+                return True
+        except (OSError, ValueError):
+            return False
+    return None
 
 
 def optimizer_iterations(weights: bytes) -> int | None:

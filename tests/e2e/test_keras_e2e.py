@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from spotrun.rehearsal import DEMO_TRAIN_PY, Rehearsal, RehearsalPlan, commit_repository
+from spotrun.rehearsal_volume import opens_whole
 from tests.helpers.testkit import trainer_log_events
 
 pytestmark = [pytest.mark.loopdev, pytest.mark.slow]
@@ -151,7 +152,11 @@ def test_the_seeds_own_script_runs_resumes_from_its_files_and_completes(shared_t
     first = r._await("the first instance", lambda: r.boots and r.boots[0]["instance_id"], deadline)
     inst = r.cloud.instance(first)
     epoch_one = inst.mount_point / "checkpoints" / "cifar10" / "cifar10_model.001.keras"
-    r._await("the seed's first epoch file", epoch_one.exists, deadline)
+    # Whole, not just there: the seed's ModelCheckpoint writes in place, and a notice sent when
+    # the file appears can land mid-save (under load), leaving a torn file the seed's loader
+    # trusts — its own weakness, which this test is not about (a crash loop, no completion).
+    r._await("the seed's first epoch file, whole",
+             lambda: epoch_one.exists() and opens_whole(epoch_one.name, epoch_one.read_bytes()), deadline)
     r.cloud.interrupt(first, "terminate", in_seconds=15)
     r.await_agent_event(first, "phase_changed", timeout=60, phase="released")
     second = r._await("a replacement", lambda: len(r.boots) > 1 and r.boots[1]["instance_id"], deadline)

@@ -46,10 +46,16 @@ def agent_log_path(inst: Instance) -> Path:
     return inst.root / "agent.log"
 
 
-def boot_agent(cloud: Any, inst: Instance, config: Mapping[str, Any]) -> subprocess.Popen:
+def boot_agent(cloud: Any, inst: Instance, config: Mapping[str, Any], *,
+               private_mounts: bool = False) -> subprocess.Popen:
     """What the AMI does at boot: systemd starts ``spotrun agent run`` (here, a process tree
     of the instance, killed when it powers off). ``config`` stands for the AMI's
-    /etc/spotrun/agent.toml; the job comes from the user data, read through metadata."""
+    /etc/spotrun/agent.toml; the job comes from the user data, read through metadata.
+
+    ``private_mounts``: the agent (and so its trainer) runs in a mount namespace of its own,
+    as on its own machine: it can mount the volume at the configured mount point itself (e.g.
+    ``/dltraining``), which no other instance, nor the host, sees. Its mounts die with its
+    processes; the host reaches its files through ``/proc/<pid>/root``."""
     import tomli_w
 
     config_path = inst.root / "agent.toml"
@@ -57,6 +63,10 @@ def boot_agent(cloud: Any, inst: Instance, config: Mapping[str, Any]) -> subproc
     env = inst.env()
     env["SPOTRUN_CONFIG"] = str(config_path)  # the unit's default path, moved under the instance
     argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
+    if private_mounts:
+        # unshare(1) execs the agent itself (no --fork): the pid the cloud kills is the agent's.
+        argv = ["unshare", "--mount", "--propagation", "private", "--", *argv]
+        cloud.dataplane.private_mount_namespaces = True
     with open(agent_log_path(inst), "ab") as log_file:  # the child holds its own copy
         return cloud.start_process(inst, argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 

@@ -21,6 +21,7 @@ machine's loop devices are never touched.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -133,6 +134,9 @@ class EbsDataPlane:
         else:
             self.no_loop_reason = "" if use_loop_devices else "disabled by configuration"
         self.uses_loop_devices = use_loop_devices
+        # Set once an instance mounts in a mount namespace of its own (rehearse's /dltraining):
+        # its mounts are not in this process's mountinfo, so is_busy asks the kernel too.
+        self.private_mount_namespaces = False
         # volume id -> (loop device or directory, device_dir it is linked in)
         self._attached: dict[str, tuple[str, Path]] = {}
 
@@ -231,7 +235,9 @@ class EbsDataPlane:
         except FileNotFoundError:
             return False
         wanted = f"{os.major(rdev)}:{os.minor(rdev)}"
-        return any(majmin == wanted or source == device for majmin, _, source in mounts())
+        if any(majmin == wanted or source == device for majmin, _, source in mounts()):
+            return True
+        return self.private_mount_namespaces and _claimed_exclusively(device)
 
     def detach(self, volume_id: str, force: bool = False) -> None:
         """Remove the by-id link and release the loop device.
@@ -289,6 +295,17 @@ class EbsDataPlane:
         registry = self._read_registry()
         registry.pop(device, None)
         self._write_registry(registry)
+
+
+def _claimed_exclusively(device: str) -> bool:
+    """Whether the kernel holds ``device`` for a filesystem (mounted in any mount namespace):
+    an exclusive open is then refused with EBUSY."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
 
 
 def _loop_devices_backed_by(root: Path) -> set[str]:
