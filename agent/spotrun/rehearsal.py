@@ -56,6 +56,10 @@ class RehearsalPlan:
     # Rebalance recommendations by time: the k-th goes to the k-th instance that trains, once
     # its trainer has run that many seconds (if it is still training then).
     rebalance_after_s: list[float] = field(default_factory=list)
+    # Notices when a file matching the glob (relative to the volume's root, e.g.
+    # "checkpoints/cifar10_model.003.*") appears on the current instance's volume; after the
+    # step and time ones, one instance each.
+    interrupt_on_files: list[str] = field(default_factory=list)
     # An asked-for notice that training outran: a failure (the demo, which must show a resume)
     # or a note in a report that still passes (a user's own script, which did finish).
     missed_is_failure: bool = True
@@ -81,6 +85,7 @@ class Rehearsal:
         self.interruptions: list[InterruptionRecord] = []
         self.missed: list[MissedInterruption] = []
         self.missed_after: list[tuple[float, str]] = []  # (seconds, why), the time-based ones
+        self.missed_files: list[tuple[str, str]] = []  # (glob, why)
         self.partial_report: dict | None = None  # what a failed run had shown so far
         self.timeline: list[TimelineEntry] = []
         self.final_volume: dict | None = None
@@ -220,14 +225,18 @@ class Rehearsal:
                 threading.Thread(target=self._send_rebalances, name="rehearsal-rebalances",
                                  daemon=True).start()
             targets = ([("step", s) for s in plan.interrupt_at_steps]
-                       + [("after", s) for s in plan.interrupt_after_s])
+                       + [("after", s) for s in plan.interrupt_after_s]
+                       + [("file", g) for g in plan.interrupt_on_files])
             for index, (kind, target) in enumerate(targets):
                 if kind == "step":
                     found = self._await(f"training step {target}",
                                         lambda: self._at_step(target), deadline)
-                else:
+                elif kind == "after":
                     found = self._await(f"{target:g} s of training",
                                         lambda: self._after(target), deadline, interval=0.25)
+                else:
+                    found = self._await(f"a file matching {target} on the volume",
+                                        lambda: self._file_appeared(target), deadline, interval=0.1)
                 if found == "cancelled":
                     self._missed(targets[index:])
                     break
@@ -258,11 +267,31 @@ class Rehearsal:
                     target, "training finished (the fleet was cancelled) before the trainer "
                             "reached it: choose a step before the end"))
                 self.say(f"no notice sent for step {target}: training finished first")
-            else:
+            elif kind == "after":
                 self.missed_after.append((target, "training finished (the fleet was cancelled) "
                                                   "before it: choose a shorter time"))
                 self.say(f"no notice sent {target:g} s after the trainer started: "
                          "training finished first")
+            else:
+                self.missed_files.append((target, "training finished (the fleet was cancelled) "
+                                                  "before such a file appeared"))
+                self.say(f"no notice sent for a file matching {target}: training finished first")
+
+    def _file_appeared(self, pattern: str):
+        """(instance, step) once a file matching ``pattern`` is on the current instance's
+        volume; "cancelled" once the fleet is gone."""
+        import glob
+
+        if self._fleet_cancelled():
+            return "cancelled"
+        inst = self.current_instance()
+        if inst is None or self._already_interrupted(inst) or not any(b["instance_id"] == inst.instance_id
+                                                                     for b in self.boots):
+            return None
+        if not glob.glob(str(self.on_volume(inst, pattern))):
+            return None
+        step = self.progress_of(inst).get("global_step")
+        return inst, step if isinstance(step, int) else 0
 
     def _after(self, seconds: float):
         """(instance, step) once the current instance's trainer has run ``seconds``;
@@ -436,6 +465,8 @@ class Rehearsal:
         missed = ([f"no interruption landed at step {m.target_step}: {m.reason}" for m in self.missed]
                   + [f"no interruption landed {s:g} s after the trainer started: {why}"
                      for s, why in self.missed_after]
+                  + [f"no interruption landed for a file matching {g}: {why}"
+                     for g, why in self.missed_files]
                   + [f"no rebalance recommendation landed {s:g} s after the trainer started: {why}"
                      for s, why in self.missed_rebalances])
         report["notes"] = []

@@ -74,6 +74,7 @@ def cmd_rehearse(args) -> int:
                          mount_point=private_mount_point(args.mount_point, lambda m: print(
                              f"rehearse: {m}", file=sys.stderr, flush=True)),
                          rebalance_after_s=list(args.rebalance_after or []),
+                         interrupt_on_files=list(args.interrupt_on_file or []),
                          missed_is_failure=demo)
     rehearsal = Rehearsal(plan, narrate=narrate)
     try:
@@ -163,6 +164,13 @@ def _mount_point(text: str) -> str:
     return path
 
 
+def _relative_glob(text: str) -> str:
+    if not text.strip() or text.startswith("/") or ".." in Path(text).parts:
+        raise argparse.ArgumentTypeError(f"a glob relative to the volume's root (e.g. "
+                         f"'checkpoints/model.003.*'), not {text!r}")
+    return text
+
+
 def private_mount_point(asked: str, say) -> str:
     """``asked`` where each instance can have a mount namespace of its own (root, unshare(1));
     else "" (the instance's own directory), said out loud: hard-coded paths will miss it."""
@@ -207,6 +215,11 @@ def register(subparsers) -> None:
                              "the instance then training, for scripts with no progress file "
                              "(repeatable, one instance each, after the --interrupt-at-step "
                              "ones; default: none)")
+    parser.add_argument("--interrupt-on-file", type=_relative_glob, action="append", metavar="GLOB",
+                        help="send a spot notice when a file matching GLOB (relative to the "
+                             "volume's root, e.g. 'checkpoints/cifar10_model.003.*') appears on the "
+                             "instance then training (repeatable, one instance each, after the "
+                             "step and time ones; default: none)")
     parser.add_argument("--rebalance-after", type=_seconds, action="append", metavar="SECONDS",
                         help="post a rebalance recommendation this many seconds after the trainer "
                              "started: the first to the first instance that trains, the second to "

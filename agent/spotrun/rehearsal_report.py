@@ -168,6 +168,7 @@ def _script_figures(rehearsal, boots: list[dict]) -> list[dict]:
         rows.append({
             "instance_id": record.instance_id, "az": record.az,
             "trainer_ran_s": _delta(started, stopped),
+            "notice_to_volume_released_s": _delta(record.notice_wall, boot.get("released_wall")),
             "trainer_returncode": exit_.get("returncode"), "trainer_outcome": exit_.get("outcome"),
             "torn_at_stop": [c["name"] for c in written if c["torn"]],
             "newest_checkpoint_at_stop": newest["name"] if newest else None,
@@ -262,6 +263,7 @@ def build_report(rehearsal) -> dict:
         boots.append({
             "instance_id": boot["instance_id"], "az": boot["az"],
             "training_wall": wall_time(first.get("phase:training", {}).get("ts")),
+            "released_wall": wall_time(first.get("phase:released", {}).get("ts")),
             "trainer_exit": ({"returncode": exits[-1].get("returncode"),
                               "outcome": exits[-1].get("outcome"),
                               "wall": wall_time(exits[-1].get("ts"))} if exits else None),
@@ -302,7 +304,8 @@ def build_report(rehearsal) -> dict:
         "script_checkpoints_final": [{"name": c["name"], "number": c["number"]} for c in
                                      script_checkpoints(getattr(rehearsal, "final_script_files", None))],
         "instances": [{k: v for k, v in b.items()
-                       if k not in ("trainer_log", "started_training", "training_wall", "trainer_exit")}
+                       if k not in ("trainer_log", "started_training", "training_wall", "released_wall",
+                                    "trainer_exit")}
                       for b in boots],
         "volumes_left": [{"id": v["VolumeId"], "az": v["AvailabilityZone"], "state": v["State"]}
                          for v in volumes],
@@ -445,7 +448,8 @@ def format_report(report: dict) -> str:
                      f"{r['trainer_returncode']} ({r['trainer_outcome']}); newest checkpoint "
                      f"{r['newest_checkpoint_at_stop']} ({r['checkpoint_age_at_stop_s']} s old); "
                      f"training lost {r['training_lost_s']} s"
-                     + (f"; torn: {', '.join(r['torn_at_stop'])}" if r["torn_at_stop"] else ""))
+                     + (f"; torn: {', '.join(r['torn_at_stop'])}" if r["torn_at_stop"] else "")
+                     + f"; notice → volume released {r['notice_to_volume_released_s']} s")
         lines.append(f"    replacement {r['replacement']}: first new checkpoint "
                      f"{r['replacement_first_checkpoint']} → resumed after "
                      f"{r['resumed_after_number']}; from the newest: {r['resumed_from_newest']}")

@@ -111,3 +111,28 @@ def test_bad_env_is_a_usage_error_naming_it(shared_tmp, bad):
     assert "--env" in run.stderr and repr(bad) in run.stderr
     assert "Traceback" not in run.stderr
     assert not out.exists()  # refused before anything was made
+
+
+@pytest.mark.slow  # ~25 s: a drain, a termination and a replacement's boot
+def test_interrupt_on_file_sends_the_notice_once_that_file_is_on_the_volume(shared_tmp, counting_repo):
+    out = shared_tmp / "out"
+    run = _rehearse(out, counting_repo, "--interrupt-on-file", "checkpoints/spotrun/ckpt-*03",
+                    "--notice-seconds", "8", "--env", "STEPS=300", "--env", "STEP_S=0.02",
+                    "--env", "CKPT_EVERY=10")
+    assert run.returncode == 0, _ok(run)
+    notices = _notices(out)
+    report = json.loads((out / "report.json").read_text())
+    (r,) = report["interruptions"]
+    assert [n["instance_id"] for n in notices] == [r["instance_id"]]
+    # Read from the released volume's image: the third save was there before the notice.
+    assert r["checkpoint"] >= "ckpt-000000000003", r
+    assert report["steps_trained"] == 300 and report["failures"] == []
+
+
+@pytest.mark.parametrize("bad", ["/dltraining/checkpoints/*", "../elsewhere/*", " "])
+def test_a_file_glob_outside_the_volume_is_a_usage_error(shared_tmp, bad):
+    out = shared_tmp / "out"
+    run = _rehearse(out, "file:///nonexistent", "--interrupt-on-file", bad, timeout=60)
+    assert run.returncode == 2, _ok(run)
+    assert "--interrupt-on-file" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
