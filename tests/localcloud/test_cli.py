@@ -198,6 +198,14 @@ def test_up_detached_then_down(tmp_path, capsys):
         code, out, _ = run(capsys, "launch", "--root", str(root), "--run", "sleep 300")
         assert code == 0 and "process" in out
         instance_pid = int(out.rsplit("process", 1)[1])
+        # The process finds its instance's metadata where the AWS SDKs look for it.
+        endpoint = out.split("metadata ", 1)[1].split(",", 1)[0]
+        environ = dict(item.split("=", 1) for item in
+                       open(f"/proc/{instance_pid}/environ").read().split("\0") if "=" in item)
+        assert environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"] == endpoint
+        token = requests.put(f"{endpoint}/latest/api/token", timeout=5,
+                             headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        assert token.status_code == 200 and token.text
         code, out, _ = run(capsys, "status", "--root", str(root), "--json")
         assert [i["state"] for i in json.loads(out)["instances"]] == ["running"]
         again = subprocess.run(spotrun + ["up", "--root", str(root), "--detach"],

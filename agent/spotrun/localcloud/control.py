@@ -49,6 +49,16 @@ MOTO_AMI_SNAPSHOT = "Auto-created snapshot for AMI"
 log = get_logger("localcloud.control")
 
 
+def run_env(instance) -> dict:
+    """A ``--run`` process's environment: the instance's (its credentials, the cloud's
+    endpoints), plus where its metadata service is, in the variable the AWS SDKs read for it
+    (the real one at 169.254.169.254 is not this instance's). The real agent is booted by
+    ``up --run-agents`` instead, with its agent.toml (agents.boot_agent)."""
+    env = instance.env()
+    env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = instance.imds_endpoint
+    return env
+
+
 class BadRequest(Exception):
     status = 400
 
@@ -212,7 +222,7 @@ class ControlServer:
                                          user_data=user_data.encode() if user_data else None)
         pid = None
         if body.get("run"):
-            pid = cloud.start_process(instance, shlex.split(body["run"])).pid
+            pid = cloud.start_process(instance, shlex.split(body["run"]), env=run_env(instance)).pid
         return {"instance_id": instance.instance_id, "az": instance.az, "pid": pid,
                 "imds_endpoint": instance.imds_endpoint}
 
@@ -221,7 +231,8 @@ class ControlServer:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise BadRequest(f"target_capacity: must be an integer >= 0, got {capacity!r}")
         run = body.get("run")
-        boot = (lambda cloud, inst: cloud.start_process(inst, shlex.split(run))) if run else None
+        boot = ((lambda cloud, inst: cloud.start_process(inst, shlex.split(run), env=run_env(inst)))
+                if run else None)
         launch = {"instance_type": body.get("instance_type", "p3.2xlarge"),
                   "tags": dict(body.get("tags") or {})}
         request_id = self.cloud.request_spot_fleet(capacity, launch,
