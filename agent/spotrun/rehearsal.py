@@ -60,6 +60,10 @@ class RehearsalPlan:
     # "checkpoints/cifar10_model.003.*") appears on the current instance's volume; after the
     # step and time ones, one instance each.
     interrupt_on_files: list[str] = field(default_factory=list)
+    # Scheduled instance-retirement events by time (after all the notices): the event's
+    # NotBefore is notice_s away, the agent drains that long ahead (its maintenance lead), and
+    # the instance is terminated at NotBefore, as EC2 retires it.
+    maintenance_after_s: list[float] = field(default_factory=list)
     # An asked-for notice that training outran: a failure (the demo, which must show a resume)
     # or a note in a report that still passes (a user's own script, which did finish).
     missed_is_failure: bool = True
@@ -106,6 +110,8 @@ class Rehearsal:
         overrides["volume"]["create_timeout_s"] = 120.0
         overrides["trainer"] = {"user": self.plan.trainer_user, "drain_reserve_s": 5.0,
                                 "restart_backoff_s": 1.0}
+        # A scheduled event's NotBefore is the notice's time here, scaled down like the notice.
+        overrides.setdefault("agent", {})["maintenance_lead_s"] = self.plan.notice_s
         if self.plan.lease_table:
             overrides["aws"]["lease_table"] = self.plan.lease_table
         if self.plan.mount_point:
@@ -226,12 +232,13 @@ class Rehearsal:
                                  daemon=True).start()
             targets = ([("step", s) for s in plan.interrupt_at_steps]
                        + [("after", s) for s in plan.interrupt_after_s]
-                       + [("file", g) for g in plan.interrupt_on_files])
+                       + [("file", g) for g in plan.interrupt_on_files]
+                       + [("maintenance", s) for s in plan.maintenance_after_s])
             for index, (kind, target) in enumerate(targets):
                 if kind == "step":
                     found = self._await(f"training step {target}",
                                         lambda: self._at_step(target), deadline)
-                elif kind == "after":
+                elif kind in ("after", "maintenance"):
                     found = self._await(f"{target:g} s of training",
                                         lambda: self._after(target), deadline, interval=0.25)
                 else:
@@ -240,7 +247,7 @@ class Rehearsal:
                 if found == "cancelled":
                     self._missed(targets[index:])
                     break
-                self._interrupt(*found, deadline)
+                self._interrupt(*found, deadline, retire=kind == "maintenance")
             if self.interruptions:
                 self.say("training resumes on the replacement; waiting for completion")
             self._await("the fleet to be cancelled", lambda: self._fleet_cancelled(), deadline)
@@ -267,7 +274,7 @@ class Rehearsal:
                     target, "training finished (the fleet was cancelled) before the trainer "
                             "reached it: choose a step before the end"))
                 self.say(f"no notice sent for step {target}: training finished first")
-            elif kind == "after":
+            elif kind in ("after", "maintenance"):
                 self.missed_after.append((target, "training finished (the fleet was cancelled) "
                                                   "before it: choose a shorter time"))
                 self.say(f"no notice sent {target:g} s after the trainer started: "
@@ -373,18 +380,28 @@ class Rehearsal:
         step = self.progress_of(inst).get("global_step")
         return (inst, step) if isinstance(step, int) and step >= target else None
 
-    def _interrupt(self, inst, step: int, deadline: float) -> None:
+    def _interrupt(self, inst, step: int, deadline: float, retire: bool = False) -> None:
+        from datetime import datetime, timedelta, timezone
+
         record = InterruptionRecord(inst.instance_id, inst.az, step, time.time())
         where = (f"at training step {step}" if self.progress_of(inst)
                  else "(the trainer writes no progress file)")
-        self.cloud.interrupt(inst.instance_id, "terminate", in_seconds=self.plan.notice_s)
+        if retire:  # NotBefore has whole seconds, as AWS writes it
+            not_before = (datetime.now(timezone.utc) + timedelta(seconds=self.plan.notice_s + 1)
+                          ).replace(microsecond=0)
+            self.cloud.schedule_maintenance(inst.instance_id, code="instance-retirement",
+                                            not_before=not_before)
+            what = (f"instance-retirement event scheduled for {inst.instance_id} {where}, "
+                    f"not before {not_before.timestamp() - record.notice_wall:.0f} s from now")
+        else:
+            self.cloud.interrupt(inst.instance_id, "terminate", in_seconds=self.plan.notice_s)
+            what = (f"spot notice posted to {inst.instance_id} {where}, termination in "
+                    f"{self.plan.notice_s:g} s")
+        record.cause = "instance-retirement" if retire else "spot notice"
         self.interruptions.append(record)
-        self.timeline.append(TimelineEntry(record.notice_wall, "rehearsal",
-                                           f"spot notice posted to {inst.instance_id} {where}, "
-                                           f"termination in {self.plan.notice_s:g} s"))
-        log.info("notice_sent", instance_id=inst.instance_id, at_step=step)
-        self.say(f"spot interruption notice to {inst.instance_id} {where} "
-                 f"(termination in {self.plan.notice_s:g} s)")
+        self.timeline.append(TimelineEntry(record.notice_wall, "rehearsal", what))
+        log.info("notice_sent", instance_id=inst.instance_id, at_step=step, cause=record.cause)
+        self.say(what)
         released = self._await(f"{inst.instance_id} to drain",
                                lambda: self._drained_event(inst.instance_id), deadline)
         # Unmounted now, and deleted only after the replacement's copy is verified: read the
@@ -404,6 +421,13 @@ class Rehearsal:
         except VolumeReadError as exc:
             record.volume_read_error = str(exc)
             self.say(f"{inst.instance_id} drained, but its volume could not be read: {exc}")
+        if retire:
+            self._await("the retirement's time", lambda: time.time() >= not_before.timestamp(),
+                        deadline, interval=0.25)
+            self.cloud.terminate(inst.instance_id)
+            self.timeline.append(TimelineEntry(time.time(), "rehearsal",
+                                               f"{inst.instance_id} retired (terminated) at its event's time"))
+            self.say(f"{inst.instance_id} retired at its event's time")
 
     def _read_volume(self, volume_id: str | None):
         if not volume_id:

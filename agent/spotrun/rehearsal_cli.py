@@ -75,6 +75,7 @@ def cmd_rehearse(args) -> int:
                              f"rehearse: {m}", file=sys.stderr, flush=True)),
                          rebalance_after_s=list(args.rebalance_after or []),
                          interrupt_on_files=list(args.interrupt_on_file or []),
+                         maintenance_after_s=list(args.maintenance_after or []),
                          missed_is_failure=demo)
     rehearsal = Rehearsal(plan, narrate=narrate)
     try:
@@ -220,6 +221,11 @@ def register(subparsers) -> None:
                              "volume's root, e.g. 'checkpoints/cifar10_model.003.*') appears on the "
                              "instance then training (repeatable, one instance each, after the "
                              "step and time ones; default: none)")
+    parser.add_argument("--maintenance-after", type=_seconds, action="append", metavar="SECONDS",
+                        help="schedule an instance-retirement event this many seconds after the "
+                             "trainer started (NotBefore --notice-seconds later; the agent drains "
+                             "ahead of it, the instance is terminated then and replaced; "
+                             "repeatable, one instance each, after the notices; default: none)")
     parser.add_argument("--rebalance-after", type=_seconds, action="append", metavar="SECONDS",
                         help="post a rebalance recommendation this many seconds after the trainer "
                              "started: the first to the first instance that trains, the second to "

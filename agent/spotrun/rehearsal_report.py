@@ -27,6 +27,7 @@ class InterruptionRecord:
     volume_after_drain: dict | None = None  # rehearsal_volume.VolumeState.as_dict()
     volume_read_error: str | None = None
     script_files_after_drain: list[dict] | None = None  # rehearsal_volume.list_script_files
+    cause: str = "spot notice"  # or "instance-retirement" (a scheduled maintenance event)
 
 
 @dataclass
@@ -90,6 +91,7 @@ def _resume_figures(rehearsal, boots: list[dict], final: dict | None) -> tuple[l
                 resumed_from, source = checkpoint_step, "newest checkpoint on the volume"
         rows.append({
             "instance_id": record.instance_id, "az": record.az, "notice_at_step": record.at_step,
+            "cause": record.cause,
             "volume": after.get("volume_id"), "volume_read_error": record.volume_read_error,
             "checkpoint": newest.get("name"), "checkpoint_step": checkpoint_step,
             "checkpoint_epoch": newest.get("epoch"), "checkpoint_step_in_epoch": newest.get("step_in_epoch"),
@@ -166,7 +168,7 @@ def _script_figures(rehearsal, boots: list[dict]) -> list[dict]:
         resumed = first["number"] - 1 if first and first["number"] is not None else None
         newest_number = newest["number"] if newest else 0
         rows.append({
-            "instance_id": record.instance_id, "az": record.az,
+            "instance_id": record.instance_id, "az": record.az, "cause": record.cause,
             "trainer_ran_s": _delta(started, stopped),
             "notice_to_volume_released_s": _delta(record.notice_wall, boot.get("released_wall")),
             "trainer_returncode": exit_.get("returncode"), "trainer_outcome": exit_.get("outcome"),
@@ -370,6 +372,11 @@ def _where_in_epoch(r: dict) -> str:
     return f"{k} steps into epoch {epoch + 1}" if k else f"at the start of epoch {epoch + 1}"
 
 
+def _cause(r: dict) -> str:
+    cause = r.get("cause") or "spot notice"
+    return "scheduled instance-retirement event" if cause == "instance-retirement" else cause
+
+
 def _how_it_stopped(r: dict) -> str:
     code = r["trainer_returncode"]
     if code == -15:
@@ -396,7 +403,7 @@ def script_summary_lines(report: dict) -> list[str]:
             resumed = (f"the replacement {r['replacement']} did NOT resume from it: its first new "
                        f"file is {r['replacement_first_checkpoint']} ({r['numbers_redone']} redone)")
         lines.append(textwrap.fill(
-            f"The spot notice reached {r['instance_id']} ({r['az']}) after its trainer had run "
+            f"The {_cause(r)} reached {r['instance_id']} ({r['az']}) after its trainer had run "
             f"{r['trainer_ran_s']} s; {_how_it_stopped(r)}. When it stopped, {newest}: "
             f"{r['training_lost_s']} s of training lost"
             + (f" (and it left {', '.join(r['torn_at_stop'])} torn: written in place when the "
@@ -420,7 +427,7 @@ def summary_lines(report: dict) -> list[str]:
     for r in report["interruptions"]:
         if r["checkpoint_step"] is None:
             continue
-        lines.append(textwrap.fill(f"The spot notice reached {r['instance_id']} ({r['az']}) while "
+        lines.append(textwrap.fill(f"The {_cause(r)} reached {r['instance_id']} ({r['az']}) while "
                                    f"its trainer was "
                      f"at step {r['notice_at_step']} of {report['steps_trained']}. The trainer saved "
                      f"step {r['checkpoint_step']} ({_where_in_epoch(r)}) and stopped; the volume "

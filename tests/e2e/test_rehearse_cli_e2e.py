@@ -136,3 +136,22 @@ def test_a_file_glob_outside_the_volume_is_a_usage_error(shared_tmp, bad):
     assert run.returncode == 2, _ok(run)
     assert "--interrupt-on-file" in run.stderr and "Traceback" not in run.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow  # ~30 s: a drain ahead of the event, the retirement and a replacement's boot
+def test_maintenance_after_retires_the_instance_and_the_job_resumes(shared_tmp, counting_repo):
+    out = shared_tmp / "out"
+    run = _rehearse(out, counting_repo, "--maintenance-after", "1", "--notice-seconds", "6",
+                    "--env", "STEPS=300", "--env", "STEP_S=0.02", "--env", "CKPT_EVERY=10")
+    assert run.returncode == 0, _ok(run)
+    events = [json.loads(line) for line in (out / "cloud" / "cloud-events.jsonl").read_text().splitlines()]
+    scheduled = [e for e in events if e.get("event") == "maintenance_scheduled"]
+    report = json.loads((out / "report.json").read_text())
+    (r,) = report["interruptions"]
+    assert [e["instance_id"] for e in scheduled] == [r["instance_id"]] and _notices(out) == []
+    assert scheduled[0]["code"] == "instance-retirement"
+    terminated = [e["instance_id"] for e in events if e.get("event") == "instance_terminated"]
+    assert r["instance_id"] in terminated
+    assert r["cause"] == "instance-retirement" and r["replacement_trained_steps"] > 0, r
+    assert report["steps_trained"] == 300 and report["failures"] == []
+    assert "scheduled instance-retirement event reached" in run.stdout
