@@ -351,6 +351,25 @@ class Rehearsal:
                          "trainer started")
                 break
 
+    def schedule_as_run(self) -> dict:
+        """This run's interruptions as time-based ones — seconds of training on each instance
+        when each landed — and the training time in all, to replay the same schedule with
+        another trainer (rehearse --compare-with-callback)."""
+        after, retire = [], []
+        for record in self.interruptions:
+            started = self._trainer_started_wall(record.instance_id)
+            seconds = max(0.5, round(record.notice_wall - started, 1)) if started else 0.5
+            (retire if record.cause == "instance-retirement" else after).append(seconds)
+        training_s = 0.0
+        for boot in self.boots:
+            started = self._trainer_started_wall(boot["instance_id"])
+            exits = [wall_time(e.get("ts")) for e in self._agent_events(boot["instance_id"])
+                     if e.get("event") == "trainer_exited"]
+            if started and exits and exits[-1]:
+                training_s += exits[-1] - started
+        return {"interrupt_after_s": after, "maintenance_after_s": retire,
+                "training_s": round(training_s, 1)}
+
     def _next_trainer_exit(self, rebalance: dict) -> dict | None:
         """How the instance's trainer next exited after a rebalance recommendation: a script
         without a SIGUSR1 handler that was signalled dies of it (-10)."""

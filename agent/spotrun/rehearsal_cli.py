@@ -20,10 +20,12 @@ from spotrun.rehearsal import Rehearsal, RehearsalPlan
 from spotrun.rehearsal_report import format_report
 
 # What a rehearsal writes under --out; a rerun removes exactly these (never the whole --out).
-RUN_STATE = ("repo", "cloud", "report.json", "report.txt", "rehearsal.log")
+COMPARE_DIR = "with-callback"  # rehearse --compare-with-callback's second run
+RUN_STATE = ("repo", "cloud", "report.json", "report.txt", "rehearsal.log", COMPARE_DIR)
 # The demo (no --repository) exists to show a resume: it interrupts here unless told otherwise.
 DEMO_INTERRUPT_AT_STEP = 40
 BARE_PYTHON = ("python", "python3")
+DEMO_STEPS = 192  # the demo trainer's steps: 3 epochs of 2048 samples, batches of 32
 
 
 def clear_previous_run(out: Path) -> list[str]:
@@ -83,12 +85,36 @@ def cmd_rehearse(args) -> int:
     except Exception as exc:  # noqa: BLE001 - one line and the evidence, never only a traceback
         _show_failure(rehearsal, out, exc)
         return 1
+    if args.compare_with_callback and not report["failures"]:
+        report["compare_with_callback"] = _compare_with_callback(plan, rehearsal, report, narrate)
     _write_report(out, report)
     if report["failures"]:
         print(f"rehearse: FAILED: {'; '.join(report['failures'])} (report: {out / 'report.txt'})",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _compare_with_callback(plan: RehearsalPlan, rehearsal: Rehearsal, report: dict, narrate) -> dict:
+    """The same schedule — each notice after as many seconds of training as it came in this
+    run — with the reference trainer and spotrun's callback, paced to train about as long, in
+    <out>/with-callback; what each interruption cost there, beside this run's."""
+    from spotrun.rehearsal_report import callback_comparison
+
+    schedule = rehearsal.schedule_as_run()
+    step_s = round(max(0.05, schedule["training_s"] / DEMO_STEPS), 3)
+    (narrate or (lambda m: None))(f"the same schedule with spotrun's callback, in {plan.out / COMPARE_DIR}")
+    again = RehearsalPlan(out=Path(plan.out) / COMPARE_DIR, job_id=plan.job_id, repository="",
+                          interrupt_at_steps=[], interrupt_after_s=schedule["interrupt_after_s"],
+                          maintenance_after_s=schedule["maintenance_after_s"],
+                          rebalance_after_s=list(plan.rebalance_after_s), notice_s=plan.notice_s,
+                          az_policy=plan.az_policy, timeout_s=plan.timeout_s,
+                          trainer_user=plan.trainer_user, mount_point=plan.mount_point,
+                          trainer_env={"DEMO_STEP_S": str(step_s)}, missed_is_failure=False)
+    callback = Rehearsal(again, narrate=narrate).run()
+    (again.out / "report.json").write_text(json.dumps(callback, indent=2))
+    (again.out / "report.txt").write_text(format_report(callback) + "\n")
+    return callback_comparison(report, callback, step_s)
 
 
 def trainer_command(command: list[str] | None, python: str | None) -> list[str]:
@@ -104,6 +130,11 @@ def trainer_command(command: list[str] | None, python: str | None) -> list[str]:
 def _write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = format_report(report)
+    if report.get("compare_with_callback"):
+        from spotrun.rehearsal_report import comparison_lines
+
+        table += "\n" + "\n".join(comparison_lines(report["compare_with_callback"],
+                                                   str(out / COMPARE_DIR / "report.txt")))
     table += "".join(f"\nnote: {n}" for n in report.get("notes", []))
     (out / "report.txt").write_text(table + "\n")
     print(table)
@@ -226,6 +257,10 @@ def register(subparsers) -> None:
                              "trainer started (NotBefore --notice-seconds later; the agent drains "
                              "ahead of it, the instance is terminated then and replaced; "
                              "repeatable, one instance each, after the notices; default: none)")
+    parser.add_argument("--compare-with-callback", action="store_true",
+                        help="after a run that passed, run the same schedule with spotrun's "
+                             "reference trainer (its callback) in <out>/with-callback, and report "
+                             "what each interruption cost there beside your script's")
     parser.add_argument("--rebalance-after", type=_seconds, action="append", metavar="SECONDS",
                         help="post a rebalance recommendation this many seconds after the trainer "
                              "started: the first to the first instance that trains, the second to "

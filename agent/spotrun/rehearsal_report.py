@@ -419,6 +419,36 @@ ADVICE = ("advice: spotrun's callback saves when the notice comes (SIGTERM), so 
           "docs/trainer.md).")
 
 
+def callback_comparison(script: dict, callback: dict, step_s: float) -> dict:
+    """Interruption by interruption, what the user's script lost beside what spotrun's callback
+    (the reference trainer, the same schedule) lost: its steps redone, at ``step_s`` each."""
+    rows = []
+    mine = script.get("script_interruptions") or script["interruptions"]
+    theirs = callback["interruptions"]
+    for index, row in enumerate(mine):
+        other = theirs[index] if index < len(theirs) else {}
+        redone = other.get("steps_redone")
+        rows.append({"cause": row.get("cause"),
+                     "script_training_lost_s": row.get("training_lost_s"),
+                     "callback_steps_redone": redone,
+                     "callback_training_lost_s": round(redone * step_s, 3) if isinstance(redone, int) else None,
+                     "callback_checkpoint_durable_after_notice_s": other.get("notice_to_durable_checkpoint_s")})
+    return {"step_s": step_s, "interruptions": rows, "callback_failures": callback["failures"],
+            "callback_notes": callback.get("notes", [])}
+
+
+def comparison_lines(comparison: dict, where: str) -> list[str]:
+    lines = [f"with spotrun's callback (the reference trainer paced at {comparison['step_s']:g} s a "
+             f"step, the same schedule; {where}):"]
+    for i, r in enumerate(comparison["interruptions"], 1):
+        lines.append(f"  interruption {i}: your script lost {r['script_training_lost_s']} s of "
+                     f"training; the callback redid {r['callback_steps_redone']} steps "
+                     f"({r['callback_training_lost_s']} s), its checkpoint durable "
+                     f"{r['callback_checkpoint_durable_after_notice_s']} s after the notice")
+    lines += [f"  the callback's run: {f}" for f in comparison["callback_failures"]]
+    return lines
+
+
 def summary_lines(report: dict) -> list[str]:
     """What happened, in words, for someone who has never seen a spot interruption."""
     if report.get("script_interruptions"):

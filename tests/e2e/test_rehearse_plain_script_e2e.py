@@ -96,3 +96,26 @@ def test_seed_style_script_resumes_from_its_newest_file_on_its_own_volume(shared
 
     assert _host_mount_point_empty(), sorted(os.listdir(HOST_MOUNT_POINT))
     assert "training lost" in run.stdout and "advice:" in run.stdout
+
+
+def test_compare_with_callback_replays_the_schedule_with_spotruns_trainer(shared_tmp):
+    repo = commit_repository(shared_tmp / "repo", {SCRIPT: ROOT / SCRIPT}, "the plain script")
+    out = shared_tmp / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "spotrun", "rehearse", "--out", str(out), "--repository", repo,
+         "--command", "python", SCRIPT, "--env", "EPOCHS=8", "--interrupt-after", "12",
+         "--notice-seconds", "8", "--compare-with-callback", "--timeout", "300"],
+        capture_output=True, text=True, timeout=700)
+    assert run.returncode == 0, f"rc={run.returncode}\n{run.stderr[-5000:]}\n{run.stdout[-3000:]}"
+    comparison = json.loads((out / "report.json").read_text())["compare_with_callback"]
+    (row,) = comparison["interruptions"]
+    assert row["script_training_lost_s"] is not None and comparison["callback_failures"] == []
+    # The second run is a run of its own: its cloud's record, its volume images.
+    second = out / "with-callback"
+    events = [json.loads(line) for line in (second / "cloud" / "cloud-events.jsonl").read_text().splitlines()]
+    assert len([e for e in events if e.get("event") == "spot_interruption_notice"]) == 1
+    callback = json.loads((second / "report.json").read_text())
+    (theirs,) = callback["interruptions"]
+    assert callback["completed"] and theirs["steps_redone"] is not None and theirs["steps_redone"] <= 1
+    assert row["callback_steps_redone"] == theirs["steps_redone"]
+    assert "with spotrun's callback" in run.stdout
