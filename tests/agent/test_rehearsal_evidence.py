@@ -165,6 +165,7 @@ def test_a_rerun_reuses_the_repository_and_clears_only_the_runs_state(tmp_path):
     for name in ("report.json", "report.txt", "rehearsal.log"):
         (out / name).write_text("old")
     (out / "cloud" / "ebs").mkdir(parents=True)
+    (out / "with-callback" / "cloud").mkdir(parents=True)  # --compare-with-callback's run
     (out / "mine.txt").write_text("keep")
     assert sorted(clear_previous_run(out)) == sorted(RUN_STATE)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from spotrun.rehearsal_report import (InterruptionRecord, _script_figures, format_report,
-                                      script_checkpoints, verdict)
+from spotrun.rehearsal_report import InterruptionRecord, format_report, verdict
+from spotrun.rehearsal_script_report import script_checkpoints, script_figures
 from spotrun.rehearsal_volume import list_script_files, opens_whole
 
 
@@ -103,7 +103,7 @@ def _rehearsal(after_drain, final):
 
 
 def _judged(rehearsal, boots):
-    rows = _script_figures(rehearsal, boots)
+    rows = script_figures(rehearsal, boots)
     report = {"script_interruptions": rows, "fleet_state": "cancelled", "completed": "yes",
               "volumes_left": [{"id": "vol-1"}], "steps_trained": None, "interruptions": []}
     return rows, verdict(rehearsal, report)
