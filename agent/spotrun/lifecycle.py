@@ -186,11 +186,12 @@ class Lifecycle(Boot):
         def on_signal(signum, _frame):
             if self.supervisor is not None:  # before the trainer's exit can be judged finished
                 self.supervisor.note_agent_stopping()
+            # Deactivating from here on: no watchdog, TimeoutStopSec runs (a no-op if the
+            # signal was systemd's own stop). Said before the loop is woken, so that it comes
+            # before the drain's own status. Lock-free, so safe in a handler.
+            self.notifier.stopping(f"stopping on {signal.Signals(signum).name}: draining")
             self.events.put(StopRequested(signum))
             self._stop_event.set()
-            # Deactivating from here on: no watchdog, TimeoutStopSec runs (a no-op if the
-            # signal was systemd's own stop). Lock-free, so safe in a handler.
-            self.notifier.stopping(f"stopping on {signal.Signals(signum).name}: draining")
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_signal)

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spotrun import tags as tagkeys
+from spotrun.localcloud import motofleets
+from spotrun.localcloud.motofleets import GONE
 from spotrun.localcloud.instance import Instance
 from spotrun.log import get_logger
 
 log = get_logger("localcloud.agents")
-GONE = ("shutting-down", "terminated")
 
 
 def agent_log_path(inst: Instance) -> Path:
@@ -96,12 +97,6 @@ def _user_data(raw: Any) -> bytes:
         return text.encode()
 
 
-def _first_override_type(group: Any) -> str:
-    policy = getattr(group, "mixed_instances_policy", None) or {}
-    overrides = policy.get("LaunchTemplate", {}).get("Overrides", [])
-    return next((o["InstanceType"] for o in overrides if o.get("InstanceType")), "")
-
-
 class InstanceAgents:
     """Takes in the instances moto's fleets and groups launch, boots their agents, replaces
     what a ``maintain`` fleet lost and powers off what moto terminated (see the module)."""
@@ -111,10 +106,7 @@ class InstanceAgents:
         self.config = config  # inst -> the AMI's agent config for it
         self.poll_s = poll_s
         self.taken: list[str] = []  # instance ids taken in, in order
-        # Spot Fleets that moto itself fulfilled (made through the API). The cloud's own
-        # (fleet.py) are made with capacity 0 and registered in cloud.fleets only once
-        # started: never "replace" for them in between.
-        self._api_spot_fleets: set[str] = set()
+        self._api_spot_fleets: set[str] = set()  # see motofleets.members
         self.booted: dict[str, subprocess.Popen] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -147,69 +139,31 @@ class InstanceAgents:
                 log.exception("instance_agents_pass_failed", error=f"{type(exc).__name__}: {exc}")
 
     # -- one pass ---------------------------------------------------------------------------
-    def _backends(self) -> tuple[Any, Any]:
-        from moto.autoscaling.models import autoscaling_backends
-        from moto.ec2.models import ec2_backends
-
-        return (ec2_backends[self.cloud.account_id][self.cloud.region],
-                autoscaling_backends[self.cloud.account_id][self.cloud.region])
-
     def reconcile(self) -> None:
-        ec2, autoscaling = self._backends()
-        members = self._members(ec2, autoscaling)  # instance id -> (moto instance, reserved tags)
+        ec2, autoscaling = motofleets.backends(self.cloud.account_id, self.cloud.region)
+        # instance id -> (moto instance, reserved tags)
+        members = motofleets.members(ec2, autoscaling, own=self.cloud.fleets,
+                                     api_spot_fleets=self._api_spot_fleets)
         for instance_id, (moto_instance, reserved) in members.items():
             if moto_instance.state not in GONE and instance_id not in self.cloud.instances:
                 self._take_in(moto_instance, reserved)
         self._power_off_gone(ec2)
-        self._replace_lost(ec2)
-
-    def _members(self, ec2: Any, autoscaling: Any) -> dict[str, tuple[Any, dict[str, str]]]:
-        found: dict[str, tuple[Any, dict[str, str]]] = {}
-        for fleet in list(ec2.fleets.values()):
-            for request in list(fleet.spot_requests):
-                found[request.instance.id] = (request.instance, {tagkeys.EC2_FLEET: fleet.id})
-            for item in list(fleet.on_demand_instances):
-                found[item["instance"].id] = (item["instance"], {tagkeys.EC2_FLEET: fleet.id})
-        for request_id, fleet in list(ec2.spot_fleet_requests.items()):
-            if request_id in self.cloud.fleets:
-                continue  # the cloud's own Spot Fleet (fleet.py) runs its own instances
-            for request in list(fleet.spot_requests):
-                self._api_spot_fleets.add(request_id)
-                found[request.instance.id] = (request.instance,
-                                              {tagkeys.SPOT_FLEET_REQUEST: request_id})
-        for group in list(autoscaling.autoscaling_groups.values()):
-            chosen = _first_override_type(group)
-            for state in list(group.instance_states):
-                if not state.instance.instance_type and chosen:
-                    # moto leaves a mixed-instances group's type empty (the template names
-                    # none); EC2 launches one of the overrides, and says so everywhere.
-                    state.instance.instance_type = chosen
-                found[state.instance.id] = (state.instance, {})  # moto tags these itself
-        return found
+        motofleets.replace_lost(ec2, own=self.cloud.fleets, api_spot_fleets=self._api_spot_fleets,
+                                record_event=self.cloud.record_event)
 
     def _take_in(self, moto_instance: Any, reserved: dict[str, str]) -> None:
         cloud = self.cloud
         instance_id = moto_instance.id
-        if reserved:
-            cloud._put_reserved_tags(instance_id, reserved)
         tags = {t["key"]: t["value"] for t in moto_instance.get_tags()}
         tags.update(reserved)
-        az = moto_instance.placement.zone or cloud.azs[0]
-        inst = Instance(instance_id=instance_id, az=az, az_id=cloud._az_ids.get(az, ""),
-                        instance_type=moto_instance.instance_type, region=cloud.region,
-                        account_id=cloud.account_id, ami_id=moto_instance.image_id,
-                        private_ip=moto_instance.private_ip or "10.0.0.10", tags=tags,
-                        user_data=_user_data(moto_instance.user_data),
-                        root=cloud.root / "instances" / instance_id,
-                        ec2_endpoint=cloud.ec2_endpoint)
-        inst.make_dirs()
-        inst.metadata = cloud._start_metadata(inst)
-        cloud.instances[instance_id] = inst
+        inst = cloud.take_in(instance_id, az=moto_instance.placement.zone or cloud.azs[0],
+                             instance_type=moto_instance.instance_type,
+                             ami_id=moto_instance.image_id, tags=tags,
+                             user_data=_user_data(moto_instance.user_data),
+                             private_ip=moto_instance.private_ip or "10.0.0.10",
+                             launched_by=reserved or {k: v for k, v in tags.items()
+                                                      if k == tagkeys.AUTOSCALING_GROUP})
         self.taken.append(instance_id)
-        cloud.record_event("instance_launched", instance_id=instance_id, az=az,
-                           instance_type=inst.instance_type, imds_endpoint=inst.imds_endpoint,
-                           root=str(inst.root), launched_by=reserved or {
-                               k: v for k, v in tags.items() if k == tagkeys.AUTOSCALING_GROUP})
         if not inst.user_data:
             # An AMI launched without a job stays idle (the unit's ExecCondition): so here.
             cloud.record_event("instance_agent_skipped", instance_id=instance_id,
@@ -237,28 +191,6 @@ class InstanceAgents:
             except Exception:  # noqa: BLE001 - moto forgot it: gone as well
                 moto_state = "terminated"
             if moto_state in GONE:
-                self.cloud._power_off(inst, "terminated")
+                self.cloud.power_off(inst, "terminated")
             elif moto_state == "stopped":
-                self.cloud._power_off(inst, "stopped")
-
-    def _replace_lost(self, ec2: Any) -> None:
-        """A ``maintain`` fleet (moto's EC2 Fleets and API-made Spot Fleets) keeps its target:
-        a terminated member leaves its requests (moto drops some itself) and a new one is
-        launched, as EC2 does."""
-        fleets = [f for f in list(ec2.fleets.values())
-                  if f.fleet_type == "maintain" and f.state == "active"]
-        fleets += [f for request_id, f in list(ec2.spot_fleet_requests.items())
-                   if request_id in self._api_spot_fleets and request_id not in self.cloud.fleets
-                   and f.state == "active"]
-        for fleet in fleets:
-            lost = [r.instance.id for r in fleet.spot_requests if r.instance.state in GONE]
-            fleet.spot_requests = [r for r in fleet.spot_requests if r.instance.state not in GONE]
-            live = len(fleet.spot_requests) + len([
-                i for i in getattr(fleet, "on_demand_instances", []) if i["instance"].state not in GONE])
-            missing = fleet.target_capacity - live
-            if missing <= 0:
-                continue
-            fleet.fulfilled_capacity = float(live)
-            self.cloud.record_event("fleet_replacing", fleet_id=fleet.id, lost=lost,
-                                    launching=missing)
-            fleet.create_spot_requests(missing)
+                self.cloud.power_off(inst, "stopped")

@@ -53,21 +53,32 @@ class ComputeMixin:
         if user_data:
             request["UserData"] = base64.b64encode(user_data).decode()
         answer = self.client("ec2", faults=False).run_instances(**request)["Instances"][0]
-        instance_id = answer["InstanceId"]
-        if len(own_tags) != len(tags):
-            self._put_reserved_tags(instance_id, {k: v for k, v in tags.items() if k not in own_tags})
+        return self.take_in(answer["InstanceId"], az=az, instance_type=instance_type,
+                            ami_id=request["ImageId"], tags=tags, user_data=user_data,
+                            private_ip=answer.get("PrivateIpAddress", "10.0.0.10"))
+
+    def take_in(self, instance_id: str, *, az: str, instance_type: str, ami_id: str,
+                tags: Mapping[str, str], user_data: bytes = b"", private_ip: str = "10.0.0.10",
+                **launched: Any) -> Instance:
+        """An instance that exists in moto becomes one of this cloud's: its reserved
+        (``aws:``) tags in moto's backend, its directories, its metadata service. For
+        RunInstances here and for the members of moto's fleets and groups that
+        agents.InstanceAgents finds; ``launched`` goes into the instance_launched event."""
+        tags = {str(k): str(v) for k, v in tags.items()}
+        reserved = {k: v for k, v in tags.items() if k.startswith("aws:")}
+        if reserved:
+            self._put_reserved_tags(instance_id, reserved)
         inst = Instance(instance_id=instance_id, az=az, az_id=self._az_ids.get(az, ""),
                         instance_type=instance_type, region=self.region,
-                        account_id=self.account_id, ami_id=request["ImageId"],
-                        private_ip=answer.get("PrivateIpAddress", "10.0.0.10"), tags=tags,
-                        user_data=user_data, root=self.root / "instances" / instance_id,
+                        account_id=self.account_id, ami_id=ami_id, private_ip=private_ip,
+                        tags=tags, user_data=user_data, root=self.root / "instances" / instance_id,
                         ec2_endpoint=self.ec2_endpoint)
         inst.make_dirs()
         self.instances[instance_id] = inst
         inst.metadata = self._start_metadata(inst)
         self.record_event("instance_launched", instance_id=instance_id, az=az,
                           instance_type=instance_type, imds_endpoint=inst.imds_endpoint,
-                          root=str(inst.root))
+                          root=str(inst.root), **launched)
         return inst
 
     def _put_reserved_tags(self, instance_id: str, tags: dict[str, str]) -> None:
@@ -134,6 +145,12 @@ class ComputeMixin:
             inst = self.instances.get(instance_id)
             if inst is not None:
                 self._power_off(inst, state)
+
+    def power_off(self, inst: Instance, state: str = "terminated") -> None:
+        """What EC2 does to an instance that went ``terminated`` or ``stopped`` without this
+        cloud being asked (moto ended it: a fleet or group deleted with its instances): its
+        processes die, its mounts go."""
+        self._power_off(inst, state)
 
     def _power_off(self, inst: Instance, state: str) -> None:
         # The notice timer, the API and stop() may race to power the same instance off.

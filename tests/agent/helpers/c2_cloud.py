@@ -140,11 +140,13 @@ def world(tmp_path):
         yield World(cloud, tmp_path)
     finally:
         cloud.stop()
-        # The cloud releases its devices as it stops; give the kernel a moment to agree.
+        # The cloud releases its devices as it stops; the kernel lets a lazily unmounted ext4
+        # go once its journal is written back: seconds on a loaded machine (10 s was once not
+        # enough in a CI dry run beside a soak and two rehearsals).
         left = []
         try:
             wait_until(lambda: not (loop_devices_backed_by(tmp_path) or mounts_under(tmp_path)),
-                       timeout=10, what="loop devices and mounts to be released")
+                       timeout=30, what="loop devices and mounts to be released")
         except AssertionError:
             left = loop_devices_backed_by(tmp_path) + mounts_under(tmp_path)
         assert left == [], "loop devices or mounts left behind"
