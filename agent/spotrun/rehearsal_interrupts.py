@@ -4,6 +4,7 @@ instance-retirement events, rebalance recommendations — and what it reads back
 drain. A mixin of spotrun.rehearsal.Rehearsal (its cloud, fleet, boots and timeline)."""
 from __future__ import annotations
 
+import glob
 import time
 from pathlib import Path
 
@@ -36,8 +37,6 @@ class Interrupting:
     def _file_appeared(self, pattern: str):
         """(instance, step) once a file matching ``pattern`` is on the current instance's
         volume; "cancelled" once the fleet is gone."""
-        import glob
-
         if self._fleet_cancelled():
             return "cancelled"
         inst = self.current_instance()
