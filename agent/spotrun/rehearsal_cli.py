@@ -86,7 +86,13 @@ def cmd_rehearse(args) -> int:
         _show_failure(rehearsal, out, exc)
         return 1
     if args.compare_with_callback and not report["failures"]:
-        report["compare_with_callback"] = _compare_with_callback(plan, rehearsal, report, narrate)
+        try:
+            report["compare_with_callback"] = _compare_with_callback(plan, rehearsal, report, narrate)
+        except Exception as exc:  # noqa: BLE001 - your run's report stands; one line on why
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            report["failures"].append(f"the --compare-with-callback run failed: "
+                                      f"{type(exc).__name__}: {reason} (its logs under "
+                                      f"{out / COMPARE_DIR})")
     _write_report(out, report)
     if report["failures"]:
         print(f"rehearse: FAILED: {'; '.join(report['failures'])} (report: {out / 'report.txt'})",
@@ -99,7 +105,7 @@ def _compare_with_callback(plan: RehearsalPlan, rehearsal: Rehearsal, report: di
     """The same schedule — each notice after as many seconds of training as it came in this
     run — with the reference trainer and spotrun's callback, paced to train about as long, in
     <out>/with-callback; what each interruption cost there, beside this run's."""
-    from spotrun.rehearsal_report import callback_comparison
+    from spotrun.rehearsal_script_report import callback_comparison
 
     schedule = rehearsal.schedule_as_run()
     step_s = round(max(0.05, schedule["training_s"] / DEMO_STEPS), 3)
@@ -131,7 +137,7 @@ def _write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = format_report(report)
     if report.get("compare_with_callback"):
-        from spotrun.rehearsal_report import comparison_lines
+        from spotrun.rehearsal_script_report import comparison_lines
 
         table += "\n" + "\n".join(comparison_lines(report["compare_with_callback"],
                                                    str(out / COMPARE_DIR / "report.txt")))
