@@ -149,6 +149,7 @@ def test_detaching_a_mounted_volume_stays_busy_until_unmounted(cloud, ec2):
     assert described["Attachments"][0]["State"] == "busy"
     assert link.exists()
     # While it is held, nobody else may attach it or delete it.
+    other = cloud.launch_instance(az="us-east-1a")
     with pytest.raises(ec2.exceptions.ClientError) as refused:
         ec2.attach_volume(VolumeId=vol, InstanceId=other.instance_id, Device="/dev/sdf")
     assert refused.value.response["Error"]["Code"] == "VolumeInUse"
