@@ -107,6 +107,11 @@ def test_init_launch_interrupt_watch_until_done(journey):
     assert "job journey done" in watch.stderr, watch.stderr[-2000:]
 
     # -- judged by the cloud's own record ----------------------------------------------------
+    # The watch ends when the job is recorded done; the agent deletes the fleet right after,
+    # so its DeleteFleets may reach the ledger a moment later (a CI dry run read it first).
+    wait_until(lambda: any(performed(r) for r in calls(read_ledger(root / "ledger.jsonl"),
+                                                       action="DeleteFleets")),
+               60, "the agent's DeleteFleets in the cloud's ledger", interval=0.5)
     ledger = read_ledger(root / "ledger.jsonl")
     [create] = [r for r in calls(ledger, action="CreateFleet") if performed(r)]
     assert create["instance"] is None  # the operator's `spotrun launch`
