@@ -16,6 +16,7 @@ from spotrun.rehearsal import Rehearsal, RehearsalPlan
 from spotrun.rehearsal_report import read_events, wall_time
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakinject import read_json_lines
+from spotrun.soakkinds_cloud import MAX_NOT_FOUND_S
 from spotrun.soakplan import PAIR_KINDS, JobPlan
 from spotrun.waiting import wait_until
 
@@ -44,9 +45,14 @@ class SoakJob(Rehearsal):
             lease_table=LEASE_TABLE if plan.lease else "",
             # Without the table, the operator's promise of one instance (soakplan gives such
             # jobs only kinds where no two agents meet).
+            # The consistency window fits the cloud's lag model: with the AWS default (120 s)
+            # a replacement that waits out a drain's unrecorded snapshot and then its own
+            # ambiguous CreateSnapshot spent 227 s in lookups and ran past the job's timeout
+            # (long soak, seed 1, job 59) -- a wait sized for AWS, not a fault.
             agent_config={"trainer": {"drain_reserve_s": 2.0, "restart_backoff_s": 0.5},
                           "agent": {"maintenance_lead_s": self.maintenance_lead_s},
-                          **({} if plan.lease else {"aws": {"single_instance": True}})}),
+                          "aws": {"consistency_window_s": 4 * MAX_NOT_FOUND_S,
+                                  **({} if plan.lease else {"single_instance": True})}}),
             cloud=cloud)
         self.job_plan = plan
         self.deadline = time.monotonic() + timeout_s
