@@ -25,7 +25,7 @@ SUBCOMMANDS = {
     "agent": "spotrun.agentcmd",
     "init": "spotrun.operator.cli", "launch": "spotrun.operator.cli",
     "status": "spotrun.operator.cli", "cancel": "spotrun.operator.cli",
-    "teardown": "spotrun.operator.cli",
+    "teardown": "spotrun.operator.cli", "plan": "spotrun.operator.cli",
     "localcloud": "spotrun.localcloud.cli",
     "rehearse": "spotrun.rehearsal",
     "soak": "spotrun.soak",

@@ -1,4 +1,4 @@
-"""``spotrun init|launch|status|cancel``: the operator's commands, run from a laptop."""
+"""``spotrun init|launch|status|cancel|teardown|plan``: the operator's commands, run from a laptop."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from typing import Any
 
 
 from spotrun import log
+from spotrun.config import ConfigError
 from spotrun.errors import SpotrunError, UsageError
 from spotrun.operator import cancel as cancel_mod
 from spotrun.operator import init as init_mod
@@ -88,6 +89,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     teardown.add_argument("--yes", "-y", action="store_true", help="don't ask (required without a terminal)")
     teardown.set_defaults(func=cmd_teardown)
 
+    plan = subparsers.add_parser(
+        "plan", help="the jobs a job file runs: one, or one per experiment of its [sweep]",
+        description="Validates the job file (no AWS call) and lists each job it runs: its id, "
+                    "the trainer's command line and the environment it changes.")
+    plan.add_argument("--job-file", "-f", metavar="PATH",
+                      help=f"the job file (default: ./{jobfile.DEFAULT_JOB_FILE})")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=cmd_plan)
+
 
 def _aws_errors_as_messages(func):
     """botocore's exceptions become one clear line and exit 1, not a traceback."""
@@ -118,7 +128,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 @_aws_errors_as_messages
 def cmd_init(args: argparse.Namespace) -> int:
-    job = jobfile.load(args.job_file)  # validation before any AWS call
+    job = _single_job(args.job_file, "init")  # validation before any AWS call
     reporter = _setup(args)
     args.watch_line = False
     if args.dry_run:
@@ -136,7 +146,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 @_aws_errors_as_messages
 def cmd_launch(args: argparse.Namespace) -> int:
-    job = jobfile.load(args.job_file)
+    job = _single_job(args.job_file, "launch")
     reporter = _setup(args)
     args.watch_line = False
     if args.dry_run:
@@ -169,9 +179,19 @@ def _launch_plan_text(job: jobfile.Job, plan: dict) -> str:
     return "\n".join(lines)
 
 
+def _single_job(path: str | None, command: str) -> jobfile.Job:
+    """The job file's job; a sweep is refused by name until its commands exist (issue 19)."""
+    job = jobfile.load(path)
+    if job.experiments:
+        raise ConfigError("sweep", f"`spotrun {command}` runs one job; a sweep of "
+                          f"{len(job.experiments)} experiments is not launched by spotrun yet "
+                          "(`spotrun plan` lists them)", job.source)
+    return job
+
+
 def _job_from_args(args: argparse.Namespace) -> tuple[str, jobfile.Job | None]:
     if args.job_file or (not args.job and Path(jobfile.DEFAULT_JOB_FILE).is_file()):
-        job = jobfile.load(args.job_file)
+        job = _single_job(args.job_file, getattr(args, "command", "status"))
         if args.job and args.job != job.id:
             raise UsageError(f"--job {args.job} does not match the job file's job.id {job.id}")
         return job.id, job
@@ -271,7 +291,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @_aws_errors_as_messages
 def cmd_teardown(args: argparse.Namespace) -> int:
-    job = jobfile.load(args.job_file)  # the names come from the job file
+    job = _single_job(args.job_file, "teardown")  # the names come from the job file
     if not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("teardown removes the job's AWS resources: confirm with --yes when not on a terminal")
@@ -288,4 +308,26 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     text = (f"job {job.id}: removed {len(result['removed'])}, kept {len(result['kept'])}: "
             + ", ".join(f"{k['resource']} {k['name']}" for k in result["kept"]))
     _emit(args, result, text.rstrip(": "))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    job = jobfile.load(args.job_file)
+    rows = [{"name": "", "job_id": job.id, "command": list(job.config.trainer.command),
+             "env": {}, "parameters": {}}]
+    if job.experiments:
+        rows = [{"name": e.name, "job_id": e.job_id,
+                 "command": list(job.experiment_job(e).config.trainer.command),
+                 "env": dict(e.env), "parameters": dict(e.parameters)} for e in job.experiments]
+    if args.json:
+        print(json.dumps({"job": job.id, "sweep": bool(job.experiments), "jobs": rows}, indent=2,
+                         default=str))
+        return 0
+    what = (f"a sweep of {len(rows)} experiments on {job.launch.target_capacity} instance(s)"
+            if job.experiments else "one job")
+    lines = [f"{job.source}: {what}"]
+    for row in rows:
+        env = " ".join(f"{k}={v}" for k, v in row["env"].items())
+        lines.append(f"  {row['job_id']:40} {' '.join(row['command'])}" + (f"  [{env}]" if env else ""))
+    print("\n".join(lines))
     return 0

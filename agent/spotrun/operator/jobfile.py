@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from spotrun import config as agent_config
 from spotrun.config import ConfigError
-from spotrun.operator import validate
+from spotrun.operator import sweep, validate
 from spotrun.usersecrets import check_no_secrets
 
 DEFAULT_JOB_FILE = "spotrun.toml"
@@ -73,6 +73,8 @@ class Job:
     # The agent-config sections exactly as the file wrote them (what the user data carries).
     agent_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "job file"
+    # A sweep's experiments ([sweep], operator/sweep.py); () for a single job.
+    experiments: tuple[sweep.Experiment, ...] = ()
 
     @property
     def id(self) -> str:
@@ -120,6 +122,19 @@ class Job:
         if out.get("aws") == {}:
             del out["aws"]
         return out
+
+
+    def experiment_job(self, experiment: sweep.Experiment) -> "Job":
+        """The job one experiment of the sweep runs: its own id, the trainer's command with the
+        experiment's args appended and its env merged over trainer.env; the rest as written."""
+        overrides = {section: dict(values) for section, values in self.agent_overrides.items()}
+        overrides.setdefault("job", {})["id"] = experiment.job_id
+        trainer = overrides.setdefault("trainer", {})
+        trainer["command"] = [*self.config.trainer.command, *experiment.args]
+        trainer["env"] = {**self.config.trainer.env, **experiment.env}
+        source = f"{self.source} [sweep: {experiment.name}]"
+        config = agent_config.load(None, (overrides, source))
+        return Job(config=config, launch=self.launch, agent_overrides=overrides, source=source)
 
 
 def bounded_name(name: str, limit: int) -> str:
@@ -202,6 +217,7 @@ def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
     validate.check_finite(raw, source)
     check_no_secrets(raw, source)
     launch = _launch_spec(raw.pop("launch", {}), source)
+    sweep_raw = raw.pop("sweep", None)
     config = agent_config.load(None, (raw, source))
     if not config.code.repository:
         raise ConfigError("code.repository", "is required: the git URL of the training code", source)
@@ -222,7 +238,25 @@ def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
     overrides = {section: dict(values) for section, values in raw.items()}
     job = Job(config=config, launch=launch, agent_overrides=overrides, source=source)
     validate.render_user_data(job)  # size and content of what launch will send, checked for init too
+    if sweep_raw is not None:
+        job = dataclasses.replace(job, experiments=_checked_sweep(job, sweep_raw))
     return job
+
+
+def _checked_sweep(job: Job, raw: Any) -> tuple[sweep.Experiment, ...]:
+    """The sweep's experiments, each one a valid job; the fleet fits the sweep."""
+    experiments = sweep.expand(raw, job.id, job.source)
+    if not job.lease_table or job.config.aws.single_instance:
+        raise ConfigError("sweep", "needs the lease table (launch.lease_table = true, "
+                          "aws.single_instance = false): it is where instances claim "
+                          "experiments", job.source)
+    if job.launch.target_capacity > len(experiments):
+        raise ConfigError("launch.target_capacity", f"{job.launch.target_capacity} instances for "
+                          f"{len(experiments)} experiments: at most one instance per experiment",
+                          job.source)
+    for experiment in experiments:
+        validate.render_user_data(job.experiment_job(experiment))
+    return experiments
 
 
 def load(path: str | Path | None) -> Job:

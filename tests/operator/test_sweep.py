@@ -1,0 +1,143 @@
+"""[sweep] in the job file (issue 19): experiments and grids expand to one job each, and every
+bad field is named before any AWS call."""
+from __future__ import annotations
+
+import pytest
+
+from spotrun.config import ConfigError
+from spotrun.operator import jobfile, sweep
+
+BASE = {"job": {"id": "cifar"}, "code": {"repository": "https://example.com/train.git"},
+        "trainer": {"command": ["python", "train.py"], "env": {"SEED": "1", "WARMUP": "0"}}}
+
+
+def _job(sweep_section, **launch):
+    return jobfile.from_mapping({**BASE, "launch": launch, "sweep": sweep_section}, "sweep.toml")
+
+
+def test_a_grid_expands_to_every_combination_in_order_with_options_appended():
+    job = _job({"grid": {"lr": [0.1, 1e-05], "batch_size": [64, 128], "augment": [True]}})
+    names = [e.name for e in job.experiments]
+    assert names == ["lr0.1-batch_size64-augmenttrue", "lr0.1-batch_size128-augmenttrue",
+                     "lr1e-05-batch_size64-augmenttrue", "lr1e-05-batch_size128-augmenttrue"]
+    third = job.experiment_job(job.experiments[2])
+    assert third.id == "cifar-lr1e-05-batch_size64-augmenttrue"
+    assert third.config.trainer.command == ("python", "train.py", "--lr", "1e-05",
+                                            "--batch_size", "64", "--augment", "true")
+    assert dict(third.config.trainer.env) == {"SEED": "1", "WARMUP": "0"}
+    assert job.experiments[2].parameters == {"lr": 1e-05, "batch_size": 64, "augment": True}
+    # The base job is untouched: the sweep changes only each experiment's copy.
+    assert job.id == "cifar" and job.config.trainer.command == ("python", "train.py")
+
+
+def test_a_grid_passed_as_environment():
+    job = _job({"grid": {"LR": [0.5, 0.25]}, "pass_as": "env"})
+    first = job.experiment_job(job.experiments[0])
+    assert first.config.trainer.command == ("python", "train.py")
+    assert dict(first.config.trainer.env) == {"SEED": "1", "WARMUP": "0", "LR": "0.5"}
+
+
+def test_named_experiments_override_args_and_env_and_keep_their_order():
+    job = _job({"experiments": [
+        {"name": "baseline"},
+        {"name": "warm", "args": ["--epochs", "30"], "env": {"WARMUP": "5"}}]})
+    assert [e.job_id for e in job.experiments] == ["cifar-baseline", "cifar-warm"]
+    warm = job.experiment_job(job.experiments[1])
+    assert warm.config.trainer.command == ("python", "train.py", "--epochs", "30")
+    assert dict(warm.config.trainer.env) == {"SEED": "1", "WARMUP": "5"}
+    assert warm.user_data_overrides()["job"]["id"] == "cifar-warm"
+    assert "sweep" not in warm.user_data_overrides()
+
+
+def test_a_file_without_a_sweep_has_no_experiments():
+    assert jobfile.from_mapping({**BASE, "launch": {}}).experiments == ()
+
+
+BAD = [
+    ("not a table", ["x"], {}, "sweep"),
+    ("neither", {}, {}, "sweep"),
+    ("both", {"grid": {"lr": [1]}, "experiments": [{"name": "a"}]}, {}, "sweep"),
+    ("unknown key", {"grid": {"lr": [1]}, "grd": 1}, {}, "sweep.grd"),
+    ("empty grid", {"grid": {}}, {}, "sweep.grid"),
+    ("empty values", {"grid": {"lr": [0.1], "bs": []}}, {}, "sweep.grid.bs"),
+    ("a table as a value", {"grid": {"lr": [{"x": 1}]}}, {}, "sweep.grid.lr"),
+    ("a value twice", {"grid": {"lr": [0.1, 0.1]}}, {}, "sweep.grid.lr"),
+    ("a bad option name", {"grid": {"--lr": [0.1]}}, {}, "sweep.grid.--lr"),
+    ("not an env name", {"grid": {"learning-rate": [0.1]}, "pass_as": "env"}, {},
+     "sweep.grid.learning-rate"),
+    ("bad pass_as", {"grid": {"lr": [0.1]}, "pass_as": "argv"}, {}, "sweep.pass_as"),
+    ("pass_as on a list", {"experiments": [{"name": "a"}], "pass_as": "env"}, {}, "sweep.pass_as"),
+    ("names that collide", {"grid": {"opt": ["a b", "a_b"]}}, {}, "sweep.grid"),
+    ("too many", {"grid": {"a": list(range(11)), "b": list(range(10))}}, {}, "sweep.grid"),
+    ("empty list", {"experiments": []}, {}, "sweep.experiments"),
+    ("no name", {"experiments": [{"args": ["--x"]}]}, {}, "sweep.experiments[0].name"),
+    ("a bad name", {"experiments": [{"name": "a"}, {"name": "a/b"}]}, {},
+     "sweep.experiments[1].name"),
+    ("a duplicate name", {"experiments": [{"name": "a"}, {"name": "b"}, {"name": "a"}]}, {},
+     "sweep.experiments[2].name"),
+    ("unknown experiment key", {"experiments": [{"name": "a", "argz": []}]}, {},
+     "sweep.experiments[0].argz"),
+    ("args not strings", {"experiments": [{"name": "a", "args": ["--lr", 0.1]}]}, {},
+     "sweep.experiments[0].args"),
+    ("env not a string", {"experiments": [{"name": "a", "env": {"LR": 0.1}}]}, {},
+     "sweep.experiments[0].env.LR"),
+    ("a job id too long", {"experiments": [{"name": "x" * 60}]}, {}, "sweep.experiments[0].name"),
+    ("more instances than experiments", {"experiments": [{"name": "a"}, {"name": "b"}]},
+     {"target_capacity": 3}, "launch.target_capacity"),
+    ("no lease table", {"experiments": [{"name": "a"}]}, {"lease_table": False}, "sweep"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_a_bad_sweep_names_its_field(case):
+    _, section, launch, field = case
+    raw = {**BASE, "launch": launch, "sweep": section}
+    if launch.get("lease_table") is False:
+        raw["aws"] = {"single_instance": True}
+    with pytest.raises(ConfigError) as caught:
+        jobfile.from_mapping(raw, "sweep.toml")
+    assert caught.value.key == field, str(caught.value)
+    assert str(caught.value).startswith("sweep.toml: "), str(caught.value)
+
+
+def test_a_secret_in_an_experiments_env_is_refused_like_anywhere_else():
+    with pytest.raises(ConfigError) as caught:
+        _job({"experiments": [{"name": "a", "env": {"AWS_SECRET_ACCESS_KEY": "x" * 40}}]})
+    assert "sweep" in caught.value.key, str(caught.value)
+
+
+def test_the_cap_is_the_documented_one():
+    within = {"a": list(range(10)), "b": list(range(sweep.MAX_EXPERIMENTS // 10))}
+    assert len(_job({"grid": within}).experiments) == sweep.MAX_EXPERIMENTS
+
+
+SWEEP = """
+[sweep.grid]
+lr = [0.1, 0.01]
+batch_size = [64, 128]
+"""
+
+
+def test_plan_lists_every_experiments_job(job_file, spotrun):
+    import json
+
+    path = job_file(job_id="sweep")
+    path.write_text(path.read_text() + SWEEP)
+    code, out, err = spotrun("plan", "-f", path, "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["sweep"] is True and len(plan["jobs"]) == 4
+    assert plan["jobs"][1]["command"][-4:] == ["--lr", "0.1", "--batch_size", "128"]
+    code, out, _ = spotrun("plan", "-f", path)
+    assert code == 0 and "a sweep of 4 experiments" in out and f"{plan['job']}-lr0.01-batch_size128" in out
+
+
+def test_commands_that_run_one_job_refuse_a_sweep_before_any_aws_call(job_file, recorder, spotrun):
+    endpoint, seen = recorder
+    path = job_file(job_id="sweep")
+    path.write_text(path.read_text() + SWEEP)
+    for command in ("init", "launch", "status", "cancel", "teardown"):
+        confirmed = ["--yes"] if command in ("cancel", "teardown") else []
+        code, _, err = spotrun(command, "-f", path, "--endpoint-url", endpoint, *confirmed)
+        assert code == 2 and "sweep" in err and "spotrun plan" in err, (command, err)
+    assert seen == []
