@@ -123,6 +123,8 @@ class Item:
     az: str = "?"
     since: str = "?"
     draining: str = ""
+    released: str = ""
+    finished: str = ""
 
     @property
     def count(self) -> int:
@@ -165,7 +167,8 @@ class Lease:
         value = {k: v.get("S", v.get("N")) for k, v in raw.items()}
         generation = value.get("generation")
         return Item(value.get("holder") or None, int(generation) if generation else None,
-                    value.get("az", "?"), value.get("since", "?"), value.get("draining", ""))
+                    value.get("az", "?"), value.get("since", "?"), value.get("draining", ""),
+                    value.get("released", ""), value.get("finished", ""))
 
     def _swap(self, expected: Item | None, item: dict[str, str | int]) -> bool:
         """Write ``item`` iff the stored one still is ``expected`` (holder and generation)."""
@@ -197,6 +200,10 @@ class Lease:
                 return False
             self._missing_table(exc)
             raise
+
+    def item(self) -> Item | None:
+        """The item as it is now (a consistent read); None for a job never held."""
+        return self._read()
 
     def holder(self) -> dict | None:
         """Who holds the job (holder, az, since, generation as strings); None when free."""
@@ -276,6 +283,29 @@ class Lease:
                                 waited_s=round(now - start, 1))
             time.sleep(self.poll_s)
 
+    def try_acquire(self) -> bool:
+        """Take the lease now if it is free, ours, or held by an instance EC2 shows ending;
+        False (nothing written) while another instance may still hold it. For a sweep's claim
+        (spotrun.sweepclaim): an instance with other experiments to choose from never waits."""
+        for _ in range(3):  # a lost compare-and-swap: read again (someone else moved first)
+            current = self._read()
+            if current is not None and current.finished:
+                return False
+            if current is not None and current.holder not in (None, self.instance_id):
+                state = instance_state(self.ec2, current.holder)
+                if state not in GONE_STATES:
+                    return False
+                if self._take(current):
+                    log.warning("lease_taken_over", table=self.table, previous_holder=current.holder,
+                                previous_generation=current.count, proof=state,
+                                generation=self.generation)
+                    return True
+                continue
+            if self._take(current):
+                log.info("lease_acquired", table=self.table, generation=self.generation, waited=False)
+                return True
+        return False
+
     def _is_mine(self, current: Item | None) -> bool:
         return (current is not None and current.holder == self.instance_id
                 and self.generation is not None and current.generation == self.generation)
@@ -304,16 +334,20 @@ class Lease:
         self._swap(current, {"holder": self.instance_id, "az": current.az, "since": current.since,
                              "generation": current.count, "draining": _now()})
 
-    def release(self) -> None:
-        """Let go (after the volume is detached); the generation stays for the next holder."""
+    def release(self, *, finished: bool = False) -> None:
+        """Let go (after the volume is detached); the generation stays for the next holder.
+        ``finished``: the job is done (a sweep's experiment), and no claim takes it again."""
         current = self._read()
         if current is None or current.holder != self.instance_id or (
                 self.generation is not None and current.generation != self.generation):
             log.warning("lease_not_ours_at_release", table=self.table, generation=self.generation,
                         holder=current.holder if current else None)
             return
-        if self._swap(current, {"generation": current.count, "az": current.az,
-                                "since": current.since, "released": _now()}):
+        item: dict[str, str | int] = {"generation": current.count, "az": current.az,
+                                      "since": current.since, "released": _now()}
+        if finished:
+            item["finished"] = item["released"]
+        if self._swap(current, item):
             log.info("lease_released", table=self.table, generation=current.count)
         else:
             log.warning("lease_not_ours_at_release", table=self.table, generation=self.generation)

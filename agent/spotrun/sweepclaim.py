@@ -1,0 +1,79 @@
+"""Claiming a sweep's experiment through the lease table (issue 19).
+
+Each experiment is a job with its own lease item (``spotrun.lease``); claiming one is taking
+that lease with :meth:`Lease.try_acquire` -- a conditional write, so two instances racing for
+the same experiment cannot both win, and a finished experiment (its item says so) is never
+taken again. Which one to try is :func:`spotrun.claimpolicy.choose`, from what the items say:
+
+- held: a holder EC2 does not show ending (alive, or not known yet: a just-launched holder
+  may be "not found" for a while, and a claim never waits to prove it gone);
+- finished: released with ``finished`` (the queue's "done", or failed past its restarts);
+- the volume's zone: the zone of the last holder (the volume is where its holder ran); "" for
+  an experiment no instance ever held;
+- released at: when the last holder let go, for "the longest waiting first".
+
+A lost race reads the items again and chooses again; an instance gives up only when no
+experiment is free.
+"""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Callable, Sequence
+
+from spotrun import lease as leasemod
+from spotrun.claimpolicy import Choice, ExperimentState, choose  # noqa: F401 - ExperimentState: the read callback's type
+from spotrun.log import get_logger
+
+log = get_logger("sweep")
+
+
+def states(leases: Sequence[leasemod.Lease]) -> list[ExperimentState]:
+    """Each experiment's state as its lease item says (one consistent read each)."""
+    found = []
+    for order, lease in enumerate(leases):
+        item = lease.item()
+        if item is None:
+            found.append(ExperimentState(job_id=lease.job_id, order=order))
+            continue
+        held = item.holder is not None and (
+            item.holder == lease.instance_id
+            or leasemod.instance_state(lease.ec2, item.holder) not in leasemod.GONE_STATES)
+        found.append(ExperimentState(
+            job_id=lease.job_id, order=order, finished=bool(item.finished), held=held,
+            volume_zone=item.az if item.count and item.az != "?" else "",
+            released_at=_seconds(item.released)))
+    return found
+
+
+def claim(leases: Sequence[leasemod.Lease], zone: str, *,
+          read: Callable[[Sequence[leasemod.Lease]], list[ExperimentState]] = states
+          ) -> tuple[leasemod.Lease, Choice] | None:
+    """Take one experiment's lease (the policy's choice); None when none is free. Each lease
+    in ``leases`` is this instance's handle on one experiment, in the sweep's order."""
+    by_job = {lease.job_id: lease for lease in leases}
+    lost: set[str] = set()
+    for _ in range(2 * len(leases) + 1):  # every lost race marks one experiment held
+        seen = [dataclasses.replace(s, held=True) if s.job_id in lost else s
+                for s in read(leases)]
+        choice = choose(seen, zone)
+        if choice is None:
+            log.info("sweep_nothing_to_claim", experiments=len(leases),
+                     finished=sum(s.finished for s in seen), held=sum(s.held for s in seen))
+            return None
+        lease = by_job[choice.job_id]
+        if lease.try_acquire():
+            log.info("sweep_claimed", job_id=choice.job_id, reason=choice.reason,
+                     generation=lease.generation)
+            return lease, choice
+        log.info("sweep_claim_lost", job_id=choice.job_id, reason=choice.reason)
+        lost.add(choice.job_id)
+    return None
+
+
+def _seconds(stamp: str) -> float:
+    """An item's ISO time as epoch seconds (0 when absent or unreadable: waited longest)."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
+    except ValueError:
+        return 0.0
