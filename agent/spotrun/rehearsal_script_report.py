@@ -155,7 +155,9 @@ def callback_comparison(script: dict, callback: dict, step_s: float) -> dict:
 
 def comparison_lines(comparison: dict, where: str) -> list[str]:
     lines = [f"with spotrun's callback (the reference trainer paced at {comparison['step_s']:g} s a "
-             f"step, the same schedule; {where}):"]
+             f"step, the same schedule; {where}):",
+             "  (another workload, not your script with the callback: compare what each "
+             "interruption cost, not the runs)"]
     for i, r in enumerate(comparison["interruptions"], 1):
         lines.append(f"  interruption {i}: your script lost {r['script_training_lost_s']} s of "
                      f"training; the callback redid {r['callback_steps_redone']} steps "

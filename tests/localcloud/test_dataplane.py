@@ -162,6 +162,62 @@ def test_detaching_a_mounted_volume_stays_busy_until_unmounted(cloud, ec2):
     assert not link.exists()
 
 
+def _mounted_in_a_private_namespace(cloud, ec2):
+    """A formatted volume attached to an instance and mounted only inside another mount
+    namespace (as rehearse's agents mount it): the host's mountinfo does not show it. The
+    namespace lives as long as the returned process (close its stdin to end it)."""
+    inst = cloud.launch_instance(az="us-east-1a")
+    vol = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+    wait_volume_state(ec2, vol, "available")
+    device = os.path.realpath(attach_and_wait(ec2, inst, vol))
+    subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True)
+    inst.mount_point.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t ext4 {device} {inst.mount_point} && echo mounted && exec cat"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "mounted"
+    with open("/proc/self/mountinfo") as mountinfo:
+        assert device not in mountinfo.read()  # hidden from the cloud's own view
+    return inst, vol, holder
+
+
+def _end(holder):
+    holder.stdin.close()
+    holder.wait(timeout=30)
+
+
+def test_a_mount_in_another_namespace_keeps_detach_busy(cloud, ec2):
+    """rehearse mounts each instance's volume in its own namespace: the kernel's hold on the
+    device (an exclusive open refused) keeps DetachVolume busy, as EC2 waits for an unmount."""
+    cloud.dataplane.private_mount_namespaces = True
+    inst, vol, holder = _mounted_in_a_private_namespace(cloud, ec2)
+    try:
+        ec2.detach_volume(VolumeId=vol)
+        cloud.wait_for_event(lambda e: e["event"] == "volume_detach_busy"
+                             and e["volume_id"] == vol, timeout=10)
+        assert volume(ec2, vol)["Attachments"][0]["State"] == "busy"
+        other = cloud.launch_instance(az="us-east-1a")
+        with pytest.raises(ec2.exceptions.ClientError) as refused:
+            ec2.attach_volume(VolumeId=vol, InstanceId=other.instance_id, Device="/dev/sdf")
+        assert refused.value.response["Error"]["Code"] == "VolumeInUse"
+    finally:
+        _end(holder)  # the namespace ends, its mount with it
+    wait_volume_state(ec2, vol, "available")
+
+
+def test_without_the_kernel_check_a_mount_in_another_namespace_is_missed(cloud, ec2):
+    """The test above can fail: with only the cloud's own mountinfo to go by, the detach of a
+    volume still mounted in another namespace completes."""
+    cloud.dataplane.private_mount_namespaces = False
+    inst, vol, holder = _mounted_in_a_private_namespace(cloud, ec2)
+    try:
+        ec2.detach_volume(VolumeId=vol)
+        wait_volume_state(ec2, vol, "available")
+    finally:
+        _end(holder)
+
+
 def test_force_detach_completes_while_mounted(cloud, ec2):
     inst, vol, link = mounted_new_volume(cloud, ec2)
     ec2.detach_volume(VolumeId=vol, Force=True)
