@@ -27,8 +27,8 @@ from spotrun.log import get_logger
 # The set-up helpers live in rehearsal_setup; these names stay importable from here.
 from spotrun.rehearsal_setup import (DEMO_TRAIN_PY, _check_reachable,  # noqa: F401
                                      commit_repository, ensure_lease_table, make_demo_repository)
-from spotrun.rehearsal_report import (InterruptionRecord, MissedInterruption, TimelineEntry,
-                                      build_report, read_events)
+from spotrun.rehearsal_report import (EventLog, InterruptionRecord, MissedInterruption,
+                                      TimelineEntry, build_report)
 from spotrun.rehearsal_interrupts import Interrupting
 from spotrun.rehearsal_volume import VolumeReadError, list_script_files, read_volume_state
 from spotrun.waiting import wait_until
@@ -101,6 +101,8 @@ class Rehearsal(Interrupting):
         self._finished = threading.Event()
         self.boots: list[dict] = []
         self._lock = threading.Lock()
+        self._event_logs: dict[str, EventLog] = {}  # agent log path -> its incremental reader
+        self._event_logs_lock = threading.Lock()
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -292,9 +294,13 @@ class Rehearsal(Interrupting):
             self.final_volume_error = str(exc)
 
     def _agent_events(self, instance_id: str) -> list[dict]:
+        """The events of the instance's first agent log, read incrementally."""
         for boot in self.boots:
             if boot["instance_id"] == instance_id:
-                return read_events(Path(boot["log"]))
+                path = str(boot["log"])
+                with self._event_logs_lock:
+                    log_reader = self._event_logs.setdefault(path, EventLog(Path(path)))
+                return log_reader.events()
         return []
 
     def await_agent_event(self, instance_id: str, event: str, timeout: float = 60.0, **match) -> dict:

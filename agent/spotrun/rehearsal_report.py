@@ -9,12 +9,14 @@ own `training_resumed` line. What the agent logged is shown beside them, as its 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from spotrun import tags as T
-from spotrun.jsonlines import read_jsonl
+from spotrun.jsonlines import parse_jsonl, read_jsonl
 from spotrun.rehearsal_script_report import (ADVICE, cause_of, delta, script_checkpoints,
                                              script_figures, script_summary_lines)
 
@@ -51,6 +53,36 @@ def read_events(path: Path) -> list[dict]:
                           errors="replace")
     except OSError:
         return []
+
+
+class EventLog:
+    """An agent log read as it grows: each call parses only what was appended since the last
+    (the rehearsal and the soak look for events several times a second, for minutes, in logs
+    that grow to thousands of lines). A line is taken once its newline is written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._tail = b""
+        self._events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def events(self) -> list[dict]:
+        with self._lock:
+            try:
+                with open(self.path, "rb") as log_file:
+                    if os.fstat(log_file.fileno()).st_size < self._offset:  # started over
+                        self._offset, self._tail, self._events = 0, b"", []
+                    log_file.seek(self._offset)
+                    chunk = log_file.read()
+            except OSError:
+                return list(self._events)
+            self._offset += len(chunk)
+            complete, newline, self._tail = (self._tail + chunk).rpartition(b"\n")
+            if newline:
+                self._events += parse_jsonl(complete.decode("utf-8", errors="replace") + "\n",
+                                            source=str(self.path), bad="skip", syslog_prefix=True)
+            return list(self._events)
 
 
 def wall_time(iso: str | None) -> float | None:

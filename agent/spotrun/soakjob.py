@@ -13,7 +13,7 @@ from spotrun import crashpoints
 from spotrun.jsonlines import parse_jsonl
 from spotrun.log import get_logger
 from spotrun.rehearsal import Rehearsal, RehearsalPlan
-from spotrun.rehearsal_report import read_events, wall_time
+from spotrun.rehearsal_report import wall_time
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakinject import read_json_lines
 from spotrun.soakkinds_cloud import MAX_NOT_FOUND_S
@@ -168,10 +168,7 @@ class SoakJob(Rehearsal):
         return self.wait("the current instance", current)
 
     def events_of(self, instance_id: str) -> list[dict]:
-        for boot in self.boots:
-            if boot["instance_id"] == instance_id:
-                return read_events(Path(boot["log"]))
-        return []
+        return self._agent_events(instance_id)
 
     def _matching(self, instance_id: str, event: str, since: float, match: dict) -> dict | None:
         for item in self.events_of(instance_id):
