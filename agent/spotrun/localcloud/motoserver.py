@@ -105,6 +105,54 @@ def terminate_despite_a_finished_detach() -> None:
     Instance.teardown_defaults = teardown_defaults
 
 
+# The states from which EC2 refuses another cancel (fleetRequestNotInCancellableState).
+_SPOT_FLEET_CANCELLED = ("cancelled", "cancelled_terminating")
+
+
+def cancel_spot_fleets_as_ec2() -> None:
+    """moto's CancelSpotFleetRequests looks each id up in a dict: an id it does not hold
+    answers HTTP 500 (KeyError), and one already cancelled is cancelled again. A cancel with
+    termination makes moto forget the request (the cloud's own fleets put it back as
+    ``cancelled``, a moment later), so an agent's retry after a dropped answer met the 500
+    (long soak, seed 1, this stop's job 15). EC2 answers 200 and lists such an id under
+    UnsuccessfulFleetRequests: ``fleetRequestIdDoesNotExist``, or
+    ``fleetRequestNotInCancellableState`` for one already cancelled."""
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.spot_fleets import SpotFleets
+
+    if getattr(SpotFleets.cancel_spot_fleet_requests, "_spotrun_as_ec2", False):
+        return
+
+    def cancel_spot_fleet_requests(self) -> ActionResult:
+        requested = self._get_param("SpotFleetRequestIds", [])
+        held = self.ec2_backend.spot_fleet_requests
+        refused, cancellable = [], []
+        for request_id in requested:
+            request = held.get(request_id)
+            if request is None:
+                refused.append((request_id, "fleetRequestIdDoesNotExist",
+                                f"The spot fleet request Id '{request_id}' does not exist."))
+            elif request.state in _SPOT_FLEET_CANCELLED:
+                refused.append((request_id, "fleetRequestNotInCancellableState",
+                                f"The spot fleet request '{request_id}' is in the "
+                                f"'{request.state}' state."))
+            else:
+                cancellable.append(request_id)
+        cancelled = (self.ec2_backend.cancel_spot_fleet_requests(
+            cancellable, self._get_bool_param("TerminateInstances")) if cancellable else [])
+        return ActionResult({
+            "SuccessfulFleetRequests": [
+                {"SpotFleetRequestId": request.id,
+                 "CurrentSpotFleetRequestState": "cancelled_terminating",
+                 "PreviousSpotFleetRequestState": "active"} for request in cancelled],
+            "UnsuccessfulFleetRequests": [
+                {"SpotFleetRequestId": request_id, "Error": {"Code": code, "Message": message}}
+                for request_id, code, message in refused]})
+
+    cancel_spot_fleet_requests._spotrun_as_ec2 = True
+    SpotFleets.cancel_spot_fleet_requests = cancel_spot_fleet_requests
+
+
 class MotoServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         # werkzeug logs every request on stderr; the proxy logs what matters instead.
@@ -115,6 +163,7 @@ class MotoServer:
         os.environ.setdefault("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
         parse_new_versions_user_data()
         terminate_despite_a_finished_detach()
+        cancel_spot_fleets_as_ec2()
         self._server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
         self.endpoint = ""
 
