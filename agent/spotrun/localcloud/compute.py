@@ -82,9 +82,14 @@ class ComputeMixin:
         return inst
 
     def _put_reserved_tags(self, instance_id: str, tags: dict[str, str]) -> None:
+        """Only the ones moto lacks: it tags an Auto Scaling group's instances itself."""
         from moto.ec2.models import ec2_backends
 
-        ec2_backends[self.account_id][self.region].create_tags([instance_id], tags)
+        backend = ec2_backends[self.account_id][self.region]
+        have = backend.tags.get(instance_id, {})
+        missing = {k: v for k, v in tags.items() if have.get(k) != v}
+        if missing:
+            backend.create_tags([instance_id], missing)
 
     def _start_metadata(self, inst: Instance) -> Any:
         try:
