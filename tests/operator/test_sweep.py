@@ -141,3 +141,35 @@ def test_commands_that_run_one_job_refuse_a_sweep_before_any_aws_call(job_file, 
         code, _, err = spotrun(command, "-f", path, "--endpoint-url", endpoint, *confirmed)
         assert code == 2 and "sweep" in err and "spotrun plan" in err, (command, err)
     assert seen == []
+
+
+def test_each_experiment_can_be_written_as_a_job_file_of_its_own(job_file, recorder, spotrun,
+                                                                  tmp_path):
+    """The bridge until the agent runs a sweep: one single-job file per experiment, each one
+    loading as that experiment's job (its id, command, env; one instance) and planned by init."""
+    endpoint, seen = recorder
+    path = job_file(job_id="sweep")
+    path.write_text(path.read_text().replace("[launch]", "[launch]\ntarget_capacity = 2")
+                    + SWEEP)
+    sweep_job = jobfile.load(path)
+    out = tmp_path / "jobs"
+    code, _, err = spotrun("plan", "-f", path, "--write-job-files", out)
+    assert code == 0, err
+    written = sorted(out.glob("*.toml"))
+    assert [p.stem for p in written] == sorted(e.job_id for e in sweep_job.experiments)
+    for experiment in sweep_job.experiments:
+        own = jobfile.load(out / f"{experiment.job_id}.toml")
+        expected = sweep_job.experiment_job(experiment)
+        assert own.experiments == () and own.id == experiment.job_id
+        assert own.config == expected.config
+        assert own.launch.target_capacity == 1
+        assert own.launch.instance_types == sweep_job.launch.instance_types
+        assert own.launch.availability_zones == sweep_job.launch.availability_zones
+        assert spotrun("init", "--dry-run", "-f", out / f"{experiment.job_id}.toml",
+                       "--endpoint-url", endpoint)[0] == 0
+    assert seen == []
+    # Nothing is replaced: a second run is refused and leaves the files as they were.
+    before = {p: p.read_text() for p in written}
+    code, _, err = spotrun("plan", "-f", path, "--write-job-files", out)
+    assert code == 2 and "exists; nothing was written" in err, err
+    assert {p: p.read_text() for p in written} == before

@@ -131,10 +131,28 @@ class Job:
         overrides.setdefault("job", {})["id"] = experiment.job_id
         trainer = overrides.setdefault("trainer", {})
         trainer["command"] = [*self.config.trainer.command, *experiment.args]
-        trainer["env"] = {**self.config.trainer.env, **experiment.env}
+        env = {**self.config.trainer.env, **experiment.env}
+        if env:
+            trainer["env"] = env
         source = f"{self.source} [sweep: {experiment.name}]"
         config = agent_config.load(None, (overrides, source))
         return Job(config=config, launch=self.launch, agent_overrides=overrides, source=source)
+
+
+def single_job_text(job: Job, note: str = "") -> str:
+    """``job`` as a job file of its own (TOML): its agent sections as written and its launch
+    section's non-default values; no sweep. What `spotrun plan --write-job-files` writes for
+    each experiment, so that one can run on its own fleet today."""
+    from spotrun.userdata import _dumps
+
+    launch = {}
+    for name, spec in _LAUNCH_FIELDS.items():
+        value = getattr(job.launch, name)
+        if value != spec.default and not (isinstance(value, tuple) and value == ()):
+            launch[name] = list(value) if isinstance(value, tuple) else value
+    sections = {section: dict(values) for section, values in job.agent_overrides.items()}
+    header = "".join(f"# {line}\n" for line in note.splitlines())
+    return header + _dumps({**sections, **({"launch": launch} if launch else {})})
 
 
 def bounded_name(name: str, limit: int) -> str:
