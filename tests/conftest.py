@@ -59,6 +59,7 @@ def pytest_runtest_makereport(item, call):
     device that would not bind, a mount refused, ...) is a failure, not a green skip."""
     outcome = yield
     report = outcome.get_result()
+    setattr(item, f"spotrun_report_{report.when}", report)  # shared_tmp keeps a failed run's files
     if not report.skipped or getattr(report, "wasxfail", None) is not None:
         return
     import realguard
@@ -121,14 +122,20 @@ def moto_endpoint():
 
 
 @pytest.fixture
-def shared_tmp():
-    """A temporary directory the unprivileged training user can traverse (pytest's are 0700)."""
+def shared_tmp(request):
+    """A temporary directory the unprivileged training user can traverse (pytest's are 0700).
+    Kept when the test fails (its path is printed): a run's logs and volume images are the
+    evidence of what went wrong, and a rare failure may not come back."""
     path = Path(tempfile.mkdtemp(prefix="spotrun-test-"))
     path.chmod(0o755)
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        call = getattr(request.node, "spotrun_report_call", None)
+        if call is not None and call.failed:
+            print(f"\nthe failed test's files are kept in {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
