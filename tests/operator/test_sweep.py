@@ -136,7 +136,7 @@ def test_commands_that_run_one_job_refuse_a_sweep_before_any_aws_call(job_file, 
     endpoint, seen = recorder
     path = job_file(job_id="sweep")
     path.write_text(path.read_text() + SWEEP)
-    for command in ("init", "launch", "status", "cancel", "teardown"):
+    for command in ("init", "launch", "cancel", "teardown"):
         confirmed = ["--yes"] if command in ("cancel", "teardown") else []
         code, _, err = spotrun(command, "-f", path, "--endpoint-url", endpoint, *confirmed)
         assert code == 2 and "sweep" in err and "spotrun plan" in err, (command, err)
@@ -173,3 +173,54 @@ def test_each_experiment_can_be_written_as_a_job_file_of_its_own(job_file, recor
     code, _, err = spotrun("plan", "-f", path, "--write-job-files", out)
     assert code == 2 and "exists; nothing was written" in err, err
     assert {p: p.read_text() for p in written} == before
+
+
+def test_status_of_a_sweep_shows_one_row_per_experiment(moto, client, job_file, spotrun, tmp_path):
+    """Each experiment looked up as its own job: two launched from the written job files (one
+    training, one done, as their agents record it on their volumes), two never started."""
+    import json
+
+    from spotrun import tags
+
+    path = job_file(job_id="sw")
+    path.write_text(path.read_text() + SWEEP)
+    sweep_job = jobfile.load(path)
+    out = tmp_path / "jobs"
+    assert spotrun("plan", "-f", path, "--write-job-files", out)[0] == 0
+    first, second = sweep_job.experiments[:2]
+    recorded = {first.job_id: {tags.PHASE: "training", tags.INTERRUPTIONS: "1",
+                               tags.PROGRESS: json.dumps({"epoch": 2, "epochs": 30, "step": 7})},
+                second.job_id: {tags.PHASE: "done", tags.COMPLETED: "2026-12-02T10:00:00Z"}}
+    for job_id, values in recorded.items():
+        own = out / f"{job_id}.toml"
+        for command in ("init", "launch"):
+            code, _, err = spotrun(command, "--json", "-f", own, "--endpoint-url", moto)
+            assert code == 0, err
+        (volume,) = client("ec2").describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
+        client("ec2").create_tags(Resources=[volume["VolumeId"]], Tags=tags.as_list(values))
+
+    code, text, err = spotrun("status", "--json", "-f", path, "--endpoint-url", moto)
+    assert code == 0, err
+    view = json.loads(text)
+    rows = {row["job"]: row for row in view["experiments"]}
+    assert list(rows) == [e.job_id for e in sweep_job.experiments]
+    assert rows[first.job_id]["phase"] == "training" and rows[first.job_id]["outcome"] is None
+    assert rows[first.job_id]["progress"]["epoch"] == 2 and rows[first.job_id]["interruptions"] == 1
+    assert rows[first.job_id]["parameters"] == {"lr": 0.1, "batch_size": 64}
+    assert rows[second.job_id]["outcome"] == "done"
+    for never in sweep_job.experiments[2:]:
+        assert rows[never.job_id]["phase"] == "not started" and rows[never.job_id]["instances"] == []
+    assert view["outcome"] is None  # two have not even started
+    code, text, err = spotrun("status", "-f", path, "--endpoint-url", moto)
+    assert code == 0 and "4 experiments" in text, err
+    assert f"{first.name}" in text and "epoch 2/30, step 7" in text and "not started" in text
+
+
+def test_a_sweeps_outcome_waits_for_every_experiment():
+    from spotrun.operator.status import sweep_outcome
+
+    assert sweep_outcome([{"outcome": "done"}, {"outcome": None}]) is None
+    assert sweep_outcome([{"outcome": "done"}, {"outcome": "done"}]) == "done"
+    assert sweep_outcome([{"outcome": "done"}, {"outcome": "failed"}]) == "failed"
+    assert sweep_outcome([{"outcome": "cancelled"}, {"outcome": "done"}]) == "cancelled"
+    assert sweep_outcome([]) is None

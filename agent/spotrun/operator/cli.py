@@ -193,9 +193,11 @@ def _single_job(path: str | None, command: str) -> jobfile.Job:
     return job
 
 
-def _job_from_args(args: argparse.Namespace) -> tuple[str, jobfile.Job | None]:
+def _job_from_args(args: argparse.Namespace, *, sweep: bool = False
+                   ) -> tuple[str, jobfile.Job | None]:
     if args.job_file or (not args.job and Path(jobfile.DEFAULT_JOB_FILE).is_file()):
-        job = _single_job(args.job_file, getattr(args, "command", "status"))
+        job = (jobfile.load(args.job_file) if sweep
+               else _single_job(args.job_file, getattr(args, "command", "status")))
         if args.job and args.job != job.id:
             raise UsageError(f"--job {args.job} does not match the job file's job.id {job.id}")
         return job.id, job
@@ -226,7 +228,7 @@ def _local_status(args: argparse.Namespace) -> int:
 
 @_aws_errors_as_messages
 def cmd_status(args: argparse.Namespace) -> int:
-    job_id, job = _job_from_args(args)
+    job_id, job = _job_from_args(args, sweep=True)
     if not job_id:
         return _local_status(args)
     _setup(args)
@@ -234,9 +236,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     types = list(job.launch.instance_types) if job else []
     args.watch_line = args.watch
     shown = 0
+    experiments = [(e.name, e.job_id, dict(e.parameters)) for e in job.experiments] if job else []
     while True:
-        view = status_mod.gather(aws, job_id, types)
-        text = status_mod.render(view)
+        if experiments:  # a sweep: one row per experiment, each looked up as its own job
+            view = status_mod.gather_sweep(aws, job_id, experiments, types)
+            text = status_mod.render_sweep(view)
+        else:
+            view = status_mod.gather(aws, job_id, types)
+            text = status_mod.render(view)
         if args.watch and sys.stdout.isatty() and not args.json:
             text = "\033[H\033[2J" + text  # redraw in place, like watch(1)
         _emit(args, view, text)
@@ -258,6 +265,9 @@ WATCH_EXIT = {"done": 0, "failed": 1, "cancelled": 3}
 
 
 def _final_line(view: dict) -> str:
+    if "experiments" in view:
+        ended = ", ".join(f"{row['name']} {row['outcome']}" for row in view["experiments"])
+        return f"sweep {view['sweep']} {view['outcome']}: {ended}"
     agent, ending = view["agent"], view["outcome"]
     if ending == "done":
         line = f"job {view['job']} done (completed {agent['completed'] or 'as recorded by the agent'})"

@@ -220,3 +220,69 @@ def render(view: dict[str, Any]) -> str:
         lines.append(f"               no price for {', '.join(cost['unpriced_instance_types'])}")
     lines.append(f"               estimate: today's spot price x hours; on demand from {cost['on_demand_table']}")
     return "\n".join(lines)
+
+
+# -- a sweep: one row per experiment (issue 19) ----------------------------------------------
+
+def sweep_row(name: str, parameters: dict, view: dict[str, Any]) -> dict[str, Any]:
+    """One experiment's line of a sweep's status, from that job's own view."""
+    agent = view["agent"]
+    started = bool(view["volumes"] or view["instances"])
+    live = [i for i in view["instances"] if i["state"] in ("pending", "running")]
+    return {
+        "name": name, "job": view["job"], "parameters": parameters,
+        "phase": agent["phase"] if started else "not started",
+        "progress": agent["progress"] if isinstance(agent["progress"], dict) else {},
+        "instances": [{"id": i["id"], "az": i["az"]} for i in live],
+        "interruptions": agent["interruptions"],
+        "cost_usd": view["cost"]["spot_usd"],
+        "outcome": view["outcome"],
+    }
+
+
+def sweep_outcome(rows: list[dict[str, Any]]) -> str | None:
+    """None while any experiment can still change; then done (all done), failed (any failed)
+    or cancelled."""
+    outcomes = [row["outcome"] for row in rows]
+    if not outcomes or None in outcomes:
+        return None
+    if all(o == "done" for o in outcomes):
+        return "done"
+    return "failed" if "failed" in outcomes else "cancelled"
+
+
+def gather_sweep(aws: Aws, sweep_id: str, experiments: list[tuple[str, str, dict]],
+                 instance_types: list[str] | None = None) -> dict[str, Any]:
+    """``experiments``: (name, job id, parameters) in the sweep's order. Each one is looked up
+    as the job it is (its volume, instances, capacity by its own job tag)."""
+    now = datetime.now(timezone.utc)
+    views = [gather(aws, job_id, instance_types, now) for _, job_id, _ in experiments]
+    rows = [sweep_row(name, parameters, view)
+            for (name, _, parameters), view in zip(experiments, views)]
+    return {"sweep": sweep_id, "time": now.isoformat(timespec="seconds"), "experiments": rows,
+            "outcome": sweep_outcome(rows), "views": views,
+            "cost_usd": round(sum(row["cost_usd"] for row in rows), 4)}
+
+
+def render_sweep(view: dict[str, Any]) -> str:
+    rows = view["experiments"]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["outcome"] or row["phase"]] = counts.get(row["outcome"] or row["phase"], 0) + 1
+    lines = [f"sweep {view['sweep']}   ({view['time']})   {len(rows)} experiments: "
+             + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())),
+             f"{'experiment':32} {'phase':12} {'progress':24} {'instance / AZ':34} "
+             f"{'interrupted':>11} {'cost':>9}"]
+    for row in rows:
+        prog = row["progress"]
+        progress = ""
+        if prog.get("epoch") is not None:
+            progress = f"epoch {prog['epoch']}" + (f"/{prog['epochs']}" if prog.get("epochs") else "")
+        if prog.get("step") is not None:
+            progress += f"{', ' if progress else ''}step {prog['step']}"
+        where = ", ".join(f"{i['id']} {i['az']}" for i in row["instances"]) or "-"
+        lines.append(f"{row['name'][:32]:32} {(row['outcome'] or row['phase'])[:12]:12} "
+                     f"{progress[:24]:24} {where[:34]:34} {row['interruptions']:>11} "
+                     f"${row['cost_usd']:>8.2f}")
+    lines.append(f"cost (est.)    ${view['cost_usd']:.2f} at spot, all experiments")
+    return "\n".join(lines)
