@@ -14,12 +14,19 @@ taken again. Which one to try is :func:`spotrun.claimpolicy.choose`, from what t
 
 A lost race reads the items again and chooses again; an instance gives up only when no
 experiment is free.
+
+The end of the sweep: the fleet is cancelled once every experiment is finished, by exactly one
+instance even when the last two finish together -- :func:`take_fleet_cancel`, one conditional
+write on the sweep's own item in the same table (``sweep#<sweep id>``; job ids cannot hold
+``#``, so it never meets an experiment's item).
 """
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Callable, Sequence
+
+from botocore.exceptions import ClientError
 
 from spotrun import lease as leasemod
 from spotrun.claimpolicy import Choice, ExperimentState, choose  # noqa: F401 - ExperimentState: the read callback's type
@@ -77,3 +84,32 @@ def _seconds(stamp: str) -> float:
         return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
     except ValueError:
         return 0.0
+
+
+def all_finished(leases: Sequence[leasemod.Lease]) -> bool:
+    """Every experiment's item says finished (consistent reads)."""
+    return all((item := lease.item()) is not None and bool(item.finished) for lease in leases)
+
+
+def sweep_key(sweep_id: str) -> str:
+    return f"sweep#{sweep_id}"
+
+
+def take_fleet_cancel(dynamodb, table: str, sweep_id: str, instance_id: str) -> bool:
+    """True for exactly one caller per sweep: the instance that cancels the fleet. A retry by
+    the instance that already took it (its answer lost) is True again; anyone else False."""
+    key = {leasemod.KEY: {"S": sweep_key(sweep_id)}}
+    try:
+        dynamodb.put_item(
+            TableName=table, Item={**key, "fleet_cancel_by": {"S": instance_id},
+                                   "since": {"S": datetime.now(timezone.utc).isoformat(
+                                       timespec="seconds")}},
+            ConditionExpression=f"attribute_not_exists({leasemod.KEY}) OR fleet_cancel_by = :me",
+            ExpressionAttributeValues={":me": {"S": instance_id}})
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            log.info("sweep_fleet_cancel_taken_elsewhere", sweep=sweep_id)
+            return False
+        raise
+    log.info("sweep_fleet_cancel_taken", sweep=sweep_id)
+    return True

@@ -136,3 +136,39 @@ def test_simultaneous_boots_never_share_an_experiment(world):
     assert sorted(won.values()) == EXPERIMENTS  # every experiment once, no one twice
     table = holders(world)
     assert {job: holder for job, holder in table.items()} == {job: inst for inst, job in won.items()}
+
+
+def test_the_fleet_cancel_is_taken_by_exactly_one_instance(world):
+    ec2, db = world
+    insts = [launch(ec2, "us-east-1a") for _ in range(5)]
+    start = threading.Barrier(len(insts))
+    took: list[str] = []
+
+    def finish_last(inst):
+        start.wait()
+        if sweepclaim.take_fleet_cancel(db, TABLE, "sweep", inst.instance_id):
+            took.append(inst.instance_id)
+
+    threads = [threading.Thread(target=finish_last, args=(inst,)) for inst in insts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(took) == 1, took
+    item = db.get_item(TableName=TABLE, Key={"job": {"S": "sweep#sweep"}}, ConsistentRead=True)["Item"]
+    assert item["fleet_cancel_by"]["S"] == took[0]
+    # Its own retry (an answer lost) is still its own; another sweep is another item.
+    assert sweepclaim.take_fleet_cancel(db, TABLE, "sweep", took[0]) is True
+    assert sweepclaim.take_fleet_cancel(db, TABLE, "another", insts[0].instance_id) is True
+
+
+def test_all_finished_reads_every_experiments_item(world):
+    ec2, _ = world
+    inst = launch(ec2, "us-east-1a")
+    mine = handles(world, inst, EXPERIMENTS[:2])
+    assert not sweepclaim.all_finished(mine)  # never held
+    for _ in range(2):
+        lease, _ = sweepclaim.claim(mine, "us-east-1a")
+        assert not sweepclaim.all_finished(mine)
+        lease.release(finished=True)
+    assert sweepclaim.all_finished(mine)
