@@ -91,12 +91,18 @@ def load_config(path: Path, *, use_user_data: bool = True) -> tuple[Config, obje
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config, _ = load_config(args.config, use_user_data=not args.no_user_data)
+    if config.sweep.id:
+        print(f"ok: sweep {config.sweep.id} of {len(config.sweep.experiments)} experiments "
+              f"({', '.join(e.job for e in config.sweep.experiments)}), repository "
+              f"{config.code.repository} @ {config.code.ref}")
+        return 0
     print(f"ok: job {config.job.id}, repository {config.code.repository} @ {config.code.ref}")
     return 0
 
 
-def build_lifecycle(config: Config, metadata):
-    """The lifecycle with its real edges."""
+def build_lifecycle(config: Config, metadata, *, lease=None, identify=None, cancel_fleet=None):
+    """The lifecycle with its real edges. A sweep's experiment passes the ``lease`` it claimed,
+    the ``identify`` it already did, and its own ``cancel_fleet`` (the sweep decides that)."""
     from spotrun import checkout as checkoutmod
     from spotrun import ec2, fleet, identity, monitor, notify, volumes
     from spotrun.lifecycle import Lifecycle
@@ -114,7 +120,7 @@ def build_lifecycle(config: Config, metadata):
             return checkoutmod.checkout(code.repository, code.ref, Path(code.workspace),
                                         credentials=credentials, owner=config.trainer.user)
 
-    def cancel_fleet(launched_by) -> str:
+    def cancel_own_fleet(launched_by) -> str:
         if launched_by is None:
             logmod.get_logger("lifecycle").warning(
                 "nothing_to_cancel", reason="this instance was not launched by a fleet or group")
@@ -126,14 +132,66 @@ def build_lifecycle(config: Config, metadata):
     return Lifecycle(
         config,
         metadata=metadata,
-        identify=lambda: identity.identify(
-            metadata, ec2_client_factory=lambda region: ec2.client("ec2", config.aws, region)),
-        volume_manager=lambda ident: volumes.VolumeManager(config, ident),
+        identify=identify or (lambda: identity.identify(
+            metadata, ec2_client_factory=lambda region: ec2.client("ec2", config.aws, region))),
+        volume_manager=lambda ident: volumes.VolumeManager(config, ident, lease=lease),
         checkout=do_checkout,
         monitor=lambda on_event: monitor.InterruptionMonitor.from_config(
             metadata, config.metadata, on_event=on_event),
-        cancel_fleet=cancel_fleet,
+        cancel_fleet=cancel_fleet or cancel_own_fleet,
     )
+
+
+def build_sweep(config: Config, metadata):
+    """The sweep's loop (spotrun.sweeprun) with its real edges: one lease per experiment, each
+    experiment's lifecycle built as for a single job around the lease it claimed."""
+    from spotrun import ec2, fleet, identity, sweepclaim
+    from spotrun.lease import Lease
+    from spotrun.sweeprun import Ran, SweepRunner
+
+    runner_state: dict = {}
+
+    def identify():
+        ident = identity.identify(
+            metadata, ec2_client_factory=lambda region: ec2.client("ec2", config.aws, region))
+        runner_state["region"] = config.aws.region or ident.region
+        return ident
+
+    def client(service: str):
+        return ec2.client(service, config.aws, runner_state["region"])
+
+    def leases(ident):
+        options = {"absent_window_s": config.lease.takeover_window_s,
+                   "absent_lookups": config.lease.takeover_lookups,
+                   "loser_wait_s": config.lease.loser_wait_s}
+        return [Lease(client("dynamodb"), config.aws.lease_table, e.job, ident.instance_id,
+                      ident.availability_zone, client("ec2"), **options)
+                for e in config.sweep.experiments]
+
+    def run_experiment(experiment_config: Config, lease, ident) -> Ran:
+        lifecycle = build_lifecycle(
+            experiment_config, metadata, lease=lease, identify=lambda: ident,
+            # A finished experiment is not the end of the sweep: the loop decides the cancel.
+            cancel_fleet=lambda launched_by: "not cancelled: the sweep goes on")
+        runner_state["lifecycle"] = lifecycle
+        try:
+            code = lifecycle.run()
+        except LeaseHeld as exc:
+            report_gave_up(lifecycle.state, exc)
+            raise
+        return Ran(experiment_config.job.id, lifecycle.phase, code)
+
+    runner = SweepRunner(
+        config, identify=identify, leases=leases, run_experiment=run_experiment,
+        take_fleet_cancel=lambda ident: sweepclaim.take_fleet_cancel(
+            client("dynamodb"), config.aws.lease_table, config.sweep.id, ident.instance_id,
+            ec2=client("ec2")),
+        cancel_fleet=lambda launched_by: fleet.cancel(
+            launched_by, ec2_client=client("ec2"), autoscaling_client=client("autoscaling")),
+        leave_fleet=lambda launched_by, instance_id: fleet.leave(
+            launched_by, instance_id, ec2_client=client("ec2"),
+            autoscaling_client=client("autoscaling")))
+    return runner, runner_state
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -151,6 +209,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     awsclients.use_trimmed_models(config.state_path / "botocore-models")
     log.info("agent_starting", config=str(args.config), repository=config.code.repository,
              ref=config.code.ref)
+    if config.sweep.id:
+        return run_sweep(config, metadata, args)
     lifecycle = build_lifecycle(config, metadata)
     try:
         code = lifecycle.run()
@@ -174,6 +234,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.exit_when_done:
         lifecycle.wait_for_termination()
     return code
+
+
+def run_sweep(config: Config, metadata, args: argparse.Namespace) -> int:
+    """A sweep's instance: experiments one after another until none is left (spotrun.sweeprun)."""
+    from spotrun.lifecycle import Lifecycle
+
+    log = logmod.get_logger("agent")
+    runner, runner_state = build_sweep(config, metadata)
+    from spotrun.notify import process_notifier
+    # READY before the first claim: an instance with nothing to claim runs no lifecycle (whose
+    # run() says READY), and a Type=notify unit that never hears it is killed at its timeout.
+    process_notifier().ready(f"sweep {config.sweep.id}: claiming an experiment")
+    try:
+        end = runner.run()
+    except (ClientError, BotoCoreError) as exc:
+        from spotrun import ec2
+        current = runner_state.get("lifecycle")
+        log.error("agent_failed", error=ec2.summary(exc), error_type=type(exc).__name__,
+                  aws_call=getattr(exc, "operation_name", None), aws_code=ec2.error_code(exc) or None,
+                  phase=current.phase.value if current is not None and current.phase else None)
+        log.debug("agent_failed_traceback", traceback=traceback.format_exc())
+        return 1
+    log.info("sweep_instance_done", outcome=end.outcome, detail=end.detail,
+             experiments=[r.job_id for r in end.ran])
+    if not args.exit_when_done:
+        waiter = runner_state.get("lifecycle")
+        if waiter is None:  # nothing ran here: a lifecycle only to wait as one does
+            waiter = Lifecycle(config, metadata=metadata, identify=None, volume_manager=None,
+                               checkout=None, monitor=None, cancel_fleet=None)
+            waiter._install_signal_handlers()
+        waiter.wait_for_termination()
+    codes = [r.code for r in end.ran]
+    return max(codes, default=0)
 
 
 def report_gave_up(state, exc: LeaseHeld) -> None:

@@ -1,7 +1,9 @@
 """Which experiment of a sweep an instance takes on (issue 19): a pure function.
 
-An instance that boots into a sweep, or that has just finished its experiment, picks one
-unfinished experiment no instance holds, in this order:
+An instance that boots into a sweep, or that has just finished its experiment, first takes
+back an unfinished experiment it holds itself (its agent restarted, or the instance was stopped
+and started: the volume is still attached to it); else it picks one unfinished experiment no
+instance holds, in this order:
 
 1. one whose volume is already in the instance's availability zone: no migration, and the
    data and checkpoints are a mount away;
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RESUME = "held-by-this-instance"
 IN_ZONE = "volume-in-zone"
 NEVER_STARTED = "never-started"
 MIGRATE = "migrate"
@@ -37,16 +40,20 @@ class ExperimentState:
     held: bool = False
     volume_zone: str = ""
     released_at: float = 0.0
+    mine: bool = False
 
 
 @dataclass(frozen=True)
 class Choice:
     job_id: str
-    reason: str  # IN_ZONE, NEVER_STARTED or MIGRATE
+    reason: str  # RESUME, IN_ZONE, NEVER_STARTED or MIGRATE
 
 
 def choose(experiments: list[ExperimentState], zone: str) -> Choice | None:
     """The experiment this instance (in ``zone``) should claim; None when none is free."""
+    mine = [e for e in experiments if e.mine and not e.finished]
+    if mine:
+        return Choice(min(mine, key=lambda e: e.order).job_id, RESUME)
     free = [e for e in experiments if not e.finished and not e.held]
     in_zone = [e for e in free if e.volume_zone == zone]
     if in_zone:

@@ -167,6 +167,27 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class SweepExperiment:
+    """One experiment of a sweep as the agent runs it: its job id, and what it adds to the
+    trainer's command line and environment."""
+    job: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep (issue 19; `spotrun launch` writes it from the job file's ``[sweep]``): every
+    instance of the fleet claims one experiment at a time through the lease table. ``id``
+    "" = no sweep: the instance runs the one job of ``[job]``."""
+    id: str = ""
+    experiments: tuple[SweepExperiment, ...] = ()
+
+
+MAX_SWEEP_EXPERIMENTS = 100
+
+
+@dataclass(frozen=True)
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
@@ -176,6 +197,14 @@ class Config:
     aws: AwsConfig = field(default_factory=AwsConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def for_experiment(self, experiment: SweepExperiment) -> "Config":
+        """The config one experiment runs with: its job id, the trainer's command with the
+        experiment's args appended, its env merged over the trainer's."""
+        trainer = dataclasses.replace(self.trainer, command=(*self.trainer.command, *experiment.args),
+                                      env={**self.trainer.env, **experiment.env})
+        return dataclasses.replace(self, job=JobConfig(id=experiment.job), trainer=trainer)
 
     @property
     def mount_point(self) -> Path:
@@ -204,6 +233,7 @@ _SECTION_CLASSES = {
     "aws": AwsConfig,
     "lease": LeaseConfig,
     "agent": AgentConfig,
+    "sweep": SweepConfig,
 }
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -288,6 +318,9 @@ def _build(raw: dict) -> Config:
                 raise ConfigError(
                     f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})", source
                 )
+            if (section, key) == ("sweep", "experiments"):
+                kwargs[key] = _experiments(value, source)
+                continue
             kwargs[key] = _coerce(section, key, value, getattr(defaults, key), source)
             if (section, key) in _CHOICES and kwargs[key] not in _CHOICES[(section, key)]:
                 raise ConfigError(
@@ -304,6 +337,35 @@ def _build(raw: dict) -> Config:
     config = Config(**sections)
     _check_whole(config, raw)
     return config
+
+
+def _experiments(value: Any, source: str) -> tuple[SweepExperiment, ...]:
+    """``sweep.experiments``: a list of tables {job, args, env}, each checked by name."""
+    if not isinstance(value, list):
+        raise ConfigError("sweep.experiments", f"expected a list of tables, got {value!r}", source)
+    if len(value) > MAX_SWEEP_EXPERIMENTS:
+        raise ConfigError("sweep.experiments", f"{len(value)} experiments; at most "
+                          f"{MAX_SWEEP_EXPERIMENTS}", source)
+    found = []
+    for index, entry in enumerate(value):
+        name = f"sweep.experiments[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(name, f"expected a table {{job, args, env}}, got {entry!r}", source)
+        unknown = sorted(set(entry) - {"job", "args", "env"})
+        if unknown:
+            raise ConfigError(f"{name}.{unknown[0]}", "unknown key (known: args, env, job)", source)
+        job = entry.get("job")
+        if not isinstance(job, str) or not _JOB_ID.match(job):
+            raise ConfigError(f"{name}.job", f"{job!r} is not a valid job id (letters, digits, "
+                              "'.', '_', '-'; at most 63)", source)
+        args = _coerce("sweep", f"experiments[{index}].args", entry.get("args", []), (), source)
+        env = _coerce("sweep", f"experiments[{index}].env", entry.get("env", {}), {}, source)
+        found.append(SweepExperiment(job=job, args=args, env=env))
+    jobs = [e.job for e in found]
+    for job in jobs:
+        if jobs.count(job) > 1:
+            raise ConfigError("sweep.experiments", f"job {job!r} is listed twice", source)
+    return tuple(found)
 
 
 def _source_of(raw: dict, section: str, key: str) -> str:
@@ -331,6 +393,13 @@ def _check_whole(config: Config, raw: dict) -> None:
         if not value or value.startswith("/") or ".." in Path(value).parts:
             raise ConfigError(f"volume.{key}", "must be a relative path inside the volume",
                               _source_of(raw, "volume", key))
+    if bool(config.sweep.id) != bool(config.sweep.experiments):
+        key = "sweep.experiments" if config.sweep.id else "sweep.id"
+        raise ConfigError(key, "a sweep needs both its id and its experiments",
+                          _source_of(raw, "sweep", "id" if config.sweep.id else "experiments"))
+    if config.sweep.id and not _JOB_ID.match(config.sweep.id):
+        raise ConfigError("sweep.id", f"{config.sweep.id!r} is not a valid job id",
+                          _source_of(raw, "sweep", "id"))
     if config.lease.loser_wait_s > MAX_LOSER_WAIT_S:
         raise ConfigError(
             "lease.loser_wait_s",
@@ -354,6 +423,10 @@ def check_lease(config: Config, source: str = "config") -> None:
     (invariant 1 cannot hold otherwise)."""
     if not config.aws.lease_table and not config.aws.single_instance:
         raise ConfigError("aws.lease_table", LEASE_REQUIRED, source)
+    if config.sweep.id and not config.aws.lease_table:
+        raise ConfigError("aws.lease_table", "is required for a sweep: it is where the fleet's "
+                          "instances claim experiments (aws.single_instance does not replace it)",
+                          source)
 
 
 def parse_toml(text: str, source: str) -> dict:
@@ -399,5 +472,13 @@ def to_mapping(config: Config) -> dict:
     out = {}
     for section in _SECTION_CLASSES:
         values = dataclasses.asdict(getattr(config, section))
-        out[section] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+        out[section] = {k: _plain(v) for k, v in values.items()}
     return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from spotrun.tags import JOB
+from spotrun.tags import JOB, LEFT_FLEET
 
 # (action, why). The IAM test checks every call the agent made in the tests is listed here.
 AGENT_CALLS: list[tuple[str, str]] = [
@@ -25,7 +25,8 @@ AGENT_CALLS: list[tuple[str, str]] = [
     ("ec2:DescribeSnapshots", "find the job's migration/drain snapshots; wait for completion"),
     ("ec2:CreateVolume", "the job's first volume, and the copy in this AZ during a migration"),
     ("ec2:CreateSnapshot", "migration snapshot, and the ahead-of-need snapshot on drain"),
-    ("ec2:CreateTags", "tags at creation; migration journal steps and progress on the job's volume"),
+    ("ec2:CreateTags", "tags at creation; migration journal steps and progress on the job's "
+                       "volume; a sweep's instance marks itself before it leaves the fleet"),
     ("ec2:AttachVolume", "attach the job's volume to this instance"),
     ("ec2:DetachVolume", "detach the job's volume on drain"),
     ("ec2:DeleteVolume", "delete the old volume after its migrated copy is verified, and "
@@ -35,7 +36,14 @@ AGENT_CALLS: list[tuple[str, str]] = [
     ("ec2:DescribeSpotFleetRequests", "check the Spot Fleet before cancelling it"),
     ("ec2:DeleteFleets", "delete the job's EC2 Fleet after training completed"),
     ("ec2:DescribeFleets", "check the EC2 Fleet before deleting it"),
+    ("ec2:ModifyFleet", "a sweep's instance with nothing left to claim: one fewer in the EC2 Fleet"),
+    ("ec2:ModifySpotFleetRequest", "a sweep's instance with nothing left to claim: one fewer in "
+                                   "the Spot Fleet"),
+    ("ec2:TerminateInstances", "a sweep's instance with nothing left to claim ends itself, after "
+                               "lowering its fleet's target capacity"),
     ("autoscaling:UpdateAutoScalingGroup", "scale the job's Auto Scaling group to zero when done"),
+    ("autoscaling:TerminateInstanceInAutoScalingGroup", "a sweep's instance with nothing left to "
+                                                        "claim: ends itself, one fewer desired"),
     ("autoscaling:DescribeAutoScalingGroups", "check the Auto Scaling group before scaling it"),
     ("ssm:GetParameter", "git credentials from an SSM parameter (code.credentials_ssm_parameter)"),
     ("secretsmanager:GetSecretValue", "git credentials from a secret (code.credentials_secret_id)"),
@@ -51,14 +59,21 @@ LEASE_CALLS = ("dynamodb:GetItem", "dynamodb:PutItem")
 
 
 def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
-                 lease_table: str | None = None) -> dict:
-    """The agent's IAM policy document for ``job_id`` (least privilege, scoped by the job tag)."""
+                 lease_table: str | None = None, sweep: bool = False) -> dict:
+    """The agent's IAM policy document for ``job_id`` (least privilege, scoped by the job tag).
+
+    ``sweep``: ``job_id`` is a sweep's, whose experiments are the jobs ``<job_id>-<name>``: the
+    scope is the job tag ``job_id`` or ``job_id-*`` (job ids hold no ``*`` or ``?``, so the
+    pattern is exact but for one thing, said in docs/sweeps.md: another job whose id starts
+    with ``<job_id>-`` is in scope too; listing every experiment's id would outgrow IAM's
+    policy size limit well before the sweep's 100 experiments)."""
     ec2 = f"arn:aws:ec2:{region}:{account_id}"
     volumes = f"{ec2}:volume/*"
     snapshots = f"arn:aws:ec2:{region}::snapshot/*"
     instances = f"{ec2}:instance/*"
-    job_resource = {"StringEquals": {f"aws:ResourceTag/{JOB}": job_id}}
-    job_request = {"StringEquals": {f"aws:RequestTag/{JOB}": job_id}}
+    match, scope = ("StringLike", [job_id, f"{job_id}-*"]) if sweep else ("StringEquals", job_id)
+    job_resource = {match: {f"aws:ResourceTag/{JOB}": scope}}
+    job_request = {match: {f"aws:RequestTag/{JOB}": scope}}
     statements = [
         {"Sid": "Describe", "Effect": "Allow", "Resource": "*", "Action": [
             "ec2:DescribeInstances", "ec2:DescribeTags", "ec2:DescribeVolumes",
@@ -86,7 +101,19 @@ def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
         {"Sid": "StopJobFleets", "Effect": "Allow",
          "Action": ["ec2:CancelSpotFleetRequests", "ec2:DeleteFleets"],
          "Resource": [f"{ec2}:spot-fleet-request/*", f"{ec2}:fleet/*"], "Condition": job_resource},
-        {"Sid": "ScaleJobGroup", "Effect": "Allow", "Action": "autoscaling:UpdateAutoScalingGroup",
+        {"Sid": "ShrinkJobFleets", "Effect": "Allow",
+         "Action": ["ec2:ModifyFleet", "ec2:ModifySpotFleetRequest"],
+         "Resource": [f"{ec2}:spot-fleet-request/*", f"{ec2}:fleet/*"], "Condition": job_resource},
+        {"Sid": "EndJobInstances", "Effect": "Allow", "Action": "ec2:TerminateInstances",
+         "Resource": instances, "Condition": job_resource},
+        # spotrun.fleet.leave marks the instance before it lowers the fleet, so a retry never
+        # lowers it twice: that one tag, on the job's instances, nothing else.
+        {"Sid": "MarkJobInstanceLeaving", "Effect": "Allow", "Action": "ec2:CreateTags",
+         "Resource": instances,
+         "Condition": {**job_resource, "ForAllValues:StringEquals": {"aws:TagKeys": [LEFT_FLEET]}}},
+        {"Sid": "ScaleJobGroup", "Effect": "Allow",
+         "Action": ["autoscaling:UpdateAutoScalingGroup",
+                    "autoscaling:TerminateInstanceInAutoScalingGroup"],
          "Resource": f"arn:aws:autoscaling:{region}:{account_id}:autoScalingGroup:*:autoScalingGroupName/*",
          "Condition": job_resource},
         {"Sid": "ReadJobCredentials", "Effect": "Allow", "Action": "ssm:GetParameter",
@@ -99,7 +126,9 @@ def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
         statements.append(
             {"Sid": "JobLease", "Effect": "Allow", "Action": list(LEASE_CALLS),
              "Resource": f"arn:aws:dynamodb:{region}:{account_id}:table/{lease_table}",
-             "Condition": {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [job_id]}}})
+             "Condition": {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [
+                 f"{job_id}-*", f"sweep#{job_id}"]}} if sweep else
+             {"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [job_id]}}})
     return {"Version": "2012-10-17", "Statement": statements}
 
 

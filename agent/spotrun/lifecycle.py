@@ -375,7 +375,8 @@ class Lifecycle(Boot):
             if metrics:
                 done[T.RESULT] = json.dumps(metrics, separators=(",", ":"), default=str)[:T.MAX_VALUE]
             # Done on the tags while the lease is still ours; then nobody needs to write them.
-            self.volumes.release(snapshot=False, final_tags={T.PHASE: Phase.DONE.value, **done})
+            self.volumes.release(snapshot=False, final_tags={T.PHASE: Phase.DONE.value, **done},
+                                 finished=True)
         self.final = {"completed": done[T.COMPLETED] if done else True}
         self.transition(Phase.DONE, tagged_on_release=done is not None)
         self._cancel_fleet(self.identity.launched_by)
@@ -389,7 +390,7 @@ class Lifecycle(Boot):
         log.error("failure_policy", policy=policy, reason=reason, restarts=result.restarts)
         self.final = {"failure": reason, "failure_policy": policy}
         self.transition(Phase.FAILED, tags={T.FAILURE: reason}, reason=reason, policy=policy)
-        self.volumes.release(snapshot=False)
+        self.volumes.release(snapshot=False, finished=True)
         if policy == "cancel":
             self._cancel_fleet(self.identity.launched_by)
         return 0

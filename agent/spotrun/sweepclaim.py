@@ -43,11 +43,11 @@ def states(leases: Sequence[leasemod.Lease]) -> list[ExperimentState]:
         if item is None:
             found.append(ExperimentState(job_id=lease.job_id, order=order))
             continue
+        mine = item.holder == lease.instance_id
         held = item.holder is not None and (
-            item.holder == lease.instance_id
-            or leasemod.instance_state(lease.ec2, item.holder) not in leasemod.GONE_STATES)
+            mine or leasemod.instance_state(lease.ec2, item.holder) not in leasemod.GONE_STATES)
         found.append(ExperimentState(
-            job_id=lease.job_id, order=order, finished=bool(item.finished), held=held,
+            job_id=lease.job_id, order=order, finished=bool(item.finished), held=held, mine=mine,
             volume_zone=item.az if item.count and item.az != "?" else "",
             released_at=_seconds(item.released)))
     return found
@@ -61,7 +61,7 @@ def claim(leases: Sequence[leasemod.Lease], zone: str, *,
     by_job = {lease.job_id: lease for lease in leases}
     lost: set[str] = set()
     for _ in range(2 * len(leases) + 1):  # every lost race marks one experiment held
-        seen = [dataclasses.replace(s, held=True) if s.job_id in lost else s
+        seen = [dataclasses.replace(s, held=True, mine=False) if s.job_id in lost else s
                 for s in read(leases)]
         choice = choose(seen, zone)
         if choice is None:
@@ -95,21 +95,41 @@ def sweep_key(sweep_id: str) -> str:
     return f"sweep#{sweep_id}"
 
 
-def take_fleet_cancel(dynamodb, table: str, sweep_id: str, instance_id: str) -> bool:
-    """True for exactly one caller per sweep: the instance that cancels the fleet. A retry by
-    the instance that already took it (its answer lost) is True again; anyone else False."""
+def take_fleet_cancel(dynamodb, table: str, sweep_id: str, instance_id: str, ec2=None) -> bool:
+    """True for exactly one live caller per sweep: the instance that cancels the fleet. A retry
+    by the instance that already took it (its answer lost) is True again; anyone else False --
+    unless (``ec2`` given) the instance that took it is gone: it may have died between the take
+    and the cancel, so the cancel is taken over (cancelling is idempotent; never cancelling
+    would bill a finished sweep for good)."""
     key = {leasemod.KEY: {"S": sweep_key(sweep_id)}}
-    try:
-        dynamodb.put_item(
-            TableName=table, Item={**key, "fleet_cancel_by": {"S": instance_id},
-                                   "since": {"S": datetime.now(timezone.utc).isoformat(
-                                       timespec="seconds")}},
-            ConditionExpression=f"attribute_not_exists({leasemod.KEY}) OR fleet_cancel_by = :me",
-            ExpressionAttributeValues={":me": {"S": instance_id}})
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-            log.info("sweep_fleet_cancel_taken_elsewhere", sweep=sweep_id)
-            return False
-        raise
-    log.info("sweep_fleet_cancel_taken", sweep=sweep_id)
-    return True
+    for _ in range(3):
+        taker = _fleet_cancel_taker(dynamodb, table, key)
+        if taker not in (None, instance_id):
+            state = leasemod.instance_state(ec2, taker) if ec2 is not None else None
+            if state not in leasemod.GONE_STATES:
+                log.info("sweep_fleet_cancel_taken_elsewhere", sweep=sweep_id, by=taker)
+                return False
+        condition = (f"attribute_not_exists({leasemod.KEY}) OR fleet_cancel_by = :me"
+                     if taker in (None, instance_id) else "fleet_cancel_by = :taker")
+        values = {":me": {"S": instance_id}} if taker in (None, instance_id) else {
+            ":taker": {"S": taker}}
+        try:
+            dynamodb.put_item(
+                TableName=table, Item={**key, "fleet_cancel_by": {"S": instance_id},
+                                       "since": {"S": datetime.now(timezone.utc).isoformat(
+                                           timespec="seconds")}},
+                ConditionExpression=condition, ExpressionAttributeValues=values)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                continue  # someone moved first: read again
+            raise
+        log.info("sweep_fleet_cancel_taken", sweep=sweep_id,
+                 **({"taken_over_from": taker} if taker not in (None, instance_id) else {}))
+        return True
+    log.info("sweep_fleet_cancel_taken_elsewhere", sweep=sweep_id)
+    return False
+
+
+def _fleet_cancel_taker(dynamodb, table: str, key: dict) -> str | None:
+    item = dynamodb.get_item(TableName=table, Key=key, ConsistentRead=True).get("Item") or {}
+    return item.get("fleet_cancel_by", {}).get("S")

@@ -10,6 +10,8 @@ from typing import Iterable, Mapping
 NAME = "Name"
 PREFIX = "spotrun:"
 JOB = "spotrun:job"
+# On a sweep's instance that lowered its fleet's capacity (spotrun.fleet.leave): the new target.
+LEFT_FLEET = PREFIX + "left-fleet"
 # Which copy of the job's volume this is; +1 at each cross-AZ migration.
 GENERATION = "spotrun:generation"
 # What the resource is to spotrun: "volume" or "migration-snapshot" / "drain-snapshot".

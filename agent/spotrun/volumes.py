@@ -53,7 +53,11 @@ class AcquiredVolume:
 class VolumeManager:
     def __init__(self, config: Config, identity, *, ec2_client=None, dynamodb_client=None,
                  holder_wait_s: float | None = None, lease_poll_s: float = 2.0,
-                 loser_wait_s: float | None = None, lease_options: dict | None = None):
+                 loser_wait_s: float | None = None, lease_options: dict | None = None,
+                 lease: "leasemod.Lease | None" = None):
+        """``lease``: the lease this instance already holds for the job (a sweep's claim);
+        a second Lease for the same job would take it again under a new generation and
+        leave the claim's own handle stale."""
         self.config = config
         self.identity = identity
         self.me = identity.instance_id
@@ -65,8 +69,10 @@ class VolumeManager:
         # for one that keeps it without draining (then this one gets out of the way).
         self.holder_wait_s = holder_wait_s if holder_wait_s is not None else config.volume.create_timeout_s
         self.loser_wait_s = config.lease.loser_wait_s if loser_wait_s is None else loser_wait_s
-        self.lease = None
-        if config.aws.lease_table:
+        self.lease = lease
+        if lease is not None and lease.job_id != config.job.id:
+            raise ValueError(f"lease of job {lease.job_id!r} given for job {config.job.id!r}")
+        if lease is None and config.aws.lease_table:
             db = dynamodb_client or ec2mod.client("dynamodb", config.aws, region)
             options = {"absent_window_s": config.lease.takeover_window_s,
                        "absent_lookups": config.lease.takeover_lookups, **(lease_options or {})}
@@ -349,10 +355,11 @@ class VolumeManager:
             log.info("volume_unmounted_in_place", volume_id=volume["VolumeId"])
 
     def release(self, *, snapshot: bool | None = None,
-                final_tags: dict[str, str] | None = None) -> None:
+                final_tags: dict[str, str] | None = None, finished: bool = False) -> None:
         """Sync, unmount, tag ``final_tags``, start the ahead-of-need snapshot, detach, release
         the lease. The final tags (the phase the job is left in) are written while this
-        instance still holds the lease: after release, the volume is the next holder's."""
+        instance still holds the lease: after release, the volume is the next holder's.
+        ``finished``: the job is done or failed for good (a sweep never claims it again)."""
         take_snapshot = self.config.volume.snapshot_on_drain if snapshot is None else snapshot
         if self.lease is not None:
             self.lease.mark_draining()  # whoever waits for the job now waits for this drain
@@ -388,7 +395,7 @@ class VolumeManager:
                                        self.config.volume.attach_timeout_s, state="detached")
             log.info("volume_released", volume_id=volume_id, snapshot=take_snapshot)
         if self.lease is not None:
-            self.lease.release()
+            self.lease.release(finished=finished)
         self._acquired = None
 
     # -- progress tags --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from c2_world import JOB, aws, clients, job_volume, launch, make_config  # noqa:
 from spotrun import ec2 as ec2mod  # noqa: E402
 from spotrun import iam  # noqa: E402
 from spotrun import lease  # noqa: E402
+from spotrun.tags import JOB as JOB_TAG  # noqa: E402
 from spotrun import migration as M  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,8 @@ def allowed_actions(policy: dict) -> set[str]:
 
 
 @pytest.mark.parametrize("kwargs", [
-    {}, {"region": "eu-west-1", "account_id": "123456789012", "lease_table": "leases"}])
+    {}, {"region": "eu-west-1", "account_id": "123456789012", "lease_table": "leases"},
+    {"lease_table": "leases", "sweep": True}])
 def test_parliament_reports_no_findings(kwargs):
     policy = parliament.analyze_policy_string(json.dumps(iam.agent_policy("job-1", **kwargs)))
     assert [(f.issue, f.detail) for f in policy.findings] == []
@@ -116,3 +118,19 @@ def test_calls_made_by_migration_and_lease_are_listed(aws, tmp_path, monkeypatch
 
 def test_readme_lists_every_call():
     assert iam.calls_table() in (ROOT / "packaging" / "iam" / "README.md").read_text()
+
+
+def test_a_sweeps_policy_reaches_its_experiments_and_nothing_named_otherwise():
+    """Issue 19: one role for the sweep's instances, each of which takes on any experiment."""
+    policy = iam.agent_policy("cifar", lease_table="t", sweep=True)
+    assert allowed_actions(policy) == {a for a, _ in iam.AGENT_CALLS}
+    conditions = [st["Condition"] for st in policy["Statement"] if "Condition" in st]
+    scoped = [c["StringLike"] for c in conditions if "StringLike" in c]
+    assert scoped and all(list(v.values()) == [["cifar", "cifar-*"]] for v in scoped)
+    assert not any("StringEquals" in c and any(k.endswith(JOB_TAG) for k in c["StringEquals"])
+                   for c in conditions)  # no statement left scoped to the sweep's id alone
+    [lease] = [st for st in policy["Statement"] if st["Sid"] == "JobLease"]
+    assert lease["Condition"]["ForAllValues:StringLike"]["dynamodb:LeadingKeys"] == [
+        "cifar-*", "sweep#cifar"]
+    single = iam.agent_policy("cifar", lease_table="t")
+    assert "StringLike" not in json.dumps(single)  # a single job's scope stays exact

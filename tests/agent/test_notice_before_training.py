@@ -57,7 +57,7 @@ class RecordingVolumes:
         self.calls.append("acquired")
         return SimpleNamespace(volume_id="vol-1")
 
-    def release(self, snapshot=None, final_tags=None):
+    def release(self, snapshot=None, final_tags=None, finished=False):
         self.calls.append(f"release(snapshot={snapshot})")
 
     def unmount_in_place(self):

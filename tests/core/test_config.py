@@ -92,3 +92,52 @@ def test_an_agent_config_without_a_lease_table_is_refused_unless_promised():
 def test_to_mapping_round_trips():
     cfg = config.from_mapping({"job": {"id": "j1"}, "trainer": {"command": ["x", "y"]}})
     assert config.from_mapping(config.to_mapping(cfg)) == cfg
+
+
+# -- a sweep's section (issue 19): what `spotrun launch` writes for the fleet's instances --
+
+def _sweep(**sweep):
+    return {"aws": {"lease_table": "t"}, "sweep": sweep}
+
+
+def test_a_sweep_section_gives_each_experiment_its_own_job_command_and_env():
+    cfg = config.from_mapping({**_sweep(id="grid", experiments=[
+        {"job": "grid-a", "args": ["--lr", "0.1"], "env": {"WARMUP": "5"}}, {"job": "grid-b"}]),
+        "trainer": {"command": ["python", "train.py"], "env": {"BASE": "1", "WARMUP": "0"}}})
+    first, second = (cfg.for_experiment(e) for e in cfg.sweep.experiments)
+    assert (first.job.id, first.trainer.command, dict(first.trainer.env)) == (
+        "grid-a", ("python", "train.py", "--lr", "0.1"), {"BASE": "1", "WARMUP": "5"})
+    assert (second.job.id, second.trainer.command) == ("grid-b", ("python", "train.py"))
+    assert cfg.job.id == "default" and cfg.trainer.command == ("python", "train.py")  # unchanged
+    assert first.sweep == cfg.sweep
+
+
+@pytest.mark.parametrize("sweep, key", [
+    ({"id": "grid"}, "sweep.experiments"),
+    ({"experiments": [{"job": "grid-a"}]}, "sweep.id"),
+    ({"id": "grid", "experiments": "grid-a"}, "sweep.experiments"),
+    ({"id": "grid", "experiments": ["grid-a"]}, "sweep.experiments[0]"),
+    ({"id": "grid", "experiments": [{"job": "grid a"}]}, "sweep.experiments[0].job"),
+    ({"id": "grid", "experiments": [{"job": "grid-a", "lr": 1}]}, "sweep.experiments[0].lr"),
+    ({"id": "grid", "experiments": [{"job": "grid-a", "args": "--lr 1"}]},
+     "sweep.experiments[0].args"),
+    ({"id": "grid", "experiments": [{"job": "grid-a", "env": {"A": 1}}]},
+     "sweep.experiments[0].env"),
+    ({"id": "grid", "experiments": [{"job": "grid-a"}, {"job": "grid-a"}]}, "sweep.experiments"),
+    ({"id": "grid", "experiments": [{"job": f"g-{n}"} for n in range(101)]}, "sweep.experiments"),
+    ({"id": "grid!", "experiments": [{"job": "grid-a"}]}, "sweep.id"),
+    ({"id": "grid", "experiments": [], "extra": 1}, "sweep.extra"),
+])
+def test_a_bad_sweep_section_names_its_field(sweep, key):
+    with pytest.raises(config.ConfigError) as err:
+        config.from_mapping(_sweep(**sweep), "user-data")
+    assert err.value.key == key and err.value.source == "user-data"
+
+
+def test_a_sweep_needs_the_lease_table_even_with_single_instance(tmp_path):
+    text = ('[code]\nrepository = "r"\n[aws]\nsingle_instance = true\n'
+            '[sweep]\nid = "grid"\nexperiments = [{ job = "grid-a" }]\n')
+    (tmp_path / "agent.toml").write_text(text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(tmp_path / "agent.toml", require_lease=True)
+    assert err.value.key == "aws.lease_table" and "sweep" in str(err.value)

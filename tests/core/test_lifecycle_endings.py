@@ -40,6 +40,7 @@ class TagsInADict:
     def __init__(self):
         self.tags: dict[str, str] = {}
         self.released = 0
+        self.finished: list[bool] = []  # each release: was the job over for good?
         self.written_after_release: list[dict] = []  # tags nobody's lease covered
 
     def record(self, **values: str) -> None:
@@ -47,10 +48,11 @@ class TagsInADict:
             self.written_after_release.append(values)
         self.tags.update({(k if ":" in k else T.PREFIX + k): str(v) for k, v in values.items()})
 
-    def release(self, *, snapshot=None, final_tags=None) -> None:
+    def release(self, *, snapshot=None, final_tags=None, finished=False) -> None:
         # The real release writes final_tags before it lets go of the lease.
         self.record(**(final_tags or {}))
         self.released += 1
+        self.finished.append(finished)
 
     def unmount_in_place(self) -> None:
         pass
@@ -87,6 +89,7 @@ def test_a_crash_loop_is_recorded_as_failed_before_the_cancel(tmp_path):
     assert at_cancel["state"]["phase"] == "failed"
     assert at_cancel["state"]["failure"] == reason and at_cancel["state"]["failure_policy"] == "cancel"
     assert volumes.released == 1 and lc.phase is Phase.FAILED
+    assert volumes.finished == [True]  # a sweep never claims a failed experiment again
 
 
 def test_keep_running_records_the_failure_and_cancels_nothing(tmp_path):
@@ -116,6 +119,7 @@ def test_the_volume_is_not_tagged_after_its_lease_is_released(tmp_path):
     lc.finish()
     assert volumes.released == 1 and volumes.tags[T.PHASE] == "done"
     assert volumes.written_after_release == []
+    assert volumes.finished == [True]
 
     lc, volumes, _ = _training_lifecycle(tmp_path / "drain")
     lc.supervisor = SimpleNamespace(request_stop=lambda: None, current=None, drain=lambda *a, **k:
@@ -124,6 +128,7 @@ def test_the_volume_is_not_tagged_after_its_lease_is_released(tmp_path):
     lc.drain("terminate", time.time() + 60)
     assert lc.phase is Phase.RELEASED and volumes.tags[T.PHASE] == "released"
     assert volumes.written_after_release == []
+    assert volumes.finished == [False]  # drained: the next instance takes the job on
 
 
 def test_the_trainers_completion_record_goes_into_the_agents(tmp_path):

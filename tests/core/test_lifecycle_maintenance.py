@@ -61,7 +61,7 @@ class CountingVolume:
         if not self.held:
             self.writes_not_held.append(values)
 
-    def release(self, snapshot=True, final_tags=None):
+    def release(self, snapshot=True, final_tags=None, finished=False):
         self.released += 1
         self.held = False
 

@@ -71,7 +71,7 @@ class Volumes:
     def record(self, **values):
         pass
 
-    def release(self, snapshot=True, final_tags=None):
+    def release(self, snapshot=True, final_tags=None, finished=False):
         pass
 
     def unmount_in_place(self):

@@ -11,8 +11,6 @@ completion record on the volume image, never by the agents' logs.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,8 @@ from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
 from spotrun.rehearsal import commit_repository
 from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from tests.helpers.operatorcloud import client, local_cloud, spotrun
+from tests.helpers.operatorcloud import events as cloud_events
 from tests.helpers.testkit import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.loopdev]
@@ -50,11 +50,6 @@ availability_zones = ["us-east-1a", "us-east-1b"]
 """
 
 
-def spotrun(*argv: str, cwd: Path, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spotrun", *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture
 def fleet_kind() -> str:
     return "ec2-fleet"  # docs/operator.md's default
@@ -68,19 +63,8 @@ def journey(tmp_path, fleet_kind):
                                    "counting trainer")
     (work / "spotrun.toml").write_text(JOB_TOML.format(repository=repository, python=sys.executable,
                                                         steps=STEPS, fleet=fleet_kind))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["SPOTRUN_LOCALCLOUD_ROOT"] = str(root)
-    up = spotrun("localcloud", "up", "--run-agents", "--detach", cwd=work, env=env)
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
-        info = json.loads((root / "localcloud.json").read_text())
-        # What docs/operator.md's local journey exports: the cloud's endpoint, dummy keys.
-        env.update(AWS_ENDPOINT_URL=info["ec2_endpoint"], AWS_ACCESS_KEY_ID="testing",
-                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=info["region"])
+    with local_cloud(root, work) as env:
         yield root, work, env
-    finally:
-        down = spotrun("localcloud", "down", cwd=work, env=env)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def test_init_launch_interrupt_watch_until_done(journey):
@@ -123,8 +107,7 @@ def test_init_launch_interrupt_watch_until_done(journey):
     agents = {r["instance"] for r in ledger if r.get("instance")}
     assert victim in agents and len(agents) >= 2, agents  # the replacement did work too
 
-    events = [json.loads(line) for line in spotrun("localcloud", "events", cwd=work, env=env)
-              .stdout.splitlines()]
+    events = cloud_events(work, env)
     booted = [e["instance_id"] for e in events if e["event"] == "instance_agent_booted"]
     assert victim in booted and len(booted) >= 2, booted
     assert any(e["event"] == "spot_interruption" and e["instance_id"] == victim for e in events)
@@ -133,7 +116,7 @@ def test_init_launch_interrupt_watch_until_done(journey):
     assert status, status
     ec2_state = {i: s for i, s in _instance_states(status).items() if i in booted}
     assert set(ec2_state.values()) == {"terminated"}, ec2_state  # the agent's delete ended them
-    ec2 = _ec2(env)
+    ec2 = client(env)
     [fleet] = ec2.describe_fleets(FleetIds=[fleet_id])["Fleets"]
     assert fleet["FleetState"].startswith("deleted"), fleet
 
@@ -196,8 +179,7 @@ def test_other_fleet_kinds_boot_the_agent_and_die_with_their_capacity(journey, f
         return host if host["state"] == "terminated" and not host["processes"] else None
 
     wait_until(ended, 60, f"{trainer_host} and its agent to end", interval=0.5)
-    events = [json.loads(line) for line in spotrun("localcloud", "events", cwd=work, env=env)
-              .stdout.splitlines()]
+    events = cloud_events(work, env)
     [off] = [e for e in events if e["event"] == "instance_terminated" and e["instance_id"] == trainer_host]
     assert off["killed"], off  # the agent was still running when its instance went
     ledger = read_ledger(root / "ledger.jsonl")
@@ -214,21 +196,8 @@ def _instance_states(status: dict) -> dict[str, str]:
     return found
 
 
-def _ec2(env: dict):
-    import boto3
-
-    return boto3.client("ec2", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
-
-
 def _job_resources(env: dict, job_id: str) -> dict[str, list]:
-    import boto3
-
-    def client(service):
-        return boto3.client(service, endpoint_url=env["AWS_ENDPOINT_URL"],
-                            region_name=env["AWS_DEFAULT_REGION"],
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
-    ec2, iam, dynamodb = client("ec2"), client("iam"), client("dynamodb")
+    ec2, iam, dynamodb = client(env, "ec2"), client(env, "iam"), client(env, "dynamodb")
     name = f"spotrun-{job_id}"
     leases = [item for table in dynamodb.list_tables()["TableNames"]
               for item in dynamodb.scan(TableName=table)["Items"]

@@ -132,15 +132,78 @@ def test_plan_lists_every_experiments_job(job_file, spotrun):
     assert code == 0 and "a sweep of 4 experiments" in out and f"{plan['job']}-lr0.01-batch_size128" in out
 
 
-def test_commands_that_run_one_job_refuse_a_sweep_before_any_aws_call(job_file, recorder, spotrun):
-    endpoint, seen = recorder
-    path = job_file(job_id="sweep")
-    path.write_text(path.read_text() + SWEEP)
-    for command in ("init", "launch", "cancel", "teardown"):
-        confirmed = ["--yes"] if command in ("cancel", "teardown") else []
-        code, _, err = spotrun(command, "-f", path, "--endpoint-url", endpoint, *confirmed)
-        assert code == 2 and "sweep" in err and "spotrun plan" in err, (command, err)
-    assert seen == []
+@pytest.mark.parametrize("fleet", ["ec2-fleet", "asg", "spot-fleet"])
+def test_a_sweep_is_initialised_launched_cancelled_and_torn_down_as_one_fleet(
+        fleet, moto, client, job_file, spotrun):
+    """init: no volume (each experiment's is made by the agent that first claims it), a policy
+    scoped to the sweep's jobs; launch: ONE fleet at the file's capacity whose user data
+    carries every experiment; cancel and teardown reach every experiment's volume. Judged from
+    what moto holds."""
+    import base64
+    import json
+
+    from spotrun import config as agent_config
+    from spotrun import tags, userdata
+    from spotrun.operator import launch as launch_mod
+
+    path = job_file(job_id="sweep", fleet=fleet)
+    path.write_text(path.read_text().replace("[launch]", "[launch]\ntarget_capacity = 2") + SWEEP)
+    job = jobfile.load(path)
+    code, out, err = spotrun("init", "--json", "-f", path, "--endpoint-url", moto)
+    assert code == 0, err
+    assert [s["resource"] for s in json.loads(out)["steps"]].count("volume") == 0
+    ec2 = client("ec2")
+    assert ec2.describe_volumes(Filters=tags.job_filters("sweep"))["Volumes"] == []
+    policy = json.loads(json.dumps(client("iam").get_role_policy(
+        RoleName=job.role_name, PolicyName="spotrun-agent")["PolicyDocument"]))
+    lease = [st for st in policy["Statement"] if st["Sid"] == "JobLease"][0]
+    assert lease["Condition"] == {"ForAllValues:StringLike": {
+        "dynamodb:LeadingKeys": ["sweep-*", "sweep#sweep"]}}
+
+    code, out, err = spotrun("launch", "--json", "-f", path, "--endpoint-url", moto)
+    assert code == 0, err
+    result = json.loads(out)
+    data = ec2.describe_launch_template_versions(
+        LaunchTemplateName=result["launch_template"]["LaunchTemplateName"],
+        Versions=[result["launch_template"]["Version"]])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    agent = agent_config.from_mapping(userdata.parse(base64.b64decode(data["UserData"])), "user-data")
+    assert agent.sweep.id == "sweep"
+    assert [e.job for e in agent.sweep.experiments] == [e.job_id for e in job.experiments]
+    assert agent.for_experiment(agent.sweep.experiments[1]).trainer.command == \
+        job.experiment_job(job.experiments[1]).config.trainer.command
+    if fleet == "ec2-fleet":
+        [desc] = ec2.describe_fleets(FleetIds=[result["fleet"]["id"]])["Fleets"]
+        assert desc["TargetCapacitySpecification"]["TotalTargetCapacity"] == 2
+    elif fleet == "asg":
+        [group] = client("autoscaling").describe_auto_scaling_groups(
+            AutoScalingGroupNames=[result["fleet"]["id"]])["AutoScalingGroups"]
+        assert group["DesiredCapacity"] == 2
+    else:
+        [req] = ec2.describe_spot_fleet_requests(
+            SpotFleetRequestIds=[result["fleet"]["id"]])["SpotFleetRequestConfigs"]
+        assert req["SpotFleetRequestConfig"]["TargetCapacity"] == 2
+    assert launch_mod.plan(job)["user_data_bytes"] < 16 * 1024
+
+    # Two experiments have volumes (as their agents would make them); cancel keeps both,
+    # teardown --delete-volume snapshots and deletes both.
+    made = [ec2.create_volume(AvailabilityZone="us-west-2a", Size=1, TagSpecifications=[{
+        "ResourceType": "volume", "Tags": tags.as_list({tags.NAME: job.config.volume.name_tag,
+                                                          tags.JOB: e.job_id})}])["VolumeId"]
+            for e in job.experiments[:2]]
+    code, out, err = spotrun("cancel", "--json", "-f", path, "--endpoint-url", moto, "--yes")
+    assert code == 0, err
+    assert sorted(json.loads(out)["volumes_kept"]) == sorted(made)
+    code, out, err = spotrun("teardown", "--json", "-f", path, "--endpoint-url", moto, "--yes",
+                             "--delete-volume")
+    assert code == 0, err
+    left = [v["VolumeId"] for e in job.experiments
+            for v in ec2.describe_volumes(Filters=tags.job_filters(e.job_id))["Volumes"]
+            if v["State"] not in ("deleting", "deleted")]
+    assert left == []
+    finals = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+        {"Name": f"tag:{tags.ROLE}", "Values": ["final-snapshot"]}])["Snapshots"]
+    # each kept as a snapshot first (moto's server is shared by the whole session: only ours)
+    assert sorted(s["VolumeId"] for s in finals if s["VolumeId"] in made) == sorted(made)
 
 
 def test_each_experiment_can_be_written_as_a_job_file_of_its_own(job_file, recorder, spotrun,

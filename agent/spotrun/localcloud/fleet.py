@@ -16,6 +16,12 @@ saying why:
     here it wakes this fleet's loop, which terminates the fleet's local-cloud instances.
   * moto forgets a request cancelled with termination; EC2 keeps showing it as
     ``cancelled`` (for 48 hours), so it is put back in that state.
+  * ModifySpotFleetRequest through the API (a sweep's instance leaving: spotrun.fleet.leave)
+    changes moto's request only; the loop keeps moto's target, read after it has noticed the
+    instances gone, so an instance terminated right after the decrement is never replaced.
+    moto would launch its own instances for a raised target: it wakes this loop instead, which
+    launches the cloud's; a lowered target with the "default" policy terminates the excess, as
+    EC2 does, "noTermination" leaves it running.
 DescribeSpotFleetInstances stays empty (moto lists only its own spot requests): a known gap.
 """
 from __future__ import annotations
@@ -146,9 +152,11 @@ class SpotFleet:
         excess running for the caller to end (ExcessCapacityTerminationPolicy=noTermination)."""
         if not isinstance(target_capacity, int) or target_capacity < 0:
             raise ValueError(f"target_capacity must be an integer >= 0, got {target_capacity!r}")
+        # moto first: the loop adopts moto's target on every pass (see _adopt_moto_target),
+        # so a pass in between must not read the old one back.
+        self._patch_moto(target_capacity=target_capacity)
         with self._lock:
             self.target_capacity = target_capacity
-        self._patch_moto(target_capacity=target_capacity)
         self._record("fleet_target_modified", target_capacity=target_capacity)
         self.poke()
 
@@ -219,12 +227,39 @@ class SpotFleet:
                 self._changed.notify_all()
             self._record("fleet_cancelled", terminate_instances=False)
         self._notice_gone_instances()
+        # After the gone instances: whoever lowers the target (spotrun.fleet.leave) does so
+        # before terminating its instance, so a termination seen above comes with its target.
+        self._adopt_moto_target()
         self._reap_processes()
         if self.state == "active" and self.fleet_type == "maintain":
             self._launch_up_to_target()
         elif self.state == "active" and not self.members:
             self._launch_up_to_target()  # a one-time "request" fleet launches once
         self._patch_moto(fulfilled_capacity=len(self.live_members()))
+
+    def _adopt_moto_target(self) -> None:
+        """ModifySpotFleetRequest made through the API changed moto's request: keep its target,
+        and with the "default" policy terminate what exceeds it (moto asked for that through
+        the request's terminate_instances, see _patch_moto)."""
+        request = self._moto_request
+        if request is None or self.state != "active":
+            return  # moto out of process (nothing to read), or the fleet is ending
+        target = int(request.target_capacity)
+        with self._lock:
+            changed, self.target_capacity = target != self.target_capacity, target
+            terminate_excess, self._terminate_excess = self._terminate_excess, False
+        if changed:
+            self._record("fleet_target_modified", target_capacity=target, source="api")
+        if terminate_excess:
+            for member in self.live_members()[target:][::-1]:  # the newest go first
+                self._terminate_member(member, reason="target_lowered")
+
+    def _excess_termination_asked(self, *_: Any) -> None:
+        """moto's request.terminate_instances: a cancel with termination (the loop sees the
+        cancel) or a lowered target with the "default" policy (the excess goes)."""
+        with self._lock:
+            self._terminate_excess = True
+        self._wake.set()
 
     def _launch_up_to_target(self) -> None:
         while len(self.live_members()) < self.target_capacity and not self._stop.is_set():
@@ -274,6 +309,12 @@ class SpotFleet:
             state = "terminated" if local == "terminated" else states.get(member.instance_id,
                                                                           "terminated")
             if state in GONE_STATES:
+                power_off = getattr(self.cloud, "power_off", None)
+                if local == "running" and callable(power_off):
+                    # Terminated in moto behind the cloud's back (TerminateInstances sent to
+                    # moto's own endpoint, not the cloud's): it powers off now, as on EC2 --
+                    # its processes die, its metadata goes -- not only its boot process.
+                    power_off(member.instance, "terminated")
                 self._mark_gone(member, state)
                 if self.replacement_delay_s:
                     self._next_launch_at = time.monotonic() + self.replacement_delay_s
@@ -351,8 +392,11 @@ class SpotFleet:
             return
         if self._moto_request is None:
             # moto's cancel-with-terminate terminates the moto spot requests' instances and
-            # fails when there are none (ours are not moto's): hand it to this fleet instead.
-            request.terminate_instances = self._wake.set
+            # fails when there are none (ours are not moto's): hand it to this fleet instead;
+            # so too a lowered target's excess. A raised target would launch moto's own
+            # instances: this fleet launches the cloud's instead.
+            request.terminate_instances = self._excess_termination_asked
+            request.create_spot_requests = lambda *_: self._wake.set()
         self._moto_request = request
         if target_capacity is not None:
             request.target_capacity = target_capacity
@@ -360,6 +404,7 @@ class SpotFleet:
             request.fulfilled_capacity = float(fulfilled_capacity)
 
     _moto_request: Any = None
+    _terminate_excess = False
 
     def _record(self, event: str, **fields: Any) -> None:
         entry = {"at": datetime.now(timezone.utc).isoformat(), "event": event,

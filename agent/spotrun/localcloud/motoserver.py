@@ -153,6 +153,118 @@ def cancel_spot_fleets_as_ec2() -> None:
     SpotFleets.cancel_spot_fleet_requests = cancel_spot_fleet_requests
 
 
+_LIVE = ("pending", "running")
+# EC2's answer to a modify of a fleet that cannot be modified (now): reported by EC2 for a
+# ModifySpotFleetRequest of a one-time request, e.g. jenkinsci/ec2-fleet-plugin issue 131.
+_NOT_MODIFIABLE = "FleetNotInModifiableState"
+
+
+def shrink_fleets_as_ec2() -> None:
+    """What a sweep's instance that leaves its fleet (spotrun.fleet.leave) needs of moto, which
+    stops short of EC2 there, once per process:
+
+    * ModifyFleet is not implemented (HTTP 500). Here it sets the EC2 Fleet's target capacity
+      specification as EC2 does: a higher total launches the missing instances, a lower one
+      with ``termination`` (the default) terminates the excess, with ``no-termination`` leaves
+      it running, and the fleet then replaces only up to the new target (motofleets.replace_lost
+      reads ``target_capacity``). An unknown id answers ``InvalidFleetId.NotFound``, a fleet not
+      ``maintain`` or not active ``FleetNotInModifiableState`` (EC2 modifies only those).
+    * ModifySpotFleetRequest of an id moto does not hold raises KeyError (HTTP 500, which a
+      client retries as transient); EC2 answers 400. A cancelled request is refused too. And
+      moto terminates the excess of a lowered target only for the policy spelt "Default",
+      which no SDK sends (EC2's values: "default", also when none is given, and
+      "noTermination"), counting every instance it ever launched as still there.
+    * TerminateInstanceInAutoScalingGroup of an instance in no group raises StopIteration
+      (HTTP 500); EC2 answers ValidationError. And moto decrements the desired capacity below
+      the group's minimum size, which AWS refuses (ValidationError: the caller must lower the
+      minimum first)."""
+    from moto.autoscaling.exceptions import ValidationError
+    from moto.autoscaling.models import AutoScalingBackend
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.responses.fleets import Fleets
+    from moto.ec2.responses.spot_fleets import SpotFleets
+
+    if getattr(getattr(Fleets, "modify_fleet", None), "_spotrun_as_ec2", False):
+        return
+
+    def modify_fleet(self) -> ActionResult:
+        fleet_id = self._get_param("FleetId")
+        fleet = self.ec2_backend.fleets.get(fleet_id)
+        if fleet is None:
+            raise EC2ClientError("InvalidFleetId.NotFound", f"The fleet ID '{fleet_id}' does not exist")
+        if fleet.fleet_type != "maintain" or fleet.state not in ("submitted", "active"):
+            raise EC2ClientError(_NOT_MODIFIABLE, f"Fleet {fleet_id} is in the {fleet.state} state "
+                                                  f"and of type {fleet.fleet_type}: not modifiable")
+        asked = self._get_param("TargetCapacitySpecification", {}) or {}
+        spec = dict(fleet.target_capacity_specification)
+        spec.update({key: int(value) for key, value in asked.items()
+                     if key in ("TotalTargetCapacity", "SpotTargetCapacity", "OnDemandTargetCapacity")})
+        total = int(spec.get("TotalTargetCapacity", fleet.target_capacity))
+        for part in ("SpotTargetCapacity", "OnDemandTargetCapacity"):
+            if part in spec:  # a part is part of the total
+                spec[part] = min(int(spec[part]), total)
+        fleet.target_capacity_specification = spec
+        fleet.target_capacity = total
+        fleet.spot_target_capacity = int(spec.get("SpotTargetCapacity", 0))
+        fleet.on_demand_target_capacity = int(spec.get("OnDemandTargetCapacity", 0))
+        policy = (self._get_param("ExcessCapacityTerminationPolicy")
+                  or fleet.excess_capacity_termination_policy or "termination")
+        live = (len([r for r in fleet.spot_requests if r.instance.state in _LIVE])
+                + len([i for i in fleet.on_demand_instances if i["instance"].state in _LIVE]))
+        fleet.fulfilled_capacity = float(live)  # moto's counts every instance it ever launched
+        if total > live:
+            if spec.get("DefaultTargetCapacityType") == "on-demand":
+                fleet.create_on_demand_requests(total - live)
+            else:
+                fleet.create_spot_requests(total - live)
+        elif total < live and policy == "termination":
+            fleet.terminate_instances()
+        return ActionResult({"Return": True})
+
+    def modify_spot_fleet_request(self) -> ActionResult:
+        request_id = self._get_param("SpotFleetRequestId")
+        request = self.ec2_backend.spot_fleet_requests.get(request_id)
+        if request is None:
+            raise EC2ClientError("InvalidSpotFleetRequestId.NotFound",
+                                 f"The spot fleet request ID '{request_id}' does not exist")
+        if request.state not in ("submitted", "active"):
+            raise EC2ClientError(_NOT_MODIFIABLE, f"Fleet Request: {request_id} is in the "
+                                                  f"{request.state} state: not modifiable")
+        target = self._get_int_param("TargetCapacity")
+        if target is None or target < 0:
+            raise EC2ClientError("InvalidParameterValue", f"TargetCapacity {target} is invalid")
+        if request.spot_requests:  # moto's own members (the cloud's fleets keep theirs current)
+            request.fulfilled_capacity = float(sum(
+                1 for r in request.spot_requests if r.instance.state in _LIVE))
+        # EC2's policies are "default" (terminate the excess; also when none is given) and
+        # "noTermination"; moto terminates only on "Default", which no SDK sends.
+        policy = self._get_param("ExcessCapacityTerminationPolicy") or "default"
+        self.ec2_backend.modify_spot_fleet_request(
+            request_id, target, "Default" if policy.lower() == "default" else policy)
+        return ActionResult({"Return": True})
+
+    original_terminate = AutoScalingBackend.terminate_instance
+
+    def terminate_instance(self, instance_id: str, should_decrement: bool):
+        group = next((g for g in self.autoscaling_groups.values()
+                      if any(s.instance.id == instance_id for s in g.instance_states)), None)
+        if group is None:
+            raise ValidationError(f"Instance Id not found - No managed instance found for "
+                                  f"instance ID: {instance_id}")
+        if should_decrement and (group.desired_capacity or 0) - 1 < group.min_size:
+            raise ValidationError(
+                f"Currently, desiredSize equals minSize ({group.min_size}). Terminating instance "
+                f"without replacement will violate group's min size constraint. Either set "
+                f"shouldDecrementDesiredCapacity flag to false or lower group's min size.")
+        return original_terminate(self, instance_id, should_decrement)
+
+    modify_fleet._spotrun_as_ec2 = True
+    Fleets.modify_fleet = modify_fleet
+    SpotFleets.modify_spot_fleet_request = modify_spot_fleet_request
+    AutoScalingBackend.terminate_instance = terminate_instance
+
+
 class MotoServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         # werkzeug logs every request on stderr; the proxy logs what matters instead.
@@ -164,6 +276,7 @@ class MotoServer:
         parse_new_versions_user_data()
         terminate_despite_a_finished_detach()
         cancel_spot_fleets_as_ec2()
+        shrink_fleets_as_ec2()
         self._server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
         self.endpoint = ""
 

@@ -55,7 +55,9 @@ def _snapshot_then_delete(aws: Aws, job_id: str, volume: dict, reporter: Reporte
 
 
 def apply(aws: Aws, job_id: str, reporter: Reporter, delete_volume: bool = False,
-          timeout_s: float = 3600) -> dict[str, Any]:
+          timeout_s: float = 3600, volume_jobs: list[str] | None = None) -> dict[str, Any]:
+    """``volume_jobs``: the jobs whose volumes are this job's (a sweep's experiments; default
+    the job itself). The fleet and instances are found by ``job_id``."""
     cancelled = []
     for capacity in fleets.find(aws, job_id):
         fleets.cancel(aws, capacity)
@@ -66,12 +68,14 @@ def apply(aws: Aws, job_id: str, reporter: Reporter, delete_volume: bool = False
         reporter.say(f"terminated {instance_id}")
     result: dict[str, Any] = {"job": job_id, "cancelled": cancelled, "terminated": stragglers,
                               "volumes_kept": [], "volumes_deleted": []}
-    volumes = aws.client("ec2").describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
-    for volume in volumes:
-        if delete_volume and volume["State"] != "deleting":
-            result["volumes_deleted"].append(_snapshot_then_delete(aws, job_id, volume, reporter, timeout_s))
-        else:
-            result["volumes_kept"].append(volume["VolumeId"])
+    for owner in volume_jobs or [job_id]:
+        volumes = aws.client("ec2").describe_volumes(Filters=tags.job_filters(owner))["Volumes"]
+        for volume in volumes:
+            if delete_volume and volume["State"] != "deleting":
+                result["volumes_deleted"].append(_snapshot_then_delete(aws, owner, volume, reporter,
+                                                                       timeout_s))
+            else:
+                result["volumes_kept"].append(volume["VolumeId"])
     for done in result["volumes_deleted"]:
         reporter.say(f"deleted volume {done['volume']} (kept snapshot {done['snapshot']})")
     for volume_id in result["volumes_kept"]:

@@ -132,7 +132,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 @_aws_errors_as_messages
 def cmd_init(args: argparse.Namespace) -> int:
-    job = _single_job(args.job_file, "init")  # validation before any AWS call
+    job = jobfile.load(args.job_file)  # validation before any AWS call
     reporter = _setup(args)
     args.watch_line = False
     if args.dry_run:
@@ -150,7 +150,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 @_aws_errors_as_messages
 def cmd_launch(args: argparse.Namespace) -> int:
-    job = _single_job(args.job_file, "launch")
+    job = jobfile.load(args.job_file)
     reporter = _setup(args)
     args.watch_line = False
     if args.dry_run:
@@ -183,21 +183,9 @@ def _launch_plan_text(job: jobfile.Job, plan: dict) -> str:
     return "\n".join(lines)
 
 
-def _single_job(path: str | None, command: str) -> jobfile.Job:
-    """The job file's job; a sweep is refused by name until its commands exist (issue 19)."""
-    job = jobfile.load(path)
-    if job.experiments:
-        raise ConfigError("sweep", f"`spotrun {command}` runs one job; a sweep of "
-                          f"{len(job.experiments)} experiments is not launched by spotrun yet "
-                          "(`spotrun plan` lists them)", job.source)
-    return job
-
-
-def _job_from_args(args: argparse.Namespace, *, sweep: bool = False
-                   ) -> tuple[str, jobfile.Job | None]:
+def _job_from_args(args: argparse.Namespace) -> tuple[str, jobfile.Job | None]:
     if args.job_file or (not args.job and Path(jobfile.DEFAULT_JOB_FILE).is_file()):
-        job = (jobfile.load(args.job_file) if sweep
-               else _single_job(args.job_file, getattr(args, "command", "status")))
+        job = jobfile.load(args.job_file)
         if args.job and args.job != job.id:
             raise UsageError(f"--job {args.job} does not match the job file's job.id {job.id}")
         return job.id, job
@@ -228,7 +216,7 @@ def _local_status(args: argparse.Namespace) -> int:
 
 @_aws_errors_as_messages
 def cmd_status(args: argparse.Namespace) -> int:
-    job_id, job = _job_from_args(args, sweep=True)
+    job_id, job = _job_from_args(args)
     if not job_id:
         return _local_status(args)
     _setup(args)
@@ -295,7 +283,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             raise UsageError("not confirmed; nothing was changed")
     reporter = _setup(args)
     args.watch_line = False
-    result = cancel_mod.apply(_aws(args, job), job_id, reporter, delete_volume=args.delete_volume)
+    result = cancel_mod.apply(_aws(args, job), job_id, reporter, delete_volume=args.delete_volume,
+                              volume_jobs=teardown_mod.job_ids(job) if job is not None else None)
     text = (f"job {job_id}: cancelled {len(result['cancelled'])} fleet(s)/group(s), terminated "
             f"{len(result['terminated'])} stray instance(s); kept {len(result['volumes_kept'])} volume(s), "
             f"deleted {len(result['volumes_deleted'])}")
@@ -305,7 +294,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @_aws_errors_as_messages
 def cmd_teardown(args: argparse.Namespace) -> int:
-    job = _single_job(args.job_file, "teardown")  # the names come from the job file
+    job = jobfile.load(args.job_file)  # the names come from the job file
     if not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("teardown removes the job's AWS resources: confirm with --yes when not on a terminal")

@@ -42,15 +42,17 @@ class Step:
 
 def plan(job: Job) -> list[Step]:
     """What init would ensure, computed from the job file alone (no AWS call)."""
-    steps = [
+    scope = f"{job.id} or {job.id}-* (the sweep's experiments)" if job.experiments else job.id
+    steps = [] if job.experiments else [  # a sweep's volumes: made by the agent that first claims each
         Step("volume", job.config.volume.name_tag,
              detail=f"{job.config.volume.size_gib} GiB {job.config.volume.type}"
                     f"{' encrypted' if job.config.volume.encrypted else ''} in "
                     f"{job.volume_az or '(the region first AZ)'}, tagged {tags.JOB}={job.id}; "
-                    "formatted by the agent on first attach"),
+                    "formatted by the agent on first attach")]
+    steps += [
         Step("role", job.role_name, detail="trusted by ec2.amazonaws.com"),
         Step("policy", f"{job.role_name}/{AGENT_POLICY_NAME}",
-             detail=f"least privilege for the agent, scoped by {tags.JOB}={job.id}"),
+             detail=f"least privilege for the agent, scoped by {tags.JOB}={scope}"),
         Step("instance-profile", job.role_name, detail=f"holds role {job.role_name}"),
     ]
     if job.launch.fleet == "spot-fleet":
@@ -63,7 +65,7 @@ def plan(job: Job) -> list[Step]:
 
 def agent_policy_for(job: Job, region: str, account_id: str) -> dict:
     return iam.agent_policy(job.id, region=region, account_id=account_id,
-                            lease_table=job.lease_table or None)
+                            lease_table=job.lease_table or None, sweep=bool(job.experiments))
 
 
 def find_volumes(ec2: Any, job: Job) -> list[dict]:

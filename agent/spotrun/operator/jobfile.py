@@ -121,6 +121,12 @@ class Job:
             out.get("aws", {}).pop(key, None)
         if out.get("aws") == {}:
             del out["aws"]
+        if self.experiments:
+            # Every instance of the fleet gets the whole list and claims one at a time
+            # (agent/spotrun/sweeprun.py); args and env only where an experiment has them.
+            out["sweep"] = {"id": self.id, "experiments": [
+                {"job": e.job_id, **({"args": list(e.args)} if e.args else {}),
+                 **({"env": dict(e.env)} if e.env else {})} for e in self.experiments]}
         return out
 
 
@@ -272,8 +278,8 @@ def _checked_sweep(job: Job, raw: Any) -> tuple[sweep.Experiment, ...]:
         raise ConfigError("launch.target_capacity", f"{job.launch.target_capacity} instances for "
                           f"{len(experiments)} experiments: at most one instance per experiment",
                           job.source)
-    for experiment in experiments:
-        validate.render_user_data(job.experiment_job(experiment))
+    # What the fleet's instances get: the whole sweep in one stub (at most 16 KB).
+    validate.render_user_data(dataclasses.replace(job, experiments=experiments))
     return experiments
 
 

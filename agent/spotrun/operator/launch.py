@@ -171,7 +171,8 @@ def _missing(aws: Aws, job: Job) -> list[str]:
     """Everything ``init`` makes that is not there (or not as the agent needs it)."""
     iam = aws.client("iam")
     problems = []
-    if not find_volumes(aws.client("ec2"), job):
+    # A sweep's volumes are made by the agents, each when its experiment is first claimed.
+    if not job.experiments and not find_volumes(aws.client("ec2"), job):
         problems.append(f"no volume tagged {tags.JOB}={job.id}")
 
     def absent(call, code: str = "NoSuchEntity", **kwargs) -> dict | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from spotrun import lease, tags
+from spotrun import lease, sweepclaim, tags
 from spotrun.errors import SpotrunError
 from spotrun.operator import cancel as cancel_mod
 from spotrun.operator import fleets
@@ -43,6 +43,11 @@ def _get_or_none(call: Callable[..., Any], key: str, **kwargs: Any) -> dict | No
         if error_code(exc) != "NoSuchEntity":
             raise
         return None
+
+
+def job_ids(job: Job) -> list[str]:
+    """The jobs whose volumes and snapshots are the file's: its own, or each experiment's."""
+    return [e.job_id for e in job.experiments] if job.experiments else [job.id]
 
 
 def apply(aws: Aws, job: Job, reporter: Reporter, delete_volume: bool = False,
@@ -89,26 +94,31 @@ def apply(aws: Aws, job: Job, reporter: Reporter, delete_volume: bool = False,
         if delete_table:
             note(_gone(dynamodb.delete_table, TableName=job.lease_table), "lease-table", job.lease_table)
         else:
-            try:
-                dynamodb.delete_item(TableName=job.lease_table, Key={lease.KEY: {"S": job.id}})
-                note(True, "lease-entry", f"{job.lease_table}/{job.id}")
-            except Exception as exc:  # noqa: BLE001
-                if error_code(exc) not in _NOT_FOUND:
-                    raise
+            # A sweep's items: one per experiment, and the sweep's own (its fleet cancel).
+            keys = ([e.job_id for e in job.experiments] + [sweepclaim.sweep_key(job.id)]
+                    if job.experiments else [job.id])
+            for key in keys:
+                try:
+                    dynamodb.delete_item(TableName=job.lease_table, Key={lease.KEY: {"S": key}})
+                    note(True, "lease-entry", f"{job.lease_table}/{key}")
+                except Exception as exc:  # noqa: BLE001
+                    if error_code(exc) not in _NOT_FOUND:
+                        raise
             kept.append({"resource": "lease-table", "name": job.lease_table, "why": "shared (--all deletes it)"})
-    volumes = ec2.describe_volumes(Filters=tags.job_filters(job.id))["Volumes"]
-    for volume in volumes:
-        if delete_volume and volume["State"] != "deleting":
-            done = cancel_mod._snapshot_then_delete(aws, job.id, volume, reporter, timeout_s)
-            note(True, "volume", f"{done['volume']} (final snapshot {done['snapshot']})")
-        else:
-            kept.append({"resource": "volume", "name": volume["VolumeId"], "why": "--delete-volume deletes it"})
-    snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=tags.job_filters(job.id))["Snapshots"]
-    for snap in snapshots:
-        if delete_snapshots:
-            note(_gone(ec2.delete_snapshot, SnapshotId=snap["SnapshotId"]), "snapshot", snap["SnapshotId"])
-        else:
-            kept.append({"resource": "snapshot", "name": snap["SnapshotId"], "why": "--delete-snapshots deletes it"})
+    for job_id in job_ids(job):
+        volumes = ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
+        for volume in volumes:
+            if delete_volume and volume["State"] != "deleting":
+                done = cancel_mod._snapshot_then_delete(aws, job_id, volume, reporter, timeout_s)
+                note(True, "volume", f"{done['volume']} (final snapshot {done['snapshot']})")
+            else:
+                kept.append({"resource": "volume", "name": volume["VolumeId"], "why": "--delete-volume deletes it"})
+        snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=tags.job_filters(job_id))["Snapshots"]
+        for snap in snapshots:
+            if delete_snapshots:
+                note(_gone(ec2.delete_snapshot, SnapshotId=snap["SnapshotId"]), "snapshot", snap["SnapshotId"])
+            else:
+                kept.append({"resource": "snapshot", "name": snap["SnapshotId"], "why": "--delete-snapshots deletes it"})
     for item in kept:
         reporter.say(f"kept {item['resource']} {item['name']} ({item['why']})")
     return {"job": job.id, "removed": removed, "kept": kept}

@@ -1,0 +1,126 @@
+"""A sweep on the local spot cloud, as an operator runs it (issue 19): three experiments on an
+EC2 Fleet of capacity 2, with real agents.
+
+`spotrun localcloud up --run-agents`, `spotrun init`, `spotrun launch`, `spotrun status
+--watch` on the sweep's file until every experiment ends. Judged by what the cloud recorded
+(its ledger of calls, its events, EC2's state) and the completion records on the volume
+images -- never by the agents' logs: each experiment trained once, with its own settings, on
+its own volume; one instance left the fleet when nothing was left for it (capacity lowered,
+no replacement launched); one instance, the last, deleted the fleet.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from spotrun import tags
+from spotrun.localcloud.ledger import calls, performed, read_ledger
+from spotrun.rehearsal import commit_repository
+from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from tests.helpers.operatorcloud import client, events, local_cloud, spotrun
+from tests.helpers.testkit import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.loopdev]
+
+COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
+# Each experiment counts to its own number of steps: the completion record's sum says which
+# settings the trainer that finished it really ran with.
+STEPS = {"a": 40, "b": 60, "c": 80}
+JOB_TOML = """\
+[job]
+id = "grid"
+
+[code]
+repository = "{repository}"
+
+[trainer]
+command = ["{python}", "train.py"]
+env = {{ STEP_S = "0.05", CKPT_EVERY = "20" }}
+
+[agent]
+progress_tag_interval_s = 1.0
+
+[launch]
+fleet = "ec2-fleet"
+target_capacity = 2
+image_id = "ami-0123456789abcdef0"
+instance_types = ["p3.2xlarge"]
+availability_zones = ["us-east-1a", "us-east-1b"]
+{experiments}
+"""
+
+
+@pytest.fixture
+def sweep_cloud(tmp_path):
+    root, work = tmp_path / "cloud", tmp_path / "work"
+    work.mkdir()
+    repository = commit_repository(tmp_path / "repo", {"train.py": COUNTING_TRAINER},
+                                   "counting trainer")
+    experiments = "".join(f'\n[[sweep.experiments]]\nname = "{name}"\nenv = {{ STEPS = "{steps}" }}\n'
+                          for name, steps in STEPS.items())
+    (work / "spotrun.toml").write_text(JOB_TOML.format(
+        repository=repository, python=sys.executable, experiments=experiments))
+    with local_cloud(root, work) as env:
+        yield root, work, env
+
+
+def test_three_experiments_on_two_instances_each_trained_once_then_one_cancel(sweep_cloud):
+    root, work, env = sweep_cloud
+    for command in ("init", "launch"):
+        done = spotrun(command, cwd=work, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    watch = spotrun("status", "--watch", "--interval", "1", cwd=work, env=env, timeout=400)
+    assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-3000:]
+
+    # -- the cloud's own record ----------------------------------------------------------
+    wait_until(lambda: any(performed(r) for r in calls(read_ledger(root / "ledger.jsonl"),
+                                                       action="DeleteFleets")),
+               60, "an agent's DeleteFleets in the cloud's ledger", interval=0.5)
+    ledger = read_ledger(root / "ledger.jsonl")
+    [create] = [r for r in calls(ledger, action="CreateFleet") if performed(r)]
+    fleet_id = create["created"][0]
+    deletes = [r for r in calls(ledger, action="DeleteFleets") if performed(r)]
+    assert len({r["instance"] for r in deletes}) == 1 and deletes[0]["instance"], deletes
+    assert all(fleet_id in r["resources"] for r in deletes)
+    last = deletes[0]["instance"]
+    # The other instance found nothing left to claim while the last experiment trained: it
+    # lowered the fleet's capacity and ended itself; the fleet launched nobody in its place.
+    modifies = [r for r in calls(ledger, action="ModifyFleet") if performed(r)]
+    leavers = {r["instance"] for r in modifies}
+    assert len(leavers) == 1 and last not in leavers and None not in leavers, modifies
+    terminations = [r for r in calls(ledger, action="TerminateInstances") if performed(r)
+                    and r["instance"] in leavers]
+    assert terminations and all(r["resources"] == [r["instance"]] for r in terminations), terminations
+
+    booted = [e["instance_id"] for e in events(work, env) if e["event"] == "instance_agent_booted"]
+    assert sorted(booted) == sorted({last, *leavers}), booted  # two instances, no third
+
+    # -- the bytes on the volumes: one volume per experiment, each trained to its own end --
+    ec2 = client(env)
+    for name, steps in STEPS.items():
+        job_id = f"grid-{name}"
+        volumes = [v for v in ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
+                   if tags.as_dict(v.get("Tags")).get(tags.ROLE) == "volume"]
+        assert len(volumes) == 1, (job_id, volumes)
+        volume_id = volumes[0]["VolumeId"]
+        attaches = [r for r in calls(ledger, action="AttachVolume") if performed(r)
+                    and volume_id in r["resources"]]
+        assert len(attaches) == 1, (job_id, attaches)  # trained by one instance, once
+        image = root / "ebs" / "volumes" / f"{volume_id}.img"
+
+        def completion_on_image() -> dict | None:
+            try:
+                return read_volume_state(volume_id, image).completion
+            except VolumeReadError:
+                return None
+
+        completion = wait_until(completion_on_image, 60, f"{job_id}'s completion record",
+                                interval=0.5)
+        assert completion["metrics"]["sum"] == steps * (steps + 1) // 2, (job_id, completion)
+
+    [fleet] = ec2.describe_fleets(FleetIds=[fleet_id])["Fleets"]
+    assert fleet["FleetState"].startswith("deleted"), fleet
+
