@@ -35,7 +35,8 @@ class _NoVolume:
     """The volume edge during a notice: the figure stops at the durable checkpoint, before
     unmount/snapshot/detach (those are the modelled AWS waits of figure 3)."""
 
-    def release(self, *, snapshot: bool | None = None, final_tags: dict | None = None) -> None:
+    def release(self, *, snapshot: bool | None = None, final_tags: dict | None = None,
+                finished: bool = False) -> None:
         pass  # the same signature as VolumeManager.release: the drain calls it as it is
 
     def record(self, **values) -> None:

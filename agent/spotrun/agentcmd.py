@@ -104,7 +104,7 @@ def build_lifecycle(config: Config, metadata, *, lease=None, identify=None, canc
     """The lifecycle with its real edges. A sweep's experiment passes the ``lease`` it claimed,
     the ``identify`` it already did, and its own ``cancel_fleet`` (the sweep decides that)."""
     from spotrun import checkout as checkoutmod
-    from spotrun import ec2, fleet, identity, monitor, notify, volumes
+    from spotrun import ec2, fleet, identity, metrics, monitor, notify, volumes
     from spotrun.lifecycle import Lifecycle
 
     def region_of(ident) -> str:
@@ -139,6 +139,9 @@ def build_lifecycle(config: Config, metadata, *, lease=None, identify=None, canc
         monitor=lambda on_event: monitor.InterruptionMonitor.from_config(
             metadata, config.metadata, on_event=on_event),
         cancel_fleet=cancel_fleet or cancel_own_fleet,
+        metrics=lambda: metrics.MetricsPublisher(
+            ec2.client("cloudwatch", config.aws, config.aws.region
+                       or metadata.get("meta-data/placement/region")), config.job.id),
     )
 
 

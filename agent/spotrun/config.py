@@ -164,6 +164,9 @@ class AgentConfig:
     # How often training progress goes on the volume's tags (what `spotrun status` reads):
     # one CreateTags per interval, so not much more often than a minute on AWS.
     progress_tag_interval_s: float = 60.0
+    # How often the trainer's latest metrics (loss, accuracy, ...) go to CloudWatch, namespace
+    # "spotrun", dimension job (spotrun.metrics): the learning curves. 0 = never.
+    metrics_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
+from spotrun.metrics import NAMESPACE as METRICS_NAMESPACE
 from spotrun.tags import JOB, LEFT_FLEET
 
 # (action, why). The IAM test checks every call the agent made in the tests is listed here.
@@ -45,6 +46,8 @@ AGENT_CALLS: list[tuple[str, str]] = [
     ("autoscaling:TerminateInstanceInAutoScalingGroup", "a sweep's instance with nothing left to "
                                                         "claim: ends itself, one fewer desired"),
     ("autoscaling:DescribeAutoScalingGroups", "check the Auto Scaling group before scaling it"),
+    ("cloudwatch:PutMetricData", "the trainer's learning curves (loss, accuracy, step), namespace "
+                                 "spotrun, dimension job (what `spotrun status --plot` draws)"),
     ("ssm:GetParameter", "git credentials from an SSM parameter (code.credentials_ssm_parameter)"),
     ("secretsmanager:GetSecretValue", "git credentials from a secret (code.credentials_secret_id)"),
     ("dynamodb:GetItem", "read the job's lease (consistent read): who holds it, and the "
@@ -116,6 +119,9 @@ def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
                     "autoscaling:TerminateInstanceInAutoScalingGroup"],
          "Resource": f"arn:aws:autoscaling:{region}:{account_id}:autoScalingGroup:*:autoScalingGroupName/*",
          "Condition": job_resource},
+        # PutMetricData has no resource to scope: the namespace is the documented condition.
+        {"Sid": "PublishLearningCurves", "Effect": "Allow", "Action": "cloudwatch:PutMetricData",
+         "Resource": "*", "Condition": {"StringEquals": {"cloudwatch:namespace": METRICS_NAMESPACE}}},
         {"Sid": "ReadJobCredentials", "Effect": "Allow", "Action": "ssm:GetParameter",
          "Resource": f"arn:aws:ssm:{region}:{account_id}:parameter/*", "Condition": job_resource},
         {"Sid": "ReadJobSecret", "Effect": "Allow", "Action": "secretsmanager:GetSecretValue",

@@ -67,7 +67,8 @@ class Lifecycle(Boot):
     def __init__(self, config: Config, *, metadata, notifier: Notifier | None = None,
                  identify: Callable[[], Any], volume_manager: Callable[[Any], Any],
                  checkout: Callable[[Any], str], monitor: Callable[[Callable[[object], None]], Any],
-                 cancel_fleet: Callable[[Any], str], clock: Callable[[], float] = time.monotonic):
+                 cancel_fleet: Callable[[Any], str], clock: Callable[[], float] = time.monotonic,
+                 metrics: Callable[[], Any] | None = None):
         self.config = config
         self.metadata = metadata
         self.notifier = notifier or process_notifier()
@@ -76,6 +77,9 @@ class Lifecycle(Boot):
         self._checkout = checkout
         self._monitor_factory = monitor
         self._cancel_fleet = cancel_fleet
+        self._metrics_factory = metrics  # -> spotrun.metrics.MetricsPublisher, made on first use
+        self._metrics = None
+        self._last_metrics = float("-inf")
         self.clock = clock
         self.events: queue.Queue = queue.Queue()
         self.state = StateFile(config.state_path / "state.json")
@@ -154,6 +158,21 @@ class Lifecycle(Boot):
             "status": self.status_line(),
             **self.final,
         })
+
+    def _publish_metrics(self, progress: dict, *, force: bool = False) -> None:
+        interval = self.config.agent.metrics_interval_s
+        if self._metrics_factory is None or interval == 0 or not progress:
+            return
+        now = self.clock()
+        if not force and now - self._last_metrics < interval:
+            return
+        self._last_metrics = now
+        try:
+            if self._metrics is None:
+                self._metrics = self._metrics_factory()
+            self._metrics.publish(progress)
+        except Exception as exc:  # learning curves are a report; never stop training for them
+            log.warning("metrics_publish_failed", error=str(exc)[:300])
 
     def _record_tags(self, values: dict[str, str], *, force: bool = False) -> None:
         now = self.clock()
@@ -272,6 +291,7 @@ class Lifecycle(Boot):
                 progress = self.progress()
                 if progress:
                     self._record_tags({T.PROGRESS: progressmod.progress_tag(progress)})
+                    self._publish_metrics(progress)
             elif isinstance(event, (TrainerStarted, TrainerExited)):
                 self._write_state()
             elif isinstance(event, Rebalance):
@@ -335,6 +355,8 @@ class Lifecycle(Boot):
             self.volumes.release(final_tags={T.PHASE: Phase.RELEASED.value})
             self.transition(Phase.RELEASED, tagged_on_release=True,
                             drain_s=round(self.clock() - started, 3))
+        # After the volume is handed on: a slow CloudWatch never eats the drain's budget.
+        self._publish_metrics(progress, force=True)
         # No STOPPING=1 here (only on a stop signal): systemd would take the unit for
         # deactivating and a later `systemctl stop` (the shutdown after the notice) would send
         # no SIGTERM at all.
@@ -352,6 +374,8 @@ class Lifecycle(Boot):
         """Completion record durable → unmount/release → done on the tags and in the state file
         → cancel the fleet, last. ``completion``: the trainer's own record, kept in ours."""
         self.transition(Phase.FINISHING, already_complete=already_complete)
+        if self.supervisor is not None:  # the last point of the curve, while the volume is here
+            self._publish_metrics(self.progress(), force=True)
         record_path = self.config.mount_point / COMPLETION_RECORD
         metrics: dict = {}
         if self.volume_id is not None and not already_complete:

@@ -176,3 +176,42 @@ def test_a_bad_trainer_protocol_is_named(value):
         config.from_mapping({"trainer": {"protocol": value}}, "user-data")
     assert err.value.key == "trainer.protocol" and "auto, spotrun, none" in str(err.value)
     assert config.from_mapping({}).trainer.protocol == "auto"
+
+
+class _Publisher:
+    def __init__(self, fail: bool = False):
+        self.fail, self.records = fail, []
+
+    def publish(self, progress):
+        if self.fail:
+            raise OSError("CloudWatch unreachable")
+        self.records.append(progress)
+        return 2
+
+
+def test_learning_curves_are_published_on_their_interval_and_never_stop_training(tmp_path):
+    lc, _, _ = _training_lifecycle(tmp_path)
+    made = []
+    lc._metrics_factory = lambda: made.append(_Publisher()) or made[-1]
+    now = [100.0]
+    lc.clock = lambda: now[0]
+    record = {"global_step": 5, "time": 1.0, "metrics": {"loss": 0.5}}
+    lc._publish_metrics(record)
+    lc._publish_metrics({**record, "global_step": 6})  # inside the interval: not sent
+    now[0] += lc.config.agent.metrics_interval_s
+    lc._publish_metrics({**record, "global_step": 7})
+    lc._publish_metrics({**record, "global_step": 8}, force=True)  # a drain's, a finish's
+    assert [r["global_step"] for r in made[0].records] == [5, 7, 8] and len(made) == 1
+
+    failing, _, _ = _training_lifecycle(tmp_path / "failing")
+    failing._metrics_factory = lambda: _Publisher(fail=True)
+    failing._publish_metrics(record, force=True)  # logged, not raised
+    assert failing.phase is Phase.TRAINING
+
+
+def test_metrics_interval_zero_publishes_nothing(tmp_path):
+    lc, _, _ = _training_lifecycle(tmp_path)
+    lc.config = config.from_mapping({"agent": {"state_dir": str(tmp_path / "state"),
+                                               "metrics_interval_s": 0}})
+    lc._metrics_factory = lambda: pytest.fail("no publisher is made when metrics are off")
+    lc._publish_metrics({"global_step": 1, "time": 1.0, "metrics": {"loss": 1.0}}, force=True)

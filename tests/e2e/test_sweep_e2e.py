@@ -10,6 +10,7 @@ no replacement launched); one instance, the last, deleted the fleet.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.loopdev]
 COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
 # Each experiment counts to its own number of steps: the completion record's sum says which
 # settings the trainer that finished it really ran with.
-STEPS = {"a": 40, "b": 60, "c": 80}
+STEPS = {"a": 40, "b": 60, "c": 200}
 JOB_TOML = """\
 [job]
 id = "grid"
@@ -41,6 +42,7 @@ env = {{ STEP_S = "0.05", CKPT_EVERY = "20" }}
 
 [agent]
 progress_tag_interval_s = 1.0
+metrics_interval_s = 1.0
 
 [launch]
 fleet = "ec2-fleet"
@@ -124,3 +126,24 @@ def test_three_experiments_on_two_instances_each_trained_once_then_one_cancel(sw
     [fleet] = ec2.describe_fleets(FleetIds=[fleet_id])["Fleets"]
     assert fleet["FleetState"].startswith("deleted"), fleet
 
+    # -- the learning curves: published by each experiment's agent, drawn on one figure -----
+    plot = tmp_path_of(work) / "curves.png"
+    shown = spotrun("status", "--json", "--plot", str(plot), cwd=work, env=env)
+    assert shown.returncode == 0, shown.stdout[-2000:] + shown.stderr[-2000:]
+    drawn = json.loads(shown.stdout)["plot"]["drawn"]["loss"]
+    # one line per experiment, labelled by its name and what it sets
+    assert sorted(drawn) == [f"{name} (STEPS={steps})" for name, steps in STEPS.items()], drawn
+    for label, points in drawn.items():
+        steps = [int(x) for x, _ in points]
+        # the last point is the trainer's last step, published as the experiment finished
+        assert steps == sorted(set(steps)) and steps[-1] == STEPS[label[0]], points
+        # the counting trainer's made-up loss, 1/(1+step): each value is at its own step
+        assert all(abs(y - 1.0 / (1.0 + x)) < 1e-9 for x, y in points), points
+    # The longest (10 s) trained through at least one 5 s status tick: points along the way.
+    assert len(drawn[f"c (STEPS={STEPS['c']})"]) >= 2, drawn
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+
+def tmp_path_of(work: Path) -> Path:
+    return work.parent

@@ -249,7 +249,9 @@ def test_external_sigusr1_saves_and_continues_then_sigterm_stops(tmp_path):
         hello = json.loads((tmp_path / "hello.json").read_text())
         assert hello["handles"] == ["SIGTERM", "SIGUSR1"] and hello["pid"] == proc.pid
         assert set(first) == {"epoch", "epochs", "step", "steps_per_epoch", "global_step",
-                              "time", "last_checkpoint_time"}
+                              "time", "last_checkpoint_time", "metrics"}
+        # What Keras logged for the batches so far: the agent publishes it as a learning curve.
+        assert set(first["metrics"]) >= {"loss"} and first["metrics"]["loss"] >= 0
         assert first["epochs"] == 100000 and first["steps_per_epoch"] == STEPS_PER_EPOCH
         from spotrun_trainer.store import CheckpointStore
         store = CheckpointStore(tmp_path / "ck")

@@ -267,6 +267,8 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
         self.epoch, self.step_in_epoch, self._epoch_offset = epoch, offset, offset
 
     def on_train_batch_end(self, batch, logs=None):
+        if logs:
+            self.latest_metrics.update(logs)
         done = self._epoch_offset + batch + 1
         self.global_step += done - self.step_in_epoch
         self.step_in_epoch = done
@@ -301,12 +303,16 @@ class SpotCheckpoint(TrainerLifecycle, keras.callbacks.Callback):
             self._stop_now()
 
     def on_epoch_end(self, epoch, logs=None):
+        if logs:  # the epoch's own figures, validation included
+            self.latest_metrics.update(logs)
         self._short_epoch.settle()
         self._short_epoch.exit()
         if self.data is not None:  # whole again: a later fit reads its length before training
             self.data.set_position(epoch + 1, 0)
         if self._epoch_complete():
             self.epoch, self.step_in_epoch, self._epoch_offset = epoch + 1, 0, 0
+        if logs:
+            self._write_progress(force=True)
 
     def _epoch_complete(self) -> bool:
         steps = self._steps_per_epoch()

@@ -46,6 +46,9 @@ class TrainerLifecycle:
         self._previous_handlers: dict[int, Any] = {}
         self._training = False
         self._last_progress = 0.0
+        # The latest values Keras logged (a batch's running loss, an epoch's val_*): published
+        # by the agent as the job's learning curves.
+        self.latest_metrics: dict = {}
         self._epochs: int | None = None
         self._final_metrics: dict | None = None
 
@@ -138,7 +141,8 @@ class TrainerLifecycle:
                            epochs=self._epochs or params.get("epochs"),
                            step=self.step_in_epoch, steps_per_epoch=self._steps_per_epoch(),
                            global_step=self.global_step,
-                           last_checkpoint_time=self.last_checkpoint_time)
+                           last_checkpoint_time=self.last_checkpoint_time,
+                           metrics=self.latest_metrics)
         except OSError as exc:  # progress is a report: never stop training for it
             _log("warning", "progress_write_failed", path=str(self.progress_file), reason=str(exc))
 

@@ -66,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(status, job_id=True)
     status.add_argument("--watch", action="store_true", help="refresh until interrupted (Ctrl-C)")
     status.add_argument("--interval", type=float, default=10.0, help="seconds between --watch refreshes")
+    status.add_argument("--plot", metavar="PNG", type=Path,
+                        help="also draw the learning curves the agents published to CloudWatch "
+                             "(every experiment of a sweep on one figure; needs matplotlib: "
+                             "pip install 'spotrun[plot]')")
     status.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)  # bounded --watch, for tests
     status.set_defaults(func=cmd_status)
 
@@ -232,9 +236,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             view = status_mod.gather(aws, job_id, types)
             text = status_mod.render(view)
+        if args.plot:
+            view["plot"] = _plot_curves(aws, args.plot, job_id, experiments)
         if args.watch and sys.stdout.isatty() and not args.json:
             text = "\033[H\033[2J" + text  # redraw in place, like watch(1)
         _emit(args, view, text)
+        if args.plot:
+            print(f"learning curves: {args.plot} ({view['plot']['summary']})", file=sys.stderr,
+                  flush=True)
         shown += 1
         ending = view["outcome"]
         if args.watch and ending:
@@ -246,6 +255,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not args.json and not sys.stdout.isatty():
             print("", flush=True)
         time.sleep(args.interval)
+
+
+def _plot_curves(aws, path: Path, job_id: str, experiments: list) -> dict:
+    """Read every job's curves from CloudWatch and draw them into ``path``."""
+    from spotrun.operator import curves as curves_mod
+
+    labels = {exp_job: name + (" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+                               if params else "")
+              for name, exp_job, params in experiments} or {job_id: job_id}
+    found = curves_mod.fetch(aws.client("cloudwatch"), list(labels))
+    drawn = curves_mod.plot(found, path, labels=labels, title=f"spotrun {job_id}")
+    points = sum(len(p) for lines in drawn.values() for p in lines.values())
+    return {"path": str(path), "jobs": sorted(found), "drawn": drawn,
+            "summary": f"{len(found)} of {len(labels)} jobs, {', '.join(drawn)}; {points} points"}
 
 
 # `status --watch` ends with the job: 0 done, 1 failed, 3 cancelled (2 is bad input).
