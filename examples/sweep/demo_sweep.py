@@ -1,0 +1,228 @@
+"""`make demo-sweep`: a sweep of four experiments on two instances, on the local spot cloud.
+
+What an operator types (docs/operator.md, "Many experiments on one fleet"), each the real CLI
+in its own process: `spotrun localcloud up --run-agents`, `init`, `launch`, one spot
+interruption while the experiments train, `status --watch` until the sweep ends, and
+`status --plot` for the learning curves. The report is judged from what the agents cannot
+write: the cloud's ledger of calls and the completion records on the volume images. Exit 1,
+naming the check, unless every experiment finished with the sum its own steps make (no step
+lost or trained twice, across the interruption), each on exactly one volume, the interrupted
+experiment resumed by another instance, the fleet cancelled exactly once by an instance, and
+the figure drew one curve per experiment.
+
+    python examples/sweep/demo_sweep.py [--out demo-sweep-out]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spotrun import tags
+from spotrun.localcloud.ledger import calls, performed, read_ledger
+from spotrun.rehearsal import commit_repository
+from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+
+COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
+STEPS = {"lr0.1": 240, "lr0.03": 200, "lr0.01": 160, "lr0.003": 120}
+JOB_TOML = """\
+[job]
+id = "demo-sweep"
+
+[code]
+repository = "{repository}"
+
+[trainer]
+command = ["{python}", "train.py"]
+env = {{ STEP_S = "0.05", CKPT_EVERY = "20" }}
+
+[agent]
+progress_tag_interval_s = 1.0
+metrics_interval_s = 1.0
+
+[launch]
+fleet = "ec2-fleet"
+target_capacity = 2
+image_id = "ami-0123456789abcdef0"
+instance_types = ["p3.2xlarge"]
+availability_zones = ["us-east-1a", "us-east-1b"]
+{experiments}
+"""
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        raise DemoFailed(what)
+
+
+class Cli:
+    def __init__(self, work: Path, env: dict):
+        self.work, self.env = work, env
+
+    def __call__(self, *argv: str, timeout: float = 120, ok: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "spotrun", *argv], cwd=self.work,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        if ok and done.returncode != 0:
+            raise DemoFailed(f"`spotrun {' '.join(argv)}` exited {done.returncode}: "
+                             f"{(done.stderr or done.stdout)[-1500:]}")
+        return done
+
+
+def wait_for(what: str, probe, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(interval)
+    raise DemoFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def run(out: Path, interrupt: bool = True) -> dict:
+    if out.exists():
+        print(f"removing the previous run's state in {out}", file=sys.stderr)
+        shutil.rmtree(out)
+    root, work = out / "cloud", out / "work"
+    work.mkdir(parents=True)
+    repository = commit_repository(out / "repo", {"train.py": COUNTING_TRAINER}, "counting trainer")
+    experiments = "".join(
+        f'\n[[sweep.experiments]]\nname = "{name}"\nargs = ["--lr", "{name[2:]}"]\n'
+        f'env = {{ STEPS = "{steps}" }}\n' for name, steps in STEPS.items())
+    (work / "spotrun.toml").write_text(JOB_TOML.format(
+        repository=repository, python=sys.executable, experiments=experiments))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["SPOTRUN_LOCALCLOUD_ROOT"] = str(root)
+    spotrun = Cli(work, env)
+    spotrun("localcloud", "up", "--run-agents", "--detach")
+    try:
+        info = json.loads((root / "localcloud.json").read_text())
+        env.update(AWS_ENDPOINT_URL=info["ec2_endpoint"], AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=info["region"])
+        _ENV.update(env)
+        return _journey(spotrun, root, out, interrupt)
+    finally:
+        spotrun("localcloud", "down", ok=False)
+
+
+def _journey(spotrun: Cli, root: Path, out: Path, interrupt: bool) -> dict:
+    print(spotrun("plan").stdout, end="")
+    spotrun("init")
+    spotrun("launch")
+
+    def training_row():
+        rows = json.loads(spotrun("status", "--json").stdout)["experiments"]
+        return next((r for r in rows if r["phase"] == "training"
+                     and 30 <= (r["progress"].get("global_step") or 0) <= STEPS[r["name"]] // 2),
+                    None)
+
+    row = wait_for("an experiment training (spotrun status)", training_row, 180)
+    victim = _attached_instance(row["job"])
+    if interrupt:
+        print(f"interrupting {victim} while it trains {row['name']} "
+              f"(step {row['progress'].get('global_step')})")
+        spotrun("localcloud", "interrupt", victim, "--in", "5")
+
+    watch = spotrun("status", "--watch", "--interval", "2", timeout=900, ok=False)
+    check(watch.returncode == 0, f"the sweep did not end done: {watch.stderr[-1500:]}")
+    plot_path = out / "curves.png"
+    shown = json.loads(spotrun("status", "--json", "--plot", str(plot_path)).stdout)
+    return _evidence(root, row, victim, shown, plot_path)
+
+
+def _attached_instance(job_id: str) -> str:
+    ec2 = _ec2()
+    for volume in ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]:
+        for attachment in volume.get("Attachments", []):
+            return attachment["InstanceId"]
+    raise DemoFailed(f"no instance holds {job_id}'s volume")
+
+
+_ENV: dict = {}  # the cloud's endpoint, once it is up
+
+
+def _ec2():
+    import boto3
+
+    return boto3.client("ec2", endpoint_url=_ENV["AWS_ENDPOINT_URL"], region_name=_ENV["AWS_DEFAULT_REGION"],
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _evidence(root: Path, interrupted: dict, victim: str, shown: dict, plot_path: Path) -> dict:
+    deadline = time.monotonic() + 60
+    while True:  # the last instance's DeleteFleets reaches the ledger just after the done tags
+        ledger = read_ledger(root / "ledger.jsonl")
+        deletes = [r for r in calls(ledger, action="DeleteFleets") if performed(r)]
+        if deletes or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    check(len({r["instance"] for r in deletes}) == 1 and all(r["instance"] for r in deletes),
+          f"the fleet was not deleted exactly once by an instance: {deletes}")
+    ec2 = _ec2()
+    rows = []
+    for name, steps in STEPS.items():
+        job_id = f"demo-sweep-{name}"
+        volumes = [v for v in ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
+                   if tags.as_dict(v.get("Tags")).get(tags.ROLE) == "volume"]
+        check(len(volumes) == 1, f"{job_id}: {len(volumes)} volumes, not one")
+        volume_id = volumes[0]["VolumeId"]
+        holders = sorted({r["instance"] for r in calls(ledger, action="AttachVolume")
+                          if performed(r) and volume_id in r["resources"]})
+        completion = None
+        wait_until = time.monotonic() + 60
+        while completion is None and time.monotonic() < wait_until:
+            try:
+                completion = read_volume_state(volume_id, root / "ebs" / "volumes" /
+                                               f"{volume_id}.img").completion
+            except VolumeReadError:
+                time.sleep(0.5)
+        check(completion is not None, f"{job_id}: no completion record on its volume image")
+        total = completion["metrics"]["sum"]
+        check(total == steps * (steps + 1) // 2,
+              f"{job_id}: sum {total}, not {steps * (steps + 1) // 2}: a step lost or trained twice")
+        rows.append({"experiment": name, "job": job_id, "steps": steps, "volume": volume_id,
+                     "instances": holders, "runs": completion["metrics"].get("runs"),
+                     "sum_ok": True})
+    resumed = next(r for r in rows if r["job"] == interrupted["job"])
+    check(len(resumed["instances"]) >= 2 and victim in resumed["instances"],
+          f"{interrupted['job']} was not resumed by another instance: {resumed['instances']}")
+    drawn = shown["plot"]["drawn"].get("loss", {})
+    check(len(drawn) == len(STEPS), f"the figure has {len(drawn)} curves, not {len(STEPS)}")
+    return {"experiments": rows, "interrupted": {"job": interrupted["job"], "instance": victim},
+            "fleet_deleted_by": deletes[0]["instance"], "plot": str(plot_path),
+            "curves": {label: len(points) for label, points in drawn.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo-sweep-out"))
+    parser.add_argument("--no-interrupt", action="store_true",
+                        help="send no spot notice (the demo then fails: nothing was resumed)")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args.out.resolve(), interrupt=not args.no_interrupt)
+    except DemoFailed as exc:
+        print(f"demo-sweep FAILED: {exc}", file=sys.stderr)
+        return 1
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nspotrun demo-sweep: {len(report['experiments'])} experiments on 2 instances, done")
+    for row in report["experiments"]:
+        print(f"  {row['experiment']:8} {row['steps']:4} steps, sum right; volume {row['volume']}, "
+              f"trained by {', '.join(row['instances'])}")
+    print(f"  interrupted: {report['interrupted']['job']} on {report['interrupted']['instance']}, "
+          "resumed by another instance")
+    print(f"  fleet deleted once, by {report['fleet_deleted_by']}")
+    print(f"  learning curves: {report['plot']} ({len(report['curves'])} curves)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
