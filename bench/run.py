@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.figures import figure
 
 HERE = Path(__file__).resolve().parent
-GROUPS = ("reaction", "schemes", "boots", "overhead", "footprint")
+GROUPS = ("reaction", "schemes", "boots", "overhead", "footprint", "sweep")
 
 
 def _profile(quick: bool) -> dict:
@@ -36,14 +36,17 @@ def _profile(quick: bool) -> dict:
                 "boots": {"interrupt_at": [20], "steps": 60,
                           "aws": {"run": False, "scale": 0.25, "interrupt_at": [20], "steps": 60}},
                 "overhead": ["--seconds", "3", "--interval", "1", "--warmup-steps", "5", "--samples", "512"],
-                "footprint_s": 5.0}
+                "footprint_s": 5.0,
+                "sweep": {"experiments": 4, "capacity": 2, "steps": 100, "interrupt_after_s": [5.0]}}
     return {"polls": [0.25, 1.0], "notices": 100, "idle_s": 30.0,
             "job": {"epochs": 6, "samples": 1024, "batch_size": 32, "save_steps": 8, "interruptions": 3},
             # aws: one boot of each kind and one drain per policy, the waits ×0.25 (docs/benchmarks.md)
             "boots": {"interrupt_at": [30, 80], "steps": 150,
                       "aws": {"run": True, "scale": 0.25, "interrupt_at": [20], "steps": 60}},
             "overhead": ["--seconds", "65", "--interval", "30"],
-            "footprint_s": 60.0}
+            "footprint_s": 60.0,
+            # issue 19: N = 6 on capacity 3, two interruptions, replacements in random zones
+            "sweep": {"experiments": 6, "capacity": 3, "steps": 200, "interrupt_after_s": [6.0, 14.0]}}
 
 
 # -- figure 1 ------------------------------------------------------------------------------
@@ -228,8 +231,32 @@ def footprint_figures(profile: dict, workdir: Path) -> list[dict]:
     ]
 
 
+def sweep_figures(profile: dict, workdir: Path) -> list[dict]:
+    """A sweep under one interruption schedule, claimed zone-first vs in order (issue 19)."""
+    from bench import sweep_runs
+
+    spec = profile["sweep"]
+    out = []
+    for policy in ("zone-first", "in-order"):
+        result = sweep_runs.run(workdir / policy, policy, experiments=spec["experiments"],
+                                capacity=spec["capacity"], steps=spec["steps"],
+                                interrupt_after_s=tuple(spec["interrupt_after_s"]))
+        config = {**result, "schedule_s": spec["interrupt_after_s"],
+                  "zones": "replacements in random zones (localcloud --member-zones random:7)",
+                  "from": "the local cloud's ledger: CreateVolume beyond one per experiment, "
+                          "CreateFleet → DeleteFleets, Σ steps × step time / instance-seconds"}
+        scheme = f"spotrun sweep ({policy})"
+        out += [figure("sweep_cross_az_migrations", scheme=scheme, unit="migrations",
+                       value=float(result["migrations"]), with_p99=False, config=config),
+                figure("sweep_makespan", scheme=scheme, unit="s", value=result["makespan_s"],
+                       with_p99=False, config=config),
+                figure("sweep_goodput", scheme=scheme, unit="ratio", value=result["goodput"],
+                       with_p99=False, config=config)]
+    return out
+
+
 RUNNERS = {"reaction": reaction_figures, "schemes": scheme_figures, "boots": boot_figures,
-           "overhead": overhead_figures, "footprint": footprint_figures}
+           "overhead": overhead_figures, "footprint": footprint_figures, "sweep": sweep_figures}
 
 
 # -- output --------------------------------------------------------------------------------

@@ -185,6 +185,9 @@ class SweepConfig:
     "" = no sweep: the instance runs the one job of ``[job]``."""
     id: str = ""
     experiments: tuple[SweepExperiment, ...] = ()
+    # Which free experiment an instance takes (spotrun.claimpolicy): "zone-first" (its volume
+    # in this instance's zone, then one never started, then a migration) or "in-order".
+    claim: str = "zone-first"
 
 
 MAX_SWEEP_EXPERIMENTS = 100
@@ -246,6 +249,7 @@ _CHOICES = {
     ("volume", "type"): ("gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"),
     ("aws", "retry_mode"): ("standard", "adaptive"),
     ("agent", "log_level"): ("debug", "info", "warning", "error"),
+    ("sweep", "claim"): ("zone-first", "in-order"),
 }
 _POSITIVE = {
     ("volume", "size_gib"), ("metadata", "poll_interval_s"), ("metadata", "notice_poll_interval_s"),

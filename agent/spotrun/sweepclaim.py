@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 from botocore.exceptions import ClientError
 
 from spotrun import lease as leasemod
-from spotrun.claimpolicy import Choice, ExperimentState, choose  # noqa: F401 - ExperimentState: the read callback's type
+from spotrun.claimpolicy import (ZONE_FIRST, Choice, ExperimentState,  # noqa: F401 - ExperimentState: the read callback's type
+                                 choose)
 from spotrun.log import get_logger
 
 log = get_logger("sweep")
@@ -54,8 +55,8 @@ def states(leases: Sequence[leasemod.Lease]) -> list[ExperimentState]:
 
 
 def claim(leases: Sequence[leasemod.Lease], zone: str, *,
-          read: Callable[[Sequence[leasemod.Lease]], list[ExperimentState]] = states
-          ) -> tuple[leasemod.Lease, Choice] | None:
+          read: Callable[[Sequence[leasemod.Lease]], list[ExperimentState]] = states,
+          policy: str = ZONE_FIRST) -> tuple[leasemod.Lease, Choice] | None:
     """Take one experiment's lease (the policy's choice); None when none is free. Each lease
     in ``leases`` is this instance's handle on one experiment, in the sweep's order."""
     by_job = {lease.job_id: lease for lease in leases}
@@ -63,7 +64,7 @@ def claim(leases: Sequence[leasemod.Lease], zone: str, *,
     for _ in range(2 * len(leases) + 1):  # every lost race marks one experiment held
         seen = [dataclasses.replace(s, held=True, mine=False) if s.job_id in lost else s
                 for s in read(leases)]
-        choice = choose(seen, zone)
+        choice = choose(seen, zone, policy)
         if choice is None:
             log.info("sweep_nothing_to_claim", experiments=len(leases),
                      finished=sum(s.finished for s in seen), held=sum(s.held for s in seen))

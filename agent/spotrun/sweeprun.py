@@ -79,7 +79,8 @@ class SweepRunner:
         log.info("sweep_joined", sweep=self.config.sweep.id, experiments=len(leases),
                  instance_id=identity.instance_id, az=identity.availability_zone)
         while True:
-            claimed = sweepclaim.claim(leases, identity.availability_zone)
+            claimed = sweepclaim.claim(leases, identity.availability_zone,
+                                       policy=self.config.sweep.claim)
             if claimed is None:
                 return self._nothing_left(identity, leases, tuple(ran))
             lease, choice = claimed

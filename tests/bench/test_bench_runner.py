@@ -91,7 +91,8 @@ def test_quick_run_writes_well_formed_results_for_every_figure(scratch):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["mode"] == "quick" and results["errors"] == {}
-    assert set(results["group_seconds"]) == {"reaction", "schemes", "boots", "overhead", "footprint"}
+    assert set(results["group_seconds"]) == {"reaction", "schemes", "boots", "overhead", "footprint",
+                                              "sweep"}
     seen: dict[str, set] = {}
     for entry in results["figures"]:
         assert {"name", "scheme", "unit", "samples", "n", "median", "p99", "config"} <= set(entry), entry
@@ -110,5 +111,9 @@ def test_quick_run_writes_well_formed_results_for_every_figure(scratch):
     lost = {e["scheme"]: e for e in results["figures"] if e["name"] == "work_lost_per_interruption"}
     assert lost["spotrun"]["samples"] == [0]
     assert lost["seed (per-epoch ModelCheckpoint)"]["median"] > 0
+    sweep = {(e["name"], e["scheme"]): e["median"] for e in results["figures"]
+             if e["name"].startswith("sweep_")}
+    assert {scheme for _, scheme in sweep} == {"spotrun sweep (zone-first)", "spotrun sweep (in-order)"}
+    assert all(0 < sweep[("sweep_goodput", s)] <= 1 for _, s in sweep)
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| ") == len(results["figures"]) + 1  # header + one row per figure

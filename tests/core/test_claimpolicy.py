@@ -2,6 +2,8 @@
 longest waiting elsewhere; never a finished or held one."""
 from __future__ import annotations
 
+import pytest
+
 from spotrun.claimpolicy import IN_ZONE, MIGRATE, NEVER_STARTED, Choice, ExperimentState, choose
 
 
@@ -46,3 +48,23 @@ def test_finished_and_held_experiments_are_never_chosen():
 
 def test_no_experiments_no_choice():
     assert choose([], "az1") is None
+
+
+def test_in_order_takes_the_first_free_experiment_wherever_its_volume_is():
+    from spotrun.claimpolicy import IN_ORDER, RESUME
+
+    found = [ExperimentState("a", 0, finished=True, volume_zone="z1"),
+             ExperimentState("b", 1, volume_zone="z2", released_at=50.0),
+             ExperimentState("c", 2, volume_zone="z1", released_at=10.0),
+             ExperimentState("d", 3)]
+    assert choose(found, "z1", IN_ORDER) == Choice("b", MIGRATE)  # zone-first would take c
+    assert choose(found, "z1") == Choice("c", IN_ZONE)
+    assert choose(found, "z2", IN_ORDER) == Choice("b", IN_ZONE)
+    assert choose(found[:1] + [ExperimentState("d", 3)], "z1", IN_ORDER) == Choice("d", NEVER_STARTED)
+    mine = [*found, ExperimentState("e", 4, held=True, mine=True, volume_zone="z2")]
+    assert choose(mine, "z1", IN_ORDER) == Choice("e", RESUME)
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="in-order"):
+        choose([ExperimentState("a", 0)], "z1", "random")

@@ -106,6 +106,19 @@ def test_a_secret_in_an_experiments_env_is_refused_like_anywhere_else():
     assert "sweep" in caught.value.key, str(caught.value)
 
 
+def test_the_claim_policy_reaches_the_agent_only_when_not_the_default():
+    from spotrun import config as agent_config
+
+    default = _job({"experiments": [{"name": "a"}, {"name": "b"}]})
+    assert "claim" not in default.user_data_overrides()["sweep"]
+    ordered = _job({"claim": "in-order", "experiments": [{"name": "a"}, {"name": "b"}]})
+    overrides = ordered.user_data_overrides()
+    assert agent_config.from_mapping(overrides).sweep.claim == "in-order"
+    with pytest.raises(ConfigError) as err:
+        _job({"claim": "random", "experiments": [{"name": "a"}]})
+    assert err.value.key == "sweep.claim"
+
+
 def test_the_cap_is_the_documented_one():
     within = {"a": list(range(10)), "b": list(range(sweep.MAX_EXPERIMENTS // 10))}
     assert len(_job({"grid": within}).experiments) == sweep.MAX_EXPERIMENTS

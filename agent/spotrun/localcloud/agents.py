@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import random
 import subprocess
 import sys
 import threading
@@ -101,7 +102,20 @@ class InstanceAgents:
     """Takes in the instances moto's fleets and groups launch, boots their agents, replaces
     what a ``maintain`` fleet lost and powers off what moto terminated (see the module)."""
 
-    def __init__(self, cloud: Any, config=local_ami_config, poll_s: float = 0.2):
+    def __init__(self, cloud: Any, config=local_ami_config, poll_s: float = 0.2,
+                 member_zones: str = "as-launched"):
+        """``member_zones``: where a fleet's instance is placed among the zones its overrides
+        allow. moto places every fleet instance in the region's first zone; EC2 places each
+        where capacity and price say, so a replacement may well land in another zone than the
+        instance it replaces. "as-launched" keeps moto's choice; "round-robin" cycles through
+        the fleet's zones; "random:<seed>" draws each (reproducibly)."""
+        if member_zones != "as-launched" and member_zones != "round-robin" \
+                and not member_zones.startswith("random:"):
+            raise ValueError(f"member_zones {member_zones!r}: as-launched, round-robin or random:<seed>")
+        self.member_zones = member_zones
+        self._zone_turn = 0
+        self._zone_draw = random.Random(member_zones.split(":", 1)[1]) \
+            if member_zones.startswith("random:") else None
         self.cloud = cloud
         self.config = config  # inst -> the AMI's agent config for it
         self.poll_s = poll_s
@@ -156,6 +170,7 @@ class InstanceAgents:
         instance_id = moto_instance.id
         tags = {t["key"]: t["value"] for t in moto_instance.get_tags()}
         tags.update(reserved)
+        self._place(moto_instance, reserved)
         inst = cloud.take_in(instance_id, az=moto_instance.placement.zone or cloud.azs[0],
                              instance_type=moto_instance.instance_type,
                              ami_id=moto_instance.image_id, tags=tags,
@@ -178,6 +193,24 @@ class InstanceAgents:
         self.booted[instance_id] = proc
         cloud.record_event("instance_agent_booted", instance_id=instance_id, pid=proc.pid,
                            log=str(agent_log_path(inst)))
+
+    def _place(self, moto_instance: Any, reserved: dict[str, str]) -> None:
+        """Move a fleet member to the zone ``member_zones`` picks among its fleet's (before
+        anything is known of it: EC2's DescribeInstances and the metadata then agree)."""
+        fleet_id = reserved.get(tagkeys.EC2_FLEET) or reserved.get(tagkeys.SPOT_FLEET_REQUEST)
+        if self.member_zones == "as-launched" or not fleet_id:
+            return
+        ec2, _ = motofleets.backends(self.cloud.account_id, self.cloud.region)
+        fleet = ec2.fleets.get(fleet_id) or ec2.spot_fleet_requests.get(fleet_id)
+        zones = sorted({o.get("AvailabilityZone") for c in getattr(fleet, "launch_template_configs", None) or []
+                        for o in (c.get("Overrides") or []) if o.get("AvailabilityZone")})
+        if not zones:
+            return
+        if self._zone_draw is not None:
+            zone = self._zone_draw.choice(zones)
+        else:
+            zone, self._zone_turn = zones[self._zone_turn % len(zones)], self._zone_turn + 1
+        moto_instance._placement.zone = zone
 
     def _power_off_gone(self, ec2: Any) -> None:
         """Terminated in moto but still running here: the cloud was not asked (a fleet or

@@ -80,6 +80,12 @@ def _capacity(text: str) -> int:
     return int(text)
 
 
+def _member_zones(text: str) -> str:
+    if text in ("as-launched", "round-robin") or re.fullmatch(r"random:\w+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected as-launched, round-robin or random:<seed>")
+
+
 def _az_policy(text: str) -> str:
     if text in ("random", "round-robin") or re.fullmatch(r"fixed:[a-z]{2}-[a-z]+-\d[a-z]", text):
         return text
@@ -115,6 +121,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="instances that fleets and Auto Scaling groups launch through the EC2 "
                          "API (e.g. `spotrun launch`) boot the real agent, as the AMI does; "
                          "its log: <root>/instances/<id>/agent.log")
+    up.add_argument("--member-zones", default="as-launched", type=_member_zones,
+                    help="with --run-agents: the zone of each fleet instance among its fleet's "
+                         "zones: as-launched (moto's, the region's first), round-robin, or "
+                         "random:<seed> (replacements in random zones, as on EC2)")
     up.set_defaults(func=cmd_up)
 
     down = commands.add_parser("down", parents=[common], help="stop the local cloud")
@@ -243,7 +253,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     with LocalCloud(root=root, timing=_timing(args.timing), require_imds_token=not args.imdsv1,
                     tags_in_metadata=not args.no_tags_in_metadata) as cloud:
         server = control.ControlServer(cloud, on_down=stop.set, port=args.control_port).start()
-        agents = InstanceAgents(cloud).start() if args.run_agents else None
+        agents = (InstanceAgents(cloud, member_zones=args.member_zones).start()
+                  if args.run_agents else None)
         try:
             info = {"pid": os.getpid(), "control": server.endpoint, "control_key": server.key,
                     "ec2_endpoint": cloud.ec2_endpoint, "moto_endpoint": cloud.moto_endpoint,
@@ -272,7 +283,7 @@ def _detach(args: argparse.Namespace, root: Path) -> int:
     argv = [sys.executable, "-m", "spotrun", "localcloud", "up", "--root", str(root),
             "--timing", args.timing, "--control-port", str(args.control_port)]
     argv += ["--imdsv1"] * args.imdsv1 + ["--no-tags-in-metadata"] * args.no_tags_in_metadata
-    argv += ["--run-agents"] * args.run_agents
+    argv += ["--run-agents"] * args.run_agents + ["--member-zones", args.member_zones]
     (root / control.STATE_FILE).unlink(missing_ok=True)  # a stale one from a dead cloud
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,

@@ -75,6 +75,7 @@ class Job:
     source: str = "job file"
     # A sweep's experiments ([sweep], operator/sweep.py); () for a single job.
     experiments: tuple[sweep.Experiment, ...] = ()
+    sweep_claim: str = sweep.CLAIM_POLICIES[0]  # [sweep] claim: how instances choose
 
     @property
     def id(self) -> str:
@@ -127,6 +128,8 @@ class Job:
             out["sweep"] = {"id": self.id, "experiments": [
                 {"job": e.job_id, **({"args": list(e.args)} if e.args else {}),
                  **({"env": dict(e.env)} if e.env else {})} for e in self.experiments]}
+            if self.sweep_claim != sweep.CLAIM_POLICIES[0]:
+                out["sweep"]["claim"] = self.sweep_claim
         return out
 
 
@@ -263,6 +266,9 @@ def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
     job = Job(config=config, launch=launch, agent_overrides=overrides, source=source)
     validate.render_user_data(job)  # size and content of what launch will send, checked for init too
     if sweep_raw is not None:
+        claim = sweep_raw.get("claim", sweep.CLAIM_POLICIES[0]) if isinstance(sweep_raw, Mapping) \
+            else sweep.CLAIM_POLICIES[0]
+        job = dataclasses.replace(job, sweep_claim=claim)
         job = dataclasses.replace(job, experiments=_checked_sweep(job, sweep_raw))
     return job
 

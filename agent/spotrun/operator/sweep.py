@@ -50,14 +50,21 @@ class Experiment:
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
+# The agent's choices (spotrun.claimpolicy.POLICIES), the default first.
+CLAIM_POLICIES = ("zone-first", "in-order")
+
+
 def expand(raw: Any, base_job_id: str, source: str = "job file") -> tuple[Experiment, ...]:
     """The experiments ``[sweep]`` describes, in order; ConfigError names the first bad field."""
     if not isinstance(raw, Mapping):
         raise ConfigError("sweep", "expected a table ([sweep] with experiments or a grid)", source)
-    unknown = sorted(set(raw) - {"experiments", "grid", "pass_as"})
+    unknown = sorted(set(raw) - {"experiments", "grid", "pass_as", "claim"})
     if unknown:
-        raise ConfigError(f"sweep.{unknown[0]}", "unknown key (known: experiments, grid, pass_as)",
-                          source)
+        raise ConfigError(f"sweep.{unknown[0]}", "unknown key (known: claim, experiments, grid, "
+                          "pass_as)", source)
+    if raw.get("claim", CLAIM_POLICIES[0]) not in CLAIM_POLICIES:
+        raise ConfigError("sweep.claim", f"must be one of {', '.join(CLAIM_POLICIES)}, got "
+                          f"{raw['claim']!r}", source)
     if ("experiments" in raw) == ("grid" in raw):
         raise ConfigError("sweep", "give either [[sweep.experiments]] or [sweep.grid], "
                           "exactly one of them", source)
