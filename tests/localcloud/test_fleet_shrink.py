@@ -151,3 +151,46 @@ def test_a_left_group_instance_is_not_replaced(cloud, agents):
     assert [i["InstanceId"] for i in group["Instances"]] == [staying]
     assert (group["MinSize"], group["DesiredCapacity"]) == (1, 1)
     assert agents.taken == [leaving, staying] and live(cloud, agents.taken) == [staying]
+
+
+def _zone_fleet(cloud, capacity: int, zones) -> str:
+    ec2 = cloud.client("ec2")
+    template = ec2.create_launch_template(LaunchTemplateName="zones", LaunchTemplateData={
+        "ImageId": "ami-0123456789abcdef0", "InstanceType": "p3.2xlarge"})
+    return ec2.create_fleet(
+        LaunchTemplateConfigs=[{"LaunchTemplateSpecification": {
+            "LaunchTemplateId": template["LaunchTemplate"]["LaunchTemplateId"], "Version": "$Latest"},
+            "Overrides": [{"InstanceType": "p3.2xlarge", "AvailabilityZone": z} for z in zones]}],
+        TargetCapacitySpecification={"TotalTargetCapacity": capacity, "SpotTargetCapacity": capacity,
+                                     "OnDemandTargetCapacity": 0, "DefaultTargetCapacityType": "spot"},
+        Type="maintain")["FleetId"]
+
+
+def _zones_seen(cloud, agents) -> dict[str, tuple[str, str]]:
+    """instance -> (the zone EC2 answers, the zone its metadata says)."""
+    ec2 = cloud.client("ec2", faults=False)
+    answered = {i["InstanceId"]: i["Placement"]["AvailabilityZone"]
+                for r in ec2.describe_instances(InstanceIds=agents.taken)["Reservations"]
+                for i in r["Instances"]}
+    return {i: (answered[i], cloud.instances[i].az) for i in agents.taken}
+
+
+def test_member_zones_place_fleet_instances_among_their_fleets_zones(cloud):
+    """moto puts every fleet instance in the region's first zone; EC2 does not, and a sweep's
+    zone-first claiming only matters when replacements land elsewhere."""
+    zones = ["us-east-1a", "us-east-1b"]
+    agents = InstanceAgents(cloud, member_zones="round-robin")
+    _zone_fleet(cloud, 4, zones)
+    agents.reconcile()
+    seen = _zones_seen(cloud, agents)
+    assert all(answered == metadata for answered, metadata in seen.values())  # EC2 = IMDS
+    assert sorted(answered for answered, _ in seen.values()) == sorted(zones * 2)
+
+
+def test_member_zones_as_launched_keeps_moto_s_choice_and_a_bad_policy_is_named(cloud):
+    agents = InstanceAgents(cloud)
+    _zone_fleet(cloud, 2, ["us-east-1b", "us-east-1c"])
+    agents.reconcile()
+    assert {answered for answered, _ in _zones_seen(cloud, agents).values()} == {"us-east-1a"}
+    with pytest.raises(ValueError, match="member_zones"):
+        InstanceAgents(cloud, member_zones="everywhere")
