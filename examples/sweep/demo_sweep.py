@@ -102,7 +102,8 @@ def run(out: Path, interrupt: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["SPOTRUN_LOCALCLOUD_ROOT"] = str(root)
     spotrun = Cli(work, env)
-    spotrun("localcloud", "up", "--run-agents", "--detach")
+    # Replacements land in random zones of the fleet's, as on EC2: claims are zone-first.
+    spotrun("localcloud", "up", "--run-agents", "--detach", "--member-zones", "random:1")
     try:
         info = json.loads((root / "localcloud.json").read_text())
         env.update(AWS_ENDPOINT_URL=info["ec2_endpoint"], AWS_ACCESS_KEY_ID="testing",
