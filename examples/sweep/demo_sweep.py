@@ -27,6 +27,7 @@ from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
 from spotrun.rehearsal import commit_repository
 from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.sweepwitness import lease_history, violations
 
 COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
 STEPS = {"lr0.1": 240, "lr0.03": 200, "lr0.01": 160, "lr0.003": 120}
@@ -169,14 +170,17 @@ def _evidence(root: Path, interrupted: dict, victim: str, shown: dict, plot_path
           f"the fleet was not deleted exactly once by an instance: {deletes}")
     ec2 = _ec2()
     rows = []
+    volume_jobs = {}
     for name, steps in STEPS.items():
         job_id = f"demo-sweep-{name}"
         volumes = [v for v in ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
                    if tags.as_dict(v.get("Tags")).get(tags.ROLE) == "volume"]
         check(len(volumes) == 1, f"{job_id}: {len(volumes)} volumes, not one")
         volume_id = volumes[0]["VolumeId"]
-        holders = sorted({r["instance"] for r in calls(ledger, action="AttachVolume")
-                          if performed(r) and volume_id in r["resources"]})
+        volume_jobs[volume_id] = job_id
+        # who held its lease (a migration replaces the volume; the lease item stays)
+        holders = sorted({w["holder"] for w in lease_history(ledger, [job_id])[job_id]
+                          if w["holder"]})
         completion = None
         wait_until = time.monotonic() + 60
         while completion is None and time.monotonic() < wait_until:
@@ -192,6 +196,8 @@ def _evidence(root: Path, interrupted: dict, victim: str, shown: dict, plot_path
         rows.append({"experiment": name, "job": job_id, "steps": steps, "volume": volume_id,
                      "instances": holders, "runs": completion["metrics"].get("runs"),
                      "sum_ok": True})
+    broken = violations(ledger, volume_jobs)
+    check(broken == [], "the claim protocol was broken: " + "; ".join(broken[:5]))
     resumed = next(r for r in rows if r["job"] == interrupted["job"])
     check(len(resumed["instances"]) >= 2 and victim in resumed["instances"],
           f"{interrupted['job']} was not resumed by another instance: {resumed['instances']}")

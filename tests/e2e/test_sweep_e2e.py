@@ -21,6 +21,7 @@ from spotrun.localcloud.ledger import calls, performed, read_ledger
 from spotrun.rehearsal import commit_repository
 from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
 from tests.helpers.operatorcloud import client, events, local_cloud, spotrun
+from spotrun.sweepwitness import lease_history, violations
 from tests.helpers.testkit import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.loopdev]
@@ -102,12 +103,14 @@ def test_three_experiments_on_two_instances_each_trained_once_then_one_cancel(sw
 
     # -- the bytes on the volumes: one volume per experiment, each trained to its own end --
     ec2 = client(env)
+    volume_jobs = {}
     for name, steps in STEPS.items():
         job_id = f"grid-{name}"
         volumes = [v for v in ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
                    if tags.as_dict(v.get("Tags")).get(tags.ROLE) == "volume"]
         assert len(volumes) == 1, (job_id, volumes)
         volume_id = volumes[0]["VolumeId"]
+        volume_jobs[volume_id] = job_id
         attaches = [r for r in calls(ledger, action="AttachVolume") if performed(r)
                     and volume_id in r["resources"]]
         assert len(attaches) == 1, (job_id, attaches)  # trained by one instance, once
@@ -125,6 +128,15 @@ def test_three_experiments_on_two_instances_each_trained_once_then_one_cancel(sw
 
     [fleet] = ec2.describe_fleets(FleetIds=[fleet_id])["Fleets"]
     assert fleet["FleetState"].startswith("deleted"), fleet
+
+    # -- the claim protocol, from the lease table's writes in the ledger ---------------------
+    ledger = read_ledger(root / "ledger.jsonl")
+    assert violations(ledger, volume_jobs) == []  # each volume changed only by its holder
+    for job_id, writes in lease_history(ledger, volume_jobs.values()).items():
+        # taken once (later writes by the holder: draining, release), then finished
+        takes = [w for n, w in enumerate(writes)
+                 if w["holder"] and (n == 0 or writes[n - 1]["holder"] != w["holder"])]
+        assert len(takes) == 1 and writes[-1]["finished"], (job_id, writes)
 
     # -- the learning curves: published by each experiment's agent, drawn on one figure -----
     plot = tmp_path_of(work) / "curves.png"
