@@ -300,19 +300,3 @@ def test_a_sweeps_outcome_waits_for_every_experiment():
     assert sweep_outcome([{"outcome": "done"}, {"outcome": "failed"}]) == "failed"
     assert sweep_outcome([{"outcome": "cancelled"}, {"outcome": "done"}]) == "cancelled"
     assert sweep_outcome([]) is None
-
-
-def test_a_sweep_row_names_the_instance_its_volume_is_attached_to():
-    """The fleet's instances carry the sweep's job tag, not the experiment's: the row finds the
-    instance training an experiment through the experiment's volume."""
-    from spotrun.operator import status
-
-    view = {"job": "sw-a", "agent": {"phase": "training", "progress": {}, "interruptions": 0},
-            "instances": [], "cost": {"spot_usd": 0.0}, "outcome": None,
-            "volumes": [{"id": "vol-1", "az": "us-west-2b", "attached_to": ["i-0abc"]}]}
-    row = status.sweep_row("a", {}, view)
-    assert row["instances"] == [{"id": "i-0abc", "az": "us-west-2b"}]
-    tagged = {**view, "instances": [{"id": "i-0def", "az": "us-west-2a", "state": "running"}]}
-    assert status.sweep_row("a", {}, tagged)["instances"] == [{"id": "i-0def", "az": "us-west-2a"}]
-    detached = {**view, "volumes": [{"id": "vol-1", "az": "us-west-2b", "attached_to": []}]}
-    assert status.sweep_row("a", {}, detached)["instances"] == []

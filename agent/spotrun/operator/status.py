@@ -228,18 +228,12 @@ def sweep_row(name: str, parameters: dict, view: dict[str, Any]) -> dict[str, An
     """One experiment's line of a sweep's status, from that job's own view."""
     agent = view["agent"]
     started = bool(view["volumes"] or view["instances"])
-    live = [{"id": i["id"], "az": i["az"]} for i in view["instances"]
-            if i["state"] in ("pending", "running")]
-    if not live:
-        # A sweep's instances carry the sweep's job tag, not the experiment's: the instance
-        # that trains an experiment is the one its volume is attached to.
-        live = [{"id": instance, "az": v["az"]} for v in view["volumes"]
-                for instance in v["attached_to"]]
+    live = [i for i in view["instances"] if i["state"] in ("pending", "running")]
     return {
         "name": name, "job": view["job"], "parameters": parameters,
         "phase": agent["phase"] if started else "not started",
         "progress": agent["progress"] if isinstance(agent["progress"], dict) else {},
-        "instances": live,
+        "instances": [{"id": i["id"], "az": i["az"]} for i in live],
         "interruptions": agent["interruptions"],
         "cost_usd": view["cost"]["spot_usd"],
         "outcome": view["outcome"],
