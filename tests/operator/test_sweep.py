@@ -203,9 +203,17 @@ def test_a_sweep_is_initialised_launched_cancelled_and_torn_down_as_one_fleet(
         "ResourceType": "volume", "Tags": tags.as_list({tags.NAME: job.config.volume.name_tag,
                                                           tags.JOB: e.job_id})}])["VolumeId"]
             for e in job.experiments[:2]]
+    code, out, err = spotrun("status", "--json", "-f", path, "--endpoint-url", moto)
+    assert code == 0 and json.loads(out)["outcome"] is None, err  # launched, not ended
     code, out, err = spotrun("cancel", "--json", "-f", path, "--endpoint-url", moto, "--yes")
     assert code == 0, err
     assert sorted(json.loads(out)["volumes_kept"]) == sorted(made)
+    # The sweep's fleet is gone: every experiment not done is cancelled, and --watch ends (3).
+    code, out, err = spotrun("status", "--json", "-f", path, "--endpoint-url", moto)
+    assert code == 0, err
+    assert {row["outcome"] for row in json.loads(out)["experiments"]} == {"cancelled"}, out
+    code, _, err = spotrun("status", "--watch", "--count", "1", "-f", path, "--endpoint-url", moto)
+    assert code == 3, err
     code, out, err = spotrun("teardown", "--json", "-f", path, "--endpoint-url", moto, "--yes",
                              "--delete-volume")
     assert code == 0, err

@@ -259,6 +259,14 @@ def gather_sweep(aws: Aws, sweep_id: str, experiments: list[tuple[str, str, dict
     views = [gather(aws, job_id, instance_types, now) for _, job_id, _ in experiments]
     rows = [sweep_row(name, parameters, view)
             for (name, _, parameters), view in zip(experiments, views)]
+    if any(row["outcome"] is None for row in rows):
+        # An experiment's own lookup knows no capacity of its own (the fleet carries the
+        # sweep's id): once the sweep's fleet has ended with nothing running, an experiment not
+        # done or failed will never be — cancelled (else `--watch` would wait for ever).
+        if gather(aws, sweep_id, instance_types, now)["outcome"] == "cancelled":
+            for row in rows:
+                if row["outcome"] is None:
+                    row["outcome"] = "cancelled"
     return {"sweep": sweep_id, "time": now.isoformat(timespec="seconds"), "experiments": rows,
             "outcome": sweep_outcome(rows), "views": views,
             "cost_usd": round(sum(row["cost_usd"] for row in rows), 4)}
