@@ -229,7 +229,7 @@ def test_a_sweep_is_initialised_launched_cancelled_and_torn_down_as_one_fleet(
 
 def test_each_experiment_can_be_written_as_a_job_file_of_its_own(job_file, recorder, spotrun,
                                                                   tmp_path):
-    """The bridge until the agent runs a sweep: one single-job file per experiment, each one
+    """For one fleet per experiment, if wanted: one single-job file per experiment, each one
     loading as that experiment's job (its id, command, env; one instance) and planned by init."""
     endpoint, seen = recorder
     path = job_file(job_id="sweep")
