@@ -13,12 +13,16 @@ With :func:`use_trimmed_models` (the agent calls it with its state directory), e
 agent's services is loaded from a model holding only the operations it calls
 (spotrun.botomodel), put first on the session loader's search path before that service's first
 client; the full model stays the fallback.
+
+:func:`register` adds a botocore event handler to every client of the process, made or to be
+made: the one way code outside the agent (a test launcher recording the AWS calls made) hooks
+into them. The agent itself registers nothing through it.
 """
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 _lock = threading.Lock()
 _session = None
@@ -33,6 +37,26 @@ _model_cache: str | None = None
 # model source is decided (it must be before the loader first looks the service up: it caches).
 _full_model_paths: list[str] = []
 _decided: set[str] = set()
+# (event, handler) pairs put on every client: register() / unregister().
+_handlers: list[tuple[str, Callable[..., Any]]] = []
+
+
+def register(event: str, handler: Callable[..., Any]) -> None:
+    """Have every client of this process, those made already and those still to be made, call
+    ``handler`` on the botocore ``event`` (e.g. ``"before-call"``)."""
+    with _lock:
+        _handlers.append((event, handler))
+        for made in _clients.values():
+            made.meta.events.register(event, handler)
+
+
+def unregister(event: str, handler: Callable[..., Any]) -> None:
+    """Undo :func:`register` (on every client made meanwhile too)."""
+    with _lock:
+        if (event, handler) in _handlers:
+            _handlers.remove((event, handler))
+        for made in _clients.values():
+            made.meta.events.unregister(event, handler)
 
 
 def use_trimmed_models(cache_root: str | os.PathLike | None) -> None:
@@ -103,5 +127,7 @@ def client(service: str, *, region: str, endpoint_url: str | None = None,
         made = _session_locked().create_client(service, **kwargs)
         # Every request, retries included, is a sign of life for the systemd watchdog.
         made.meta.events.register("before-send", notify.kick_from_main_thread)
+        for event, handler in _handlers:
+            made.meta.events.register(event, handler)
         _clients[key] = made
         return made

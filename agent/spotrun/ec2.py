@@ -18,8 +18,6 @@ unknown (5xx, dropped connection) is looked up that long before it is tried agai
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import time
@@ -34,10 +32,6 @@ from spotrun.log import get_logger
 from spotrun.waiting import wait_until
 
 log = get_logger("ec2")
-
-# Test-only: when set, every AWS operation this process calls is appended (one JSON line)
-# to this file, so the IAM test can check the policy covers exactly what the agent did.
-RECORD_CALLS_ENV = "SPOTRUN_RECORD_AWS_CALLS"
 
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30
@@ -114,25 +108,14 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError)
 
 
-def _record_call(params: Any = None, model: Any = None, **_: Any) -> None:
-    path = os.environ.get(RECORD_CALLS_ENV)
-    if path and model is not None:
-        service = model.service_model.signing_name or model.service_model.endpoint_prefix
-        with open(path, "a") as out:
-            out.write(json.dumps({"action": f"{service}:{model.name}"}) + "\n")
-
-
 def client(service: str, aws: AwsConfig, region: str, *, max_attempts: int | None = None):
     """The agent's client for ``service`` (retry mode/attempts and endpoint from config): one
     per process and settings, from the process's one botocore session (spotrun.awsclients)."""
     from spotrun import awsclients
-    made = awsclients.client(service, region=region, endpoint_url=aws.endpoint_url or None,
+    return awsclients.client(service, region=region, endpoint_url=aws.endpoint_url or None,
                              retry_mode=aws.retry_mode,
                              max_attempts=max_attempts or aws.max_attempts,
                              connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S)
-    if os.environ.get(RECORD_CALLS_ENV):  # clients are shared: register once (unique_id)
-        made.meta.events.register("before-call", _record_call, unique_id="spotrun-record-calls")
-    return made
 
 
 def single_attempt(ec2, aws: AwsConfig):

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from spotrun import crashpoints
+from spotrun.localcloud import faultagent
 from spotrun.jsonlines import parse_jsonl
 from spotrun.log import get_logger
 from spotrun.rehearsal import Rehearsal, RehearsalPlan
@@ -85,19 +85,21 @@ class SoakJob(Rehearsal):
     def boot(self, cloud, inst) -> subprocess.Popen:
         import tomli_w
 
+        from spotrun.localcloud.agents import agent_argv
+
         config_path = inst.root / "agent.toml"
         if not config_path.exists():
             config_path.write_text(tomli_w.dumps(self._agent_config(inst)))
         env = inst.env()
         point, self.crash_next_boot = self.crash_next_boot, None
         if point:
-            env[crashpoints.ENV] = point
+            env[faultagent.CRASH_ENV] = point
             self.crash_armed[inst.instance_id] = point
         pause, self.pause_next_boot = self.pause_next_boot, None
         if pause:
-            env[crashpoints.PAUSE_ENV] = pause
+            env[faultagent.PAUSE_ENV] = pause
             self.pause_armed[inst.instance_id] = pause
-        argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
+        argv = agent_argv("agent", "run", "--config", str(config_path))
         with open(inst.root / "agent.log", "ab") as log_file:
             boot = {"instance_id": inst.instance_id, "az": inst.az, "boot_wall": time.time(),
                     "log": str(inst.root / "agent.log")}

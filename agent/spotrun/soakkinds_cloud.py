@@ -66,9 +66,10 @@ def bad_input(job, slot) -> Outcome:
     malformed user data or config: it must stop with exit 2 naming the field, and change
     nothing of the job (no volume, snapshot or tag of it created or deleted)."""
     import subprocess
-    import sys
 
     import tomli_w
+
+    from spotrun.localcloud.agents import agent_argv
 
     inst = trained(job, slot)
     where, user_data, bad = slot.rng.choice(BAD_INPUTS)
@@ -83,7 +84,7 @@ def bad_input(job, slot) -> Outcome:
             config.setdefault(section, {}).update(values)
         path = other.root / "agent.toml"
         path.write_text(tomli_w.dumps(config))
-        proc = subprocess.run([sys.executable, "-m", "spotrun", "agent", "run", "--config", str(path)],
+        proc = subprocess.run(agent_argv("agent", "run", "--config", str(path)),
                               env=other.env(), capture_output=True, text=True, timeout=60)
     finally:
         job.cloud.terminate(other.instance_id)

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from c2_cloud import JOB, world  # noqa: E402,F401
 
 from spotrun import crashpoints  # noqa: E402
+from spotrun.localcloud.faultagent import CRASH_ENV  # noqa: E402
 from spotrun import migration as M  # noqa: E402
 from spotrun import tags as T  # noqa: E402
 from spotrun_trainer.store import CheckpointStore  # noqa: E402
@@ -32,7 +33,7 @@ def test_kill_at_every_step_then_resume(world, point, resume):
     source_id = seeded.result["volume_id"]
 
     inst_b = world.cloud.launch_instance(az="us-east-1b", tags={T.JOB: JOB})
-    killed = world.run(inst_b, env={crashpoints.ENV: point})
+    killed = world.run(inst_b, env={CRASH_ENV: point})
     assert killed.rc == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-3000:]}"
     # Until the copy is verified, the source volume must still be there (invariant 2).
     survivors = {v["VolumeId"] for v in world.job_volumes()}

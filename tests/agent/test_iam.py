@@ -15,11 +15,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from c2_world import JOB, aws, clients, job_volume, launch, make_config  # noqa: E402,F401
 
-from spotrun import ec2 as ec2mod  # noqa: E402
 from spotrun import iam  # noqa: E402
 from spotrun import lease  # noqa: E402
 from spotrun.tags import JOB as JOB_TAG  # noqa: E402
 from spotrun import migration as M  # noqa: E402
+from spotrun.localcloud.faultagent import recording_aws_calls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "packaging" / "iam" / "agent-policy.json"
@@ -100,23 +100,21 @@ def assert_listed(record_file: Path) -> set[str]:
     return made
 
 
-def test_calls_made_by_migration_and_lease_are_listed(aws, tmp_path, monkeypatch):
+def test_calls_made_by_migration_and_lease_are_listed(aws, tmp_path):
     """The same check the acceptance tests make, on moto: every call recorded is listed."""
     record = tmp_path / "calls.jsonl"
-    monkeypatch.setenv(ec2mod.RECORD_CALLS_ENV, str(record))
     ec2, db = clients(aws)
     db.create_table(**lease.table_definition("leases"))
-    record.write_text("")  # the test's own setup calls are not the agent's
     config = make_config(aws, volume={"snapshot_retention_days": 0.0})
     source = job_volume(ec2, "us-east-1a")
     here = launch(ec2, "us-east-1b")
-    record.write_text("")
-    held = lease.Lease(db, "leases", JOB, here.instance_id, here.availability_zone, ec2)
-    held.acquire(5)
-    new = M.migrate_here(ec2, ec2, config, here, source, deadline_create_s=30)
-    M.finish(ec2, source, new["VolumeId"], deadline_s=30)
-    M.prune_snapshots(ec2, JOB, {new["VolumeId"]}, 0.0)
-    held.release()
+    with recording_aws_calls(record):  # the test's own setup calls are not the agent's
+        held = lease.Lease(db, "leases", JOB, here.instance_id, here.availability_zone, ec2)
+        held.acquire(5)
+        new = M.migrate_here(ec2, ec2, config, here, source, deadline_create_s=30)
+        M.finish(ec2, source, new["VolumeId"], deadline_s=30)
+        M.prune_snapshots(ec2, JOB, {new["VolumeId"]}, 0.0)
+        held.release()
     made = assert_listed(record)
     assert {"ec2:CreateSnapshot", "ec2:CreateVolume", "ec2:DeleteVolume", "dynamodb:PutItem"} <= made
 

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from c2_world import JOB, aws, clients, launch  # noqa: E402,F401
 
 from spotrun import config as configmod  # noqa: E402
-from spotrun import ec2 as ec2mod  # noqa: E402
 from spotrun import iam  # noqa: E402
 from spotrun import lease as L  # noqa: E402
+from spotrun.localcloud.faultagent import recording_aws_calls  # noqa: E402
 
 PYTHON = sys.executable
 
@@ -109,22 +109,21 @@ def test_soak_jobs_without_a_table_promise_one_instance_and_meet_no_second_agent
         assert config.aws.single_instance is (not plan.lease)
 
 
-def test_the_lease_makes_exactly_the_dynamodb_calls_the_policy_allows(aws, tmp_path, monkeypatch):
+def test_the_lease_makes_exactly_the_dynamodb_calls_the_policy_allows(aws, tmp_path):
     record = tmp_path / "calls.jsonl"
     ec2, db = clients(aws)
     db.create_table(**L.table_definition("leases"))
     a, b = launch(ec2, "us-east-1a"), launch(ec2, "us-east-1b")
-    monkeypatch.setenv(ec2mod.RECORD_CALLS_ENV, str(record))
-    ec2, db = clients(aws)  # recording from here on
-    held = L.Lease(db, "leases", JOB, a.instance_id, a.availability_zone, ec2, poll_s=0.05)
-    held.acquire(1)
-    held.validate()
-    held.mark_draining()
-    held.release()
-    held.acquire(1)
-    with pytest.raises(L.LeaseHeld):  # a loser: reads only
-        L.Lease(db, "leases", JOB, b.instance_id, b.availability_zone, ec2, poll_s=0.05,
-                loser_wait_s=0.1).acquire(5)
+    with recording_aws_calls(record):  # recording from here on
+        held = L.Lease(db, "leases", JOB, a.instance_id, a.availability_zone, ec2, poll_s=0.05)
+        held.acquire(1)
+        held.validate()
+        held.mark_draining()
+        held.release()
+        held.acquire(1)
+        with pytest.raises(L.LeaseHeld):  # a loser: reads only
+            L.Lease(db, "leases", JOB, b.instance_id, b.availability_zone, ec2, poll_s=0.05,
+                    loser_wait_s=0.1).acquire(5)
     made = {json.loads(line)["action"] for line in record.read_text().splitlines()}
     assert {m for m in made if m.startswith("dynamodb:")} == set(iam.LEASE_CALLS)
     statement = next(s for s in iam.agent_policy(JOB, lease_table="leases")["Statement"]

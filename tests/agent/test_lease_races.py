@@ -25,7 +25,7 @@ from c2_cloud import JOB, wait_until, world  # noqa: E402,F401
 from spotrun import lease  # noqa: E402
 from spotrun import migration as M  # noqa: E402
 from spotrun import tags as T  # noqa: E402
-from spotrun.ec2 import RECORD_CALLS_ENV  # noqa: E402
+from spotrun.localcloud.faultagent import RECORD_CALLS_ENV  # noqa: E402
 from spotrun_trainer.store import CheckpointStore  # noqa: E402
 
 pytestmark = pytest.mark.loopdev

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -105,6 +106,101 @@ def test_no_module_the_package_keeps_imports_one_it_leaves_out():
                 reached.append(f"{name} imports {imported}")
     assert reached == [], ("keep the imported module in the package (drop it from "
                            "packaging/exclude.txt) or stop importing it", reached)
+
+
+# Issue 14: faults are injected from outside (spotrun.localcloud.faultagent, left out): the
+# package never reads these, nor kills or stops its own process.
+FAULT_ENV = ("SPOTRUN_CRASH_AT", "SPOTRUN_PAUSE_AT", "SPOTRUN_RECORD_AWS_CALLS")
+_FATAL_SIGNALS = {"SIGKILL", "SIGSTOP", int(signal.SIGKILL), int(signal.SIGSTOP)}
+_OWN_ID_CALLS = {"getpid", "getpgrp", "getpgid"}
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def _fault_injections(source: str) -> list[str]:
+    """What in ``source`` kills or stops its own process (os.kill/killpg of its own pid or
+    group, 0 or -1, with SIGKILL or SIGSTOP; signal.raise_signal/pthread_kill of them) or names
+    one of the fault variables (FAULT_ENV), each as "line N: what"."""
+    tree = ast.parse(source)
+    own_names = set()  # names (or attributes) ever assigned this process's pid or group
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call) \
+                and _dotted(node.value.func).rpartition(".")[2] in _OWN_ID_CALLS:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            own_names |= {_dotted(t).rpartition(".")[2] for t in targets}
+
+    def fatal(arg: ast.AST) -> bool:
+        if isinstance(arg, ast.Constant):
+            return isinstance(arg.value, int) and arg.value in _FATAL_SIGNALS
+        return _dotted(arg).rpartition(".")[2] in _FATAL_SIGNALS
+
+    def own(arg: ast.AST) -> bool:
+        if isinstance(arg, ast.Call):
+            return _dotted(arg.func).rpartition(".")[2] in _OWN_ID_CALLS
+        if isinstance(arg, ast.UnaryOp) and isinstance(arg.op, ast.USub):
+            return isinstance(arg.operand, ast.Constant) and arg.operand.value == 1
+        if isinstance(arg, ast.Constant):
+            return arg.value == 0
+        return bool(_dotted(arg)) and _dotted(arg).rpartition(".")[2] in own_names
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in FAULT_ENV:
+            found.append(f"line {node.lineno}: names {node.value}")
+        if not isinstance(node, ast.Call):
+            continue
+        func, args = _dotted(node.func).rpartition(".")[2], node.args
+        if (func in ("kill", "killpg") and len(args) >= 2 and own(args[0]) and fatal(args[1])) \
+                or (func == "raise_signal" and args and fatal(args[0])) \
+                or (func == "pthread_kill" and len(args) >= 2 and fatal(args[1])):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_fault_check_sees_a_process_killing_or_stopping_itself():
+    planted = ("import os, signal\n"
+               "from os import kill, getpid\n"
+               "def f(pid):\n"
+               "    os.kill(os.getpid(), signal.SIGKILL)\n"
+               "    kill(getpid(), signal.Signals.SIGSTOP)\n"
+               "    me = os.getpid()\n"
+               "    os.kill(me, 19)\n"
+               "    os.killpg(os.getpgrp(), signal.SIGKILL)\n"
+               "    os.kill(0, signal.SIGSTOP)\n"
+               "    signal.raise_signal(signal.SIGKILL)\n"
+               "    if os.environ.get('SPOTRUN_CRASH_AT') == 'x': pass\n"
+               "    open(os.getenv('SPOTRUN_RECORD_AWS_CALLS'), 'a')\n")
+    lines = sorted(int(f.split(":")[0].split()[1]) for f in _fault_injections(planted))
+    assert lines == [4, 5, 7, 8, 9, 10, 11, 12]
+    innocent = ("import os, signal\n"
+                "os.killpg(pid, signal.SIGKILL)\n"         # the trainer's group
+                "os.killpg(self._popen.pid, signal.SIGSTOP)\n"
+                "os.kill(os.getpid(), signal.SIGTERM)\n"
+                "os.environ.get('SPOTRUN_CONFIG')\n")
+    assert _fault_injections(innocent) == []
+
+
+def test_no_module_the_package_keeps_injects_faults_into_its_own_process():
+    """Issue 14: crash and pause points and the recording of AWS calls are hooks a test
+    launcher installs (spotrun.localcloud.faultagent, left out of the package); nothing the
+    package keeps reads the fault variables, or SIGKILLs or SIGSTOPs its own process."""
+    gone = {m for modules in _left_out().values() for m in modules}
+    kept = {name: path for name, path in _modules().items() if name not in gone}
+    assert "spotrun.crashpoints" in kept and "spotrun.localcloud.faultagent" in gone
+    found = [f"{name} {what}" for name, path in sorted(kept.items())
+             for what in _fault_injections(path.read_text())]
+    assert found == [], found
+    # The fault points themselves: no signal, no environment.
+    crashpoints = kept["spotrun.crashpoints"]
+    assert not _imports(crashpoints.read_text(), "spotrun.crashpoints", False) & {"os", "signal"}
+    # ...while the launcher, left out, does both (the check would see it).
+    assert _fault_injections(_modules()["spotrun.localcloud.faultagent"].read_text())
 
 
 def _pruned_copy(tmp_path: Path) -> Path:

@@ -19,7 +19,7 @@ import pytest
 
 from spotrun import migration as M
 from spotrun import tags as T
-from spotrun.crashpoints import PAUSE_ENV
+from spotrun.localcloud.faultagent import PAUSE_ENV
 from tests.helpers.rehearsals import PerBootEnvRehearsal
 from tests.helpers.testkit import wait_until
 
@@ -30,7 +30,8 @@ PRE_TRAINING = ("identifying", "acquiring-volume", "checking-out")
 
 
 class PausedRehearsal(PerBootEnvRehearsal):
-    """Boot number ``n`` (0 = the first) is started with SPOTRUN_PAUSE_AT = ``pauses[n]``."""
+    """Boot number ``n`` (0 = the first) is started with SPOTRUN_PAUSE_AT = ``pauses[n]``,
+    which the test launcher its agent runs under (spotrun.localcloud.faultagent) obeys."""
 
     def __init__(self, plan, pauses: dict[int, str]):
         super().__init__(plan)

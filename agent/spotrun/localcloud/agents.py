@@ -23,6 +23,10 @@ What EC2 does and moto does not, done here while the instances' fleets run:
     agent does when training is done) powers off: its processes die with it, as on EC2.
 Instances the cloud launched itself (``launch_instance``, its own Spot Fleets) are never
 taken in: only members of moto's fleets and groups are.
+
+Every agent started for the local cloud, the soak and the tests is started by
+:func:`agent_argv`: ``spotrun`` behind the test launcher (spotrun.localcloud.faultagent), which
+installs the crash, pause and call-recording hooks the process's environment asks for.
 """
 from __future__ import annotations
 
@@ -42,6 +46,12 @@ from spotrun.localcloud.instance import Instance
 from spotrun.log import get_logger
 
 log = get_logger("localcloud.agents")
+
+
+def agent_argv(*args: str) -> list[str]:
+    """The command line of ``spotrun *args`` (e.g. ``agent run --config PATH``) run through the
+    test launcher: the same agent, with the fault hooks its environment names."""
+    return [sys.executable, "-m", "spotrun.localcloud.faultagent", *args]
 
 
 def agent_log_path(inst: Instance) -> Path:
@@ -64,7 +74,7 @@ def boot_agent(cloud: Any, inst: Instance, config: Mapping[str, Any], *,
     config_path.write_text(tomli_w.dumps(dict(config)))
     env = inst.env()
     env["SPOTRUN_CONFIG"] = str(config_path)  # the unit's default path, moved under the instance
-    argv = [sys.executable, "-m", "spotrun", "agent", "run", "--config", str(config_path)]
+    argv = agent_argv("agent", "run", "--config", str(config_path))
     if private_mounts:
         # unshare(1) execs the agent itself (no --fork): the pid the cloud kills is the agent's.
         argv = ["unshare", "--mount", "--propagation", "private", "--", *argv]

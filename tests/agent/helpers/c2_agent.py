@@ -1,7 +1,9 @@
 """A minimal agent for the volume acceptance tests: identify (from the instance's metadata
 service) + acquire the job's volume, optionally write a file on it, optionally hold it
 until a go-file appears, optionally release it. Run as a separate process, on a local cloud
-instance, so that SIGKILL at a crash point (SPOTRUN_CRASH_AT) is a real kill.
+instance, so that SIGKILL at a crash point is a real kill: like the test launcher
+(spotrun.localcloud.faultagent), it installs the fault hooks its environment names
+(SPOTRUN_CRASH_AT, SPOTRUN_RECORD_AWS_CALLS) before it starts.
 
     python c2_agent.py CONFIG.json [--write REL=TEXT] [--checkpoint STEP] [--hold-until PATH]
                                [--release [--snapshot yes|no]]
@@ -72,4 +74,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from spotrun.localcloud import faultagent
+
+    faultagent.install_from_env()
     raise SystemExit(main())

@@ -17,10 +17,10 @@ sys.path.insert(0, str(HERE.parents[1] / "localcloud"))
 
 from localcloud_helpers import loop_devices_backed_by, mounts_under, wait_until  # noqa: E402
 
-from spotrun import ec2 as ec2mod  # noqa: E402
 from spotrun import iam  # noqa: E402
 from spotrun import tags as T  # noqa: E402
 from spotrun.localcloud import LocalCloud, TimingModel  # noqa: E402
+from spotrun.localcloud.faultagent import RECORD_CALLS_ENV  # noqa: E402
 
 JOB = "job-accept"
 NAME = "DL-datasets-checkpoints"
@@ -83,7 +83,7 @@ class World:
         out = open(self.tmp / f"agent-{self.runs}.out", "w+")
         err = open(self.tmp / f"agent-{self.runs}.err", "w+")
         proc_env = inst.env()
-        proc_env[ec2mod.RECORD_CALLS_ENV] = str(self.calls)
+        proc_env[RECORD_CALLS_ENV] = str(self.calls)
         proc_env.update(env or {})
         proc = self.cloud.start_process(inst, [sys.executable, str(AGENT), str(path), *args],
                                         env=proc_env, stdout=out, stderr=err)

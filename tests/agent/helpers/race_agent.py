@@ -8,7 +8,8 @@
 
 The loser's bound is the config's ``lease.loser_wait_s``.
 
-Then runs c2_agent.main() with the same arguments.
+Then runs c2_agent.main() with the same arguments, after the test launcher's hooks
+(spotrun.localcloud.faultagent: the recording of AWS calls c2_cloud asks for).
 """
 from __future__ import annotations
 
@@ -22,23 +23,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import c2_agent  # noqa: E402
 from flaky_ec2 import NotFoundFor  # noqa: E402
 
+from spotrun import crashpoints  # noqa: E402
 from spotrun import ec2 as ec2mod  # noqa: E402
-from spotrun import migration, volumes  # noqa: E402
+from spotrun.localcloud import faultagent  # noqa: E402
+
+
+class PauseAt(crashpoints.NoFaults):
+    """Fault hooks: at crash point ``point``, create ``<go>.paused`` and wait for ``go``;
+    every point is passed on to the hooks installed before (``then``)."""
+
+    def __init__(self, point: str, go: Path, then):
+        if point not in crashpoints.CRASHPOINTS:
+            raise ValueError(f"RACE_PAUSE_AT={point!r}: not a crash point")
+        self.point, self.go, self.then = point, go, then
+
+    def crash(self, name: str) -> None:
+        self.then.crash(name)
+        if name == self.point:
+            Path(f"{self.go}.paused").touch()
+            deadline = time.monotonic() + 300
+            while not self.go.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def pause(self, name: str) -> None:
+        self.then.pause(name)
 
 
 def install_pause(point: str, go: Path) -> None:
-    original = migration.crashpoint
-
-    def crashpoint(name: str) -> None:
-        original(name)
-        if name == point:
-            Path(f"{go}.paused").touch()
-            deadline = time.monotonic() + 300
-            while not go.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-
-    migration.crashpoint = crashpoint
-    volumes.crashpoint = crashpoint
+    crashpoints.install(PauseAt(point, go, crashpoints.HOOKS))
 
 
 def install_not_found(ids: list[str], times: int) -> None:
@@ -55,6 +67,7 @@ def install_not_found(ids: list[str], times: int) -> None:
 
 
 if __name__ == "__main__":
+    faultagent.install_from_env()
     if os.environ.get("RACE_PAUSE_AT"):
         install_pause(os.environ["RACE_PAUSE_AT"], Path(os.environ["RACE_GO_FILE"]))
     if os.environ.get("RACE_NOT_FOUND"):
