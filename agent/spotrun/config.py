@@ -51,6 +51,10 @@ class VolumeConfig:
     kms_key_id: str = ""
     # First boot of a job with no volume: create one (True) or stop with a clear error.
     create_if_missing: bool = True
+    # "" = that first volume is made empty (the agent formats it). A snapshot id: it is made
+    # from this snapshot (a sweep's dataset snapshot, `spotrun launch` writes it), in the
+    # instance's AZ; the snapshot must hold an ext4 filesystem (the datasets directory).
+    source_snapshot: str = ""
     mount_point: str = "/dltraining"
     datasets_dir: str = "datasets"
     checkpoints_dir: str = "checkpoints"
@@ -243,6 +247,7 @@ _SECTION_CLASSES = {
 }
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{8,17}$")
 _CHOICES = {
     ("trainer", "failure_policy"): ("cancel", "keep-running"),
     ("trainer", "protocol"): ("auto", "spotrun", "none"),
@@ -388,6 +393,9 @@ def _check_whole(config: Config, raw: dict) -> None:
         )
     if not config.trainer.command:
         raise ConfigError("trainer.command", "must not be empty", _source_of(raw, "trainer", "command"))
+    if config.volume.source_snapshot and not SNAPSHOT_ID.match(config.volume.source_snapshot):
+        raise ConfigError("volume.source_snapshot", f"{config.volume.source_snapshot!r} is not a "
+                          "snapshot id like snap-0abc1234", _source_of(raw, "volume", "source_snapshot"))
     if not config.volume.mount_point.startswith("/"):
         raise ConfigError("volume.mount_point", "must be an absolute path", _source_of(raw, "volume", "mount_point"))
     if not config.metadata.endpoint.startswith(("http://", "https://")):

@@ -4,7 +4,8 @@ The policy is scoped by the job tag (invariant 6): the agent may act only on vol
 snapshots, fleets and groups tagged ``spotrun:job = <job>``, may create volumes and
 snapshots only when it tags them for the job in the same request, may add tags at creation
 only from CreateVolume/CreateSnapshot, and may never rewrite the ``spotrun:job`` tag of an
-existing resource. Describe calls cannot be scoped by resource in EC2, so they are ``*``.
+existing resource. A sweep's instances may make volumes from its dataset snapshot (tagged with
+the sweep's id, in the sweep's scope) but never delete it. Describe calls cannot be scoped by resource in EC2, so they are ``*``.
 ``packaging/iam/agent-policy.json`` is this policy rendered for job ``EXAMPLE``
 (``python -m spotrun.iam > packaging/iam/agent-policy.json``; a test keeps them equal), and
 ``packaging/iam/README.md`` lists the calls (``python -m spotrun.iam --calls``).
@@ -15,7 +16,7 @@ import json
 import sys
 
 from spotrun.metrics import NAMESPACE as METRICS_NAMESPACE
-from spotrun.tags import JOB, LEFT_FLEET
+from spotrun.tags import DATASET_SNAPSHOT_ROLE, JOB, LEFT_FLEET, ROLE
 
 # (action, why). The IAM test checks every call the agent made in the tests is listed here.
 AGENT_CALLS: list[tuple[str, str]] = [
@@ -24,7 +25,8 @@ AGENT_CALLS: list[tuple[str, str]] = [
     ("ec2:DescribeTags", "identity fallback: what launched this instance (fleet / group tags)"),
     ("ec2:DescribeVolumes", "find the job's volumes by tag; wait for volume and attachment states"),
     ("ec2:DescribeSnapshots", "find the job's migration/drain snapshots; wait for completion"),
-    ("ec2:CreateVolume", "the job's first volume, and the copy in this AZ during a migration"),
+    ("ec2:CreateVolume", "the job's first volume (a sweep's: from its dataset snapshot, when "
+                         "init made one), and the copy in this AZ during a migration"),
     ("ec2:CreateSnapshot", "migration snapshot, and the ahead-of-need snapshot on drain"),
     ("ec2:CreateTags", "tags at creation; migration journal steps and progress on the job's "
                        "volume; a sweep's instance marks itself before it leaves the fleet"),
@@ -32,7 +34,8 @@ AGENT_CALLS: list[tuple[str, str]] = [
     ("ec2:DetachVolume", "detach the job's volume on drain"),
     ("ec2:DeleteVolume", "delete the old volume after its migrated copy is verified, and "
                          "unverified copies of an abandoned migration"),
-    ("ec2:DeleteSnapshot", "migration/drain snapshots past their retention"),
+    ("ec2:DeleteSnapshot", "migration/drain snapshots past their retention (never a sweep's "
+                           "dataset snapshot)"),
     ("ec2:CancelSpotFleetRequests", "cancel the job's Spot Fleet after training completed"),
     ("ec2:DescribeSpotFleetRequests", "check the Spot Fleet before cancelling it"),
     ("ec2:DeleteFleets", "delete the job's EC2 Fleet after training completed"),
@@ -99,8 +102,10 @@ def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
          "Resource": [volumes, instances], "Condition": job_resource},
         {"Sid": "DeleteJobVolumes", "Effect": "Allow", "Action": "ec2:DeleteVolume",
          "Resource": volumes, "Condition": job_resource},
+        # A sweep's dataset snapshot (tagged with the sweep's id) is the operator's to delete.
         {"Sid": "DeleteJobSnapshots", "Effect": "Allow", "Action": "ec2:DeleteSnapshot",
-         "Resource": snapshots, "Condition": job_resource},
+         "Resource": snapshots, "Condition": {**job_resource, "StringNotEquals": {
+             f"aws:ResourceTag/{ROLE}": DATASET_SNAPSHOT_ROLE}}},
         {"Sid": "StopJobFleets", "Effect": "Allow",
          "Action": ["ec2:CancelSpotFleetRequests", "ec2:DeleteFleets"],
          "Resource": [f"{ec2}:spot-fleet-request/*", f"{ec2}:fleet/*"], "Condition": job_resource},

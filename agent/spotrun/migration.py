@@ -52,11 +52,14 @@ MOUNTS = "spotrun:mounts"
 MOUNT_STATE = "spotrun:mount-state"  # "clean" after a clean unmount, else "mounted:<instance>"
 ORIGIN = "spotrun:origin"
 CREATED_EMPTY = {ORIGIN: "created-empty"}  # the agent made it as the job's first volume
+# ... from volume.source_snapshot (a sweep's dataset snapshot): the dataset, nothing else.
+FROM_DATASET = {ORIGIN: "dataset-snapshot"}
 CLEAN = "clean"
 
 ROLE_VOLUME = "volume"
 ROLE_MIGRATION_SNAPSHOT = "migration-snapshot"
 ROLE_DRAIN_SNAPSHOT = "drain-snapshot"
+ROLE_DATASET_SNAPSHOT = T.DATASET_SNAPSHOT_ROLE  # the sweep's, never the agent's to delete
 
 STEP_CREATED = "created"
 STEP_ATTACHED = "attached"
@@ -126,11 +129,16 @@ def mounts(volume: dict) -> int:
 
 
 def never_used(volume: dict) -> bool:
-    """Made empty by an agent as the job's first volume and never mounted since: there is
-    nothing on it to carry to another AZ. (A volume the operator created may hold data put
-    there by hand; one restored from a snapshot holds the snapshot's.)"""
-    return (tags_of(volume).get(ORIGIN) == CREATED_EMPTY[ORIGIN] and mounts(volume) == 0
-            and not volume.get("SnapshotId"))
+    """Made by an agent as the job's first volume and never mounted since: there is nothing
+    on it to carry to another AZ. Made empty, or from the sweep's dataset snapshot (which a
+    boot anywhere else makes its own volume from). (A volume the operator created may hold
+    data put there by hand; one restored from another snapshot holds the snapshot's.)"""
+    if mounts(volume) != 0:
+        return False
+    origin = tags_of(volume).get(ORIGIN)
+    if origin == CREATED_EMPTY[ORIGIN]:
+        return not volume.get("SnapshotId")
+    return origin == FROM_DATASET[ORIGIN] and bool(volume.get("SnapshotId"))
 
 
 def token(*parts: str) -> str:

@@ -14,8 +14,11 @@ JOB = "spotrun:job"
 LEFT_FLEET = PREFIX + "left-fleet"
 # Which copy of the job's volume this is; +1 at each cross-AZ migration.
 GENERATION = "spotrun:generation"
-# What the resource is to spotrun: "volume" or "migration-snapshot" / "drain-snapshot".
+# What the resource is to spotrun: "volume" or "migration-snapshot" / "drain-snapshot", or a
+# sweep's "dataset-snapshot" (tagged with the sweep's id: every experiment's first volume is
+# made from it; `spotrun init` makes it, only `spotrun teardown --delete-snapshots` deletes it).
 ROLE = "spotrun:role"
+DATASET_SNAPSHOT_ROLE = "dataset-snapshot"
 
 # Progress, written by the agent on the job's volume for the operator CLI and the next instance.
 PHASE = "spotrun:phase"

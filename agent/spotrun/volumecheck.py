@@ -23,11 +23,15 @@ class VolumeError(SpotrunError):
 
 
 def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: bool,
-                  marker_expected: bool) -> None:
+                  marker_expected: bool, dataset_snapshot: str = "") -> None:
     """Check (and on first use write) the marker; after a migration, the latest checkpoint.
     ``marker_expected`` is false on first use and for a copy of a volume spotrun never
-    mounted: its source had no marker, so the copy's first use writes one."""
+    mounted: its source had no marker, so the copy's first use writes one.
+    ``dataset_snapshot``: the first use of a volume made from the sweep's dataset snapshot,
+    which must hold the dataset only (no job's marker, no checkpoints to resume from)."""
     marker = config.mount_point / MARKER
+    if dataset_snapshot:
+        check_dataset_only(config, volume_id, dataset_snapshot)
     if marker.exists():
         try:
             data = json.loads(marker.read_text())
@@ -49,6 +53,22 @@ def verify_volume(config: Config, volume_id: str, generation: int, *, migrated: 
         data["generation"] = generation
         write_json_atomic(marker, data)
     log.info("volume_verified", volume_id=volume_id, generation=generation, migrated=migrated)
+
+
+def check_dataset_only(config: Config, volume_id: str, snapshot_id: str) -> None:
+    """A sweep's dataset volume is the seed's: a filesystem with the datasets directory. A
+    marker or checkpoints on it would make every experiment another job's continuation."""
+    checkpoints = config.checkpoints_path
+    found = [str(p) for p in (config.mount_point / MARKER,) if p.exists()]
+    if checkpoints.is_dir():
+        found += [str(p) for p in sorted(checkpoints.iterdir())[:3]]
+    if found:
+        raise VolumeError(
+            f"volume {volume_id} was made from the sweep's dataset snapshot {snapshot_id}, which "
+            f"holds more than a dataset ({', '.join(found)}): sweep.dataset_volume must hold the "
+            "datasets directory only. Fix that volume, delete the snapshot (spotrun teardown "
+            "--delete-snapshots) and the experiments' volumes made from it, and run spotrun init "
+            "again")
 
 
 def verify_latest_checkpoint(config: Config, volume_id: str) -> None:

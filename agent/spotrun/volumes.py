@@ -201,8 +201,12 @@ class VolumeManager:
             pausepoint("migration.verifying")
         self.safe_point("acquire.mounted")  # release() unmounts and detaches it again
         generation = M.generation(volume)
+        # ``volume`` as it was before this mount: mounts 0 = nobody has used it yet.
+        dataset_first_use = (source is None and M.mounts(volume) == 0
+                             and M.tags_of(volume).get(M.ORIGIN) == M.FROM_DATASET[M.ORIGIN])
         verify_volume(self.config, volume_id, generation, migrated=source is not None,
-                      marker_expected=source is not None and not copy_of_unused)
+                      marker_expected=source is not None and not copy_of_unused,
+                      dataset_snapshot=volume.get("SnapshotId", "") if dataset_first_use else "")
         if source is not None:
             M.finish(self.ec2, source, volume_id, self.config.volume.create_timeout_s,
                      guard=self._guard)
@@ -227,7 +231,9 @@ class VolumeManager:
         """The job's first boot died before it ever mounted its new volume: a copy would carry
         nothing (and a restored blank looks like lost data), so the job starts here instead.
         Each step is safe to crash after: copies and snapshots of the blank go first, the
-        blank itself last, and a boot that finds no volume and no snapshot creates one."""
+        blank itself last, and a boot that finds no volume and no snapshot creates one (from
+        the sweep's dataset snapshot again, if it has one: that snapshot is the sweep's and
+        never deleted here)."""
         blank = plan.current
         deadline = self.config.volume.create_timeout_s
         why = f"copy of {blank['VolumeId']}, which was never used"
@@ -258,10 +264,16 @@ class VolumeManager:
         create_token = M.token("create", job, self.me)
         tags = {T.NAME: vc.name_tag, T.JOB: job, T.ROLE: M.ROLE_VOLUME, T.GENERATION: "1",
                 M.CREATE_TOKEN: create_token, M.MOUNTS: "0", M.MOUNT_STATE: M.CLEAN,
-                **M.CREATED_EMPTY}
-        params = {"AvailabilityZone": self.identity.availability_zone, "Size": vc.size_gib,
+                **(M.FROM_DATASET if vc.source_snapshot else M.CREATED_EMPTY)}
+        size = vc.size_gib
+        params = {"AvailabilityZone": self.identity.availability_zone,
                   "VolumeType": vc.type, "Encrypted": vc.encrypted, "ClientToken": create_token,
                   "TagSpecifications": [{"ResourceType": "volume", "Tags": T.as_list(tags)}]}
+        if vc.source_snapshot:
+            # The sweep's dataset: never smaller than the snapshot (EC2 refuses that).
+            size = max(size, self._dataset_snapshot()["VolumeSize"])
+            params["SnapshotId"] = vc.source_snapshot
+        params["Size"] = size
         if vc.iops and vc.type in ("io1", "io2", "gp3"):
             params["Iops"] = vc.iops
         if vc.throughput and vc.type == "gp3":
@@ -279,11 +291,24 @@ class VolumeManager:
             return self.ec2_once.create_volume(**params)
 
         volume = ec2mod.create_once("the job's first volume", create, find)
-        log.info("volume_created", volume_id=volume["VolumeId"], size_gib=vc.size_gib, type=vc.type,
-                 az=self.identity.availability_zone)
+        log.info("volume_created", volume_id=volume["VolumeId"], size_gib=size, type=vc.type,
+                 az=self.identity.availability_zone, snapshot_id=vc.source_snapshot or None)
         return ec2mod.wait_for_volume(self.ec2, volume["VolumeId"], ("available",),
                                       vc.create_timeout_s,
                                       missing_ok_s=self.config.aws.consistency_window_s)
+
+    def _dataset_snapshot(self) -> dict:
+        """``volume.source_snapshot`` as EC2 has it, completed (a volume is made only from a
+        completed snapshot); VolumeError if it is gone or failed."""
+        snapshot_id, vc = self.config.volume.source_snapshot, self.config.volume
+        snapshot = ec2mod.describe_snapshot(self.ec2, snapshot_id)
+        if snapshot is None:
+            raise VolumeError(f"volume.source_snapshot {snapshot_id} (the sweep's dataset snapshot) "
+                              "does not exist: run `spotrun init` again to make it, then relaunch")
+        if snapshot["State"] != "completed":  # 'error' fails at once, naming the snapshot
+            snapshot = ec2mod.wait_for_snapshot(self.ec2, snapshot_id, vc.snapshot_timeout_s,
+                                                safe_point=self.safe_point)
+        return snapshot
 
     # -- attach ---------------------------------------------------------------------------
 
@@ -313,9 +338,12 @@ class VolumeManager:
         tags = M.tags_of(volume)
         if fstype is None:
             if volume.get("SnapshotId") and not copy_of_unused:
+                dataset = (" (the sweep's dataset snapshot: sweep.dataset_volume must hold an ext4 "
+                           "filesystem with the datasets directory)"
+                           if tags.get(M.ORIGIN) == M.FROM_DATASET[M.ORIGIN] else "")
                 raise VolumeError(
-                    f"volume {volume_id} was restored from {volume['SnapshotId']} but {device} has "
-                    f"no filesystem; refusing to make one over restored data")
+                    f"volume {volume_id} was restored from {volume['SnapshotId']}{dataset} but "
+                    f"{device} has no filesystem; refusing to make one over restored data")
             blockdev.make_filesystem(device, FS_LABEL)
         elif tags.get(M.MOUNT_STATE, M.CLEAN) != M.CLEAN:
             log.info("fsck_needed", volume_id=volume_id, mount_state=tags.get(M.MOUNT_STATE))

@@ -1,9 +1,12 @@
-"""``spotrun init``: the job's volume, instance role + policy + profile, fleet role, lease table.
+"""``spotrun init``: the job's volume, instance role + policy + profile, fleet role, lease table,
+and a sweep's dataset snapshot.
 
 Idempotent: each resource is looked up first and adopted when it exists (the policy is
 rewritten only when it differs from what the agent needs). Replaces the seed's steps 1, 2
 and the fleet-role part of step 4. The volume is created empty; the agent formats it on
-its first attach (no throwaway on-demand instance).
+its first attach (no throwaway on-demand instance). A sweep makes no volume; with
+``sweep.dataset_volume`` it snapshots that volume once (the dataset, prepared once), and each
+experiment's first volume is made from the snapshot by the instance that first claims it.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotrun import iam, lease, tags
+from spotrun.config import ConfigError
 from spotrun.errors import SpotrunError
 from spotrun.operator import validate
 from spotrun.operator.aws import Aws, error_code, oplog as _log
@@ -31,7 +35,8 @@ LIVE_VOLUME_STATES = ["creating", "available", "in-use"]
 
 @dataclass
 class Step:
-    kind: str  # volume | role | policy | instance-profile | spot-fleet-role | lease-table
+    kind: str  # volume | role | policy | instance-profile | spot-fleet-role | lease-table |
+    #            dataset-snapshot
     name: str
     action: str = "plan"  # plan | created | adopted | updated
     detail: str = ""
@@ -60,7 +65,91 @@ def plan(job: Job) -> list[Step]:
                           detail=f"trusted by spotfleet.amazonaws.com, {SPOT_FLEET_MANAGED_POLICY}"))
     if job.lease_table:
         steps.append(Step("lease-table", job.lease_table, detail="DynamoDB, on-demand billing"))
+    if job.dataset_volume:
+        steps.append(Step("dataset-snapshot", job.dataset_volume, detail=(
+            f"one snapshot of {job.dataset_volume}, tagged {tags.JOB}={job.id} and {tags.ROLE}="
+            f"{tags.DATASET_SNAPSHOT_ROLE}; each experiment's first volume is made from it")))
     return steps
+
+
+DATASET_SNAPSHOT_STATES = ("pending", "completed")
+
+
+def dataset_snapshots(ec2: Any, job: Job) -> list[dict]:
+    """The sweep's dataset snapshots, pending or completed, oldest first (the one kept)."""
+    filters = tags.job_filters(job.id) + [
+        {"Name": f"tag:{tags.ROLE}", "Values": [tags.DATASET_SNAPSHOT_ROLE]}]
+    found = []
+    for page in ec2.get_paginator("describe_snapshots").paginate(OwnerIds=["self"], Filters=filters):
+        found += [s for s in page["Snapshots"] if s["State"] in DATASET_SNAPSHOT_STATES]
+    return sorted(found, key=lambda s: (s["StartTime"], s["SnapshotId"]))
+
+
+def _same_volume(job: Job, snapshots: list[dict]) -> list[dict]:
+    """``snapshots``, refused (naming the field) if one is of another volume than the file's."""
+    other = next((s for s in snapshots if s.get("VolumeId") != job.dataset_volume), None)
+    if other is not None:
+        raise ConfigError("sweep.dataset_volume", (
+            f"sweep {job.id} already has the dataset snapshot {other['SnapshotId']}, of "
+            f"{other.get('VolumeId')}, not of {job.dataset_volume}: delete it first (`spotrun "
+            "teardown --delete-snapshots`; experiments made from it keep their volumes) or name "
+            "that volume again"), job.source)
+    return snapshots
+
+
+def check_dataset_volume(ec2: Any, job: Job) -> None:
+    """Before init changes anything: the dataset snapshot is there already, or the volume to
+    make it from exists (a ConfigError naming the field and the id otherwise)."""
+    if _same_volume(job, dataset_snapshots(ec2, job)):
+        return  # made by an earlier init; the volume itself may be gone since
+    try:
+        [volume] = ec2.describe_volumes(VolumeIds=[job.dataset_volume])["Volumes"]
+    except Exception as exc:  # noqa: BLE001 - only "not found" is the file's fault
+        if error_code(exc) not in ("InvalidVolume.NotFound", "InvalidVolumeID.NotFound"):
+            raise
+        volume = None
+    if volume is None or volume["State"] not in ("available", "in-use"):
+        state = "does not exist" if volume is None else f"is {volume['State']}"
+        raise ConfigError("sweep.dataset_volume", (
+            f"{job.dataset_volume} {state} in {job.region or 'this region'}: it should be the "
+            "volume holding the sweep's datasets directory; nothing was changed"), job.source)
+
+
+def _ensure_dataset_snapshot(aws: Aws, job: Job, reporter: Reporter, step: Step) -> None:
+    ec2 = aws.client("ec2")
+    existing = _same_volume(job, dataset_snapshots(ec2, job))
+    if existing:
+        step.action = "adopted"
+    else:
+        snapshot = ec2.create_snapshot(
+            VolumeId=job.dataset_volume, Description=f"spotrun sweep {job.id}: dataset",
+            TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags.as_list({
+                tags.NAME: f"spotrun {job.id} dataset", tags.JOB: job.id,
+                tags.ROLE: tags.DATASET_SNAPSHOT_ROLE})}])
+        _log.info("dataset_snapshot_created", job=job.id, snapshot_id=snapshot["SnapshotId"],
+                  volume_id=job.dataset_volume)
+        step.action = "created"
+        # A create retried after a lost answer (or a second init at the same moment) may have
+        # made two: every init keeps the oldest and deletes the others.
+        existing = _same_volume(job, dataset_snapshots(ec2, job)) or [snapshot]
+    kept = existing[0]
+    snapshot_id = kept["SnapshotId"]
+
+    def completed() -> tuple[bool, str]:
+        current = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]
+        if current["State"] == "error":
+            raise SpotrunError(f"dataset snapshot {snapshot_id} of {job.dataset_volume} failed "
+                               f"({current.get('StateMessage', '')}); run spotrun init again")
+        return current["State"] == "completed", f"{current['State']} {current.get('Progress') or ''}".strip()
+
+    reporter.wait(f"dataset snapshot {snapshot_id} of {job.dataset_volume}", completed,
+                  job.config.volume.snapshot_timeout_s)
+    for extra in existing[1:]:
+        ec2.delete_snapshot(SnapshotId=extra["SnapshotId"])
+        _log.info("dataset_snapshot_duplicate_deleted", job=job.id, snapshot_id=extra["SnapshotId"])
+    step.name = snapshot_id
+    step.detail = (f"of {job.dataset_volume} ({kept.get('VolumeSize', '?')} GiB): each experiment's "
+                   "first volume is made from it")
 
 
 def agent_policy_for(job: Job, region: str, account_id: str) -> dict:
@@ -199,6 +288,8 @@ def apply(aws: Aws, job: Job, reporter: Reporter) -> list[Step]:
     if job.launch.availability_zones or job.launch.volume_availability_zone:
         # First call, before anything is created: a zone the region lacks stops init here.
         validate.check_zones(job, aws.region or aws.session.region_name, validate.known_zones(aws.client("ec2")))
+    if job.dataset_volume:  # before anything is created: a volume not there stops init here
+        check_dataset_volume(aws.client("ec2"), job)
     iam = aws.client("iam")
     account = aws.account_id()
     document = agent_policy_for(job, aws.region, account)
@@ -215,5 +306,7 @@ def apply(aws: Aws, job: Job, reporter: Reporter) -> list[Step]:
             _ensure_spot_fleet_role(iam, job, step)
         elif step.kind == "lease-table":
             _ensure_lease_table(aws, job, reporter, step)
+        elif step.kind == "dataset-snapshot":
+            _ensure_dataset_snapshot(aws, job, reporter, step)
         _log.info("init_step", job=job.id, resource=step.kind, name=step.name, action=step.action)
     return steps

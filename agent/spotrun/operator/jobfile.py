@@ -76,6 +76,9 @@ class Job:
     # A sweep's experiments ([sweep], operator/sweep.py); () for a single job.
     experiments: tuple[sweep.Experiment, ...] = ()
     sweep_claim: str = sweep.CLAIM_POLICIES[0]  # [sweep] claim: how instances choose
+    # [sweep] dataset_volume: init snapshots it once; launch writes that snapshot into the user
+    # data as volume.source_snapshot (every experiment's first volume is made from it).
+    dataset_volume: str = ""
 
     @property
     def id(self) -> str:
@@ -132,6 +135,14 @@ class Job:
                 out["sweep"]["claim"] = self.sweep_claim
         return out
 
+
+    def with_source_snapshot(self, snapshot_id: str) -> "Job":
+        """The job as launch sends it once the sweep's dataset snapshot is found: the user data
+        says ``[volume] source_snapshot``."""
+        overrides = {section: dict(values) for section, values in self.agent_overrides.items()}
+        overrides.setdefault("volume", {})["source_snapshot"] = snapshot_id
+        config = agent_config.load(None, (overrides, self.source))
+        return dataclasses.replace(self, config=config, agent_overrides=overrides)
 
     def experiment_job(self, experiment: sweep.Experiment) -> "Job":
         """The job one experiment of the sweep runs: its own id, the trainer's command with the
@@ -265,11 +276,16 @@ def from_mapping(raw: Mapping[str, Any], source: str = "job file") -> Job:
     overrides = {section: dict(values) for section, values in raw.items()}
     job = Job(config=config, launch=launch, agent_overrides=overrides, source=source)
     validate.render_user_data(job)  # size and content of what launch will send, checked for init too
+    if config.volume.source_snapshot:
+        raise ConfigError("volume.source_snapshot", "is not for a job file: `spotrun launch` sets "
+                          "it from sweep.dataset_volume (the dataset snapshot `spotrun init` "
+                          "makes)", source)
     if sweep_raw is not None:
         claim = sweep_raw.get("claim", sweep.CLAIM_POLICIES[0]) if isinstance(sweep_raw, Mapping) \
             else sweep.CLAIM_POLICIES[0]
         job = dataclasses.replace(job, sweep_claim=claim)
         job = dataclasses.replace(job, experiments=_checked_sweep(job, sweep_raw))
+        job = dataclasses.replace(job, dataset_volume=sweep.dataset_volume(sweep_raw, source))
     return job
 
 
@@ -284,8 +300,12 @@ def _checked_sweep(job: Job, raw: Any) -> tuple[sweep.Experiment, ...]:
         raise ConfigError("launch.target_capacity", f"{job.launch.target_capacity} instances for "
                           f"{len(experiments)} experiments: at most one instance per experiment",
                           job.source)
-    # What the fleet's instances get: the whole sweep in one stub (at most 16 KB).
-    validate.render_user_data(dataclasses.replace(job, experiments=experiments))
+    # What the fleet's instances get: the whole sweep in one stub (at most 16 KB), with the
+    # longest dataset snapshot id launch may add.
+    probe = dataclasses.replace(job, experiments=experiments)
+    if sweep.dataset_volume(raw, job.source):
+        probe = probe.with_source_snapshot("snap-" + "0" * 17)
+    validate.render_user_data(probe)
     return experiments
 
 

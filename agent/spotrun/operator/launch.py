@@ -142,9 +142,31 @@ def plan(job: Job) -> dict[str, Any]:
         request = asg_request(job, template, list(job.launch.availability_zones) or ["(all in region)"])
     else:
         request = spot_fleet_request(job, template, f"arn:aws:iam::(account):role/{job.launch.spot_fleet_role}")
-    return {"launch_template": {"name": job.launch_template_name, "data": template_data(job, stub)},
-            "user_data": stub.decode(), "user_data_bytes": len(stub),
-            "fleet": {"kind": job.launch.fleet, "request": request}}
+    result = {"launch_template": {"name": job.launch_template_name, "data": template_data(job, stub)},
+              "user_data": stub.decode(), "user_data_bytes": len(stub),
+              "fleet": {"kind": job.launch.fleet, "request": request}}
+    if job.dataset_volume:
+        result["dataset_snapshot"] = (
+            f"the sweep's completed snapshot of {job.dataset_volume} (tagged {tags.JOB}={job.id}, "
+            f"{tags.ROLE}={tags.DATASET_SNAPSHOT_ROLE}; `spotrun init` makes it), added to the user "
+            "data as [volume] source_snapshot")
+    return result
+
+
+def dataset_snapshot(aws: Aws, job: Job) -> str:
+    """The sweep's completed dataset snapshot (what every experiment's first volume is made
+    from); UsageError (exit 2, nothing launched) when init has not finished making it."""
+    found = init_mod.dataset_snapshots(aws.client("ec2"), job)
+    completed = [s for s in found if s["State"] == "completed"
+                 and s.get("VolumeId") == job.dataset_volume]
+    if completed:
+        return completed[0]["SnapshotId"]
+    if any(s.get("VolumeId") != job.dataset_volume for s in found):
+        init_mod.check_dataset_volume(aws.client("ec2"), job)  # names the other volume's snapshot
+    state = f"is still {found[0]['State']}" if found else "does not exist"
+    raise UsageError(f"{job.source}: sweep.dataset_volume: the sweep's dataset snapshot of "
+                     f"{job.dataset_volume} {state}; nothing was launched. Run `spotrun init -f "
+                     f"{job.source}` (it makes the snapshot and waits for it), then launch again")
 
 
 def _ensure_template(ec2: Any, job: Job, data: dict) -> dict[str, str]:
@@ -244,6 +266,9 @@ def apply(aws: Aws, job: Job, reporter: Reporter, wait: bool = False, timeout_s:
     if not job.launch.image_id:
         raise UsageError(f"{job.source}: launch.image_id: is required to launch")
     _preflight(aws, job)
+    if job.dataset_volume:
+        job = job.with_source_snapshot(dataset_snapshot(aws, job))
+        stub = validate.render_user_data(job)
     ec2 = aws.client("ec2")
     template = _ensure_template(ec2, job, template_data(job, stub))
     kind = job.launch.fleet

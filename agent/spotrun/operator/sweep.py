@@ -7,6 +7,9 @@ The ``[sweep]`` section lists experiments, or a grid that expands to that list::
     args = ["--lr", "0.1"]         # appended to trainer.command
     env = { WARMUP = "5" }         # merged over trainer.env
 
+    dataset_volume = "vol-..."     # optional: `spotrun init` snapshots it once; every
+                                   # experiment's first volume is made from that snapshot
+
     [sweep.grid]                   # or: every combination of these values
     lr = [0.1, 0.01]
     batch_size = [64, 128]
@@ -35,6 +38,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PARAMETER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8,17}$")
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,11 @@ def expand(raw: Any, base_job_id: str, source: str = "job file") -> tuple[Experi
     """The experiments ``[sweep]`` describes, in order; ConfigError names the first bad field."""
     if not isinstance(raw, Mapping):
         raise ConfigError("sweep", "expected a table ([sweep] with experiments or a grid)", source)
-    unknown = sorted(set(raw) - {"experiments", "grid", "pass_as", "claim"})
+    unknown = sorted(set(raw) - {"experiments", "grid", "pass_as", "claim", "dataset_volume"})
     if unknown:
-        raise ConfigError(f"sweep.{unknown[0]}", "unknown key (known: claim, experiments, grid, "
-                          "pass_as)", source)
+        raise ConfigError(f"sweep.{unknown[0]}", "unknown key (known: claim, dataset_volume, "
+                          "experiments, grid, pass_as)", source)
+    dataset_volume(raw, source)
     if raw.get("claim", CLAIM_POLICIES[0]) not in CLAIM_POLICIES:
         raise ConfigError("sweep.claim", f"must be one of {', '.join(CLAIM_POLICIES)}, got "
                           f"{raw['claim']!r}", source)
@@ -76,6 +81,17 @@ def expand(raw: Any, base_job_id: str, source: str = "job file") -> tuple[Experi
                               "args and env itself)", source)
         experiments = _from_list(raw["experiments"], base_job_id, source)
     return experiments
+
+
+def dataset_volume(raw: Mapping[str, Any], source: str) -> str:
+    """``sweep.dataset_volume``: the volume `spotrun init` snapshots once for every experiment
+    (a filesystem with the datasets directory, prepared as the seed prepares its volume); ""
+    when not given (each experiment's volume is then made empty)."""
+    value = raw.get("dataset_volume", "")
+    if not isinstance(value, str) or (value and not _VOLUME_ID.match(value)):
+        raise ConfigError("sweep.dataset_volume", f"expected a volume id like vol-0abc1234, got "
+                          f"{value!r}", source)
+    return value
 
 
 def _from_list(raw: Any, base_job_id: str, source: str) -> tuple[Experiment, ...]:

@@ -4,7 +4,8 @@ Removed: the launch template, the instance profile, the role and its inline poli
 role ``init`` made for this job: it carries the job tag), and the job's item in the lease
 table (the table is shared by jobs; ``--all`` deletes it too). Kept unless asked: the volume
 (``--delete-volume``: snapshot first, as ``cancel`` does) and the job's snapshots
-(``--delete-snapshots``). The Spot Fleet role is shared by every job and is always kept.
+(``--delete-snapshots``; a sweep's: each experiment's and the sweep's dataset snapshot).
+The Spot Fleet role is shared by every job and is always kept.
 Refused while the job still has capacity or a running instance: ``spotrun cancel`` first.
 """
 from __future__ import annotations
@@ -119,6 +120,14 @@ def apply(aws: Aws, job: Job, reporter: Reporter, delete_volume: bool = False,
                 note(_gone(ec2.delete_snapshot, SnapshotId=snap["SnapshotId"]), "snapshot", snap["SnapshotId"])
             else:
                 kept.append({"resource": "snapshot", "name": snap["SnapshotId"], "why": "--delete-snapshots deletes it"})
+    if job.experiments:
+        # The sweep's own snapshots (its dataset snapshot, tagged with the sweep's id).
+        for snap in ec2.describe_snapshots(OwnerIds=["self"], Filters=tags.job_filters(job.id))["Snapshots"]:
+            if delete_snapshots:
+                note(_gone(ec2.delete_snapshot, SnapshotId=snap["SnapshotId"]), "snapshot", snap["SnapshotId"])
+            else:
+                kept.append({"resource": "snapshot", "name": snap["SnapshotId"],
+                             "why": "--delete-snapshots deletes it"})
     for item in kept:
         reporter.say(f"kept {item['resource']} {item['name']} ({item['why']})")
     return {"job": job.id, "removed": removed, "kept": kept}
