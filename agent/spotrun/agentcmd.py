@@ -22,6 +22,7 @@ from spotrun import config as configmod
 from spotrun import log as logmod
 from spotrun.config import Config, ConfigError
 from spotrun.lease import LeaseHeld
+from spotrun.progress import epoch_step
 
 CONFIG_ENV = "SPOTRUN_CONFIG"
 # Room for the backoff between git attempts, on top of their own timeouts.
@@ -317,7 +318,7 @@ def print_local_status(args: argparse.Namespace) -> int:
         ("commit", state.get("commit")),
         ("trainer", f"pid {trainer.get('pid')} {trainer.get('state')}, restarts {trainer.get('restarts')}"
          if trainer else "not running"),
-        ("progress", f"epoch {progress.get('epoch')}, step {progress.get('step')}" if progress else "-"),
+        ("progress", epoch_step(progress) or "-"),
         ("last checkpoint", _age(progress.get("last_checkpoint_time"))),
         ("interruptions", state.get("interruptions")),
         ("next", state.get("next")),

@@ -47,14 +47,28 @@ def latest_checkpoint(checkpoints: Path) -> dict:
     return {"checkpoint_step": checkpoint.step, "checkpoint_time": checkpoint.manifest.get("time")}
 
 
+def epoch_step(progress: dict) -> str:
+    """"epoch 3/10, step 120/390": how far a trainer got, the totals where known, "?" for an
+    epoch not reported; "" when the record says neither. One wording for every report (the
+    agent's systemd STATUS=, ``spotrun status`` and a sweep's rows)."""
+    if not isinstance(progress, dict):
+        return ""
+    epoch, step = progress.get("epoch"), progress.get("step")
+    if epoch is None and step is None:
+        return ""
+    text = f"epoch {'?' if epoch is None else epoch}" + (
+        f"/{progress['epochs']}" if progress.get("epochs") else "")
+    if step is not None:
+        text += f", step {step}" + (
+            f"/{progress['steps_per_epoch']}" if progress.get("steps_per_epoch") else "")
+    return text
+
+
 def training_status(progress: dict) -> str | None:
     """"training epoch 3/10, step 120, last checkpoint 12 s ago" (None without progress)."""
     if not progress:
         return None
-    parts = [f"training epoch {progress.get('epoch', '?')}"
-             + (f"/{progress['epochs']}" if progress.get("epochs") else "")]
-    if progress.get("step") is not None:
-        parts.append(f"step {progress['step']}")
+    parts = [" ".join(filter(None, ("training", epoch_step(progress))))]
     when = progress.get("last_checkpoint_time")
     if isinstance(when, (int, float)):
         parts.append(f"last checkpoint {max(0.0, time.time() - float(when)):.0f} s ago")

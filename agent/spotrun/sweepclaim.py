@@ -8,8 +8,14 @@ taken again. Which one to try is :func:`spotrun.claimpolicy.choose`, from what t
 - held: a holder EC2 does not show ending (alive, or not known yet: a just-launched holder
   may be "not found" for a while, and a claim never waits to prove it gone);
 - finished: released with ``finished`` (the queue's "done", or failed past its restarts);
-- the volume's zone: the zone of the last holder (the volume is where its holder ran); "" for
-  an experiment no instance ever held;
+- the volume's zone: EC2's word, from one DescribeVolumes for the whole sweep (filter
+  ``tag:spotrun:job`` = every experiment's job id), not the last holder's zone in the item: a
+  holder killed mid-migration leaves the old zone there. Of several volumes for one job (a
+  migration under way) the one :func:`spotrun.migration.resolve` calls the job's volume (the
+  source until a copy is verified, then the copy); when resolve will not decide (its volumes
+  are not one source and its copies), the highest generation. An experiment EC2 shows no
+  volume for: the item's zone if it was ever held (EC2 may not list a just-made volume yet, or
+  the lookup failed), else "" (never started);
 - released at: when the last holder let go, for "the longest waiting first".
 
 A lost race reads the items again and chooses again; an instance gives up only when no
@@ -26,9 +32,11 @@ import dataclasses
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from spotrun import lease as leasemod
+from spotrun import migration
+from spotrun import tags as T
 from spotrun.claimpolicy import (ZONE_FIRST, Choice, ExperimentState,  # noqa: F401 - ExperimentState: the read callback's type
                                  choose)
 from spotrun.log import get_logger
@@ -37,21 +45,72 @@ log = get_logger("sweep")
 
 
 def states(leases: Sequence[leasemod.Lease]) -> list[ExperimentState]:
-    """Each experiment's state as its lease item says (one consistent read each)."""
+    """Each experiment's state as its lease item says (one consistent read each), with its
+    volume's zone as EC2 says (one DescribeVolumes for all of them)."""
+    zones = volume_zones(leases[0].ec2, [lease.job_id for lease in leases]) if leases else {}
     found = []
     for order, lease in enumerate(leases):
         item = lease.item()
         if item is None:
-            found.append(ExperimentState(job_id=lease.job_id, order=order))
+            found.append(ExperimentState(job_id=lease.job_id, order=order,
+                                         volume_zone=(zones or {}).get(lease.job_id, "")))
             continue
         mine = item.holder == lease.instance_id
         held = item.holder is not None and (
             mine or leasemod.instance_state(lease.ec2, item.holder) not in leasemod.GONE_STATES)
+        held_before = item.az if item.count and item.az != "?" else ""
         found.append(ExperimentState(
             job_id=lease.job_id, order=order, finished=bool(item.finished), held=held, mine=mine,
-            volume_zone=item.az if item.count and item.az != "?" else "",
+            volume_zone=(zones or {}).get(lease.job_id) or held_before,
             released_at=_seconds(item.released)))
     return found
+
+
+def volume_zones(ec2, job_ids: Sequence[str]) -> dict[str, str] | None:
+    """{job id: the zone of that job's volume} for the jobs EC2 shows a volume for, from one
+    DescribeVolumes (paged; 200 filter values a call) filtered on the job tag; None when EC2
+    could not be asked (the caller falls back on the lease items)."""
+    by_job: dict[str, list[dict]] = {job: [] for job in job_ids}
+    wanted = sorted(by_job)
+    try:
+        for start in range(0, len(wanted), 200):
+            filters = [{"Name": f"tag:{T.JOB}", "Values": wanted[start:start + 200]}]
+            for page in ec2.get_paginator("describe_volumes").paginate(Filters=filters):
+                for volume in page["Volumes"]:
+                    vtags = T.as_dict(volume.get("Tags"))
+                    if vtags.get(T.JOB) in by_job and \
+                            vtags.get(T.ROLE, migration.ROLE_VOLUME) == migration.ROLE_VOLUME:
+                        by_job[vtags[T.JOB]].append(volume)
+    except (BotoCoreError, ClientError) as exc:
+        log.warning("sweep_volume_zones_unknown", error=str(exc))
+        return None
+    zones = {}
+    for job, volumes in by_job.items():
+        current = _current_volume(volumes)
+        if current is not None:
+            zones[job] = current["AvailabilityZone"]
+    return zones
+
+
+def _current_volume(volumes: list[dict]) -> dict | None:
+    """The volume that holds the job's data: migration.resolve's answer, else (volumes it will
+    not decide between) the live one with the highest generation, the newest of equals."""
+    try:
+        plan = migration.resolve(volumes)
+        return plan.current if plan is not None else None
+    except migration.VolumeDecisionError:
+        pass
+    live = [v for v in volumes if v["State"] not in ("deleting", "deleted", "error")]
+
+    def rank(volume: dict) -> tuple:
+        try:
+            generation = int(T.as_dict(volume.get("Tags")).get(T.GENERATION, "1"))
+        except ValueError:
+            generation = 0
+        created = volume.get("CreateTime")
+        return generation, created.timestamp() if isinstance(created, datetime) else 0.0
+
+    return max(live, key=rank, default=None)
 
 
 def claim(leases: Sequence[leasemod.Lease], zone: str, *,

@@ -172,3 +172,85 @@ def test_all_finished_reads_every_experiments_item(world):
         assert not sweepclaim.all_finished(mine)
         lease.release(finished=True)
     assert sweepclaim.all_finished(mine)
+
+
+# -- the volume's zone is EC2's word, not the last holder's (review of issue 19) --------------
+
+def experiment_volume(ec2, job: str, az: str, generation: int = 1, **extra: str) -> str:
+    from spotrun import tags as T
+
+    values = {T.JOB: job, T.ROLE: "volume", T.GENERATION: str(generation), **extra}
+    return ec2.create_volume(AvailabilityZone=az, Size=1, TagSpecifications=[{
+        "ResourceType": "volume", "Tags": T.as_list(values)}])["VolumeId"]
+
+
+def test_the_policy_sees_the_volumes_zone_not_the_stale_one_in_the_item(world):
+    """The last holder took the lease in us-east-1a (the item's az) and moved the volume to
+    us-east-1b before it was killed: the volume, not the item, says where the data is."""
+    ec2, _ = world
+    holder = launch(ec2, "us-east-1a")
+    lease, _ = sweepclaim.claim(handles(world, holder, EXPERIMENTS[:2]), "us-east-1a")
+    experiment_volume(ec2, EXPERIMENTS[0], "us-east-1b")
+    ec2.terminate_instances(InstanceIds=[holder.instance_id])
+    assert lease.item().az == "us-east-1a"  # stale
+    seen = sweepclaim.states(handles(world, launch(ec2, "us-east-1b"), EXPERIMENTS[:2]))
+    assert [(s.job_id, s.volume_zone, s.held) for s in seen] == [
+        (EXPERIMENTS[0], "us-east-1b", False), (EXPERIMENTS[1], "", False)]
+    # An instance in us-east-1a starts the new one rather than "resuming" across zones ...
+    _, choice = sweepclaim.claim(handles(world, launch(ec2, "us-east-1a"), EXPERIMENTS[:2]),
+                                 "us-east-1a")
+    assert (choice.job_id, choice.reason) == (EXPERIMENTS[1], NEVER_STARTED)
+    # ... and one in us-east-1b takes the moved one up where its volume is.
+    _, choice = sweepclaim.claim(handles(world, launch(ec2, "us-east-1b"), EXPERIMENTS[:2]),
+                                 "us-east-1b")
+    assert (choice.job_id, choice.reason) == (EXPERIMENTS[0], IN_ZONE)
+
+
+def test_mid_migration_the_zone_is_where_migration_resolve_puts_the_data(world):
+    """Two volumes for one job: the source (us-east-1a) and its copy (us-east-1b). Until the
+    copy is verified the data is on the source; once verified, on the copy. Volumes resolve
+    will not decide between (no journal links them): the highest generation."""
+    from spotrun import migration as M
+
+    ec2, _ = world
+    inst = launch(ec2, "us-east-1c")
+    source = experiment_volume(ec2, EXPERIMENTS[0], "us-east-1a", 1)
+    copy = experiment_volume(ec2, EXPERIMENTS[0], "us-east-1b", 2,
+                             **{M.SOURCE_VOLUME: source, M.STEP: M.STEP_ATTACHED})
+    experiment_volume(ec2, EXPERIMENTS[1], "us-east-1a", 1)
+    experiment_volume(ec2, EXPERIMENTS[1], "us-east-1b", 2)  # not linked to the first
+    zones = [s.volume_zone for s in sweepclaim.states(handles(world, inst, EXPERIMENTS[:2]))]
+    assert zones == ["us-east-1a", "us-east-1b"]
+    ec2.create_tags(Resources=[copy], Tags=[{"Key": M.STEP, "Value": M.STEP_VERIFIED}])
+    zones = [s.volume_zone for s in sweepclaim.states(handles(world, inst, EXPERIMENTS[:2]))]
+    assert zones == ["us-east-1b", "us-east-1b"]
+
+
+def test_one_describe_volumes_for_the_whole_sweep(world):
+    ec2, _ = world
+    inst = launch(ec2, "us-east-1a")
+    for job in EXPERIMENTS:
+        experiment_volume(ec2, job, "us-east-1b")
+    calls: list[str] = []
+    ec2.meta.events.register("before-call.ec2.DescribeVolumes",
+                             lambda model, **_: calls.append(model.name))
+    seen = sweepclaim.states(handles(world, inst))
+    assert {s.volume_zone for s in seen} == {"us-east-1b"} and calls == ["DescribeVolumes"]
+
+
+def test_without_ec2s_answer_the_items_zone_is_used(world):
+    """DescribeVolumes refused (or a volume not listed yet): the claim still chooses, from the
+    lease items as before."""
+    from botocore.exceptions import ClientError
+
+    ec2, _ = world
+    first, other = launch(ec2, "us-east-1a"), launch(ec2, "us-east-1a")
+    lease, _ = sweepclaim.claim(handles(world, first, EXPERIMENTS[:2]), "us-east-1a")
+    lease.release()
+
+    def refuse(**_):
+        raise ClientError({"Error": {"Code": "UnauthorizedOperation", "Message": "no"}},
+                          "DescribeVolumes")
+    ec2.meta.events.register("before-call.ec2.DescribeVolumes", refuse)
+    _, choice = sweepclaim.claim(handles(world, other, EXPERIMENTS[:2]), "us-east-1a")
+    assert (choice.job_id, choice.reason) == (EXPERIMENTS[0], IN_ZONE)

@@ -13,6 +13,7 @@ from typing import Any
 
 from spotrun import tags
 from spotrun.operator import fleets, pricing
+from spotrun.progress import epoch_step
 from spotrun.operator.aws import Aws
 
 _ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
@@ -88,23 +89,120 @@ def _generation(volume: dict) -> int:
 def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
            now: datetime | None = None) -> dict[str, Any]:
     now = now or datetime.now(timezone.utc)
+    return _gather_jobs(aws, [job_id], instance_types, now)["views"][job_id]
+
+
+# The most values one Describe filter is given (EC2 takes 200); a sweep has at most 100 jobs.
+_FILTER_VALUES = 200
+
+
+def _by_job_tag(job_ids: list[str]) -> list[list[dict]]:
+    """Describe* filters selecting these jobs' resources, one list of filters per call."""
+    return [[{"Name": f"tag:{tags.JOB}", "Values": job_ids[i:i + _FILTER_VALUES]}]
+            for i in range(0, len(job_ids), _FILTER_VALUES)]
+
+
+def _describe_by_job(client: Any, operation: str, key: str, job_ids: list[str],
+                     extra_filters: list[dict] | None = None, **kwargs: Any) -> dict[str, list[dict]]:
+    """{job id: its resources} from one paged Describe over every job (a filter value each)."""
+    found: dict[str, list[dict]] = {job: [] for job in job_ids}
+    for filters in _by_job_tag(job_ids):
+        for page in client.get_paginator(operation).paginate(
+                Filters=filters + (extra_filters or []), **kwargs):
+            items = page[key]
+            if key == "Reservations":
+                items = [i for r in items for i in r["Instances"]]
+            for item in items:
+                job = tags.as_dict(item.get("Tags")).get(tags.JOB)
+                if job in found:
+                    found[job].append(item)
+    return found
+
+
+def _capacity_by_job(aws: Aws, job_ids: list[str]) -> dict[str, list[fleets.Capacity]]:
+    """Every fleet/group carrying one of these jobs' tag (finished ones too), by job. One job:
+    fleets.find. Several: each kind listed once and its matches described by id, so the
+    number of calls does not grow with the number of jobs."""
+    if len(job_ids) == 1:
+        return {job_ids[0]: fleets.find(aws, job_ids[0], include_done=True)}
+    ec2, wanted = aws.client("ec2"), set(job_ids)
+    owner: dict[tuple[str, str], str] = {}
+    for page in ec2.get_paginator("describe_fleets").paginate():
+        for fleet in page["Fleets"]:
+            if (job := tags.as_dict(fleet.get("Tags")).get(tags.JOB)) in wanted:
+                owner[("ec2-fleet", fleet["FleetId"])] = job
+    for page in ec2.get_paginator("describe_spot_fleet_requests").paginate():
+        for req in page["SpotFleetRequestConfigs"]:
+            if (job := tags.as_dict(req.get("Tags")).get(tags.JOB)) in wanted:
+                owner[("spot-fleet", req["SpotFleetRequestId"])] = job
+    groups = _describe_by_job(aws.client("autoscaling"), "describe_auto_scaling_groups",
+                              "AutoScalingGroups", job_ids)
+    for job, found in groups.items():
+        owner.update({("asg", g["AutoScalingGroupName"]): job for g in found})
+    ids = {kind: sorted(i for k, i in owner if k == kind) for kind in ("ec2-fleet", "spot-fleet", "asg")}
+    capacity = ((fleets._ec2_fleets(ec2, None, True, ids["ec2-fleet"]) if ids["ec2-fleet"] else [])
+                + [g for i in range(0, len(ids["asg"]), 50)  # DescribeAutoScalingGroups: 50 names
+                   for g in fleets._groups(aws.client("autoscaling"), None, ids["asg"][i:i + 50])]
+                + (fleets._spot_fleets(ec2, None, True, ids["spot-fleet"]) if ids["spot-fleet"] else []))
+    by_job: dict[str, list[fleets.Capacity]] = {job: [] for job in job_ids}
+    for cap in capacity:
+        by_job[owner[(cap.kind, cap.id)]].append(cap)
+    return by_job
+
+
+_LAUNCHED_BY_TAGS = (("ec2-fleet", tags.EC2_FLEET), ("spot-fleet", tags.SPOT_FLEET_REQUEST),
+                     ("asg", tags.AUTOSCALING_GROUP))
+
+
+def _gather_jobs(aws: Aws, job_ids: list[str], instance_types: list[str] | None,
+                 now: datetime) -> dict[str, Any]:
+    """Each job's view, with every Describe made once for all of them (a sweep's refresh costs
+    the same number of calls for 2 experiments as for 100): ``views`` by job id, the jobs'
+    ``instances`` by id (each once), ``own_instances`` (job id -> the instances carrying its
+    tag) and the ``spot_prices`` the costs used."""
     ec2 = aws.client("ec2")
-    capacity = fleets.find(aws, job_id, include_done=True)
-    volumes = ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
-    # The job's instances: tagged by our launch template, in its fleets, or holding its volume.
-    related = {i for c in capacity for i in c.instance_ids}
-    related |= {a["InstanceId"] for v in volumes for a in v.get("Attachments", [])}
-    instances = {i["InstanceId"]: i for i in fleets.job_instances(aws, job_id, _ALL_STATES)}
-    for inst in fleets.describe_instances(aws, sorted(i for i in related if i not in instances)):
+    capacity = _capacity_by_job(aws, job_ids)
+    volumes = _describe_by_job(ec2, "describe_volumes", "Volumes", job_ids)
+    tagged = _describe_by_job(ec2, "describe_instances", "Reservations", job_ids,
+                              [{"Name": "instance-state-name", "Values": list(_ALL_STATES)}])
+    instances = {i["InstanceId"]: i for found in tagged.values() for i in found}
+    # Each job's instances: tagged by our launch template, in its fleets, or holding its volume.
+    related = {job: {i for c in capacity[job] for i in c.instance_ids}
+               | {a["InstanceId"] for v in volumes[job] for a in v.get("Attachments", [])}
+               for job in job_ids}
+    missing = sorted({i for ids in related.values() for i in ids} - set(instances))
+    for inst in fleets.describe_instances(aws, missing):
         instances[inst["InstanceId"]] = inst
-    capacity += fleets.launched_by(aws, list(instances.values()), {c.id for c in capacity})
     for inst in instances.values():
         inst["_ended"] = _ended(inst)
-    snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=tags.job_filters(job_id))["Snapshots"]
-    data_volumes = [v for v in volumes if tags.as_dict(v.get("Tags")).get(tags.ROLE, "volume") == "volume"]
-    newest = max(data_volumes, key=_generation, default=None)
+    mine = {job: {i["InstanceId"] for i in tagged[job]} | (related[job] & set(instances))
+            for job in job_ids}
+    # The fleets/groups that launched them (AWS's instance tags), each described once.
+    known = {(c.kind, c.id): c for caps in capacity.values() for c in caps}
+    for cap in fleets.launched_by(aws, list(instances.values()), {i for _, i in known}):
+        known.setdefault((cap.kind, cap.id), cap)
+    for job in job_ids:
+        own = {c.id for c in capacity[job]}
+        launchers = {(order, kind, value) for i in mine[job]
+                     for order, (kind, key) in enumerate(_LAUNCHED_BY_TAGS)
+                     if (value := tags.as_dict(instances[i].get("Tags")).get(key))
+                     and (kind, value) in known and value not in own}
+        capacity[job] += [known[(kind, value)] for _, kind, value in sorted(launchers)]
+    snapshots = _describe_by_job(ec2, "describe_snapshots", "Snapshots", job_ids, OwnerIds=["self"])
     types = sorted(set(instance_types or []) | {i["InstanceType"] for i in instances.values()})
     spot_prices = pricing.current_spot_prices(ec2, types)
+    views = {job: _view(job, capacity[job], volumes[job], snapshots[job],
+                        [instances[i] for i in mine[job]], spot_prices, now) for job in job_ids}
+    return {"views": views, "instances": instances, "spot_prices": spot_prices,
+            "own_instances": {job: list(found) for job, found in tagged.items()}}
+
+
+def _view(job_id: str, capacity: list, volumes: list[dict], snapshots: list[dict],
+          job_instances: list[dict], spot_prices: dict, now: datetime) -> dict[str, Any]:
+    """One job's status from what was described."""
+    instances = {i["InstanceId"]: i for i in job_instances}
+    data_volumes = [v for v in volumes if tags.as_dict(v.get("Tags")).get(tags.ROLE, "volume") == "volume"]
+    newest = max(data_volumes, key=_generation, default=None)
     live = [i for i in instances.values() if i["State"]["Name"] in ("pending", "running")]
     agent = agent_view(tags.as_dict(newest.get("Tags")) if newest else {}, now)
     active = [c for c in capacity if not c.finished]
@@ -173,9 +271,8 @@ def render(view: dict[str, Any]) -> str:
     lines = [f"job            {view['job']}   ({view['time']})",
              f"phase          {agent['phase']}"]
     if prog:
-        epoch = f"{prog.get('epoch', '?')}" + (f"/{prog['epochs']}" if prog.get("epochs") else "")
-        step = f"{prog.get('step', '?')}" + (f"/{prog['steps_per_epoch']}" if prog.get("steps_per_epoch") else "")
-        lines.append(f"progress       epoch {epoch}, step {step}; last checkpoint {_age(agent['checkpoint_age_s'])}")
+        lines.append(f"progress       {epoch_step(prog) or 'not reported'}; "
+                     f"last checkpoint {_age(agent['checkpoint_age_s'])}")
     lines.append(f"interruptions  {agent['interruptions']}")
     if agent["completed"]:
         lines.append(f"completed      {agent['completed']}")
@@ -224,8 +321,18 @@ def render(view: dict[str, Any]) -> str:
 
 # -- a sweep: one row per experiment (issue 19) ----------------------------------------------
 
-def sweep_row(name: str, parameters: dict, view: dict[str, Any]) -> dict[str, Any]:
-    """One experiment's line of a sweep's status, from that job's own view."""
+# Why a sweep's rows show no cost of their own: the fleet's instances carry the sweep's job tag
+# and run one experiment after another; EC2 keeps no record of which instance held which
+# experiment's volume when (an attachment shows only the current holder).
+SWEEP_COST_NOTE = ("no cost per experiment (-): the fleet's instances take experiments in "
+                   "turn and EC2 keeps no record of which held which volume when")
+
+
+def sweep_row(name: str, parameters: dict, view: dict[str, Any],
+              cost_usd: float | None = None) -> dict[str, Any]:
+    """One experiment's line of a sweep's status, from that job's own view. ``cost_usd``: the
+    instances that carry the experiment's own job tag (launched as a job of its own), None
+    when no instance can be charged to it alone."""
     agent = view["agent"]
     started = bool(view["volumes"] or view["instances"])
     live = [i for i in view["instances"] if i["state"] in ("pending", "running")]
@@ -235,7 +342,7 @@ def sweep_row(name: str, parameters: dict, view: dict[str, Any]) -> dict[str, An
         "progress": agent["progress"] if isinstance(agent["progress"], dict) else {},
         "instances": [{"id": i["id"], "az": i["az"]} for i in live],
         "interruptions": agent["interruptions"],
-        "cost_usd": view["cost"]["spot_usd"],
+        "cost_usd": cost_usd,
         "outcome": view["outcome"],
     }
 
@@ -252,24 +359,33 @@ def sweep_outcome(rows: list[dict[str, Any]]) -> str | None:
 
 
 def gather_sweep(aws: Aws, sweep_id: str, experiments: list[tuple[str, str, dict]],
-                 instance_types: list[str] | None = None) -> dict[str, Any]:
+                 instance_types: list[str] | None = None,
+                 now: datetime | None = None) -> dict[str, Any]:
     """``experiments``: (name, job id, parameters) in the sweep's order. Each one is looked up
-    as the job it is (its volume, instances, capacity by its own job tag)."""
-    now = datetime.now(timezone.utc)
-    views = [gather(aws, job_id, instance_types, now) for _, job_id, _ in experiments]
-    rows = [sweep_row(name, parameters, view)
-            for (name, _, parameters), view in zip(experiments, views)]
+    as the job it is (its volume, instances, capacity by its own job tag), all of them and the
+    sweep's own job in one round of Describe calls (split by the job tag afterwards)."""
+    now = now or datetime.now(timezone.utc)
+    found = _gather_jobs(aws, [sweep_id] + [job for _, job, _ in experiments], instance_types, now)
+    views = [found["views"][job_id] for _, job_id, _ in experiments]
+    rows = []
+    for (name, job_id, parameters), view in zip(experiments, views):
+        own = found["own_instances"][job_id]
+        cost = pricing.estimate(own, found["spot_prices"], now)["spot_usd"] if own else None
+        rows.append(sweep_row(name, parameters, view, cost))
     if any(row["outcome"] is None for row in rows):
         # An experiment's own lookup knows no capacity of its own (the fleet carries the
         # sweep's id): once the sweep's fleet has ended with nothing running, an experiment not
         # done or failed will never be — cancelled (else `--watch` would wait for ever).
-        if gather(aws, sweep_id, instance_types, now)["outcome"] == "cancelled":
+        if found["views"][sweep_id]["outcome"] == "cancelled":
             for row in rows:
                 if row["outcome"] is None:
                     row["outcome"] = "cancelled"
+    # The total: every instance of the sweep (its fleet's, and any an experiment holds or
+    # carries the tag of), each counted once.
+    cost = pricing.estimate(list(found["instances"].values()), found["spot_prices"], now)
     return {"sweep": sweep_id, "time": now.isoformat(timespec="seconds"), "experiments": rows,
-            "outcome": sweep_outcome(rows), "views": views,
-            "cost_usd": round(sum(row["cost_usd"] for row in rows), 4)}
+            "outcome": sweep_outcome(rows), "views": views, "cost": cost,
+            "cost_usd": cost["spot_usd"], "cost_note": SWEEP_COST_NOTE}
 
 
 def render_sweep(view: dict[str, Any]) -> str:
@@ -282,15 +398,16 @@ def render_sweep(view: dict[str, Any]) -> str:
              f"{'experiment':32} {'phase':12} {'progress':24} {'instance / AZ':34} "
              f"{'interrupted':>11} {'cost':>9}"]
     for row in rows:
-        prog = row["progress"]
-        progress = ""
-        if prog.get("epoch") is not None:
-            progress = f"epoch {prog['epoch']}" + (f"/{prog['epochs']}" if prog.get("epochs") else "")
-        if prog.get("step") is not None:
-            progress += f"{', ' if progress else ''}step {prog['step']}"
+        progress = epoch_step(row["progress"])
         where = ", ".join(f"{i['id']} {i['az']}" for i in row["instances"]) or "-"
+        cost = f"${row['cost_usd']:>8.2f}" if row["cost_usd"] is not None else f"{'-':>9}"
         lines.append(f"{row['name'][:32]:32} {(row['outcome'] or row['phase'])[:12]:12} "
-                     f"{progress[:24]:24} {where[:34]:34} {row['interruptions']:>11} "
-                     f"${row['cost_usd']:>8.2f}")
-    lines.append(f"cost (est.)    ${view['cost_usd']:.2f} at spot, all experiments")
+                     f"{progress[:24]:24} {where[:34]:34} {row['interruptions']:>11} {cost}")
+    cost = view["cost"]
+    lines.append(f"cost (est.)    ${cost['spot_usd']:.2f} at spot over {cost['instance_hours']:.2f} "
+                 "instance-hours, the whole sweep")
+    if cost["unpriced_instance_types"]:
+        lines.append(f"               no price for {', '.join(cost['unpriced_instance_types'])}")
+    if any(row["cost_usd"] is None for row in rows):
+        lines.append(f"               {view['cost_note']}")
     return "\n".join(lines)
