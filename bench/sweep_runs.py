@@ -24,7 +24,7 @@ from pathlib import Path
 from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
 from spotrun.rehearsal import commit_repository
-from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.soaksweep import check_experiments, fleet_violations
 
 COUNTING_TRAINER = Path(__file__).resolve().parents[1] / "agent" / "spotrun" / "soak_trainer.py"
 STEP_S = 0.05
@@ -134,20 +134,14 @@ def _measure(root: Path, env: dict, names: list[str], steps: int, capacity: int,
     if not deletes:
         raise SweepRunFailed("no agent deleted the fleet")
     [create] = [r for r in calls(ledger, action="CreateFleet") if performed(r)]
-    ec2 = _ec2(env)
-    for name in names:
-        job = f"bench-sweep-{name}"
-        volumes = [v for v in ec2.describe_volumes(Filters=tags.job_filters(job))["Volumes"]
-                   if tags.as_dict(v.get("Tags")).get(tags.ROLE) == "volume"]
-        if len(volumes) != 1:
-            raise SweepRunFailed(f"{job}: {len(volumes)} volumes")
-        volume_id = volumes[0]["VolumeId"]
-        try:
-            completion = read_volume_state(volume_id, root / "ebs" / "volumes" / f"{volume_id}.img").completion
-        except VolumeReadError as exc:
-            raise SweepRunFailed(f"{job}: {exc}") from None
-        if not completion or completion["metrics"]["sum"] != steps * (steps + 1) // 2:
-            raise SweepRunFailed(f"{job}: wrong or no completion record: {completion}")
+    # The sweep's invariants as the soak and the e2e test judge them (spotrun.soaksweep): one
+    # volume per experiment, its own exact sum on it, the claim protocol, one fleet delete.
+    jobs = {f"bench-sweep-{name}": steps for name in names}
+    _, broken = check_experiments(ledger, _ec2(env), lambda volume_id: root / "ebs" / "volumes" /
+                                  f"{volume_id}.img", jobs, wait_s=30)
+    broken += fleet_violations(ledger, jobs, "bench-sweep", fleets=create["created"][:1])
+    if broken:
+        raise SweepRunFailed("; ".join(broken[:5]))
     created = [r for r in calls(ledger, action="CreateVolume") if performed(r) and r["instance"]]
     spans: dict[str, list[float]] = {}
     for record in ledger:

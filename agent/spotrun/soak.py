@@ -7,6 +7,11 @@ run one after another on one local spot cloud, each as a Spot Fleet whose instan
 real agent and the counting trainer; after every job :mod:`spotrun.soakcheck` checks the
 invariants against the cloud's fault-free view. A failing job is named by ``--seed`` and its
 index: ``spotrun soak --seed S --only-job I`` replays exactly that plan.
+
+Sweep jobs (issue 19; :mod:`spotrun.soakkinds_sweep`): the long profile makes every 8th job
+a small sweep on a fleet of two or three, its one kind aimed at the claim protocol (claims at
+once, an instance sent away between two experiments, the last two finishing together),
+checked as a sweep and counted in the same summary; ``--kinds`` may name them.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ from spotrun.rehearsal import commit_repository
 from spotrun.soakdeletes import DeleteWitness
 from spotrun.soakfaults import CATALOGUE
 from spotrun.soakjob import LEASE_TABLE, JobEnded, SoakJob  # noqa: F401 - re-exported
+from spotrun.soakkinds_sweep import SWEEP_CATALOGUE, SweepSoakJob, check_sweep_job
 from spotrun.soakplan import PROFILES, JobPlan, Slot, plan_jobs  # noqa: F401 - re-exported
 
 log = get_logger("soak")
+KINDS = {**CATALOGUE, **SWEEP_CATALOGUE}  # what --kinds may name: single jobs' and sweeps'
 TRAINER_FILE = Path(__file__).with_name("soak_trainer.py")
 
 
@@ -40,9 +47,9 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
     """Plan, run and check every job; returns the summary (``soakcheck.summarize``)."""
     from spotrun.localcloud import LocalCloud, TimingModel
 
-    unknown = sorted(set(kinds or []) - set(CATALOGUE))
+    unknown = sorted(set(kinds or []) - set(KINDS))
     if unknown:
-        raise ValueError(f"--kinds: unknown fault kind(s) {unknown}; known: {sorted(CATALOGUE)}")
+        raise ValueError(f"--kinds: unknown fault kind(s) {unknown}; known: {sorted(KINDS)}")
     plans = plan_jobs(profile, seed, jobs, kinds)
     if only_job is not None:
         if not 0 <= only_job < len(plans):
@@ -60,7 +67,9 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
         deletes = DeleteWitness(cloud).install()  # inv2: the copies' images at each delete
         cloud.client("dynamodb", faults=False).create_table(**lease.table_definition(LEASE_TABLE))
         for plan in plans:
-            job = SoakJob(cloud, out / plan.job_id, plan, repository, timeout_s)
+            # A sweep job (issue 19) is a small sweep on its own fleet, checked as a sweep.
+            job = (SweepSoakJob if plan.sweep else SoakJob)(cloud, out / plan.job_id, plan,
+                                                            repository, timeout_s)
             job.delete_witness = deletes
             job_started = time.monotonic()
             baseline = soakcheck.volume_ids(cloud)
@@ -68,7 +77,8 @@ def run_soak(profile: str, seed: int, out: Path, jobs: int | None = None,
                 error = job.run_slots()
             finally:
                 job.cleanup()
-            result = soakcheck.check_job(job, decoy, baseline, error)
+            result = (check_sweep_job if plan.sweep else soakcheck.check_job)(job, decoy, baseline,
+                                                                               error)
             result["seconds"] = round(time.monotonic() - job_started, 1)
             results.append(result)
             echo(soakcheck.job_line(result))
@@ -93,9 +103,9 @@ def cmd_soak(args) -> int:
     from spotrun import log as logmod
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
-    unknown = sorted(set(kinds or []) - set(CATALOGUE))
+    unknown = sorted(set(kinds or []) - set(KINDS))
     if unknown:
-        print(f"spotrun soak: --kinds: unknown fault kind(s) {unknown}; known: {sorted(CATALOGUE)}",
+        print(f"spotrun soak: --kinds: unknown fault kind(s) {unknown}; known: {sorted(KINDS)}",
               file=sys.stderr)
         return 2
     if args.jobs is not None and args.jobs < 1:

@@ -384,8 +384,14 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
 def job_line(result: dict) -> str:
     status = "OK " if not result["violations"] else "FAIL"
     kinds = ",".join(i["kind"] for i in result["interruptions"])
-    line = (f"{status} job {result['index']:>3} {result['job']:<18} {len(result['interruptions'])} "
-            f"interruptions [{kinds}] {result.get('seconds', '?')} s")
+    if result.get("sweep") is not None:  # a sweep job (spotrun.soakkinds_sweep): its kind
+        kinds = ",".join([*result["kinds"], *(m.split("/", 1)[0] for m in result["missed"])])
+        line = (f"{status} job {result['index']:>3} {result['job']:<18} sweep of "
+                f"{len(result['sweep'])} [{kinds}] {result.get('seconds', '?')} s")
+    else:
+        line = (f"{status} job {result['index']:>3} {result['job']:<18} "
+                f"{len(result['interruptions'])} interruptions [{kinds}] "
+                f"{result.get('seconds', '?')} s")
     for v in result["violations"]:
         line += f"\n     violation: {v}"
     return line

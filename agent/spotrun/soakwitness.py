@@ -53,8 +53,13 @@ def _by_agent(r: dict, instances: set[str]) -> bool:
     return not r.get("checker") and r.get("instance") in instances
 
 
-def _job_tagged(r: dict, job_id: str) -> bool:
-    return (r.get("tags") or {}).get(T.JOB) == job_id
+def _jobs(job_id: str | Iterable[str]) -> set[str]:
+    """One job's id, or a sweep's experiments' (and its own items' keys): one set of ids."""
+    return {job_id} if isinstance(job_id, str) else set(job_id)
+
+
+def _job_tagged(r: dict, job_id: str | Iterable[str]) -> bool:
+    return (r.get("tags") or {}).get(T.JOB) in _jobs(job_id)
 
 
 def _lease_job(r: dict) -> str | None:
@@ -67,9 +72,15 @@ def _lease_job(r: dict) -> str | None:
 
 # -- inv6 -----------------------------------------------------------------------------------
 
-def foreign_touches(records: Iterable[dict], job_id: str, instances: Iterable[str],
+def _name(jobs: set[str]) -> str:
+    return next(iter(jobs)) if len(jobs) == 1 else "/".join(sorted(jobs))
+
+
+def foreign_touches(records: Iterable[dict], job_id: str | Iterable[str], instances: Iterable[str],
                     fleets: Iterable[str]) -> list[str]:
-    """Mutating calls by the job's instances that name a resource that is not the job's."""
+    """Mutating calls by the job's instances that name a resource that is not the job's.
+    ``job_id``: a set of ids for a sweep (its experiments', and its cancel item's key)."""
+    jobs = _jobs(job_id)
     instances = set(instances)
     owned: set[str] = set(instances) | set(fleets)
     flagged: dict[tuple[str, str], list[str]] = {}
@@ -79,7 +90,7 @@ def foreign_touches(records: Iterable[dict], job_id: str, instances: Iterable[st
         if agent and is_mutating(r.get("service"), r.get("action"), r.get("method", "POST")):
             if r.get("service") == "dynamodb":
                 other = _lease_job(r)
-                if other is not None and other != job_id:
+                if other is not None and other not in jobs:
                     flagged.setdefault((r["instance"], f"lease item of job {other}"),
                                        []).append(f"{r.get('action')}@{r.get('seq')}")
             else:
@@ -97,12 +108,12 @@ def foreign_touches(records: Iterable[dict], job_id: str, instances: Iterable[st
                 and performed(r):
             owned.update(r.get("resources") or [])
     return [f"inv6 only the job's own resources: {instance} called {calls[:6]} on {resource}, "
-            f"which is not job {job_id}'s (neither created by its instances nor with its tag, "
+            f"which is not job {_name(jobs)}'s (neither created by its instances nor with its tag, "
             f"nor its fleet or instances)"
             for (instance, resource), calls in flagged.items()]
 
 
-def unaccounted(records: Iterable[dict], job_id: str, instances: Iterable[str], *,
+def unaccounted(records: Iterable[dict], job_id: str | Iterable[str], instances: Iterable[str], *,
                 final_volumes: Iterable[str], existing_volumes: Iterable[str],
                 existing_snapshots: Iterable[str]) -> list[str]:
     """Every volume and snapshot the job's instances created is gone at the end, or is the
@@ -124,11 +135,11 @@ def unaccounted(records: Iterable[dict], job_id: str, instances: Iterable[str], 
                 out.append(f"inv6 every volume accounted for: {made}, created by {r['instance']} "
                            f"(ledger seq {r.get('seq')}, tags {tags or 'none'}), is still there "
                            f"and is not the job's final volume {sorted(final)}")
-        elif made in snapshots and not (tags.get(T.JOB) == job_id
+        elif made in snapshots and not (tags.get(T.JOB) in _jobs(job_id)
                                         and tags.get(T.ROLE) in SNAPSHOT_ROLES):
             out.append(f"inv6 every snapshot accounted for: {made}, created by {r['instance']} "
                        f"(ledger seq {r.get('seq')}, tags {tags or 'none'}), is still there "
-                       f"without job {job_id}'s tag and a spotrun role")
+                       f"without job {_name(_jobs(job_id))}'s tag and a spotrun role")
     return out
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
 from spotrun.rehearsal import commit_repository
-from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
-from spotrun.sweepwitness import lease_history, violations
+# The checks the soak's sweep kinds and the sweep e2e test judge by too (issue 19).
+from spotrun.soaksweep import check_experiments, fleet_violations
 
 COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
 STEPS = {"lr0.1": 240, "lr0.03": 200, "lr0.01": 160, "lr0.003": 120}
@@ -166,38 +166,15 @@ def _evidence(root: Path, interrupted: dict, victim: str, shown: dict, plot_path
         if deletes or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    check(len({r["instance"] for r in deletes}) == 1 and all(r["instance"] for r in deletes),
-          f"the fleet was not deleted exactly once by an instance: {deletes}")
-    ec2 = _ec2()
-    rows = []
-    volume_jobs = {}
-    for name, steps in STEPS.items():
-        job_id = f"demo-sweep-{name}"
-        volumes = [v for v in ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
-                   if tags.as_dict(v.get("Tags")).get(tags.ROLE) == "volume"]
-        check(len(volumes) == 1, f"{job_id}: {len(volumes)} volumes, not one")
-        volume_id = volumes[0]["VolumeId"]
-        volume_jobs[volume_id] = job_id
-        # who held its lease (a migration replaces the volume; the lease item stays)
-        holders = sorted({w["holder"] for w in lease_history(ledger, [job_id])[job_id]
-                          if w["holder"]})
-        completion = None
-        wait_until = time.monotonic() + 60
-        while completion is None and time.monotonic() < wait_until:
-            try:
-                completion = read_volume_state(volume_id, root / "ebs" / "volumes" /
-                                               f"{volume_id}.img").completion
-            except VolumeReadError:
-                time.sleep(0.5)
-        check(completion is not None, f"{job_id}: no completion record on its volume image")
-        total = completion["metrics"]["sum"]
-        check(total == steps * (steps + 1) // 2,
-              f"{job_id}: sum {total}, not {steps * (steps + 1) // 2}: a step lost or trained twice")
-        rows.append({"experiment": name, "job": job_id, "steps": steps, "volume": volume_id,
-                     "instances": holders, "runs": completion["metrics"].get("runs"),
-                     "sum_ok": True})
-    broken = violations(ledger, volume_jobs)
-    check(broken == [], "the claim protocol was broken: " + "; ".join(broken[:5]))
+    jobs = {f"demo-sweep-{name}": steps for name, steps in STEPS.items()}
+    # One volume each, finished with its own exact sum, the claim protocol kept (the ledger's
+    # lease writes vs every change of an experiment's volumes), the fleet deleted once, by an
+    # instance, after the last experiment finished.
+    found, broken = check_experiments(ledger, _ec2(), lambda volume_id: root / "ebs" / "volumes" /
+                                      f"{volume_id}.img", jobs, wait_s=60)
+    broken += fleet_violations(ledger, jobs, "demo-sweep")
+    check(broken == [], "; ".join(broken[:5]))
+    rows = [{"experiment": name, **row} for name, row in zip(STEPS, found)]
     resumed = next(r for r in rows if r["job"] == interrupted["job"])
     check(len(resumed["instances"]) >= 2 and victim in resumed["instances"],
           f"{interrupted['job']} was not resumed by another instance: {resumed['instances']}")

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
 from spotrun.rehearsal import commit_repository
-from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+# The sweep's checks, shared with the soak's sweep kinds and `make demo-sweep` (issue 19).
+from spotrun.soaksweep import check_experiments, fleet_violations
+from spotrun.sweepwitness import lease_history
 from tests.helpers.operatorcloud import client, events, local_cloud, spotrun
-from spotrun.sweepwitness import lease_history, violations
 from tests.helpers.testkit import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.loopdev]
@@ -101,38 +101,25 @@ def test_three_experiments_on_two_instances_each_trained_once_then_one_cancel(sw
     booted = [e["instance_id"] for e in events(work, env) if e["event"] == "instance_agent_booted"]
     assert sorted(booted) == sorted({last, *leavers}), booted  # two instances, no third
 
-    # -- the bytes on the volumes: one volume per experiment, each trained to its own end --
+    # -- the bytes on the volumes: one volume per experiment, each trained to its own end,
+    # the claim protocol kept (lease writes vs volume changes), one DeleteFleets after the
+    # last experiment finished (spotrun.soaksweep) --------------------------------------------
     ec2 = client(env)
-    volume_jobs = {}
-    for name, steps in STEPS.items():
-        job_id = f"grid-{name}"
-        volumes = [v for v in ec2.describe_volumes(Filters=tags.job_filters(job_id))["Volumes"]
-                   if tags.as_dict(v.get("Tags")).get(tags.ROLE) == "volume"]
-        assert len(volumes) == 1, (job_id, volumes)
-        volume_id = volumes[0]["VolumeId"]
-        volume_jobs[volume_id] = job_id
+    jobs = {f"grid-{name}": steps for name, steps in STEPS.items()}
+    ledger = read_ledger(root / "ledger.jsonl")
+    rows, broken = check_experiments(ledger, ec2, lambda volume_id: root / "ebs" / "volumes" /
+                                     f"{volume_id}.img", jobs, wait_s=60)
+    broken += fleet_violations(ledger, jobs, "grid", fleets=[fleet_id])
+    assert broken == [], broken
+    for row in rows:
         attaches = [r for r in calls(ledger, action="AttachVolume") if performed(r)
-                    and volume_id in r["resources"]]
-        assert len(attaches) == 1, (job_id, attaches)  # trained by one instance, once
-        image = root / "ebs" / "volumes" / f"{volume_id}.img"
-
-        def completion_on_image() -> dict | None:
-            try:
-                return read_volume_state(volume_id, image).completion
-            except VolumeReadError:
-                return None
-
-        completion = wait_until(completion_on_image, 60, f"{job_id}'s completion record",
-                                interval=0.5)
-        assert completion["metrics"]["sum"] == steps * (steps + 1) // 2, (job_id, completion)
+                    and row["volume"] in r["resources"]]
+        assert len(attaches) == 1, (row["job"], attaches)  # trained by one instance, once
 
     [fleet] = ec2.describe_fleets(FleetIds=[fleet_id])["Fleets"]
     assert fleet["FleetState"].startswith("deleted"), fleet
 
-    # -- the claim protocol, from the lease table's writes in the ledger ---------------------
-    ledger = read_ledger(root / "ledger.jsonl")
-    assert violations(ledger, volume_jobs) == []  # each volume changed only by its holder
-    for job_id, writes in lease_history(ledger, volume_jobs.values()).items():
+    for job_id, writes in lease_history(ledger, jobs).items():
         # taken once (later writes by the holder: draining, release), then finished
         takes = [w for n, w in enumerate(writes)
                  if w["holder"] and (n == 0 or writes[n - 1]["holder"] != w["holder"])]

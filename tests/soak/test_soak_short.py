@@ -22,10 +22,13 @@ def test_the_same_seed_gives_the_same_plan_and_another_seed_another():
 
 
 def test_the_long_profile_plans_every_kind_ten_times_and_200_interruptions():
-    kinds = Counter(s.kind for p in soak.plan_jobs("long", 1) for s in p.slots)
+    plans = soak.plan_jobs("long", 1)
+    kinds = Counter(s.kind for p in plans if not p.sweep for s in p.slots)
     assert sum(kinds.values()) >= 200
     assert set(kinds) == set(CATALOGUE)
     assert min(kinds.values()) >= 10, kinds
+    # ... and sweep jobs among them (issue 19; tests/soak/test_soak_sweeps.py).
+    assert {p.slots[0].kind for p in plans if p.sweep} == set(soak.SWEEP_CATALOGUE)
 
 
 def test_a_kind_that_acts_on_the_next_boot_is_never_a_jobs_first_slot():
