@@ -3,7 +3,7 @@ share, notice → durable checkpoint through the agent process, AWS calls per bo
 (from the local cloud's call ledger), and the idle agent's footprint.
 
 All run the real agent (`python -m spotrun agent run`) on the local spot cloud through
-spotrun.rehearsal (a Spot Fleet, metadata over HTTP, loop-device EBS volumes, git checkout, the
+spotrun.harness.rehearsal (a Spot Fleet, metadata over HTTP, loop-device EBS volumes, git checkout, the
 trainer as an unprivileged user), with bench/bench_trainer.py as the training code.
 """
 from __future__ import annotations
@@ -31,14 +31,14 @@ def _shared_dir(parent: Path, name: str) -> Path:
 
 
 def _repository(where: Path) -> str:
-    from spotrun.rehearsal import commit_repository
+    from spotrun.harness.rehearsal import commit_repository
 
     return commit_repository(where / "repo", {"train.py": HERE / "bench_trainer.py"},
                              "bench trainer")
 
 
 def _plan(where: Path, **kw):
-    from spotrun.rehearsal import RehearsalPlan
+    from spotrun.harness.rehearsal import RehearsalPlan
 
     env = {"STEP_S": "0.02", "STATE_BYTES": "100000"}
     env.update(kw.pop("env", {}))
@@ -47,7 +47,7 @@ def _plan(where: Path, **kw):
 
 
 def _phase_times(events: list[dict], boot_wall: float) -> dict:
-    from spotrun.rehearsal_report import wall_time
+    from spotrun.harness.rehearsal_report import wall_time
 
     marks = {}
     for event in events:
@@ -103,8 +103,8 @@ def boots(workdir: Path, az_policy: str, interrupt_at: list[int], steps: int, ti
     timing model needs a longer notice, or the drain is cut off and the rehearsal waits out its
     timeout for a release that never comes."""
     from spotrun.localcloud import LocalCloud, TimingModel
-    from spotrun.rehearsal import Rehearsal
-    from spotrun.rehearsal_report import read_events
+    from spotrun.harness.rehearsal import Rehearsal
+    from spotrun.harness.rehearsal_report import read_events
 
     where = _shared_dir(workdir, az_policy.replace(":", "-"))
     plan = _plan(where, env={"STEPS": str(steps)}, interrupt_at_steps=interrupt_at, notice_s=notice_s,
@@ -243,7 +243,7 @@ def figures(runs: list[dict], timing, note: str | None = None) -> list[dict]:
 
 def _first_phase(events: list[dict], phase: str) -> float | None:
     """When the agent entered ``phase`` (its own event: only the window's edge, not a count)."""
-    from spotrun.rehearsal_report import wall_time
+    from spotrun.harness.rehearsal_report import wall_time
 
     return next((wall_time(e.get("ts")) for e in events
                  if e.get("event") == "phase_changed" and e.get("phase") == phase), None)
@@ -253,7 +253,7 @@ def idle_footprint(workdir: Path, seconds: float, interval_s: float = 1.0) -> di
     """RSS and CPU share of the agent process alone (not its trainer, which only sleeps) while it
     polls metadata every second, sampled with psutil every ``interval_s`` for ``seconds``."""
     import psutil
-    from spotrun.rehearsal import Rehearsal
+    from spotrun.harness.rehearsal import Rehearsal
 
     where = _shared_dir(workdir, "footprint")
     plan = _plan(where, env={"STEP_S": "1.0", "STEPS": "1000000"}, interrupt_at_steps=[],

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
-from spotrun.rehearsal import commit_repository
-from spotrun.soaksweep import check_experiments, fleet_violations
+from spotrun.harness.rehearsal import commit_repository
+from spotrun.harness.soaksweep import check_experiments, fleet_violations
 
-COUNTING_TRAINER = Path(__file__).resolve().parents[1] / "agent" / "spotrun" / "soak_trainer.py"
+COUNTING_TRAINER = Path(__file__).resolve().parents[1] / "agent" / "spotrun" / "harness" / "soak_trainer.py"
 STEP_S = 0.05
 JOB = """\
 [job]
@@ -134,7 +134,7 @@ def _measure(root: Path, env: dict, names: list[str], steps: int, capacity: int,
     if not deletes:
         raise SweepRunFailed("no agent deleted the fleet")
     [create] = [r for r in calls(ledger, action="CreateFleet") if performed(r)]
-    # The sweep's invariants as the soak and the e2e test judge them (spotrun.soaksweep): one
+    # The sweep's invariants as the soak and the e2e test judge them (spotrun.harness.soaksweep): one
     # volume per experiment, its own exact sum on it, the claim protocol, one fleet delete.
     jobs = {f"bench-sweep-{name}": steps for name in names}
     _, broken = check_experiments(ledger, _ec2(env), lambda volume_id: root / "ebs" / "volumes" /

@@ -27,8 +27,8 @@ SUBCOMMANDS = {
     "status": "spotrun.operator.cli", "cancel": "spotrun.operator.cli",
     "teardown": "spotrun.operator.cli", "plan": "spotrun.operator.cli",
     "localcloud": "spotrun.localcloud.cli",
-    "rehearse": "spotrun.rehearsal",
-    "soak": "spotrun.soak",
+    "rehearse": "spotrun.harness.rehearsal",
+    "soak": "spotrun.harness.soak",
 }
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
-from spotrun.rehearsal import commit_repository
+from spotrun.harness.rehearsal import commit_repository
 # The checks the soak's sweep kinds and the sweep e2e test judge by too (issue 19).
-from spotrun.soaksweep import check_experiments, fleet_violations
+from spotrun.harness.soaksweep import check_experiments, fleet_violations
 
-COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
+COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "harness" / "soak_trainer.py"
 STEPS = {"lr0.1": 240, "lr0.03": 200, "lr0.01": 160, "lr0.003": 120}
 JOB_TOML = """\
 [job]

@@ -87,8 +87,8 @@ def test_the_lease_bounds_come_from_the_config():
 
 
 def test_soak_jobs_without_a_table_promise_one_instance_and_meet_no_second_agent():
-    from spotrun import soakplan
-    from spotrun.soakjob import LEASE_TABLE, SoakJob
+    from spotrun.harness import soakplan
+    from spotrun.harness.soakjob import LEASE_TABLE, SoakJob
 
     plans = [p for seed in (1, 2, 3) for p in soakplan.plan_jobs("long", seed)]
     assert {p.lease for p in plans} == {True, False}, "the soak must keep testing both modes"

@@ -12,11 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
-from spotrun.rehearsal import commit_repository
-from spotrun.rehearsal_cli import RUN_STATE, clear_previous_run
-from spotrun.rehearsal_report import (InterruptionRecord, MissedInterruption, _resume_figures,
+from spotrun.harness.rehearsal import commit_repository
+from spotrun.harness.rehearsal_cli import RUN_STATE, clear_previous_run
+from spotrun.harness.rehearsal_report import (InterruptionRecord, MissedInterruption, _resume_figures,
                                       verdict)
-from spotrun.rehearsal_volume import VolumeReadError, optimizer_iterations, read_volume_state
+from spotrun.harness.rehearsal_volume import VolumeReadError, optimizer_iterations, read_volume_state
 
 
 def _weights_h5(iterations: int) -> bytes:

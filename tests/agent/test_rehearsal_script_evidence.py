@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from spotrun.rehearsal_report import InterruptionRecord, format_report, verdict
-from spotrun.rehearsal_script_report import script_checkpoints, script_figures
-from spotrun.rehearsal_volume import list_script_files, opens_whole
+from spotrun.harness.rehearsal_report import InterruptionRecord, format_report, verdict
+from spotrun.harness.rehearsal_script_report import script_checkpoints, script_figures
+from spotrun.harness.rehearsal_volume import list_script_files, opens_whole
 
 
 def _keras_file() -> bytes:

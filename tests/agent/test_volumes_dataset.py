@@ -21,7 +21,7 @@ from spotrun import ec2 as ec2mod  # noqa: E402
 from spotrun import migration as M  # noqa: E402
 from spotrun import tags as T  # noqa: E402
 from spotrun.localcloud.ledger import calls, performed  # noqa: E402
-from spotrun.rehearsal_volume import VolumeImage  # noqa: E402
+from spotrun.harness.rehearsal_volume import VolumeImage  # noqa: E402
 
 pytestmark = pytest.mark.loopdev
 

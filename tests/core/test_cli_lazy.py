@@ -10,7 +10,7 @@ from spotrun import cli
 
 # What the idle agent must not keep resident (the issue 14 footprint).
 NOT_IN_THE_AGENT = ("boto3", "moto", "rich", "psutil", "spotrun.operator.cli",
-                    "spotrun.localcloud.cli", "spotrun.soak", "spotrun.rehearsal")
+                    "spotrun.localcloud.cli", "spotrun.harness.soak", "spotrun.harness.rehearsal")
 
 
 def _commands(parser) -> list[str]:

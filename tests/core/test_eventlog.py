@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from spotrun.rehearsal_report import EventLog, read_events
+from spotrun.harness.rehearsal_report import EventLog, read_events
 
 
 def _line(event: str, **fields) -> str:

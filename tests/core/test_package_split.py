@@ -77,13 +77,13 @@ def _within(name: str, modules) -> bool:
 def test_the_import_walk_sees_lazy_and_relative_imports():
     source = ("import json\n"
               "def later():\n"
-              "    from .soak import run\n"
+              "    from .harness import soak\n"
               "    from . import localcloud\n"
               "    import spotrun.operator.cli\n")
     found = _imports(source, "spotrun.lifecycle", is_package=False)
-    assert {"spotrun.soak", "spotrun.localcloud", "spotrun.operator.cli", "json"} <= found
-    assert _imports("from ..soak import x\n", "spotrun.localcloud", is_package=True) >= \
-        {"spotrun.soak", "spotrun.soak.x"}
+    assert {"spotrun.harness", "spotrun.localcloud", "spotrun.operator.cli", "json"} <= found
+    assert _imports("from ..harness.soak import x\n", "spotrun.localcloud", is_package=True) >= \
+        {"spotrun.harness.soak", "spotrun.harness.soak.x"}
 
 
 def test_each_pattern_leaves_out_something_and_never_what_the_agent_starts_from():
@@ -92,7 +92,7 @@ def test_each_pattern_leaves_out_something_and_never_what_the_agent_starts_from(
     gone = {m for modules in left_out.values() for m in modules}
     assert not [entry for entry in AGENT_ENTRIES if _within(entry, gone)]
     # What the package is for leaves: the local cloud and the soak among them.
-    assert {"spotrun.localcloud.cli", "spotrun.soak", "spotrun.operator.cli"} <= gone
+    assert {"spotrun.localcloud.cli", "spotrun.harness.soak", "spotrun.operator.cli"} <= gone
 
 
 def test_no_module_the_package_keeps_imports_one_it_leaves_out():

@@ -1,6 +1,6 @@
-"""The sweep witness (spotrun.sweepwitness) on ledgers written by hand: it passes the
+"""The sweep witness (spotrun.harness.sweepwitness) on ledgers written by hand: it passes the
 protocol followed and names each way of breaking it, so the e2e check built on it can fail."""
-from spotrun.sweepwitness import violations
+from spotrun.harness.sweepwitness import violations
 
 
 def put(t, job, holder=None, finished=False, by="i-a"):

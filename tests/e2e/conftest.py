@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.rehearsal import Rehearsal, RehearsalPlan, commit_repository
+from spotrun.harness.rehearsal import Rehearsal, RehearsalPlan, commit_repository
 
 # The framework-free, protocol-aware trainer the soak drives too (exact resume via a running sum).
-COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
+COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "harness" / "soak_trainer.py"
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from spotrun import tags as T
-from spotrun.rehearsal import Rehearsal
+from spotrun.harness.rehearsal import Rehearsal
 from spotrun_trainer.store import CheckpointStore
 
 pytestmark = [pytest.mark.loopdev]

@@ -1,7 +1,7 @@
 """Each invariant check is shown to fail (issue 17): the real agent, on the local spot cloud,
 broken from the outside to violate exactly one invariant, is named by that check; the same
 scenario unbroken is not. The checkers are fed what the soak feeds them — the cloud's own call
-ledger and the final volume's image (spotrun.soakcheck.witness_violations, soakledger.check) —
+ledger and the final volume's image (spotrun.harness.soakcheck.witness_violations, soakledger.check) —
 never the agent's logs.
 
 The break is made without touching the agent's code: one boot's agent process gets
@@ -34,8 +34,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from spotrun import soakcheck, soakledger
-from spotrun.soakdeletes import DeleteWitness
+from spotrun.harness import soakcheck, soakledger
+from spotrun.harness.soakdeletes import DeleteWitness
 from spotrun import tags as T
 from spotrun.localcloud.ledger import performed
 from tests.helpers.rehearsals import CloudWithEnv, PerBootEnvRehearsal

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.rehearsal import DEMO_TRAIN_PY, Rehearsal, RehearsalPlan, commit_repository
-from spotrun.rehearsal_volume import opens_whole
+from spotrun.harness.rehearsal import DEMO_TRAIN_PY, Rehearsal, RehearsalPlan, commit_repository
+from spotrun.harness.rehearsal_volume import opens_whole
 from tests.helpers.testkit import trainer_log_events
 
 pytestmark = [pytest.mark.loopdev, pytest.mark.slow]

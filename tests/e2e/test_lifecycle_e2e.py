@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from spotrun.rehearsal import Rehearsal, RehearsalPlan
+from spotrun.harness.rehearsal import Rehearsal, RehearsalPlan
 
 PYTHON = sys.executable
 

@@ -18,15 +18,15 @@ import pytest
 
 from spotrun import tags
 from spotrun.localcloud.ledger import calls, performed, read_ledger
-from spotrun.rehearsal import commit_repository
-from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.harness.rehearsal import commit_repository
+from spotrun.harness.rehearsal_volume import VolumeReadError, read_volume_state
 from tests.helpers.operatorcloud import client, local_cloud, spotrun
 from tests.helpers.operatorcloud import events as cloud_events
 from tests.helpers.testkit import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.loopdev]
 
-COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
+COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "harness" / "soak_trainer.py"
 STEPS = 400
 JOB_TOML = """\
 [job]

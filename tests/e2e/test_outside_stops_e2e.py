@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from spotrun import soakwitness
+from spotrun.harness import soakwitness
 from spotrun import tags as T
-from spotrun.rehearsal_volume import VolumeImage
+from spotrun.harness.rehearsal_volume import VolumeImage
 from tests.helpers.testkit import trainer_log_events
 
 pytestmark = [pytest.mark.loopdev]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.rehearsal import commit_repository
+from spotrun.harness.rehearsal import commit_repository
 
 pytestmark = [pytest.mark.loopdev]
 
-COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
+COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "harness" / "soak_trainer.py"
 
 
 def _rehearse(out, repo, *extra, timeout=300):

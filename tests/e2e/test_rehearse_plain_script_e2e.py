@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.rehearsal import commit_repository
-from spotrun.rehearsal_volume import list_script_files
+from spotrun.harness.rehearsal import commit_repository
+from spotrun.harness.rehearsal_volume import list_script_files
 
 pytestmark = [pytest.mark.loopdev, pytest.mark.slow]
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 
 from spotrun.localcloud.ledger import calls, performed, read_ledger
-from spotrun.rehearsal import commit_repository
+from spotrun.harness.rehearsal import commit_repository
 # The sweep's checks, shared with the soak's sweep kinds and `make demo-sweep` (issue 19).
-from spotrun.soaksweep import check_experiments, fleet_violations
-from spotrun.sweepwitness import lease_history
+from spotrun.harness.soaksweep import check_experiments, fleet_violations
+from spotrun.harness.sweepwitness import lease_history
 from tests.helpers.operatorcloud import client, events, local_cloud, spotrun
 from tests.helpers.testkit import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.loopdev]
 
-COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "soak_trainer.py"
+COUNTING_TRAINER = Path(__file__).resolve().parents[2] / "agent" / "spotrun" / "harness" / "soak_trainer.py"
 # Each experiment counts to its own number of steps: the completion record's sum says which
 # settings the trainer that finished it really ran with.
 STEPS = {"a": 40, "b": 60, "c": 200}
@@ -103,7 +103,7 @@ def test_three_experiments_on_two_instances_each_trained_once_then_one_cancel(sw
 
     # -- the bytes on the volumes: one volume per experiment, each trained to its own end,
     # the claim protocol kept (lease writes vs volume changes), one DeleteFleets after the
-    # last experiment finished (spotrun.soaksweep) --------------------------------------------
+    # last experiment finished (spotrun.harness.soaksweep) --------------------------------------------
     ec2 = client(env)
     jobs = {f"grid-{name}": steps for name, steps in STEPS.items()}
     ledger = read_ledger(root / "ledger.jsonl")

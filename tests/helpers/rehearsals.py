@@ -2,7 +2,7 @@
 break): the local cloud starts each agent process, so the extra goes in through it."""
 from __future__ import annotations
 
-from spotrun.rehearsal import Rehearsal
+from spotrun.harness.rehearsal import Rehearsal
 
 
 class CloudWithEnv:

@@ -29,7 +29,7 @@ for step in range(1, 1000000):
 @pytest.fixture
 def training_job(tmp_path, aws_env):
     from spotrun.localcloud import LocalCloud, TimingModel
-    from spotrun.rehearsal import Rehearsal, RehearsalPlan, commit_repository
+    from spotrun.harness.rehearsal import Rehearsal, RehearsalPlan, commit_repository
 
     repo = tmp_path / "repo"
     commit_repository(repo, {"train.py": TRAIN_PY}, "progress-writing trainer")

@@ -152,7 +152,7 @@ def _operator_calls(cloud, *actions: str) -> list[dict]:
 @pytest.mark.loopdev
 def test_init_snapshots_the_dataset_once_and_launch_hands_it_to_every_instance(
         cloud, tmp_path, job_file, spotrun):
-    from spotrun.rehearsal_volume import VolumeImage
+    from spotrun.harness.rehearsal_volume import VolumeImage
 
     endpoint = ("--endpoint-url", cloud.ec2_endpoint)
     # A volume that does not exist: init stops before changing anything (exit 2, the field).

@@ -4,7 +4,7 @@ never saw the id). Hand-written ledgers in the local cloud's record format."""
 from __future__ import annotations
 
 from spotrun import tags as T
-from spotrun.soakledger import duplicate_snapshots, snapshot_creations
+from spotrun.harness.soakledger import duplicate_snapshots, snapshot_creations
 
 JOB = "soak-7-0"
 VOL, COPY = "vol-0aaaaaaaaaaaaaaaa", "vol-0bbbbbbbbbbbbbbbb"

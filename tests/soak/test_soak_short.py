@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from spotrun import soak, soakcheck
+from spotrun.harness import soak, soakcheck
 from spotrun.localcloud import LocalCloud
-from spotrun.soakfaults import CATALOGUE
+from spotrun.harness.soakfaults import CATALOGUE
 
 SHORT_SEED = 4  # its 8 slots: disk_full, kill_instance, ec2_faults, crash_in_migration, a notice mid-save, ...
 AIMED_SEED = 5  # one job whose three slots are the three kinds of AIMED
@@ -32,7 +32,7 @@ def test_the_long_profile_plans_every_kind_ten_times_and_200_interruptions():
 
 
 def test_a_kind_that_acts_on_the_next_boot_is_never_a_jobs_first_slot():
-    from spotrun.soakplan import FIRST_BOOT_KINDS, NEXT_BOOT_KINDS
+    from spotrun.harness.soakplan import FIRST_BOOT_KINDS, NEXT_BOOT_KINDS
 
     for plan in soak.plan_jobs("long", 3):
         assert plan.slots[0].kind not in NEXT_BOOT_KINDS, plan.describe()

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from spotrun import soak, soakcheck, soakplan, soaksweep
-from spotrun.soakfaults import CATALOGUE
-from spotrun.soakkinds_sweep import SWEEP_CATALOGUE, cancel_race, claim_windows, overlapping
-from spotrun.sweepwitness import lease_write_violations, resource_jobs, violations
+from spotrun.harness import soak, soakcheck, soakplan, soaksweep
+from spotrun.harness.soakfaults import CATALOGUE
+from spotrun.harness.soakkinds_sweep import SWEEP_CATALOGUE, cancel_race, claim_windows, overlapping
+from spotrun.harness.sweepwitness import lease_write_violations, resource_jobs, violations
 
 SWEEP = "sw"
 JOBS = {"sw-e0": 3, "sw-e1": 4}

@@ -1,10 +1,10 @@
-"""The soak's race checks (spotrun.soakledger) judged on hand-written ledgers: a clean race
+"""The soak's race checks (spotrun.harness.soakledger) judged on hand-written ledgers: a clean race
 passes, and each ledger that breaks exactly one invariant gets one sentence naming it."""
 from __future__ import annotations
 
 import pytest
 
-from spotrun import soakledger
+from spotrun.harness import soakledger
 
 JOB = "soak-1-0"
 TABLE = "soak-leases"

@@ -1,4 +1,4 @@
-"""Invariants 2, 5 and 6 (spotrun.soakwitness) judged on hand-written ledgers shaped like the
+"""Invariants 2, 5 and 6 (spotrun.harness.soakwitness) judged on hand-written ledgers shaped like the
 local cloud's: a clean job passes, and each ledger that breaks exactly one of them gets one
 sentence naming it. The completion record is read from a real ext4 image (mkfs.ext4 -d, read
 back with debugfs: no mount, no loop device)."""
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spotrun import soakcheck, soakwitness
+from spotrun.harness import soakcheck, soakwitness
 
 JOB = "soak-1-0"
 FLEET = "sfr-0123456789abcdef0"
@@ -230,7 +230,7 @@ def test_deleting_the_old_volume_before_the_copy_is_verified_is_named():
 
 @pytest.mark.parametrize("copy_held,named", [(41, False), (40, True), (None, True)])
 def test_the_old_volume_goes_only_once_the_copys_image_holds_its_newest_checkpoint(copy_held, named):
-    """By the bytes the cloud read when the delete arrived (spotrun.soakdeletes), not by the
+    """By the bytes the cloud read when the delete arrived (spotrun.harness.soakdeletes), not by the
     agent's "verified" tag: the clean ledger, with the copy's image behind the source's."""
     seen = {VOL_A: {VOL_A: 41, VOL_B: copy_held}}
     found = check(clean_job(), image_at_delete=seen)

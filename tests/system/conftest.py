@@ -17,7 +17,7 @@ from nspawn import Container, apt_install  # noqa: E402
 from unitjob import Job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-COUNTING_TRAINER = REPO / "agent/spotrun/soak_trainer.py"
+COUNTING_TRAINER = REPO / "agent/spotrun/harness/soak_trainer.py"
 NEEDS = ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage", "dh", "lintian")
 
 
@@ -82,7 +82,7 @@ def world(system_ready, deb):
     """The local spot cloud, a git repository of training code, and the booted system."""
     tomli_w = pytest.importorskip("tomli_w")
     from spotrun.localcloud import LocalCloud, TimingModel
-    from spotrun.rehearsal import commit_repository
+    from spotrun.harness.rehearsal import commit_repository
 
     # Bound into the container and traversed by the training user: not pytest's 0700 tmp.
     shared = Path(tempfile.mkdtemp(prefix="spotrun-systest-"))

@@ -219,8 +219,7 @@ def test_installs_the_agent_and_the_trainer_library_only(installed):
     installed_modules = {str(path.relative_to(lib)) for top in ("spotrun", "spotrun_trainer")
                          for path in (lib / top).rglob("*.py")}
     assert installed_modules == _expected_modules()
-    for gone in ("spotrun/localcloud", "spotrun/operator", "spotrun/soak.py",
-                 "spotrun/soak_trainer.py", "spotrun/rehearsal.py"):
+    for gone in ("spotrun/localcloud", "spotrun/operator", "spotrun/harness"):
         assert not (lib / gone).exists(), gone
     assert (lib / "spotrun/agentcmd.py").is_file() and (lib / "spotrun_trainer/store.py").is_file()
     # --help lists what is installed: the agent's command alone.

@@ -19,7 +19,7 @@ aimed at one moment of the claim protocol:
   and meet over the fleet's cancel.
 
 Judged after the job by :func:`check_sweep_job` from the ledger and the volume images
-(:mod:`spotrun.soaksweep`), never from the agents' logs: one volume per experiment, each
+(:mod:`spotrun.harness.soaksweep`), never from the agents' logs: one volume per experiment, each
 finished exactly once with its own exact sum, the claim protocol kept, the fleet cancelled
 iff every experiment finished, exactly once, by an instance.
 """
@@ -34,13 +34,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spotrun import soakcheck, soakledger, soaksweep, soakwitness
+from spotrun.harness import soakcheck, soakledger, soaksweep, soakwitness
 from spotrun import tags as T
 from spotrun.localcloud.ledger import calls, performed
 from spotrun.log import get_logger
-from spotrun.soakinject import Kind, signal_pid
-from spotrun.soakjob import LEASE_TABLE, JobEnded, SoakJob
-from spotrun.sweepwitness import SWEEP_ITEM_PREFIX, lease_history, resource_jobs
+from spotrun.harness.soakinject import Kind, signal_pid
+from spotrun.harness.soakjob import LEASE_TABLE, JobEnded, SoakJob
+from spotrun.harness.sweepwitness import SWEEP_ITEM_PREFIX, lease_history, resource_jobs
 from spotrun_trainer.store import SAVE_POINTS
 
 log = get_logger("soak")
@@ -86,7 +86,7 @@ class SweepSoakJob(SoakJob):
         (and booted) by the fleet's first pass."""
         from spotrun import userdata
         from spotrun.localcloud.fleet import LaunchSpec
-        from spotrun.rehearsal_setup import _check_reachable, ensure_lease_table
+        from spotrun.harness.rehearsal_setup import _check_reachable, ensure_lease_table
 
         self.out.mkdir(parents=True, exist_ok=True)
         _check_reachable(self.plan.trainer_user, [self.out, Path(sys.executable).parent])
@@ -449,7 +449,7 @@ SWEEP_CATALOGUE: dict[str, Kind] = {k.name: k for k in [
 # -- the check ------------------------------------------------------------------------------
 
 def check_sweep_job(job: SweepSoakJob, decoy: dict, baseline: set[str], error: str | None) -> dict:
-    """The sweep's invariants after the job, as :func:`spotrun.soakcheck.check_job` judges a
+    """The sweep's invariants after the job, as :func:`spotrun.harness.soakcheck.check_job` judges a
     single job's: the result has the same fields, so the summary counts both alike."""
     plan, cloud = job.job_plan, job.cloud
     experiments = job.experiments

@@ -1,7 +1,7 @@
 """The rehearsal's interruptions: what it sends each instance and when — spot notices at a
 training step, after so many seconds of training or once a file is on the volume, scheduled
 instance-retirement events, rebalance recommendations — and what it reads back after each
-drain. A mixin of spotrun.rehearsal.Rehearsal (its cloud, fleet, boots and timeline)."""
+drain. A mixin of spotrun.harness.rehearsal.Rehearsal (its cloud, fleet, boots and timeline)."""
 from __future__ import annotations
 
 import glob
@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from spotrun.log import get_logger
-from spotrun.rehearsal_report import InterruptionRecord, MissedInterruption, TimelineEntry, wall_time
-from spotrun.rehearsal_volume import VolumeReadError, list_script_files
+from spotrun.harness.rehearsal_report import InterruptionRecord, MissedInterruption, TimelineEntry, wall_time
+from spotrun.harness.rehearsal_volume import VolumeReadError, list_script_files
 
 log = get_logger("rehearsal")
 

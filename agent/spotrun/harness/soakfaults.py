@@ -1,7 +1,7 @@
 """The soak's fault catalogue: what each kind injects, and when.
 
 Each interruption slot of a soak job has one kind. A kind's ``run`` waits for its moment on
-the job's current instance, injects, and returns an :class:`~spotrun.soakinject.Outcome`
+the job's current instance, injects, and returns an :class:`~spotrun.harness.soakinject.Outcome`
 saying whether the instance went away drained (the agent checkpointed and released: steps
 redone ≤ 1) or undrained (killed: steps redone ≤ the checkpoint interval). Kinds that act on
 the *next* boot (a crash point in the migration, EC2 faults during acquire) have a
@@ -9,7 +9,7 @@ the *next* boot (a crash point in the migration, EC2 faults during acquire) have
 
 Here: notices, kills of the instance, agent or trainer, and faults on the checkpoints
 (corrupted, disk full, a save interrupted half-way). The rest is in
-:mod:`spotrun.soakkinds_cloud`.
+:mod:`spotrun.harness.soakkinds_cloud`.
 """
 from __future__ import annotations
 
@@ -20,22 +20,22 @@ import signal
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from spotrun.soakinject import (Kind, Outcome, kill_now, notice_and_drain, signal_pid,
+from spotrun.harness.soakinject import (Kind, Outcome, kill_now, notice_and_drain, signal_pid,
                                train_on_then_notice, trained)
-from spotrun.soakkinds_cloud import (bad_input, crash_in_migration, ec2_faults_notice,
+from spotrun.harness.soakkinds_cloud import (bad_input, crash_in_migration, ec2_faults_notice,
                                      imds_fault_then_notice, prepare_crash_in_migration,
                                      prepare_ec2_faults, prepare_slow_snapshots,
                                      slow_snapshots_notice, two_replacements)
-from spotrun.soakkinds_races import (holder_lookup_notfound, kill_mid_migration_two_replacements,
+from spotrun.harness.soakkinds_races import (holder_lookup_notfound, kill_mid_migration_two_replacements,
                                      prepare_kill_mid_migration, prepare_replacement_during_verify,
                                      prepare_simultaneous_first_boots, replacement_during_drain,
                                      replacement_during_verify, simultaneous_first_boots)
-from spotrun.soakkinds_cloud import (attach_incorrect_state, ec2_consistency,  # issue 15
+from spotrun.harness.soakkinds_cloud import (attach_incorrect_state, ec2_consistency,  # issue 15
                                      ec2_dropped_connections, ec2_performed_then_fail,
                                      imds_path_slow, prepare_attach_incorrect_state,
                                      prepare_ec2_consistency, prepare_ec2_dropped_connections,
                                      prepare_ec2_performed_then_fail)
-from spotrun.soakkinds_maintenance import (maintenance_canceled, maintenance_codes,
+from spotrun.harness.soakkinds_maintenance import (maintenance_canceled, maintenance_codes,
                                            maintenance_rescheduled, prepare_fast_maintenance_poll)
 from spotrun_trainer.store import SAVE_POINTS
 
@@ -398,7 +398,7 @@ CATALOGUE: dict[str, Kind] = {k.name: k for k in [
          slow_snapshots_notice, prepare_slow_snapshots),
     Kind("crash_in_migration", "replacement agent SIGKILLed at a migration step, restarted",
          crash_in_migration, prepare_crash_in_migration),
-    # Races of two agents for one job (issue 21; spotrun.soakkinds_races).
+    # Races of two agents for one job (issue 21; spotrun.harness.soakkinds_races).
     Kind("holder_lookup_notfound", "a replacement races the live holder while EC2 answers its "
          "lookups of the holder NotFound (transiently)", holder_lookup_notfound),
     Kind("replacement_during_verify", "a replacement boots while the old instance verifies its "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from spotrun import tags as T
-from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.harness.rehearsal_volume import VolumeReadError, read_volume_state
 
 
 class DeleteWitness:

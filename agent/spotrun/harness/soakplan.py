@@ -8,7 +8,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from spotrun.soakfaults import CATALOGUE
+from spotrun.harness.soakfaults import CATALOGUE
 
 PROFILES = {
     # jobs (None: as many as it takes for every kind to come up min_per_kind times),
@@ -19,7 +19,7 @@ PROFILES = {
     "long": {"jobs": None, "min_per_kind": 11, "slots": (3, 5), "timeout_s": 300.0,
              "sweep_every": 8, "sweep_min_per_kind": 4},
 }
-# A sweep job (spotrun.soakkinds_sweep) is one small sweep on its own fleet: its kind shapes
+# A sweep job (spotrun.harness.soakkinds_sweep) is one small sweep on its own fleet: its kind shapes
 # it (experiments, capacity) and is its one slot.
 SWEEP_KINDS = ("sweep_simultaneous_claims", "sweep_interrupted_between_jobs",
                "sweep_last_two_finish_together")
@@ -180,7 +180,7 @@ def plan_jobs(profile: str, seed: int, jobs: int | None = None,
 
 def plan_sweep(index: int, seed: int, kind: str, rng: random.Random, occurrence: int = 1) -> JobPlan:
     """A small sweep shaped for its kind, every experiment a whole number of checkpoint
-    intervals (its last step is a save: spotrun.soakkinds_sweep holds trainers there), each
+    intervals (its last step is a save: spotrun.harness.soakkinds_sweep holds trainers there), each
     with its own step count where the kind allows (the exact sum says whose steps ran).
     ``occurrence``: the how-manieth of its kind; a kind with two ways takes them in turn."""
     variant = ""

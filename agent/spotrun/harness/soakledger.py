@@ -20,7 +20,7 @@ cannot write or read it. From it, per job:
   holder that was never terminated.
 
 Each violation is one sentence naming the invariant. Steps lost to a race are judged by the
-soak's resume checks (:mod:`spotrun.soakcheck`: the counting trainer's exact sum and the steps
+soak's resume checks (:mod:`spotrun.harness.soakcheck`: the counting trainer's exact sum and the steps
 redone per interruption).
 """
 from __future__ import annotations

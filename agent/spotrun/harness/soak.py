@@ -2,13 +2,13 @@
 
 Seeded and reproducible: the profile and ``--seed`` decide every job's plan (trainer
 length, checkpoint interval, and one fault kind per interruption, dealt from a shuffled deck
-of the catalogue in :mod:`spotrun.soakfaults` so every kind comes up about equally). Jobs
+of the catalogue in :mod:`spotrun.harness.soakfaults` so every kind comes up about equally). Jobs
 run one after another on one local spot cloud, each as a Spot Fleet whose instances run the
-real agent and the counting trainer; after every job :mod:`spotrun.soakcheck` checks the
+real agent and the counting trainer; after every job :mod:`spotrun.harness.soakcheck` checks the
 invariants against the cloud's fault-free view. A failing job is named by ``--seed`` and its
 index: ``spotrun soak --seed S --only-job I`` replays exactly that plan.
 
-Sweep jobs (issue 19; :mod:`spotrun.soakkinds_sweep`): the long profile makes every 8th job
+Sweep jobs (issue 19; :mod:`spotrun.harness.soakkinds_sweep`): the long profile makes every 8th job
 a small sweep on a fleet of two or three, its one kind aimed at the claim protocol (claims at
 once, an instance sent away between two experiments, the last two finishing together),
 checked as a sweep and counted in the same summary; ``--kinds`` may name them.
@@ -22,14 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from spotrun import lease, soakcheck
+from spotrun import lease
+
+from spotrun.harness import soakcheck
 from spotrun.log import get_logger
-from spotrun.rehearsal import commit_repository
-from spotrun.soakdeletes import DeleteWitness
-from spotrun.soakfaults import CATALOGUE
-from spotrun.soakjob import LEASE_TABLE, JobEnded, SoakJob  # noqa: F401 - re-exported
-from spotrun.soakkinds_sweep import SWEEP_CATALOGUE, SweepSoakJob, check_sweep_job
-from spotrun.soakplan import PROFILES, JobPlan, Slot, plan_jobs  # noqa: F401 - re-exported
+from spotrun.harness.rehearsal import commit_repository
+from spotrun.harness.soakdeletes import DeleteWitness
+from spotrun.harness.soakfaults import CATALOGUE
+from spotrun.harness.soakjob import LEASE_TABLE, JobEnded, SoakJob  # noqa: F401 - re-exported
+from spotrun.harness.soakkinds_sweep import SWEEP_CATALOGUE, SweepSoakJob, check_sweep_job
+from spotrun.harness.soakplan import PROFILES, JobPlan, Slot, plan_jobs  # noqa: F401 - re-exported
 
 log = get_logger("soak")
 KINDS = {**CATALOGUE, **SWEEP_CATALOGUE}  # what --kinds may name: single jobs' and sweeps'

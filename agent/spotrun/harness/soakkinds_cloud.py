@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 
 from spotrun.crashpoints import CRASHPOINTS
-from spotrun.rehearsal_report import wall_time
-from spotrun.soakinject import Outcome, kill_now, notice_and_drain, trained
+from spotrun.harness.rehearsal_report import wall_time
+from spotrun.harness.soakinject import Outcome, kill_now, notice_and_drain, trained
 
 
 # What an agent that lost the race for the job must never have done.

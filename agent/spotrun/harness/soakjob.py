@@ -1,6 +1,6 @@
 """One soak job: a Spot Fleet on the shared local cloud whose instances run the real agent
 (booted, and restarted on failure, as systemd would) with the counting trainer, and the hooks
-the fault kinds of :mod:`spotrun.soakfaults` use to wait for their moment and inject."""
+the fault kinds of :mod:`spotrun.harness.soakfaults` use to wait for their moment and inject."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +12,12 @@ from pathlib import Path
 from spotrun.localcloud import faultagent
 from spotrun.jsonlines import parse_jsonl
 from spotrun.log import get_logger
-from spotrun.rehearsal import Rehearsal, RehearsalPlan
-from spotrun.rehearsal_report import wall_time
-from spotrun.soakfaults import CATALOGUE
-from spotrun.soakinject import read_json_lines
-from spotrun.soakkinds_cloud import MAX_NOT_FOUND_S
-from spotrun.soakplan import PAIR_KINDS, JobPlan
+from spotrun.harness.rehearsal import Rehearsal, RehearsalPlan
+from spotrun.harness.rehearsal_report import wall_time
+from spotrun.harness.soakfaults import CATALOGUE
+from spotrun.harness.soakinject import read_json_lines
+from spotrun.harness.soakkinds_cloud import MAX_NOT_FOUND_S
+from spotrun.harness.soakplan import PAIR_KINDS, JobPlan
 from spotrun.waiting import wait_until
 
 log = get_logger("soak")

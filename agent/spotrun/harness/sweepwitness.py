@@ -1,5 +1,5 @@
 """A sweep's claim protocol as the local cloud recorded it (its ledger), never as the agents
-say (the soak's witness for sweeps; used by spotrun.soaksweep, hence by the soak's sweep
+say (the soak's witness for sweeps; used by spotrun.harness.soaksweep, hence by the soak's sweep
 kinds, the sweep e2e test, `make demo-sweep` and the sweep bench): who held which
 experiment's lease when (the PutItems on the lease table, with their items), and which
 instance changed which experiment's volumes and snapshots when (the mutating EC2 calls)."""

@@ -2,7 +2,7 @@
 (:class:`Outcome`), what a kind is (:class:`Kind`), and the moves most kinds end with — a
 notice that the agent drains, or the instance killed outright.
 
-``job`` is always a :class:`spotrun.soakjob.SoakJob`; ``inst`` a local-cloud instance.
+``job`` is always a :class:`spotrun.harness.soakjob.SoakJob`; ``inst`` a local-cloud instance.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The soak's checker: after every job, the invariants of DESIGN.md against the cloud's truth.
 
 Reads only the cloud's fault-free view (``cloud.client("ec2", faults=False)``), its call
-ledger (invariant 1 and races: :mod:`spotrun.soakledger`; invariants 2, 5 and 6:
-:mod:`spotrun.soakwitness`), the job's final volume image, the agents' JSON logs and the
+ledger (invariant 1 and races: :mod:`spotrun.harness.soakledger`; invariants 2, 5 and 6:
+:mod:`spotrun.harness.soakwitness`), the job's final volume image, the agents' JSON logs and the
 trainers' own logs. Each violation is one sentence naming the invariant.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from spotrun import soakledger, soakwitness
+from spotrun.harness import soakledger, soakwitness
 from spotrun import tags as T
-from spotrun.rehearsal_volume import VolumeImage, VolumeReadError
+from spotrun.harness.rehearsal_volume import VolumeImage, VolumeReadError
 from spotrun.waiting import wait_until
 
 DECOY_JOB = "soak-decoy-other-job"
@@ -142,7 +142,7 @@ def race_violations(races: list[dict], records: list[dict], job_id: str,
 
 
 def ledger_violations(job, volumes: list[dict]) -> list[str]:
-    """The ledger's race checks (spotrun.soakledger) for this job's calls, with the cloud's
+    """The ledger's race checks (spotrun.harness.soakledger) for this job's calls, with the cloud's
     own attachment state of the job's volumes at the end."""
     cloud = job.cloud
     records = job.ledger_records()
@@ -187,7 +187,7 @@ def final_completion(cloud, volumes: list[dict]) -> tuple[dict | None, str | Non
 
 
 def witness_violations(job, volumes: list[dict]) -> tuple[list[str], dict | None, str | None]:
-    """Invariants 2, 5 and 6 from the ledger and the final image (spotrun.soakwitness)."""
+    """Invariants 2, 5 and 6 from the ledger and the final image (spotrun.harness.soakwitness)."""
     cloud = job.cloud
     ec2 = _ec2(cloud)
     completion, trainer_completion, image_error = final_records(cloud, volumes)
@@ -384,7 +384,7 @@ def check_job(job, decoy: dict, baseline: set[str], error: str | None) -> dict:
 def job_line(result: dict) -> str:
     status = "OK " if not result["violations"] else "FAIL"
     kinds = ",".join(i["kind"] for i in result["interruptions"])
-    if result.get("sweep") is not None:  # a sweep job (spotrun.soakkinds_sweep): its kind
+    if result.get("sweep") is not None:  # a sweep job (spotrun.harness.soakkinds_sweep): its kind
         kinds = ",".join([*result["kinds"], *(m.split("/", 1)[0] for m in result["missed"])])
         line = (f"{status} job {result['index']:>3} {result['job']:<18} sweep of "
                 f"{len(result['sweep'])} [{kinds}] {result.get('seconds', '?')} s")

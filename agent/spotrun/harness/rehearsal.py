@@ -25,12 +25,12 @@ from spotrun import tags as T
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
 # The set-up helpers live in rehearsal_setup; these names stay importable from here.
-from spotrun.rehearsal_setup import (DEMO_TRAIN_PY, _check_reachable,  # noqa: F401
+from spotrun.harness.rehearsal_setup import (DEMO_TRAIN_PY, _check_reachable,  # noqa: F401
                                      commit_repository, ensure_lease_table, make_demo_repository)
-from spotrun.rehearsal_report import (EventLog, InterruptionRecord, MissedInterruption,
+from spotrun.harness.rehearsal_report import (EventLog, InterruptionRecord, MissedInterruption,
                                       TimelineEntry, build_report)
-from spotrun.rehearsal_interrupts import Interrupting
-from spotrun.rehearsal_volume import VolumeReadError, list_script_files, read_volume_state
+from spotrun.harness.rehearsal_interrupts import Interrupting
+from spotrun.harness.rehearsal_volume import VolumeReadError, list_script_files, read_volume_state
 from spotrun.waiting import wait_until
 
 log = get_logger("rehearsal")
@@ -348,6 +348,6 @@ class Rehearsal(Interrupting):
 
 def register(subparsers) -> None:
     # The command's code is in rehearsal_cli (it imports this module).
-    from spotrun.rehearsal_cli import register as register_command
+    from spotrun.harness.rehearsal_cli import register as register_command
 
     register_command(subparsers)

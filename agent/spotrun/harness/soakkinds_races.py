@@ -12,7 +12,7 @@
 
 Whether a race landed is read from the cloud's call ledger (the racer asked for the lease
 while the other held it); a race that did not land is recorded ``:no_race`` / ``:missed``.
-What the racers did is judged by :mod:`spotrun.soakledger`, never from their logs.
+What the racers did is judged by :mod:`spotrun.harness.soakledger`, never from their logs.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import signal
 
 from spotrun import tags as T
 from spotrun.localcloud.ledger import calls
-from spotrun.soakinject import Outcome, kill_now, notice_and_drain, signal_pid, trained
-from spotrun.soakkinds_cloud import MIGRATION_POINTS
-from spotrun.soakledger import contended
+from spotrun.harness.soakinject import Outcome, kill_now, notice_and_drain, signal_pid, trained
+from spotrun.harness.soakkinds_cloud import MIGRATION_POINTS
+from spotrun.harness.soakledger import contended
 
 
 def _table(job) -> str | None:

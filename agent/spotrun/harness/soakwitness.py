@@ -1,6 +1,6 @@
 """Invariants 2, 5 and 6 judged from the local cloud's call ledger and the volume image.
 
-The companion of :mod:`spotrun.soakledger` (invariant 1, races, duplicate snapshots): the
+The companion of :mod:`spotrun.harness.soakledger` (invariant 1, races, duplicate snapshots): the
 agent can neither write the ledger nor fake what its volume's image holds, so these checks do
 not take its word (its logs, or the tags it writes about itself) for anything. Per job:
 
@@ -36,7 +36,7 @@ from typing import Iterable
 
 from spotrun import tags as T
 from spotrun.localcloud.ledger import is_mutating, performed
-from spotrun.soakledger import PROVEN_STEPS, STEP, _ordered
+from spotrun.harness.soakledger import PROVEN_STEPS, STEP, _ordered
 
 # The completion record's name at the volume's root (spotrun.boot.COMPLETION_RECORD; not
 # imported so this checker does not load the agent's lifecycle).
@@ -213,7 +213,7 @@ def migration_violations(records: Iterable[dict], job_id: str,
                          image_at_delete: dict[str, dict[str, int | None]] | None = None) -> list[str]:
     """In every migration the old volume, and the snapshot its copy was made from, are deleted
     only after a copy was attached and then proven (verified/done) — by the ledger; and, with
-    ``image_at_delete`` (spotrun.soakdeletes: the newest readable checkpoint step of each job
+    ``image_at_delete`` (spotrun.harness.soakdeletes: the newest readable checkpoint step of each job
     volume's image when the delete arrived), only once a copy's image held the old volume's
     newest checkpoint — by the bytes, not by the agent's "verified" tag."""
     snapshot_of: dict[str, str] = {}            # snapshot -> its source volume

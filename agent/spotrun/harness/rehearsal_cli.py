@@ -1,4 +1,4 @@
-"""`spotrun rehearse` (what `make demo` runs): the command line around spotrun.rehearsal.
+"""`spotrun rehearse` (what `make demo` runs): the command line around spotrun.harness.rehearsal.
 
 A rerun in the same --out starts clean (it says so), the report goes to report.txt and
 report.json, and the exit status is 1, with the reason, whenever the report does not show what
@@ -16,8 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from spotrun.rehearsal import Rehearsal, RehearsalPlan
-from spotrun.rehearsal_report import format_report
+from spotrun.harness.rehearsal import Rehearsal, RehearsalPlan
+from spotrun.harness.rehearsal_report import format_report
 
 # What a rehearsal writes under --out; a rerun removes exactly these (never the whole --out).
 COMPARE_DIR = "with-callback"  # rehearse --compare-with-callback's second run
@@ -105,7 +105,7 @@ def _compare_with_callback(plan: RehearsalPlan, rehearsal: Rehearsal, report: di
     """The same schedule — each notice after as many seconds of training as it came in this
     run — with the reference trainer and spotrun's callback, paced to train about as long, in
     <out>/with-callback; what each interruption cost there, beside this run's."""
-    from spotrun.rehearsal_script_report import callback_comparison
+    from spotrun.harness.rehearsal_script_report import callback_comparison
 
     schedule = rehearsal.schedule_as_run()
     step_s = round(max(0.05, schedule["training_s"] / DEMO_STEPS), 3)
@@ -137,7 +137,7 @@ def _write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     table = format_report(report)
     if report.get("compare_with_callback"):
-        from spotrun.rehearsal_script_report import comparison_lines
+        from spotrun.harness.rehearsal_script_report import comparison_lines
 
         table += "\n" + "\n".join(comparison_lines(report["compare_with_callback"],
                                                    str(out / COMPARE_DIR / "report.txt")))

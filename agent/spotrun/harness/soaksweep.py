@@ -1,16 +1,16 @@
 """A sweep's invariants (issue 19), judged from what the agents cannot write: the local cloud's
 call ledger and the bytes on the experiments' volume images.
 
-Shared by the soak's sweep kinds (:mod:`spotrun.soakkinds_sweep`), the sweep e2e test,
+Shared by the soak's sweep kinds (:mod:`spotrun.harness.soakkinds_sweep`), the sweep e2e test,
 ``make demo-sweep`` and the sweep bench, so each of them fails on the same evidence:
 
 - **one volume per experiment**: the experiment's volumes (by its job tag) at the end;
 - **finished, never trained again**: the trainer's own completion record on that volume's
   image, with the counting trainer's exact sum (a step lost or trained twice changes it);
 - **no experiment trained by two instances at once; nothing of an experiment touched except
-  through the claim protocol**: :func:`spotrun.sweepwitness.violations` (the lease holder's
+  through the claim protocol**: :func:`spotrun.harness.sweepwitness.violations` (the lease holder's
   time vs every change of the experiment's volumes and snapshots) and
-  :func:`spotrun.sweepwitness.lease_write_violations` (who wrote which lease item);
+  :func:`spotrun.harness.sweepwitness.lease_write_violations` (who wrote which lease item);
 - **the fleet cancelled iff every experiment finished, exactly once, by an instance**:
   :func:`cancel_violations` (CancelSpotFleetRequests / DeleteFleets / the group scaled to zero
   in the ledger, against each experiment's ``finished`` lease write and the sweep's one
@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from spotrun import soakwitness
+from spotrun.harness import soakwitness
 from spotrun import tags as T
 from spotrun.localcloud.ledger import calls, performed
-from spotrun.rehearsal_volume import VolumeReadError, read_volume_state
-from spotrun.sweepwitness import (SWEEP_ITEM_PREFIX, cancel_takes, lease_history,
+from spotrun.harness.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.harness.sweepwitness import (SWEEP_ITEM_PREFIX, cancel_takes, lease_history,
                                   lease_write_violations, resource_jobs, violations)
 
 # The calls that end a fleet (spotrun.fleet.cancel: the single job's too), and those by which

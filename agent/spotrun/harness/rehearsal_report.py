@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spotrun import tags as T
 from spotrun.jsonlines import parse_jsonl, read_jsonl
-from spotrun.rehearsal_script_report import (ADVICE, cause_of, delta, script_checkpoints,
+from spotrun.harness.rehearsal_script_report import (ADVICE, cause_of, delta, script_checkpoints,
                                              script_figures, script_summary_lines)
 
 

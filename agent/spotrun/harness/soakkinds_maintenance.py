@@ -20,9 +20,9 @@ except ModuleNotFoundError:  # Python 3.10 (Ubuntu 22.04): the vendored tomli
     import tomli as tomllib
 
 from spotrun.localcloud.imdsevents import EVENT_CODES
-from spotrun.rehearsal_report import wall_time
-from spotrun.soakinject import Outcome, train_on_then_notice, trained
-from spotrun.soakkinds_cloud import kind_violation
+from spotrun.harness.rehearsal_report import wall_time
+from spotrun.harness.soakinject import Outcome, train_on_then_notice, trained
+from spotrun.harness.soakkinds_cloud import kind_violation
 
 FAST_POLL_S = 1.0
 STOP_CODES = ("instance-stop", "instance-retirement")
