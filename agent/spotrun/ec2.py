@@ -2,8 +2,12 @@
 explicit deadlines and failure states, and "performed then failed" safe calls.
 
 Every AWS client the agent makes comes from :func:`client` (retry mode and endpoint from
-the config, short connect timeout). botocore's own waiters are not used: their ten-minute
-budget is too short for a first snapshot and they keep polling a volume in ``error``.
+the config, short connect timeout). The waits are spotrun.waiting's one poll loop, not
+botocore's waiters: their budget could be set (``WaiterConfig`` MaxAttempts/Delay), but a
+waiter cannot call back between polls (a spot notice must end a snapshot wait within a poll,
+spotrun.boot's safe points), nor accept "not found" for ``aws.consistency_window_s`` and then
+fail, nor back off from a short first poll; and the volume waiters keep polling a volume in
+``error``.
 
 Mutating calls that create something (CreateVolume, CreateSnapshot) must never be retried
 blindly: an answer of 5xx may come after the work was done, and moto (like some real
