@@ -149,9 +149,12 @@ def build_lifecycle(config: Config, metadata, *, lease=None, identify=None, canc
 def build_sweep(config: Config, metadata):
     """The sweep's loop (spotrun.sweeprun) with its real edges: one lease per experiment, each
     experiment's lifecycle built as for a single job around the lease it claimed."""
-    from spotrun import ec2, fleet, identity, sweepclaim
+    import signal
+
+    from spotrun import ec2, fleet, identity, monitor, sweepclaim
+    from spotrun.boot import StopRequested
     from spotrun.lease import Lease
-    from spotrun.sweeprun import Ran, SweepRunner
+    from spotrun.sweeprun import Ran, SweepRunner, going_away
 
     runner_state: dict = {}
 
@@ -173,11 +176,18 @@ def build_sweep(config: Config, metadata):
                 for e in config.sweep.experiments]
 
     def run_experiment(experiment_config: Config, lease, ident) -> Ran:
+        previous = runner_state.get("lifecycle")
         lifecycle = build_lifecycle(
             experiment_config, metadata, lease=lease, identify=lambda: ident,
             # A finished experiment is not the end of the sweep: the loop decides the cancel.
             cancel_fleet=lambda launched_by: "not cancelled: the sweep goes on")
         runner_state["lifecycle"] = lifecycle
+        lifecycle._install_signal_handlers()  # a signal from here on is this experiment's
+        if previous is not None and previous._stop_event.is_set():
+            # Signalled after the last look (stop_due), during the claim: this experiment's
+            # lifecycle stops at its first safe point and gives the claim back.
+            lifecycle.events.put(StopRequested(signal.SIGTERM))
+            lifecycle._stop_event.set()
         try:
             code = lifecycle.run()
         except LeaseHeld as exc:
@@ -185,8 +195,14 @@ def build_sweep(config: Config, metadata):
             raise
         return Ran(experiment_config.job.id, lifecycle.phase, code)
 
+    def stop_due() -> str | None:
+        # The lifecycle's own reader of the notice path, made for one read (no threads).
+        return going_away(runner_state.get("lifecycle"),
+                          monitor.InterruptionMonitor.from_config(metadata, config.metadata))
+
     runner = SweepRunner(
         config, identify=identify, leases=leases, run_experiment=run_experiment,
+        stop_due=stop_due,
         take_fleet_cancel=lambda ident: sweepclaim.take_fleet_cancel(
             client("dynamodb"), config.aws.lease_table, config.sweep.id, ident.instance_id,
             ec2=client("ec2")),

@@ -124,13 +124,22 @@ def stop_before_training(lc, stop: Interrupted) -> None:
                 notice_time=reason.time.isoformat(), keep_volume=reason.keep_volume)
     lc.interruptions += 1
     lc.transition(Phase.DRAINING, action=reason.action, interrupted_phase=phase.value, at=stop.where)
-    holds = phase is not Phase.IDENTIFYING and lc.volumes is not None
+    lease = getattr(lc.volumes, "lease", None)
+    if phase is Phase.IDENTIFYING and lease is not None and lease.generation is not None:
+        # A sweep's experiment, its lease claimed before this lifecycle began: let the claim
+        # go as a stopped acquire does (spotrun.volumes), so another instance may claim it
+        # at once -- unless the job's volume is attached here (an agent restarted in the
+        # middle of it): that is given back below, as after an acquire.
+        lc.volumes._let_go_of_lease_unless_attached()
+    holds = lc.volumes is not None and (
+        phase is not Phase.IDENTIFYING or (lease is not None and lease.generation is not None))
     if holds and lc.volume_id is not None:  # acquired: the volume is ours to tag, as a drain does
         lc._record_tags({T.INTERRUPTIONS: lc._interruptions_total()}, force=True)
     if holds and reason.keep_volume:
         lc.volumes.unmount_in_place()
     released_ours = holds and not reason.keep_volume and lc.volume_id is not None
-    if holds and not reason.keep_volume:
+    # An acquire stopped with nothing attached has let its lease go already: released once.
+    if holds and not reason.keep_volume and (lease is None or lease.generation is not None):
         # The drain snapshot only of the job's proven volume: an unfinished copy is not one.
         # The phase goes on its tags while the lease is still held (see Lifecycle.drain).
         lc.volumes.release(snapshot=None if released_ours else False,

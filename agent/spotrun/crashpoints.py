@@ -34,6 +34,8 @@ PAUSEPOINTS: tuple[str, ...] = (
     "migration.started",
     # A migrated copy mounted, about to be verified: the soak boots a replacement meanwhile.
     "migration.verifying",
+    # A sweep's instance between two experiments: the last released finished, the next unclaimed.
+    "sweep.claiming",
 )
 
 

@@ -39,7 +39,7 @@ from spotrun import migration
 from spotrun import tags as T
 from spotrun.claimpolicy import (ZONE_FIRST, Choice, ExperimentState,  # noqa: F401 - ExperimentState: the read callback's type
                                  choose)
-from spotrun.log import get_logger
+from spotrun.log import get_logger, structlog
 
 log = get_logger("sweep")
 
@@ -129,11 +129,13 @@ def claim(leases: Sequence[leasemod.Lease], zone: str, *,
                      finished=sum(s.finished for s in seen), held=sum(s.held for s in seen))
             return None
         lease = by_job[choice.job_id]
-        if lease.try_acquire():
-            log.info("sweep_claimed", job_id=choice.job_id, reason=choice.reason,
-                     generation=lease.generation)
-            return lease, choice
-        log.info("sweep_claim_lost", job_id=choice.job_id, reason=choice.reason)
+        # The lease's own events (taken, taken over) name the experiment tried as their job.
+        with structlog.contextvars.bound_contextvars(job=choice.job_id):
+            if lease.try_acquire():
+                log.info("sweep_claimed", job_id=choice.job_id, reason=choice.reason,
+                         generation=lease.generation)
+                return lease, choice
+            log.info("sweep_claim_lost", job_id=choice.job_id, reason=choice.reason)
         lost.add(choice.job_id)
     return None
 

@@ -3,24 +3,43 @@ hand-over, the end of the sweep (one cancel, or one fewer instance), an interrup
 an agent restarted while it holds an experiment, and a cancel-taker that dies. The experiments'
 lifecycles are stand-ins that do what the real one does to the lease (spotrun.lifecycle: hold
 it while training, release it finished or not); everything is judged from the lease table's
-items and from which calls reached the fleet edges, never from the runner's own report."""
+items and from which calls reached the fleet edges, never from the runner's own report.
+
+Between two experiments (the agent's own edges, spotrun.agentcmd.build_sweep, on moto and the
+local cloud's metadata emulator): a notice or a stop already due ends the loop before a claim;
+a stop in an experiment's identify or acquire gives its claim back (once) for the next instance;
+each experiment's events carry its own job."""
 from __future__ import annotations
 
+import getpass
+import io
+import json
+import os
+import queue
+import signal
 import sys
 import threading
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from c2_world import aws, clients, launch  # noqa: E402,F401
+from c2_world import REGION, aws, clients, launch  # noqa: E402,F401
 
+from spotrun import agentcmd, crashpoints  # noqa: E402
 from spotrun import config as configmod  # noqa: E402
 from spotrun import lease as L  # noqa: E402
+from spotrun import log as logmod  # noqa: E402
 from spotrun import sweepclaim  # noqa: E402
 from spotrun.claimpolicy import RESUME  # noqa: E402
 from spotrun.identity import LaunchedBy  # noqa: E402
+from spotrun.imds import MetadataClient  # noqa: E402
+from spotrun.lifecycle import Lifecycle  # noqa: E402
+from spotrun.localcloud.imds import InstanceMetadata, MetadataServer  # noqa: E402
+from spotrun.monitor import SpotNotice  # noqa: E402
 from spotrun.phases import Phase  # noqa: E402
 from spotrun.sweeprun import Ran, SweepRunner  # noqa: E402
 
@@ -83,6 +102,9 @@ class Cloud:
                 # The claim is the table's: the item names this instance while it trains.
                 self.held_while_running.append(items(self.world, [job])[job].get("holder")
                                                == inst.instance_id)
+            # The log context the lifecycle binds (spotrun.volumes, spotrun.boot, transition).
+            logmod.bind(job=job, volume_id=f"vol-{job}", phase=Phase.TRAINING.value)
+            logmod.get_logger("test").info("stand_in_training", job_id=job)
             phase = self.ends.get((inst.instance_id, job), Phase.DONE)
             if phase is None:  # the agent died mid-experiment: nothing released
                 raise RuntimeError("agent killed")
@@ -229,3 +251,198 @@ def test_a_cancel_taker_that_died_before_cancelling_is_taken_over(world):
     assert not sweepclaim.take_fleet_cancel(db, TABLE, "sweep", other.instance_id, ec2=ec2)
     item = db.get_item(TableName=TABLE, Key={"job": {"S": "sweep#sweep"}}, ConsistentRead=True)["Item"]
     assert item["fleet_cancel_by"]["S"] == survivor.instance_id
+
+
+# -- between two experiments: the agent's own edges (spotrun.agentcmd.build_sweep) -----------
+
+@pytest.fixture
+def handlers():
+    """A lifecycle installs SIGTERM/SIGINT handlers, a test its fault hooks: both put back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    crashpoints.install(None)
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def booted(world):
+    """``boot(zone)``: a moto instance with its own metadata emulator and a client of it."""
+    servers = []
+
+    def boot(az="us-east-1a"):
+        inst = launch(world[0], az)
+        server = MetadataServer(InstanceMetadata(
+            inst.instance_id, "p3.2xlarge", az, "use1-az1", REGION, "123456789012",
+            "ami-12345678", "10.0.0.5", {}, None)).start()
+        servers.append(server)
+        return SimpleNamespace(instance_id=inst.instance_id, imds=server,
+                               metadata=MetadataClient(server.endpoint, read_timeout_s=2.0,
+                                                       deadline_s=5.0))
+
+    yield boot
+    for server in servers:
+        server.stop()
+
+
+def agent_config(endpoint, tmp_path, jobs) -> configmod.Config:
+    """The agent's config of a sweep on moto (what `spotrun agent run` loads)."""
+    return configmod.from_mapping({
+        "job": {"id": "sweep"},
+        "aws": {"endpoint_url": endpoint, "region": REGION, "lease_table": TABLE,
+                "retry_mode": "standard", "max_attempts": 3},
+        "agent": {"state_dir": str(tmp_path / "state")},
+        "volume": {"mount_point": str(tmp_path / "mnt")},
+        "code": {"workspace": str(tmp_path / "workspace")},
+        "trainer": {"command": [sys.executable, "-c", "pass"], "user": getpass.getuser()},
+        "sweep": {"id": "sweep", "experiments": [{"job": job} for job in jobs]}})
+
+
+class Finishes:
+    """An experiment's lifecycle that finishes at once: what the real one does to its lease
+    (released finished), its signal handlers and its queue of the monitor's events; then
+    ``then(lifecycle)``."""
+
+    _install_signal_handlers = Lifecycle._install_signal_handlers
+
+    def __init__(self, lease, then):
+        from spotrun.notify import Notifier
+        self.lease, self.then = lease, then
+        self.events: queue.Queue = queue.Queue()
+        self._stop_event = threading.Event()
+        self.supervisor, self.notifier, self.phase = None, Notifier(""), None
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        self.lease.release(finished=True)
+        self.phase = Phase.DONE
+        self.then(self)
+        return 0
+
+
+def stand_in_lifecycles(monkeypatch, finishing: dict) -> None:
+    """agentcmd.build_lifecycle: :class:`Finishes` for the jobs in ``finishing``, else the real one."""
+    real = agentcmd.build_lifecycle
+
+    def build(config, metadata, *, lease=None, identify=None, cancel_fleet=None):
+        if config.job.id in finishing:
+            return Finishes(lease, finishing[config.job.id])
+        return real(config, metadata, lease=lease, identify=identify, cancel_fleet=cancel_fleet)
+
+    monkeypatch.setattr(agentcmd, "build_lifecycle", build)
+
+
+def post_notice(server, action="terminate") -> None:
+    server.notice(action, datetime.now(timezone.utc) + timedelta(seconds=120))
+
+
+class At(crashpoints.NoFaults):
+    """Fault hooks: ``then()`` at pause point ``name``, once."""
+
+    def __init__(self, name, then):
+        self.name, self.then = name, then
+
+    def pause(self, name):
+        if name == self.name:
+            self.name = None
+            self.then()
+
+
+def log_events(out: io.StringIO) -> list[dict]:
+    return [json.loads(line[line.index("{"):]) for line in out.getvalue().splitlines() if "{" in line]
+
+
+def never(lc):
+    raise AssertionError("the instance told to go claimed and ran a second experiment")
+
+
+@pytest.mark.parametrize("how", ["notice-posted-after-release", "notice-at-the-pause-point",
+                                 "notice-seen-by-the-monitor", "sigterm"])
+def test_an_instance_told_to_go_between_two_experiments_claims_nothing(
+        aws, world, booted, tmp_path, monkeypatch, handlers, how):
+    """Issue: the loop claimed the next experiment with a notice already posted, and only saw
+    it once that experiment's lifecycle started. Now nothing is claimed: no lease item for the
+    second experiment, and the next instance takes it without waiting for a takeover."""
+    jobs = ["sweep-a", "sweep-b"]
+    first = booted()
+
+    def after_sweep_a(lc):
+        if how == "notice-posted-after-release":
+            post_notice(first.imds)
+        elif how == "notice-seen-by-the-monitor":  # queued while it finished, never read
+            lc.events.put(SpotNotice("terminate", datetime.now(timezone.utc)))
+        elif how == "sigterm":  # through the lifecycle's own handler
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    if how == "notice-at-the-pause-point":  # frozen between the release and the next claim
+        crashpoints.install(At("sweep.claiming", lambda: post_notice(first.imds)))
+    stand_in_lifecycles(monkeypatch, {"sweep-a": after_sweep_a, "sweep-b": never})
+    runner, _ = agentcmd.build_sweep(agent_config(aws, tmp_path, jobs), first.metadata)
+    end = runner.run()
+    table = items(world, jobs)
+    assert table["sweep-a"].get("finished") and "holder" not in table["sweep-a"]
+    assert table["sweep-b"] == {}  # never claimed: no lease item at all
+    assert end.outcome == "interrupted" and [r.job_id for r in end.ran] == ["sweep-a"]
+    # The replacement claims it at once (the first instance is still running in EC2).
+    cloud = Cloud(world)
+    replacement = launch(world[0], "us-east-1a")
+    cloud.runner(sweep_config(jobs), replacement).run()
+    assert cloud.ran == [(replacement.instance_id, "sweep-b")]
+    assert cloud.cancels == [replacement.instance_id]
+
+
+@pytest.mark.parametrize("where, stop", [("identify.started", "sigterm"),
+                                         ("identify.started", "stop-notice"),
+                                         ("acquire.started", "sigterm")])
+def test_a_stop_in_a_claimed_experiments_first_phase_gives_the_claim_back_once(
+        aws, world, booted, tmp_path, handlers, where, stop):
+    """The real lifecycle (spotrun.boot) of a claimed experiment stopped before anything of it
+    is touched: its lease is released, not finished, exactly once, and another instance
+    claims it at once while the first is still running."""
+    jobs = ["sweep-a", "sweep-b"]
+    first = booted()
+    out = io.StringIO()
+    logmod.configure(stream=out, job="sweep")
+    runner, state = agentcmd.build_sweep(agent_config(aws, tmp_path, jobs), first.metadata)
+
+    def land_stop():
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        post_notice(first.imds, "stop")  # keeps the volumes: here, none is attached
+        lc, deadline = state["lifecycle"], time.monotonic() + 20
+        while lc.events.empty():  # in the lifecycle's queue before its first safe point
+            assert time.monotonic() < deadline, "the monitor did not see the notice"
+            time.sleep(0.02)
+
+    crashpoints.install(At(where, land_stop))
+    end = runner.run()
+    ended = Phase.STOPPED if stop == "stop-notice" else Phase.RELEASED
+    assert end.outcome == "interrupted" and end.ran == (Ran("sweep-a", ended, 0),)
+    item = items(world, jobs)["sweep-a"]
+    assert "holder" not in item and item.get("released") and not item.get("finished")
+    assert [e for e in log_events(out) if e["event"] == "lease_not_ours_at_release"] == []
+    cloud = Cloud(world)
+    other = launch(world[0], "us-east-1a")
+    cloud.runner(sweep_config(jobs), other).run()
+    assert sorted(job for _, job in cloud.ran) == jobs
+    assert all(item.get("finished") for item in items(world, jobs).values())
+
+
+def test_each_experiments_events_carry_its_own_job_and_nothing_of_the_last(world):
+    out = io.StringIO()
+    logmod.configure(stream=out, job="sweep")
+    Cloud(world).runner(sweep_config(["sweep-a", "sweep-b"]), launch(world[0], "us-east-1a")).run()
+    events = log_events(out)
+    ended_a = next(n for n, e in enumerate(events)
+                   if e["event"] == "sweep_experiment_ended" and e["job_id"] == "sweep-a")
+    after = events[ended_a + 1:]
+    assert all(e.get("job") != "sweep-a" and e.get("volume_id") != "vol-sweep-a" for e in after)
+    # The next experiment's first event (the lease taken for it) is its own, with no phase yet.
+    assert after[0]["job"] == "sweep-b" and "phase" not in after[0] and "volume_id" not in after[0]
+    claimed = next(e for e in after if e["event"] == "sweep_claimed")
+    assert claimed["job"] == claimed["job_id"] == "sweep-b"
+    training = next(e for e in after if e["event"] == "stand_in_training")
+    assert (training["job"], training["volume_id"]) == ("sweep-b", "vol-sweep-b")
+    # Once sweep-b is over too, the sweep's own events carry the sweep's own job.
+    assert next(e for e in after if e["event"] == "sweep_nothing_to_claim")["job"] == "sweep"
