@@ -58,7 +58,8 @@ demo: deps
 
 # A sweep on the local spot cloud: 4 experiments on 2 instances, one interrupted, learning curves
 # in demo-sweep-out/curves.png. Fails (exit 1, naming the check) unless every experiment finished
-# with its own right sum, the interrupted one resumed elsewhere, the fleet deleted exactly once.
+# with its own right sum, the interrupted one resumed elsewhere, the fleet deleted exactly once,
+# and every experiment's data came from the one dataset snapshot init made (data once).
 demo-sweep: deps
 	$(PY) examples/sweep/demo_sweep.py --out demo-sweep-out
 

@@ -22,6 +22,8 @@ from spotrun import migration as M  # noqa: E402
 from spotrun import tags as T  # noqa: E402
 from spotrun.localcloud.ledger import calls, performed  # noqa: E402
 from spotrun.harness.rehearsal_volume import VolumeImage  # noqa: E402
+# The dataset volume prepared the seed's way, shared with `make demo-sweep`.
+from spotrun.harness.soaksweep import prepare_dataset_volume  # noqa: E402
 
 pytestmark = pytest.mark.loopdev
 
@@ -34,15 +36,9 @@ def dataset_snapshot(world, tmp_path: Path, *, files: dict[str, bytes] | None = 
     """The user's volume prepared the seed's way (an ext4 filesystem with datasets/), and the
     sweep's snapshot of it as `spotrun init` makes it (tagged with the sweep's id)."""
     ec2 = world.checker
-    volume_id = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1, VolumeType="gp3")["VolumeId"]
-    ec2mod.wait_for_volume(ec2, volume_id, ("available",), 60, poll_s=0.5)
-    if formatted:
-        tree = tmp_path / "dataset-tree"
-        for rel, data in (files or {"datasets/train.bin": DATASET}).items():
-            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tree / rel).write_bytes(data)
-        subprocess.run(["mkfs.ext4", "-F", "-q", "-d", str(tree),
-                        str(world.cloud.dataplane.volume_path(volume_id))], check=True)
+    volume_id = prepare_dataset_volume(
+        ec2, world.cloud.dataplane.volume_path, "us-east-1a",
+        (files or {"datasets/train.bin": DATASET}) if formatted else None)
     snapshot_id = ec2.create_snapshot(VolumeId=volume_id, TagSpecifications=[{
         "ResourceType": "snapshot", "Tags": T.as_list({
             T.JOB: SWEEP, T.ROLE: T.DATASET_SNAPSHOT_ROLE})}])["SnapshotId"]

@@ -10,12 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 
 import pytest
 
 from spotrun import config as agent_config
-from spotrun import ec2 as ec2mod
 from spotrun import iam, tags, userdata
 from spotrun.config import ConfigError
 from spotrun.operator import jobfile
@@ -125,16 +123,12 @@ def cloud(tmp_path, aws_env):
 
 
 def _dataset_volume(cloud, tmp_path, data: bytes) -> str:
-    """The user's volume, prepared the seed's way: ext4 with datasets/ on it."""
-    ec2 = cloud.client("ec2", faults=False)
-    volume_id = ec2.create_volume(AvailabilityZone=f"{cloud.region}a", Size=1)["VolumeId"]
-    ec2mod.wait_for_volume(ec2, volume_id, ("available",), 60, poll_s=0.5)
-    tree = tmp_path / "tree"
-    (tree / "datasets").mkdir(parents=True)
-    (tree / "datasets" / "train.bin").write_bytes(data)
-    subprocess.run(["mkfs.ext4", "-F", "-q", "-d", str(tree),
-                    str(cloud.dataplane.volume_path(volume_id))], check=True)
-    return volume_id
+    """The user's volume, prepared the seed's way: ext4 with datasets/ on it (the helper
+    `make demo-sweep` prepares its dataset with too)."""
+    from spotrun.harness.soaksweep import prepare_dataset_volume
+
+    return prepare_dataset_volume(cloud.client("ec2", faults=False), cloud.dataplane.volume_path,
+                                  f"{cloud.region}a", {"datasets/train.bin": data})
 
 
 def _dataset_snapshots(cloud, job_id: str) -> list[dict]:

@@ -16,21 +16,30 @@ Shared by the soak's sweep kinds (:mod:`spotrun.harness.soakkinds_sweep`), the s
   in the ledger, against each experiment's ``finished`` lease write and the sweep's one
   ``fleet_cancel_by`` item);
 - **an instance leaves the fleet only with nothing of its own left**: :func:`leave_violations`
-  (ModifySpotFleetRequest / ModifyFleet while it held an unfinished experiment).
+  (ModifySpotFleetRequest / ModifyFleet while it held an unfinished experiment);
+- **data once** (``sweep.dataset_volume``): :func:`dataset_violations` (exactly one
+  CreateSnapshot with the dataset role in the ledger, each experiment's first CreateVolume made
+  from it, the prepared bytes on each experiment's volume image); the dataset volume itself
+  prepared the seed's way by :func:`prepare_dataset_volume`.
 
 Each violation is one sentence starting with ``sweep``; the checks return lists, the callers
 decide whether to raise (the demo), assert (the e2e test) or count (the soak).
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from spotrun.harness import soakwitness
+from spotrun import ec2 as ec2mod
+from spotrun import migration as M
 from spotrun import tags as T
 from spotrun.localcloud.ledger import calls, performed
-from spotrun.harness.rehearsal_volume import VolumeReadError, read_volume_state
+from spotrun.harness.rehearsal_volume import VolumeImage, VolumeReadError, read_volume_state
 from spotrun.harness.sweepwitness import (SWEEP_ITEM_PREFIX, cancel_takes, lease_history,
                                   lease_write_violations, resource_jobs, violations)
 
@@ -236,3 +245,105 @@ def fleet_violations(ledger: list[dict], jobs: Iterable[str], sweep_id: str, *,
     return (cancel_violations(ledger, jobs, sweep_id, fleets=fleets, all_finished=all_finished,
                               expect_cancel=expect_cancel)
             + leave_violations(ledger, jobs))
+
+
+# -- data once (sweep.dataset_volume) --------------------------------------------------------
+
+def prepare_dataset_volume(ec2, image_of: Callable[[str], Path], zone: str,
+                           files: Mapping[str, bytes] | None, *, size_gib: int = 1,
+                           volume_type: str = "gp3") -> str:
+    """The user's dataset volume on the local cloud, prepared the seed's way: a volume made
+    through the EC2 API (``ec2``: a client of the cloud's endpoint), then its image written with
+    an ext4 filesystem holding ``files`` (path on the volume -> bytes, e.g. ``datasets/...``).
+    ``files`` None: the volume is left blank (no filesystem). A directory-backed volume (the
+    local cloud without loop devices) gets the files copied in. Returns the volume's id."""
+    volume_id = ec2.create_volume(AvailabilityZone=zone, Size=size_gib,
+                                  VolumeType=volume_type)["VolumeId"]
+    ec2mod.wait_for_volume(ec2, volume_id, ("available",), 60, poll_s=0.5)
+    if files is None:
+        return volume_id
+    image = Path(image_of(volume_id))
+    with tempfile.TemporaryDirectory(prefix="spotrun-dataset-") as scratch:
+        tree = Path(scratch) / "tree"
+        for rel, data in files.items():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tree / rel).write_bytes(data)
+        if image.is_dir():
+            shutil.copytree(tree, image, dirs_exist_ok=True)
+        else:
+            subprocess.run(["mkfs.ext4", "-F", "-q", "-d", str(tree), str(image)], check=True)
+    return volume_id
+
+
+def dataset_violations(ledger: list[dict], ec2, image_of: Callable[[str], Path],
+                       volumes: Mapping[str, str | None], sweep_id: str,
+                       files: Mapping[str, bytes], *,
+                       dataset_volume: str | None = None) -> tuple[dict, list[str]]:
+    """Data once (issue 19): exactly one CreateSnapshot with the dataset role (of
+    ``dataset_volume`` when given) in the ledger; each experiment's first volume (``volumes``:
+    job id -> its volume at the end, None if it has none) made from that snapshot by an
+    instance (the ledger's CreateVolume; EC2's SnapshotId and origin tag while that volume
+    is still there); its volume at the end holding ``files`` byte for byte (the image).
+    Returns ({"snapshot", "made_from_it", "bytes_identical"}, violations)."""
+    found: list[str] = []
+    made = [r for r in calls(ledger, action="CreateSnapshot") if performed(r)
+            and (r.get("tags") or {}).get(T.ROLE) == T.DATASET_SNAPSHOT_ROLE]
+    snapshot_ids = [i for r in made for i in r.get("created") or []]
+    summary = {"snapshot": snapshot_ids[0] if len(snapshot_ids) == 1 else None,
+               "made_from_it": [], "bytes_identical": []}
+    if len(made) != 1 or len(snapshot_ids) != 1:
+        found.append(f"sweep data once: {len(made)} CreateSnapshot calls with "
+                     f"{T.ROLE}={T.DATASET_SNAPSHOT_ROLE} in the ledger ({snapshot_ids}), not "
+                     "exactly one (`spotrun init`'s)")
+    else:
+        record = made[0]
+        if (record.get("tags") or {}).get(T.JOB) != sweep_id:
+            found.append(f"sweep data once: the dataset snapshot {snapshot_ids[0]} is tagged "
+                         f"{T.JOB}={(record.get('tags') or {}).get(T.JOB)}, not {sweep_id}")
+        if dataset_volume and dataset_volume not in (record.get("resources") or []):
+            found.append(f"sweep data once: the dataset snapshot {snapshot_ids[0]} is of "
+                         f"{record.get('resources')}, not of {dataset_volume}")
+        if record.get("instance"):
+            found.append(f"sweep data once: the dataset snapshot {snapshot_ids[0]} was made by "
+                         f"the instance {record['instance']}, not by `spotrun init`")
+    snapshot_id = summary["snapshot"]
+    creates = [r for r in calls(ledger, action="CreateVolume") if performed(r)]
+    for job_id, volume_id in volumes.items():
+        first = next((r for r in sorted(creates, key=lambda r: r.get("seq", 0))
+                      if (r.get("tags") or {}).get(T.JOB) == job_id), None)
+        if first is None:
+            found.append(f"sweep data once: no CreateVolume tagged {T.JOB}={job_id} in the ledger")
+        elif snapshot_id is None or snapshot_id not in (first.get("resources") or []) \
+                or (first.get("tags") or {}).get(M.ORIGIN) != M.FROM_DATASET[M.ORIGIN] \
+                or not first.get("instance"):
+            found.append(f"sweep data once: {job_id}'s first volume {first.get('created')} was "
+                         f"not made from the dataset snapshot {snapshot_id} by an instance "
+                         f"(CreateVolume of {first.get('resources')}, {M.ORIGIN}="
+                         f"{(first.get('tags') or {}).get(M.ORIGIN)}, by {first.get('instance')})")
+        else:
+            summary["made_from_it"].append(job_id)
+            first_id = next(iter(first.get("created") or []), None)
+            still = ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [first_id]}])[
+                "Volumes"] if first_id else []
+            for volume in still:  # migrated away and deleted: the ledger alone says
+                if volume.get("State") not in ("deleting", "deleted") and (
+                        volume.get("SnapshotId") != snapshot_id
+                        or M.tags_of(volume).get(M.ORIGIN) != M.FROM_DATASET[M.ORIGIN]):
+                    found.append(f"sweep data once: EC2 has {job_id}'s first volume {first_id} "
+                                 f"from {volume.get('SnapshotId')}, origin "
+                                 f"{M.tags_of(volume).get(M.ORIGIN)}, not from {snapshot_id}")
+        if volume_id is None:
+            continue  # check_experiments names the missing volume
+        try:
+            held = VolumeImage(image_of(volume_id)).read(list(files))
+        except VolumeReadError as exc:
+            found.append(f"sweep data once: {job_id}'s volume image could not be read ({exc})")
+            continue
+        differ = sorted(rel for rel, data in files.items() if held.get(rel) != data)
+        if differ:
+            found.append(f"sweep data once: {job_id}'s volume {volume_id} does not hold the "
+                         f"prepared dataset bytes: {differ} "
+                         f"{'missing' if not set(differ) & set(held) else 'differ'}")
+        else:
+            summary["bytes_identical"].append(job_id)
+    return summary, found
