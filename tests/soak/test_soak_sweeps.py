@@ -265,9 +265,10 @@ def test_the_long_profile_has_sweep_jobs_the_short_none():
             assert plan.sweep[-1] == plan.sweep[-2]
         if plan.slots[0].kind == "sweep_simultaneous_claims":
             assert plan.capacity == len(plan.sweep)
-    # The instance sent away between two experiments: by a notice, then killed, in turn.
+    # The instance sent away between two experiments: by a notice, then killed, after its
+    # next claim and then before it, in turn.
     assert [p.variant for p in sweeps if p.slots[0].kind == "sweep_interrupted_between_jobs"] \
-        == ["notice", "kill", "notice", "kill"]
+        == ["notice", "kill", "notice-before-claim", "kill-before-claim"]
     # Replayable: a job's plan does not depend on how many follow it.
     assert soak.plan_jobs("long", 1, jobs=16)[15].describe() == plans[15].describe()
 

@@ -223,21 +223,23 @@ class SoakJob(Rehearsal):
             return None
         return self.wait(f"{instance_id}'s agent to crash or train", ended, 90) == "exited"
 
-    def await_agent_paused(self, instance_id: str) -> int | None:
+    def await_agent_paused(self, instance_id: str, timeout_s: float = 90, *,
+                           trained_ok: bool = False) -> int | None:
         """The pid of the agent once it has stopped itself at its pause point; None if it
-        exited or trained instead."""
+        exited, or trained instead (unless ``trained_ok``: a pause point reached only after
+        training, as a sweep's between two experiments)."""
         def paused():
             proc = self.agent_process(instance_id)
             if proc is None or proc.poll() is not None:
                 return "gone"
-            if self.has_trained(instance_id):
+            if not trained_ok and self.has_trained(instance_id):
                 return "trained"
             try:
                 state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except (OSError, IndexError):
                 return None
             return proc.pid if state == "T" else None
-        answer = self.wait(f"{instance_id}'s agent to pause", paused, 90)
+        answer = self.wait(f"{instance_id}'s agent to pause", paused, timeout_s)
         return answer if isinstance(answer, int) else None
 
     def current_phase(self, instance_id: str) -> str | None:

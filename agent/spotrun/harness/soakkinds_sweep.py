@@ -12,7 +12,10 @@ aimed at one moment of the claim protocol:
   pause point, which every experiment's lifecycle passes right after its claim: the soak lets
   its first experiment go, and at the second stop -- its first experiment released finished
   and the next one claimed, before anything of it is touched (both read from the ledger) --
-  posts a spot notice and lets it go on, or terminates it there.
+  posts a spot notice and lets it go on, or terminates it there. The ``-before-claim``
+  variants use the ``sweep.claiming`` pause point instead (the first experiment released
+  finished, the next not yet claimed): after a notice there the instance must claim nothing
+  more (``:claimed_after_notice`` otherwise).
 - ``sweep_last_two_finish_together``: the last two experiments (the same length) are each
   frozen inside their final checkpoint save (the counting trainer's ``hold_at``) until both
   are, then let go at once: both agents release their experiment finished, find nothing left
@@ -45,6 +48,7 @@ from spotrun_trainer.store import SAVE_POINTS
 
 log = get_logger("soak")
 PAUSE_AFTER_CLAIM = "identify.started"  # spotrun.boot: each experiment's lifecycle, after its claim
+PAUSE_BEFORE_CLAIM = "sweep.claiming"    # spotrun.sweeprun: released finished, the next not claimed
 TAGS_PATH = "meta-data/tags/instance"   # spotrun.identity: the last of a boot's identify reads
 HOLD_POINTS = [p for p in SAVE_POINTS if p != "saved"]
 
@@ -288,8 +292,13 @@ def simultaneous_claims(job: SweepSoakJob, slot) -> Moment:
 
 # -- sweep_interrupted_between_jobs -------------------------------------------------------------
 
+def _before_claim(job: SweepSoakJob) -> bool:
+    return job.job_plan.variant.endswith("-before-claim")
+
+
 def prepare_interrupted_between_jobs(job: SweepSoakJob, slot) -> None:
-    job.pause_next_boot = PAUSE_AFTER_CLAIM  # the fleet's first boot only (SoakJob.boot)
+    # The fleet's first boot only (SoakJob.boot).
+    job.pause_next_boot = PAUSE_BEFORE_CLAIM if _before_claim(job) else PAUSE_AFTER_CLAIM
 
 
 def interrupted_between_jobs(job: SweepSoakJob, slot) -> Moment:
@@ -297,29 +306,42 @@ def interrupted_between_jobs(job: SweepSoakJob, slot) -> Moment:
     job.pause_armed.pop(armed, None)
     inst = job.cloud.instance(armed)
     missed = Moment(slot.kind, False, [f"{slot.kind}:missed"])
-    pid = job.await_agent_paused(armed)  # its first experiment claimed, its lifecycle at its start
-    if pid is None:
-        return missed
-    [(first, _)] = job.takes_by(armed)[:1] or [(None, 0.0)]
-    signal_pid(pid, signal.SIGCONT)
-
-    def between():
-        """The first experiment released finished, the next claimed, the agent stopped."""
-        job._check_alive()
-        if inst.state != "running":
-            return "gone"
+    before_claim = _before_claim(job)
+    if before_claim:
+        # Stopped at sweep.claiming: only after a first experiment ran to its end.
+        pid = job.await_agent_paused(
+            armed, max(job.experiments.values()) * job.job_plan.step_s * 2 + 90, trained_ok=True)
+        if pid is None:
+            return missed
         takes = job.takes_by(armed)
-        if first and job.finished_by(armed, first) and len(takes) >= 2 and _stopped(pid):
-            return takes[1][0]
-        return None
-    try:
-        claimed = job.wait(f"{armed} between two experiments", between,
-                           max(job.experiments.values()) * job.job_plan.step_s * 2 + 90)
-    except JobEnded:
-        return missed
-    if claimed == "gone":  # nothing left for it: it left the fleet
-        return Moment(slot.kind, False, [f"{slot.kind}:not_reached"])
-    how = job.job_plan.variant or slot.rng.choice(["notice", "kill"])
+        first = takes[0][0] if takes else None
+        if not first or len(takes) != 1 or not job.finished_by(armed, first):
+            return missed
+        claimed = None
+    else:
+        pid = job.await_agent_paused(armed)  # its first experiment claimed, its lifecycle at its start
+        if pid is None:
+            return missed
+        [(first, _)] = job.takes_by(armed)[:1] or [(None, 0.0)]
+        signal_pid(pid, signal.SIGCONT)
+
+        def between():
+            """The first experiment released finished, the next claimed, the agent stopped."""
+            job._check_alive()
+            if inst.state != "running":
+                return "gone"
+            takes = job.takes_by(armed)
+            if first and job.finished_by(armed, first) and len(takes) >= 2 and _stopped(pid):
+                return takes[1][0]
+            return None
+        try:
+            claimed = job.wait(f"{armed} between two experiments", between,
+                               max(job.experiments.values()) * job.job_plan.step_s * 2 + 90)
+        except JobEnded:
+            return missed
+        if claimed == "gone":  # nothing left for it: it left the fleet
+            return Moment(slot.kind, False, [f"{slot.kind}:not_reached"])
+    how = (job.job_plan.variant or slot.rng.choice(["notice", "kill"])).removesuffix("-before-claim")
     record = {"kind": slot.kind, "instance_id": armed, "released": first, "claimed": claimed,
               "how": how, "at": time.time()}
     if how == "kill":
@@ -342,7 +364,10 @@ def interrupted_between_jobs(job: SweepSoakJob, slot) -> Moment:
         cause = "notice between experiments"
     record.update(drained=drained, cause=cause)
     job.gone.append(armed)
-    return Moment(slot.kind, True, [f"{slot.kind}:{how}"], interruption=record)
+    faults = [f"{slot.kind}:{how}" + ("-before-claim" if before_claim else "")]
+    if before_claim and how == "notice" and len(job.takes_by(armed)) > 1:
+        faults.append(f"{slot.kind}:claimed_after_notice")  # told to go, it took another
+    return Moment(slot.kind, True, faults, interruption=record)
 
 
 # -- sweep_last_two_finish_together -------------------------------------------------------------

@@ -185,7 +185,10 @@ def plan_sweep(index: int, seed: int, kind: str, rng: random.Random, occurrence:
     ``occurrence``: the how-manieth of its kind; a kind with two ways takes them in turn."""
     variant = ""
     if kind == "sweep_interrupted_between_jobs":
-        variant = ("notice", "kill")[(occurrence - 1) % 2]
+        # Sent away after its next claim (at identify.started) or before it (sweep.claiming),
+        # by a notice or killed: the four in turn.
+        variant = ("notice", "kill", "notice-before-claim",
+                   "kill-before-claim")[(occurrence - 1) % 4]
     every = rng.randint(6, 10)
     if kind == "sweep_simultaneous_claims":
         # As many instances as experiments, booted at once: every one of them claims at once.
