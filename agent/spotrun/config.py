@@ -22,8 +22,6 @@ else:  # pragma: no cover - Ubuntu 22.04's Python 3.10
     import tomli as tomllib
 
 DEFAULT_CONFIG_PATH = Path("/etc/spotrun/agent.toml")
-# Written by the user-data stub when it is a path rather than inline TOML.
-DEFAULT_USER_DATA_PATH = Path("/etc/spotrun/user-data.toml")
 
 
 class ConfigError(ValueError):
