@@ -1,4 +1,5 @@
-"""Fixtures for the system test: the .deb, and Debian 12 booted with systemd-nspawn."""
+"""Fixtures for the system test: the .deb, and Debian 12 (or another distribution:
+nspawn.Distribution) booted with systemd-nspawn."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import pytest
 
 # importlib import mode: the helper module beside this file is not importable otherwise.
 sys.path.insert(0, str(Path(__file__).parent))
-from nspawn import Container, apt_install  # noqa: E402
+from nspawn import DEBIAN12, Container, Distribution, apt_install  # noqa: E402
 from unitjob import Job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,10 +53,10 @@ def container_factory(system_ready, tmp_path):
     """Boot containers on demand; every one is powered off and deleted at the end."""
     booted: list[Container] = []
 
-    def boot(binds: list[str] = ()) -> Container:
+    def boot(binds: list[str] = (), distribution: Distribution = DEBIAN12) -> Container:
         workdir = tmp_path / f"container-{len(booted)}"
         workdir.mkdir()
-        container = Container(workdir, binds=list(binds))
+        container = Container(workdir, binds=list(binds), distribution=distribution)
         booted.append(container)
         return container.boot()
 

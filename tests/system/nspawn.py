@@ -1,8 +1,9 @@
-"""A Debian 12 system booted with systemd-nspawn, driven from the host with nsenter.
+"""A Debian 12 system (or another Distribution) booted with systemd-nspawn, driven from the
+host with nsenter.
 
 The root filesystem is made once by debootstrap and cached under /var/cache/spotrun
-(keyed by the recipe below, so changing the package list rebuilds it); every container
-boots a fresh copy of it, so tests never see each other's leftovers.
+(keyed by the distribution's recipe, so changing the package list rebuilds it); every
+container boots a fresh copy of it, so tests never see each other's leftovers.
 
 These machines run no systemd as PID 1 on the host, so nspawn cannot register the
 container with machined (--register=no) nor create a scope unit (--keep-unit): without
@@ -15,59 +16,106 @@ import fcntl
 import glob
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("SPOTRUN_SYSTEM_CACHE", "/var/cache/spotrun"))
-SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
-# Besides minbase: systemd as PID 1, what the package depends on (so installing it needs
-# no download), and the tools the tests inspect the system with.
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Besides minbase: systemd as PID 1, what the package depends on (python3, e2fsprogs, git,
+# mount: packaging/debian/control; so installing it needs no download), and the tools the
+# tests inspect the system with.
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "e2fsprogs", "util-linux", "mount",
             "git", "ca-certificates", "procps")
-RECIPE = f"debootstrap --variant=minbase {SUITE} {MIRROR} +{','.join(PACKAGES)} v1"
-CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def host_debian_mirror() -> str:
+    """The Debian mirror the host's apt uses (its deb822 or one-line sources): the roots come
+    from the same place as the host's own packages, named nowhere in this repository."""
+    entries = []
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        entries += re.findall(r"^URIs:\s*(\S+)", Path(path).read_text(), re.M)
+    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+        if Path(path).exists():
+            entries += re.findall(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)", Path(path).read_text(), re.M)
+    mirrors = [uri.rstrip("/") for uri in entries if uri.rstrip("/").endswith("/debian")]
+    if not mirrors:
+        raise ContainerError("no Debian mirror (a URI ending in /debian) in the host's apt sources")
+    return mirrors[0]
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """How a root file system is made: ``debootstrap --variant=minbase`` of ``suite`` from
+    ``mirror``, with ``packages``. Each is cached under its own key (its recipe)."""
+    name: str              # the cache directory's prefix: debian12, debian13
+    suite: str
+    mirror: str
+    packages: tuple[str, ...] = PACKAGES
+    python: str = ""       # its python3's version, "3.13"
+
+    @property
+    def recipe(self) -> str:
+        # Debian 12's reads exactly as it did before other distributions came: same cache key.
+        return (f"debootstrap --variant=minbase {self.suite} {self.mirror} "
+                f"+{','.join(self.packages)} v1")
+
+
+DEBIAN12 = Distribution("debian12", "bookworm", host_debian_mirror(), python="3.11")
+DEBIAN13 = Distribution("debian13", "trixie", host_debian_mirror(), python="3.13")
+# Kept for the tests that name the default's recipe.
+SUITE, MIRROR, RECIPE = DEBIAN12.suite, DEBIAN12.mirror, DEBIAN12.recipe
 
 
 class ContainerError(RuntimeError):
     pass
 
 
-def rootfs_cache() -> Path:
-    """The cached Debian 12 root, made by debootstrap on first use (a few minutes)."""
-    key = hashlib.sha256(RECIPE.encode()).hexdigest()[:12]
-    root = CACHE_DIR / f"debian12-rootfs-{key}"
+def rootfs_cache(distribution: Distribution = DEBIAN12) -> Path:
+    """The cached root of ``distribution``, made by debootstrap on first use (minutes)."""
+    recipe = distribution.recipe
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    root = CACHE_DIR / f"{distribution.name}-rootfs-{key}"
     if (root / ".spotrun-rootfs-complete").exists():
         return root
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / ".rootfs.lock", "w") as lock:
+    lock_name = ".rootfs.lock" if distribution == DEBIAN12 else f".rootfs-{distribution.name}.lock"
+    with open(CACHE_DIR / lock_name, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be making it right now
         if (root / ".spotrun-rootfs-complete").exists():
             return root
         partial = Path(tempfile.mkdtemp(prefix="rootfs-partial-", dir=CACHE_DIR))
         partial.chmod(0o755)  # it becomes "/": mkdtemp's 0700 locks out every other user
         try:
-            apt_cache = ["--cache-dir=/var/cache/apt/archives"] if Path(
-                "/var/cache/apt/archives").is_dir() else []
+            if distribution == DEBIAN12:
+                apt_cache = ["--cache-dir=/var/cache/apt/archives"] if Path(
+                    "/var/cache/apt/archives").is_dir() else []
+            else:  # not the host's: another distribution's .debs may share a file name
+                debs = CACHE_DIR / f"debs-{distribution.name}"
+                debs.mkdir(exist_ok=True)
+                apt_cache = [f"--cache-dir={debs}"]
+            options = [*apt_cache, f"--include={','.join(distribution.packages)}"]
             subprocess.run(
-                ["debootstrap", "--variant=minbase", *apt_cache, f"--include={','.join(PACKAGES)}",
-                 SUITE, str(partial), MIRROR],
+                ["debootstrap", "--variant=minbase", *options, distribution.suite, str(partial),
+                 distribution.mirror],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=1500)
             subprocess.run(["chroot", str(partial), "apt-get", "clean"], check=True, timeout=120)
             # DLAMIs run the trainer as "ubuntu"; the container has that user too.
             subprocess.run(["chroot", str(partial), "useradd", "--create-home", "--shell",
                             "/bin/bash", "ubuntu"], check=True, timeout=60)
             (partial / "etc/hostname").write_text("spotrun-test\n")
-            (partial / ".spotrun-rootfs-complete").write_text(RECIPE + "\n")
+            (partial / ".spotrun-rootfs-complete").write_text(recipe + "\n")
             if root.exists():
                 shutil.rmtree(root)
             partial.rename(root)
         except subprocess.CalledProcessError as exc:
-            raise ContainerError(f"debootstrap failed: {exc.stderr!r}") from exc
+            raise ContainerError(f"debootstrap of {distribution.suite} failed: "
+                                 f"{exc.stderr!r}") from exc
         finally:
             if partial.exists():
                 _unmount_under(partial)  # a failed debootstrap can leave /proc, /sys mounted
@@ -93,7 +141,9 @@ def _alive(pid: int) -> bool:
 class Container:
     """A booted copy of the cached root. Use as a context manager: it always powers off."""
 
-    def __init__(self, workdir: Path, binds: list[str] = (), bind_loop_devices: bool = True):
+    def __init__(self, workdir: Path, binds: list[str] = (), bind_loop_devices: bool = True,
+                 distribution: Distribution = DEBIAN12):
+        self.distribution = distribution
         self.workdir = Path(workdir)
         self.root = self.workdir / "root"
         self.name = f"spotrun-test-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
@@ -106,7 +156,8 @@ class Container:
 
     # -- life cycle -------------------------------------------------------------------
     def boot(self, timeout: float = 120.0) -> "Container":
-        subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs_cache()), str(self.root)],
+        subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs_cache(self.distribution)),
+                        str(self.root)],
                        check=True, timeout=300)
         args = ["systemd-nspawn", "--quiet", "--directory", str(self.root), "--boot",
                 "--register=no", "--keep-unit", "--machine", self.name, "--console=passive"]
