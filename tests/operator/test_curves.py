@@ -106,3 +106,35 @@ def test_status_plot_draws_a_sweeps_experiments_on_one_figure(moto, client, job_
         "a": [1.0, 2.0, 3.0], "bb": [2.0, 4.0]}
     assert f"learning curves: {out}" in err and "2 of 3 jobs" in err
     assert out.stat().st_size > 1000
+
+
+def test_latest_is_each_jobs_newest_point_in_one_read(published, client, job_id):
+    """`status` on a sweep (issue 19): every job's newest step and values from one ListMetrics
+    and one GetMetricData; a job whose points are older than the three high-resolution hours
+    is read from the minute data in one more; a job with none is absent."""
+    cloudwatch, jobs, _ = published
+    old_job = f"{job_id}-old"
+    old = metrics.MetricsPublisher(cloudwatch, old_job)
+    hours_ago = int(time.time()) - 5 * 3600
+    for n, step in enumerate((7, 8)):
+        old.publish({"global_step": step, "time": hours_ago + 120 * n,
+                     "metrics": {"loss": 1.0 / step}})
+    seen = []
+    counter = client("cloudwatch")
+    counter.meta.events.register("before-call", lambda model, **_: seen.append(model.name))
+    found = curves.latest(counter, [*jobs, "never-published"])
+    assert seen == ["ListMetrics", "GetMetricData"]
+    assert sorted(found) == sorted(jobs)
+    for job, steps in jobs.items():
+        assert found[job]["step"] == steps[-1]
+        assert found[job]["metrics"] == {"loss": pytest.approx(loss_at(job, steps[-1])),
+                                         "accuracy": 1.0}
+        assert list(found[job]["metrics"]) == ["loss", "accuracy"]  # the preferred order
+    seen.clear()
+    found = curves.latest(counter, [*jobs, old_job])
+    assert seen == ["ListMetrics", "GetMetricData", "GetMetricData"]
+    assert found[old_job]["step"] == 8 and found[old_job]["metrics"] == {"loss": 0.125}
+    # The minute data's time is its minute bucket's (the point within the minute from it).
+    from datetime import datetime
+    bucket = datetime.fromisoformat(found[old_job]["time"]).timestamp()
+    assert hours_ago + 120 - 60 < bucket <= hours_ago + 120

@@ -1,14 +1,18 @@
 """One refresh of a sweep's status costs the same AWS calls whatever its number of experiments
 (review of issue 19): the spot prices, the volumes, the snapshots, the instances and the
 fleets are described once for the whole sweep and split by the job tag, not once per
-experiment. Counted at the client (every request botocore sends, pages included) against
+experiment; every experiment's latest metrics come from one ListMetrics and one GetMetricData
+(CloudWatch). Counted at the client (every request botocore sends, pages included) against
 moto's real server."""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
-from spotrun import tags
+import pytest
+
+from spotrun import metrics, tags
 from spotrun.operator import jobfile
 from spotrun.operator import status as status_mod
 from spotrun.operator.aws import Aws
@@ -18,7 +22,8 @@ REGION = "us-west-2"
 
 def _sweep(job_file, spotrun, client, moto, sweep_id: str, grid: str, path=None) -> jobfile.Job:
     """A sweep launched as one fleet of two instances, every experiment with its volume (as
-    its agent makes it), two of them attached to the fleet's instances, one with a snapshot."""
+    its agent makes it), two of them attached to the fleet's instances, one with a snapshot,
+    and its metrics in CloudWatch at two steps (the latest: 10 x its number)."""
     path = path or job_file(job_id=sweep_id)
     path.write_text(path.read_text().replace("[launch]", "[launch]\ntarget_capacity = 2")
                     + f"\n[sweep.grid]\n{grid}\n")
@@ -30,7 +35,12 @@ def _sweep(job_file, spotrun, client, moto, sweep_id: str, grid: str, path=None)
     running = [i for r in ec2.describe_instances(Filters=tags.job_filters(sweep_id))["Reservations"]
                for i in r["Instances"]]
     assert len(running) == 2, running
+    cloudwatch, now = client("cloudwatch"), int(time.time())
     for n, experiment in enumerate(job.experiments):
+        publisher = metrics.MetricsPublisher(cloudwatch, experiment.job_id)
+        for step in (n + 1, 10 * (n + 1)):
+            publisher.publish({"global_step": step, "time": now - 100 + step,
+                               "metrics": {"loss": 1.0 / step, "accuracy": step / 100}})
         zone = running[n % 2]["Placement"]["AvailabilityZone"]
         volume = ec2.create_volume(AvailabilityZone=zone, Size=1, TagSpecifications=[{
             "ResourceType": "volume", "Tags": tags.as_list({
@@ -49,7 +59,7 @@ def _sweep(job_file, spotrun, client, moto, sweep_id: str, grid: str, path=None)
 def _calls(moto, job: jobfile.Job) -> tuple[Counter, dict]:
     aws = Aws(region=REGION, endpoint_url=moto)
     seen: Counter = Counter()
-    for service in ("ec2", "autoscaling"):
+    for service in ("ec2", "autoscaling", "cloudwatch"):
         aws.client(service).meta.events.register(
             "before-call", lambda model, **_: seen.update([model.name]))
     experiments = [(e.name, e.job_id, dict(e.parameters)) for e in job.experiments]
@@ -72,8 +82,14 @@ def test_a_sweeps_status_makes_as_many_calls_for_four_experiments_as_for_two(
         assert [r["progress"]["epoch"] for r in rows] == list(range(1, len(rows) + 1))
         assert [len(r["instances"]) for r in rows[:2]] == [1, 1]
         assert [len(v["snapshots"]) for v in view["views"]][:2] == [1, 0]
+        assert [r["metrics_step"] for r in rows] == [10 * n for n in range(1, len(rows) + 1)]
+        assert [r["metrics"]["loss"] for r in rows] == [
+            pytest.approx(1 / (10 * n)) for n in range(1, len(rows) + 1)]
     assert sum(calls_four.values()) == sum(calls_two.values()), (calls_two, calls_four)
     assert calls_four == calls_two
+    # Before the metrics column: 0 CloudWatch calls; now 2 (ListMetrics, GetMetricData),
+    # whatever the number of experiments.
+    assert calls_four["ListMetrics"] == 1 and calls_four["GetMetricData"] == 1
     # One spot-price lookup, one Describe each for the volumes and the snapshots.
     assert calls_four["DescribeSpotPriceHistory"] == 1
     assert calls_four["DescribeVolumes"] == 1 and calls_four["DescribeSnapshots"] == 1
@@ -105,7 +121,9 @@ def test_a_sweeps_cost_is_its_instances_once_and_no_row_claims_a_share(
     assert cost["unpriced_instance_types"] == [] and 4 <= cost["instance_hours"] < 4.1, cost
     text = status_mod.render_sweep(view)
     rows = text.splitlines()[2:4]
-    assert all(row.rstrip().endswith(" -") for row in rows), text
+    # The cost column "-", then each row's latest metrics.
+    assert [row.split("  loss ")[0][-2:] for row in rows] == [" -", " -"], text
+    assert rows[0].endswith("  loss 0.1 acc 0.1") and rows[1].endswith("  loss 0.05 acc 0.2"), text
     assert f"over {cost['instance_hours']:.2f} instance-hours, the whole sweep" in text
     assert "EC2 keeps no record of which held which volume" in text
 

@@ -6,6 +6,9 @@ step by that timestamp. High-resolution points keep their second for three hours
 CloudWatch keeps one a minute (and the agent publishes at most one a minute by default), so the
 last three hours are read at a 1 s period and the fortnight before them at 60 s: a bucket holds
 one point either way. matplotlib (the ``plot`` extra) is imported only to draw.
+
+``latest`` reads only each job's newest point, for the metrics column of a sweep's status: one
+ListMetrics and one GetMetricData for every experiment together.
 """
 from __future__ import annotations
 
@@ -67,11 +70,110 @@ def fetch(cloudwatch: Any, job_ids: Sequence[str], *, now: datetime | None = Non
     return found
 
 
+# -- the latest point of each job, for `spotrun status` on a sweep (issue 19) ----------------
+
+# GetMetricData takes at most 500 queries a call: a refresh reads every job's latest point in
+# one call (two when a job's newest point is older than the high-resolution three hours).
+MAX_QUERIES = 500
+
+Latest = dict[str, dict[str, Any]]  # job -> {"metrics": {name: value}, "step": int, "time": str}
+
+
+def listed_names(cloudwatch: Any, job_ids: Sequence[str]) -> dict[str, list[str]]:
+    """{job: its metric names} for these jobs, from ONE listing of the namespace (paged),
+    however many jobs: ListMetrics filters by one dimension value at a time."""
+    wanted = set(job_ids)
+    names: dict[str, set[str]] = {}
+    for page in cloudwatch.get_paginator("list_metrics").paginate(Namespace=NAMESPACE):
+        for metric in page["Metrics"]:
+            for dim in metric.get("Dimensions", []):
+                if dim.get("Name") == DIMENSION and dim.get("Value") in wanted:
+                    names.setdefault(dim["Value"], set()).add(metric["MetricName"])
+    return {job: sorted(found) for job, found in names.items()}
+
+
+def ordered(names: Sequence[str]) -> list[str]:
+    """The preferred metrics first (loss, val_loss, accuracy, val_accuracy), then by name."""
+    return [n for n in PREFERRED if n in names] + sorted(set(names) - set(PREFERRED))
+
+
+def _read_points(cloudwatch: Any, wanted: dict[str, list[str]], start: datetime, end: datetime,
+                 period: int) -> dict[str, dict[str, dict[datetime, float]]]:
+    """job -> metric -> {time: value}, every query in one GetMetricData (paged)."""
+    queries, label = [], {}
+    for job_id, names in wanted.items():
+        for name in names:
+            query_id = f"q{len(queries)}"
+            label[query_id] = (job_id, name)
+            queries.append({"Id": query_id, "ReturnData": True, "MetricStat": {
+                "Metric": {"Namespace": NAMESPACE, "MetricName": name,
+                           "Dimensions": dimensions(job_id)},
+                "Period": period, "Stat": "Maximum" if name == STEP_METRIC else "Average"}})
+    found: dict[str, dict[str, dict[datetime, float]]] = {}
+    if not queries:
+        return found
+    for page in cloudwatch.get_paginator("get_metric_data").paginate(
+            MetricDataQueries=queries, StartTime=start, EndTime=end,
+            ScanBy="TimestampDescending"):
+        for result in page["MetricDataResults"]:
+            job_id, name = label[result["Id"]]
+            found.setdefault(job_id, {}).setdefault(name, {}).update(
+                zip(result["Timestamps"], result["Values"]))
+    return found
+
+
+def _newest(series: dict[str, dict[datetime, float]]) -> dict[str, Any] | None:
+    """The newest step and, at it, each metric's value (a metric without a point then, such as
+    val_loss between epochs: its newest point before it)."""
+    steps = series.get(STEP_METRIC) or {}
+    if not steps:
+        return None
+    when = max(steps)
+    values = {}
+    for name in ordered([n for n in series if n != STEP_METRIC]):
+        before = [t for t in series[name] if t <= when]
+        if before:
+            values[name] = series[name][max(before)]
+    if not values:
+        return None
+    return {"metrics": values, "step": int(steps[when]),
+            "time": when.astimezone(timezone.utc).isoformat(timespec="seconds")}
+
+
+def latest(cloudwatch: Any, job_ids: Sequence[str], *, now: datetime | None = None) -> Latest:
+    """Each job's newest published point: its metrics, the step and the time; a job that has
+    published none is absent. One ListMetrics (paged) and one GetMetricData for all the jobs,
+    however many (a second one only for jobs whose newest point is older than three hours).
+    With more metrics than 500 queries hold, each job keeps the preferred ones first."""
+    now = now or datetime.now(timezone.utc)
+    listed = {job: names for job, names in listed_names(cloudwatch, job_ids).items()
+              if STEP_METRIC in names and len(names) > 1}
+    if not listed:
+        return {}
+    per_job = max(2, MAX_QUERIES // len(listed))
+    wanted = {job: [STEP_METRIC] + ordered([n for n in names if n != STEP_METRIC])[:per_job - 1]
+              for job, names in listed.items()}
+    # Whole seconds and minutes: each bucket starts on its period, so a 1 s one is the point's
+    # own second and a minute one its minute.
+    recent = (now - HIGH_RESOLUTION_KEPT).replace(microsecond=0)
+    found: Latest = {}
+    points = _read_points(cloudwatch, wanted, recent, now + timedelta(minutes=1), 1)
+    for job_id, series in points.items():
+        if (point := _newest(series)) is not None:
+            found[job_id] = point
+    older = {job: names for job, names in wanted.items() if job not in found}
+    if older:
+        start = (now - MINUTE_DATA_KEPT).replace(second=0, microsecond=0)
+        points = _read_points(cloudwatch, older, start, recent, 60)
+        for job_id, series in points.items():
+            if (point := _newest(series)) is not None:
+                found[job_id] = point
+    return found
+
+
 def panels(curves: Curves) -> list[str]:
     """The metrics to draw, one panel each: the preferred ones first, at most MAX_PANELS."""
-    logged = {name for job in curves.values() for name in job}
-    ordered = [n for n in PREFERRED if n in logged] + sorted(logged - set(PREFERRED))
-    return ordered[:MAX_PANELS]
+    return ordered({name for job in curves.values() for name in job})[:MAX_PANELS]
 
 
 def plot(curves: Curves, path: Path, *, labels: Mapping[str, str] | None = None,

@@ -2,7 +2,8 @@
 
 Capacity and instances from EC2/Auto Scaling, the agent's phase and progress from the tags
 it writes on the job's volume, volumes and snapshots by the job tag, the spot price now,
-and an estimated cost against the same hours on demand.
+and an estimated cost against the same hours on demand. A sweep's rows add each experiment's
+latest metrics from CloudWatch (curves.latest, one read for all of them).
 """
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import botocore.exceptions
+import botocore.parsers
+
 from spotrun import tags
-from spotrun.operator import fleets, pricing
+from spotrun.operator import curves, fleets, pricing
 from spotrun.progress import epoch_step
 from spotrun.operator.aws import Aws
 
@@ -329,10 +333,13 @@ SWEEP_COST_NOTE = ("no cost per experiment (-): the fleet's instances take exper
 
 
 def sweep_row(name: str, parameters: dict, view: dict[str, Any],
-              cost_usd: float | None = None) -> dict[str, Any]:
+              cost_usd: float | None = None, latest: dict[str, Any] | None = None,
+              metrics_read: bool = True) -> dict[str, Any]:
     """One experiment's line of a sweep's status, from that job's own view. ``cost_usd``: the
     instances that carry the experiment's own job tag (launched as a job of its own), None
-    when no instance can be charged to it alone."""
+    when no instance can be charged to it alone. ``latest``: its newest point in CloudWatch
+    (curves.latest), None when it has published none; ``metrics_read`` False when CloudWatch
+    could not be read (then ``metrics`` is None, not {})."""
     agent = view["agent"]
     started = bool(view["volumes"] or view["instances"])
     live = [i for i in view["instances"] if i["state"] in ("pending", "running")]
@@ -343,8 +350,32 @@ def sweep_row(name: str, parameters: dict, view: dict[str, Any],
         "instances": [{"id": i["id"], "az": i["az"]} for i in live],
         "interruptions": agent["interruptions"],
         "cost_usd": cost_usd,
+        "metrics": (latest or {}).get("metrics", {}) if metrics_read else None,
+        "metrics_step": (latest or {}).get("step"),
+        "metrics_time": (latest or {}).get("time"),
         "outcome": view["outcome"],
     }
+
+
+def _brief(exc: Exception) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        text = f"{error.get('Code') or 'error'}: {error.get('Message') or ''}".rstrip(": ")
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def latest_metrics(aws: Aws, job_ids: list[str],
+                   now: datetime) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """Every job's newest CloudWatch point in one read (curves.latest), or None and a note
+    naming the error: a report, so CloudWatch being unreachable or refusing never stops it."""
+    try:
+        return curves.latest(aws.client("cloudwatch"), job_ids, now=now), None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+            botocore.parsers.ResponseParserError) as exc:
+        return None, f"metrics could not be read from CloudWatch ({_brief(exc)}); shown as -"
 
 
 def sweep_outcome(rows: list[dict[str, Any]]) -> str | None:
@@ -367,11 +398,14 @@ def gather_sweep(aws: Aws, sweep_id: str, experiments: list[tuple[str, str, dict
     now = now or datetime.now(timezone.utc)
     found = _gather_jobs(aws, [sweep_id] + [job for _, job, _ in experiments], instance_types, now)
     views = [found["views"][job_id] for _, job_id, _ in experiments]
+    # Each experiment's latest metrics: one CloudWatch read for all of them.
+    latest, metrics_note = latest_metrics(aws, [job for _, job, _ in experiments], now)
     rows = []
     for (name, job_id, parameters), view in zip(experiments, views):
         own = found["own_instances"][job_id]
         cost = pricing.estimate(own, found["spot_prices"], now)["spot_usd"] if own else None
-        rows.append(sweep_row(name, parameters, view, cost))
+        rows.append(sweep_row(name, parameters, view, cost, (latest or {}).get(job_id),
+                              metrics_read=latest is not None))
     if any(row["outcome"] is None for row in rows):
         # An experiment's own lookup knows no capacity of its own (the fleet carries the
         # sweep's id): once the sweep's fleet has ended with nothing running, an experiment not
@@ -385,7 +419,20 @@ def gather_sweep(aws: Aws, sweep_id: str, experiments: list[tuple[str, str, dict
     cost = pricing.estimate(list(found["instances"].values()), found["spot_prices"], now)
     return {"sweep": sweep_id, "time": now.isoformat(timespec="seconds"), "experiments": rows,
             "outcome": sweep_outcome(rows), "views": views, "cost": cost,
-            "cost_usd": cost["spot_usd"], "cost_note": SWEEP_COST_NOTE}
+            "cost_usd": cost["spot_usd"], "cost_note": SWEEP_COST_NOTE,
+            "metrics_note": metrics_note}
+
+
+# The metrics column: at most this many, the preferred ones first, 3 significant digits.
+ROW_METRICS = 3
+_SHORT = {"accuracy": "acc", "val_accuracy": "val_acc"}
+
+
+def metrics_text(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    return " ".join(f"{_SHORT.get(name, name)} {metrics[name]:.3g}"
+                    for name in curves.ordered(list(metrics))[:ROW_METRICS])
 
 
 def render_sweep(view: dict[str, Any]) -> str:
@@ -396,13 +443,14 @@ def render_sweep(view: dict[str, Any]) -> str:
     lines = [f"sweep {view['sweep']}   ({view['time']})   {len(rows)} experiments: "
              + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())),
              f"{'experiment':32} {'phase':12} {'progress':24} {'instance / AZ':34} "
-             f"{'interrupted':>11} {'cost':>9}"]
+             f"{'interrupted':>11} {'cost':>9}  metrics"]
     for row in rows:
         progress = epoch_step(row["progress"])
         where = ", ".join(f"{i['id']} {i['az']}" for i in row["instances"]) or "-"
         cost = f"${row['cost_usd']:>8.2f}" if row["cost_usd"] is not None else f"{'-':>9}"
         lines.append(f"{row['name'][:32]:32} {(row['outcome'] or row['phase'])[:12]:12} "
-                     f"{progress[:24]:24} {where[:34]:34} {row['interruptions']:>11} {cost}")
+                     f"{progress[:24]:24} {where[:34]:34} {row['interruptions']:>11} {cost}  "
+                     f"{metrics_text(row.get('metrics'))}")
     cost = view["cost"]
     lines.append(f"cost (est.)    ${cost['spot_usd']:.2f} at spot over {cost['instance_hours']:.2f} "
                  "instance-hours, the whole sweep")
@@ -410,4 +458,6 @@ def render_sweep(view: dict[str, Any]) -> str:
         lines.append(f"               no price for {', '.join(cost['unpriced_instance_types'])}")
     if any(row["cost_usd"] is None for row in rows):
         lines.append(f"               {view['cost_note']}")
+    if view.get("metrics_note"):
+        lines.append(f"metrics        {view['metrics_note']}")
     return "\n".join(lines)
