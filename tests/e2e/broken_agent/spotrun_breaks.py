@@ -70,10 +70,9 @@ def _verify_an_empty_copy() -> None:
 
     verify = volumes.verify_volume
 
-    def broken_verify(config, volume_id, generation, *, migrated, marker_expected):
+    def broken_verify(config, volume_id, generation, *, migrated, **checks):
         if not migrated:
-            return verify(config, volume_id, generation, migrated=migrated,
-                          marker_expected=marker_expected)
+            return verify(config, volume_id, generation, migrated=migrated, **checks)
         checkpoints = config.mount_point / config.volume.checkpoints_dir
         shutil.rmtree(checkpoints, ignore_errors=True)
         checkpoints.mkdir()
