@@ -56,12 +56,13 @@ test-fast: deps
 demo: deps
 	$(VENV)/bin/spotrun rehearse --out demo-out --interrupt-at-step 40
 
-# A sweep on the local spot cloud: 4 experiments on 2 instances, one interrupted, learning curves
-# in demo-sweep-out/curves.png. Fails (exit 1, naming the check) unless every experiment finished
-# with its own right sum, the interrupted one resumed elsewhere, the fleet deleted exactly once,
-# and every experiment's data came from the one dataset snapshot init made (data once).
+# A sweep on the local spot cloud (spotrun rehearse --sweep): 4 experiments on 2 instances, one
+# interrupted, one row per experiment (instances, migrations, steps redone, completion), learning
+# curves in demo-sweep-out/curves.png. Fails (exit 1, naming the check) unless every experiment
+# finished with its own right sum, the interrupted one resumed elsewhere, the fleet deleted
+# exactly once, and every experiment's data came from the one dataset snapshot init made.
 demo-sweep: deps
-	$(PY) examples/sweep/demo_sweep.py --out demo-sweep-out
+	$(VENV)/bin/spotrun rehearse --sweep --out demo-sweep-out
 
 # First the quick run of every figure (is it all wired up? ~2 min), then the real one.
 bench: deps

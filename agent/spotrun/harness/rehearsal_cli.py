@@ -28,10 +28,10 @@ BARE_PYTHON = ("python", "python3")
 DEMO_STEPS = 192  # the demo trainer's steps: 3 epochs of 2048 samples, batches of 32
 
 
-def clear_previous_run(out: Path) -> list[str]:
-    """Remove an earlier rehearsal's state under ``out`` so that a rerun starts clean; returns
-    the names removed. The old cloud's mounts and loop devices are released first, so that
-    nothing is deleted through a mount that a crashed run left behind."""
+def clear_previous_run(out: Path, names: tuple[str, ...] = RUN_STATE) -> list[str]:
+    """Remove an earlier rehearsal's state (``names``) under ``out`` so that a rerun starts
+    clean; returns the names removed. The old cloud's mounts and loop devices are released
+    first, so that nothing is deleted through a mount that a crashed run left behind."""
     from spotrun.localcloud import ebs
 
     removed = []
@@ -39,7 +39,7 @@ def clear_previous_run(out: Path) -> list[str]:
     if cloud.exists():
         ebs.lazy_unmount_under(cloud)
         ebs.EbsDataPlane(cloud, use_loop_devices=False).release_all()
-    for name in RUN_STATE:
+    for name in names:
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -54,6 +54,16 @@ def clear_previous_run(out: Path) -> list[str]:
 def cmd_rehearse(args) -> int:
     from spotrun import log as logmod
 
+    if args.sweep:
+        return cmd_rehearse_sweep(args)
+    wrong = [option for option, dest in SWEEP_ONLY if getattr(args, dest) not in (None, False)]
+    if wrong:
+        print(f"rehearse: {', '.join(wrong)}: only with --sweep", file=sys.stderr)
+        return 2
+    args.job = args.job or DEFAULT_JOB
+    args.notice_seconds = args.notice_seconds or DEFAULT_NOTICE_S
+    args.az_policy = args.az_policy or DEFAULT_AZ_POLICY
+    args.out = args.out or DEFAULT_OUT
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     removed = clear_previous_run(out)
@@ -97,6 +107,51 @@ def cmd_rehearse(args) -> int:
     if report["failures"]:
         print(f"rehearse: FAILED: {'; '.join(report['failures'])} (report: {out / 'report.txt'})",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_rehearse_sweep(args) -> int:
+    """A sweep on the local cloud (spotrun.harness.rehearsal_sweep): one row per experiment."""
+    from spotrun import log as logmod
+    from spotrun.harness import rehearsal_sweep as sweep
+
+    given = [option for option, dest in SINGLE_JOB_ONLY
+             if getattr(args, dest) not in (None, False, [], "")]
+    if given:
+        print(f"rehearse: {', '.join(given)}: not with --sweep (a sweep rehearses the counting "
+              "trainer; a script of yours: rehearse it as one job)", file=sys.stderr)
+        return 2
+    try:
+        plan = sweep.SweepPlan(
+            out=Path(args.out or DEFAULT_SWEEP_OUT).resolve(), sweep_id=args.job or "demo-sweep",
+            experiments=args.experiments or 4, capacity=args.capacity or 2,
+            interrupts=1 if args.interrupts is None else args.interrupts,
+            member_zones=args.az_policy or "random:1", claim=args.claim or "zone-first",
+            notice_s=args.notice_seconds or 5.0, dataset=not args.no_dataset,
+            timeout_s=args.timeout)
+    except ValueError as exc:
+        print(f"rehearse: {exc}", file=sys.stderr)
+        return 2
+    plan.out.mkdir(parents=True, exist_ok=True)
+    removed = clear_previous_run(plan.out, sweep.RUN_STATE)
+    print(f"rehearse: starting clean: removed the previous run's {', '.join(removed)} from "
+          f"{plan.out}" if removed else f"rehearse: a fresh run in {plan.out}",
+          file=sys.stderr, flush=True)
+    logmod.configure(stream=open(plan.out / "rehearsal.log", "w"))
+    narrate = None if args.quiet else (lambda message: print(f"rehearse: {message}",
+                                                             file=sys.stderr, flush=True))
+    try:
+        report = sweep.SweepRehearsal(plan, narrate=narrate).run()
+    except Exception as exc:  # noqa: BLE001 - one line and where the logs are
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"rehearse: FAILED: {type(exc).__name__}: {reason} (instances' logs under "
+              f"{plan.out / 'cloud'})", file=sys.stderr)
+        return 1
+    print(sweep.write_report(plan.out, report))
+    if report["failures"]:
+        print(f"rehearse: FAILED: {' | '.join(report['failures'])} (report: "
+              f"{plan.out / 'report.txt'})", file=sys.stderr)
         return 1
     return 0
 
@@ -182,6 +237,18 @@ def _python(text: str) -> str:
     return os.path.abspath(text)
 
 
+def _whole_number(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: want a whole number >= {least}")
+        return value
+    return parse
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -193,6 +260,19 @@ def _seconds(text: str) -> float:
 
 
 DEFAULT_MOUNT_POINT = "/dltraining"
+DEFAULT_JOB, DEFAULT_OUT, DEFAULT_SWEEP_OUT = "rehearsal", "demo-out", "demo-sweep-out"
+DEFAULT_NOTICE_S, DEFAULT_AZ_POLICY = 20.0, "round-robin"
+# Options of one mode only: (as typed, argparse dest).
+SWEEP_ONLY = (("--experiments", "experiments"), ("--capacity", "capacity"),
+              ("--interrupts", "interrupts"), ("--claim", "claim"), ("--no-dataset", "no_dataset"))
+SINGLE_JOB_ONLY = (("--repository", "repository"), ("--command", "command"), ("--python", "python"),
+                   ("--env", "env"), ("--path-prepend", "path_prepend"),
+                   ("--interrupt-at-step", "interrupt_at_step"),
+                   ("--interrupt-after", "interrupt_after"),
+                   ("--interrupt-on-file", "interrupt_on_file"),
+                   ("--maintenance-after", "maintenance_after"),
+                   ("--compare-with-callback", "compare_with_callback"),
+                   ("--rebalance-after", "rebalance_after"), ("--trainer-user", "trainer_user"))
 
 
 def _mount_point(text: str) -> str:
@@ -227,8 +307,27 @@ def register(subparsers) -> None:
         "rehearse", help="run a whole spot job on the local spot cloud (the demo)",
         description="Train on the local spot cloud with the real agent: notices at chosen steps, "
                     "replacement in another AZ, migration, resume, completion, fleet cancelled.")
-    parser.add_argument("--out", default="demo-out", help="working directory and report location (default: demo-out)")
-    parser.add_argument("--job", default="rehearsal", help="job id (default: rehearsal)")
+    parser.add_argument("--out", help=f"working directory and report location (default: "
+                                      f"{DEFAULT_OUT}; with --sweep: {DEFAULT_SWEEP_OUT})")
+    parser.add_argument("--job", help=f"job id (default: {DEFAULT_JOB}; with --sweep, the "
+                                      "sweep's: demo-sweep)")
+    sweep = parser.add_argument_group(
+        "a sweep (issue 19)", "--sweep: N experiments of the counting trainer on one fleet of "
+        "capacity C, K of them interrupted, replacements in random zones; one row per "
+        "experiment: instances, migrations, steps redone, completion (what make demo-sweep runs)")
+    sweep.add_argument("--sweep", action="store_true", help="rehearse a sweep, not one job")
+    sweep.add_argument("--experiments", type=_whole_number(1), metavar="N",
+                       help="experiments in the sweep (default: 4; at most 8)")
+    sweep.add_argument("--capacity", type=_whole_number(1), metavar="C",
+                       help="the fleet's target capacity (default: 2; at most N)")
+    sweep.add_argument("--interrupts", type=_whole_number(0), metavar="K",
+                       help="spot notices, each to a different instance while its experiment "
+                            "trains (default: 1)")
+    sweep.add_argument("--claim", choices=("zone-first", "in-order"),
+                       help="the sweep's claim policy (default: zone-first)")
+    sweep.add_argument("--no-dataset", action="store_true",
+                       help="prepare the dataset volume but leave sweep.dataset_volume out (the "
+                            "rehearsal then fails its dataset check: a fault to plant)")
     parser.add_argument("--repository", help="your training code (git URL or file://); default: "
                                              "the reference trainer on synthetic data")
     parser.add_argument("--ref", default="main", help="git ref to run (default: main)")
@@ -276,10 +375,13 @@ def register(subparsers) -> None:
                         help="where each instance mounts the job's volume, inside a mount namespace "
                              f"of its own, as on EC2 (default: {DEFAULT_MOUNT_POINT}; needs root and "
                              "unshare(1), else the volume is under the instance's directory)")
-    parser.add_argument("--notice-seconds", type=float, default=20.0,
-                        help="time from notice to termination (default: 20; AWS gives 120)")
-    parser.add_argument("--az-policy", default="round-robin",
-                        help="where replacements launch: random, round-robin, fixed:<az> (default: round-robin)")
+    parser.add_argument("--notice-seconds", type=_seconds,
+                        help="time from notice to termination (default: 20, with --sweep 5; "
+                             "AWS gives 120)")
+    parser.add_argument("--az-policy",
+                        help="where replacements launch: random, round-robin, fixed:<az> "
+                             "(default: round-robin); with --sweep, the fleet members' zones: "
+                             "as-launched, round-robin, random:<seed> (default: random:1)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default: 900)")
     parser.add_argument("--trainer-user", default="",
                         help="user the trainer runs as (default: nobody, or root where nobody cannot "

@@ -8,6 +8,7 @@ step, the only way the agent takes it as finished. The final sum is only right i
 step of the persisted lineage ran exactly once. Environment: STEPS (total), STEP_S (seconds
 a step takes), CKPT_EVERY, MODE ("obey" | "crash-at:<step>" | "crash-once-at:<step>" |
 "ignore-term").
+Each start appends {resumed_from, reached_before} to trainer-runs.jsonl beside the checkpoints.
 The soak can freeze it at a chosen point inside a save (``hold_at``).
 """
 import json
@@ -18,6 +19,8 @@ import time
 
 from spotrun_trainer import protocol
 from spotrun_trainer.store import CheckpointStore, write_progress
+
+RUNS_LOG = "trainer-runs.jsonl"  # in the checkpoints directory
 
 total = int(os.environ.get("STEPS", "200"))
 step_s = float(os.environ.get("STEP_S", "0.02"))
@@ -75,6 +78,25 @@ if hello is not None:
                          trainer="soak_trainer")
 completion = protocol.completion_path(checkpoints)
 print(json.dumps({"event": "trainer_start", "resume_step": step, "runs": state["runs"]}), flush=True)
+
+
+def reached_before():
+    """The step the previous run last reported (its progress record, written every step): the
+    steps between it and the checkpoint resumed from were trained and are now trained again."""
+    try:
+        with open(progress_file) as fh:
+            reached = json.load(fh).get("global_step")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return reached if isinstance(reached, int) else None
+
+
+# One line per start, appended on the volume and made durable before training: the rehearsal
+# reads each experiment's steps redone from it (spotrun.harness.rehearsal_sweep).
+with open(os.path.join(checkpoints, RUNS_LOG), "a") as fh:
+    fh.write(json.dumps({"resumed_from": step, "reached_before": reached_before()}) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def save():

@@ -80,7 +80,7 @@ def _capacity(text: str) -> int:
     return int(text)
 
 
-def _member_zones(text: str) -> str:
+def member_zones_choice(text: str) -> str:
     if text in ("as-launched", "round-robin") or re.fullmatch(r"random:\w+", text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: expected as-launched, round-robin or random:<seed>")
@@ -121,7 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="instances that fleets and Auto Scaling groups launch through the EC2 "
                          "API (e.g. `spotrun launch`) boot the real agent, as the AMI does; "
                          "its log: <root>/instances/<id>/agent.log")
-    up.add_argument("--member-zones", default="as-launched", type=_member_zones,
+    up.add_argument("--member-zones", default="as-launched", type=member_zones_choice,
                     help="with --run-agents: the zone of each fleet instance among its fleet's "
                          "zones: as-launched (moto's, the region's first), round-robin, or "
                          "random:<seed> (replacements in random zones, as on EC2)")
