@@ -130,7 +130,7 @@ def stop_before_training(lc, stop: Interrupted) -> None:
         # go as a stopped acquire does (spotrun.volumes), so another instance may claim it
         # at once -- unless the job's volume is attached here (an agent restarted in the
         # middle of it): that is given back below, as after an acquire.
-        lc.volumes._let_go_of_lease_unless_attached()
+        lc.volumes.let_go_of_lease_unless_attached()
     holds = lc.volumes is not None and (
         phase is not Phase.IDENTIFYING or (lease is not None and lease.generation is not None))
     if holds and lc.volume_id is not None:  # acquired: the volume is ours to tag, as a drain does

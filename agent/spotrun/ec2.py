@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError,
                                  EndpointConnectionError)
 
+from spotrun import tags as T
 from spotrun.config import AwsConfig
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
@@ -208,6 +209,31 @@ def call_retrying(what: str, call: Callable[[], Any], *, deadline_s: float = 120
             attempt += 1
             log.info("call_retry", what=what, attempt=attempt, error=str(exc)[:200])
             time.sleep(backoff(attempt))  # backoff between attempts, not synchronisation
+
+
+# The most values one Describe* filter takes (EC2 and Auto Scaling alike).
+FILTER_VALUES = 200
+
+
+def describe_by_job(client: Any, operation: str, key: str, job_ids: Iterable[str],
+                    extra_filters: list[dict] | None = None, **kwargs: Any) -> dict[str, list[dict]]:
+    """{job id: its resources} from one paged Describe* over every job (a ``spotrun:job`` filter
+    value each, 200 to a call), whatever the service (``client``: EC2's or Auto Scaling's);
+    ``key`` is the answer's list (``Reservations`` is opened into its instances)."""
+    found: dict[str, list[dict]] = {job: [] for job in job_ids}
+    wanted = sorted(found)
+    for start in range(0, len(wanted), FILTER_VALUES):
+        filters = [{"Name": f"tag:{T.JOB}", "Values": wanted[start:start + FILTER_VALUES]}]
+        for page in client.get_paginator(operation).paginate(
+                Filters=filters + (extra_filters or []), **kwargs):
+            items = page[key]
+            if key == "Reservations":
+                items = [i for r in items for i in r["Instances"]]
+            for item in items:
+                job = T.as_dict(item.get("Tags")).get(T.JOB)
+                if job in found:
+                    found[job].append(item)
+    return found
 
 
 def describe_volume(ec2, volume_id: str) -> dict | None:

@@ -201,6 +201,21 @@ class Lifecycle(Boot):
         finally:
             self._unwatch()
 
+    def unread_reason_to_go(self) -> str | None:
+        """Why this instance is going away, as this lifecycle knows it after it ended: a stop
+        signal it received, or a notice or stop its monitor queued that it never read (it
+        ended first); None if neither. A look only: nothing is taken from the queue."""
+        if self._stop_event.is_set():
+            return "stop requested"
+        with self.events.mutex:
+            queued = list(self.events.queue)
+        for event in queued:
+            if isinstance(event, StopRequested):
+                return "stop requested"
+            if isinstance(event, SpotNotice):
+                return f"spot interruption notice ({event.action})"
+        return None
+
     def _install_signal_handlers(self) -> None:
         def on_signal(signum, _frame):
             if self.supervisor is not None:  # before the trainer's exit can be judged finished

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from spotrun import ec2 as ec2mod
 from spotrun import lease as leasemod
 from spotrun import migration
 from spotrun import tags as T
@@ -70,22 +71,15 @@ def volume_zones(ec2, job_ids: Sequence[str]) -> dict[str, str] | None:
     """{job id: the zone of that job's volume} for the jobs EC2 shows a volume for, from one
     DescribeVolumes (paged; 200 filter values a call) filtered on the job tag; None when EC2
     could not be asked (the caller falls back on the lease items)."""
-    by_job: dict[str, list[dict]] = {job: [] for job in job_ids}
-    wanted = sorted(by_job)
     try:
-        for start in range(0, len(wanted), 200):
-            filters = [{"Name": f"tag:{T.JOB}", "Values": wanted[start:start + 200]}]
-            for page in ec2.get_paginator("describe_volumes").paginate(Filters=filters):
-                for volume in page["Volumes"]:
-                    vtags = T.as_dict(volume.get("Tags"))
-                    if vtags.get(T.JOB) in by_job and \
-                            vtags.get(T.ROLE, migration.ROLE_VOLUME) == migration.ROLE_VOLUME:
-                        by_job[vtags[T.JOB]].append(volume)
+        by_job = ec2mod.describe_by_job(ec2, "describe_volumes", "Volumes", job_ids)
     except (BotoCoreError, ClientError) as exc:
         log.warning("sweep_volume_zones_unknown", error=str(exc))
         return None
     zones = {}
-    for job, volumes in by_job.items():
+    for job, found in by_job.items():
+        volumes = [v for v in found if T.as_dict(v.get("Tags")).get(T.ROLE, migration.ROLE_VOLUME)
+                   == migration.ROLE_VOLUME]
         current = _current_volume(volumes)
         if current is not None:
             zones[job] = current["AvailabilityZone"]

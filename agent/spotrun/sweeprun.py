@@ -24,12 +24,10 @@ instance still holds is taken back first (``claimpolicy.RESUME``).
 """
 from __future__ import annotations
 
-import queue
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from spotrun import sweepclaim
-from spotrun.boot import StopRequested
 from spotrun.config import Config, SweepExperiment
 from spotrun.crashpoints import pausepoint
 from spotrun.log import bind, get_logger, structlog
@@ -66,17 +64,8 @@ def going_away(previous, monitor) -> str | None:
     that it never read (it ended first); else the notice path read once now through
     ``monitor`` (a :class:`spotrun.monitor.InterruptionMonitor`, the lifecycle's own reader).
     A metadata outage is not a notice: the next lifecycle's monitor watches from its boot."""
-    if previous is not None:
-        if previous._stop_event.is_set():
-            return "stop requested"
-        events: queue.Queue = previous.events
-        with events.mutex:  # a look only: nothing is taken from the queue
-            queued = list(events.queue)
-        for event in queued:
-            if isinstance(event, StopRequested):
-                return "stop requested"
-            if isinstance(event, SpotNotice):
-                return f"spot interruption notice ({event.action})"
+    if previous is not None and (reason := previous.unread_reason_to_go()) is not None:
+        return reason
     try:
         found, _ = monitor.poll_path(SPOT_PATH)
     except Exception as exc:  # noqa: BLE001 - as the lifecycle's last look: not a notice

@@ -128,10 +128,10 @@ class VolumeManager:
         try:
             return self._acquire()
         except BaseException:
-            self._let_go_of_lease_unless_attached()
+            self.let_go_of_lease_unless_attached()
             raise
 
-    def _let_go_of_lease_unless_attached(self) -> None:
+    def let_go_of_lease_unless_attached(self) -> None:
         """After a failed acquire: holding the job with nothing attached would block others.
         (One that never got the lease, or lost it, writes nothing.)"""
         if self.lease is None or self.lease.generation is None:

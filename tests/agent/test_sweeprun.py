@@ -304,6 +304,7 @@ class Finishes:
     ``then(lifecycle)``."""
 
     _install_signal_handlers = Lifecycle._install_signal_handlers
+    unread_reason_to_go = Lifecycle.unread_reason_to_go
 
     def __init__(self, lease, then):
         from spotrun.notify import Notifier

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from spotrun import ec2 as ec2mod
 from spotrun import tags
 from spotrun.operator.aws import Aws, error_code, oplog as _log
 from spotrun.operator.jobfile import Job
@@ -103,25 +104,60 @@ def find(aws: Aws, job_id: str, include_done: bool = False) -> list[Capacity]:
             + _spot_fleets(ec2, job_id, include_done))
 
 
+def find_many(aws: Aws, job_ids: list[str]) -> dict[str, list[Capacity]]:
+    """Every fleet/group carrying one of these jobs' tag (finished ones too), by job. One job:
+    :func:`find`. Several: each kind listed once and its matches described by id, so the
+    number of calls does not grow with the number of jobs (a sweep's status refresh)."""
+    if len(job_ids) == 1:
+        return {job_ids[0]: find(aws, job_ids[0], include_done=True)}
+    ec2, wanted = aws.client("ec2"), set(job_ids)
+    owner: dict[tuple[str, str], str] = {}
+    for page in ec2.get_paginator("describe_fleets").paginate():
+        for fleet in page["Fleets"]:
+            if (job := _job_of(fleet.get("Tags"))) in wanted:
+                owner[("ec2-fleet", fleet["FleetId"])] = job
+    for page in ec2.get_paginator("describe_spot_fleet_requests").paginate():
+        for req in page["SpotFleetRequestConfigs"]:
+            if (job := _job_of(req.get("Tags"))) in wanted:
+                owner[("spot-fleet", req["SpotFleetRequestId"])] = job
+    groups = ec2mod.describe_by_job(aws.client("autoscaling"), "describe_auto_scaling_groups",
+                                    "AutoScalingGroups", job_ids)
+    for job, found in groups.items():
+        owner.update({("asg", g["AutoScalingGroupName"]): job for g in found})
+    by_job: dict[str, list[Capacity]] = {job: [] for job in job_ids}
+    for cap in by_ids(aws, {kind: {i for k, i in owner if k == kind} for kind in _KINDS}):
+        by_job[owner[(cap.kind, cap.id)]].append(cap)
+    return by_job
+
+
+_KINDS = ("ec2-fleet", "spot-fleet", "asg")
+_GROUP_NAMES = 50  # DescribeAutoScalingGroups takes at most 50 names a call
+
+
+def by_ids(aws: Aws, ids: dict[str, set[str]]) -> list[Capacity]:
+    """The fleets/groups of these ids (kind -> ids), finished ones too, whatever their tags."""
+    ec2, found = aws.client("ec2"), []
+    if ids.get("ec2-fleet"):
+        found += _ec2_fleets(ec2, None, True, sorted(ids["ec2-fleet"]))
+    if ids.get("spot-fleet"):
+        found += _spot_fleets(ec2, None, True, sorted(ids["spot-fleet"]))
+    names = sorted(ids.get("asg") or ())
+    for start in range(0, len(names), _GROUP_NAMES):
+        found += _groups(aws.client("autoscaling"), None, names[start:start + _GROUP_NAMES])
+    return found
+
+
 def launched_by(aws: Aws, instances: list[dict], known: set[str]) -> list[Capacity]:
     """The fleets/groups that launched these instances (AWS's own instance tags), for status:
     capacity requested by hand or by another tool, without the job tag. Never used to cancel."""
-    wanted: dict[str, set[str]] = {"ec2-fleet": set(), "spot-fleet": set(), "asg": set()}
+    wanted: dict[str, set[str]] = {kind: set() for kind in _KINDS}
     for inst in instances:
         itags = tags.as_dict(inst.get("Tags"))
         for kind, key in (("ec2-fleet", tags.EC2_FLEET), ("spot-fleet", tags.SPOT_FLEET_REQUEST),
                           ("asg", tags.AUTOSCALING_GROUP)):
             if itags.get(key) and itags[key] not in known:
                 wanted[kind].add(itags[key])
-    ec2 = aws.client("ec2")
-    found = []
-    if wanted["ec2-fleet"]:
-        found += _ec2_fleets(ec2, None, True, sorted(wanted["ec2-fleet"]))
-    if wanted["spot-fleet"]:
-        found += _spot_fleets(ec2, None, True, sorted(wanted["spot-fleet"]))
-    if wanted["asg"]:
-        found += _groups(aws.client("autoscaling"), None, sorted(wanted["asg"]))
-    return found
+    return by_ids(aws, wanted)
 
 
 def cancel(aws: Aws, capacity: Capacity) -> None:

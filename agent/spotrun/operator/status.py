@@ -15,6 +15,7 @@ from typing import Any
 import botocore.exceptions
 import botocore.parsers
 
+from spotrun import ec2 as ec2mod
 from spotrun import tags
 from spotrun.operator import curves, fleets, pricing
 from spotrun.progress import epoch_step
@@ -96,64 +97,6 @@ def gather(aws: Aws, job_id: str, instance_types: list[str] | None = None,
     return _gather_jobs(aws, [job_id], instance_types, now)["views"][job_id]
 
 
-# The most values one Describe filter is given (EC2 takes 200); a sweep has at most 100 jobs.
-_FILTER_VALUES = 200
-
-
-def _by_job_tag(job_ids: list[str]) -> list[list[dict]]:
-    """Describe* filters selecting these jobs' resources, one list of filters per call."""
-    return [[{"Name": f"tag:{tags.JOB}", "Values": job_ids[i:i + _FILTER_VALUES]}]
-            for i in range(0, len(job_ids), _FILTER_VALUES)]
-
-
-def _describe_by_job(client: Any, operation: str, key: str, job_ids: list[str],
-                     extra_filters: list[dict] | None = None, **kwargs: Any) -> dict[str, list[dict]]:
-    """{job id: its resources} from one paged Describe over every job (a filter value each)."""
-    found: dict[str, list[dict]] = {job: [] for job in job_ids}
-    for filters in _by_job_tag(job_ids):
-        for page in client.get_paginator(operation).paginate(
-                Filters=filters + (extra_filters or []), **kwargs):
-            items = page[key]
-            if key == "Reservations":
-                items = [i for r in items for i in r["Instances"]]
-            for item in items:
-                job = tags.as_dict(item.get("Tags")).get(tags.JOB)
-                if job in found:
-                    found[job].append(item)
-    return found
-
-
-def _capacity_by_job(aws: Aws, job_ids: list[str]) -> dict[str, list[fleets.Capacity]]:
-    """Every fleet/group carrying one of these jobs' tag (finished ones too), by job. One job:
-    fleets.find. Several: each kind listed once and its matches described by id, so the
-    number of calls does not grow with the number of jobs."""
-    if len(job_ids) == 1:
-        return {job_ids[0]: fleets.find(aws, job_ids[0], include_done=True)}
-    ec2, wanted = aws.client("ec2"), set(job_ids)
-    owner: dict[tuple[str, str], str] = {}
-    for page in ec2.get_paginator("describe_fleets").paginate():
-        for fleet in page["Fleets"]:
-            if (job := tags.as_dict(fleet.get("Tags")).get(tags.JOB)) in wanted:
-                owner[("ec2-fleet", fleet["FleetId"])] = job
-    for page in ec2.get_paginator("describe_spot_fleet_requests").paginate():
-        for req in page["SpotFleetRequestConfigs"]:
-            if (job := tags.as_dict(req.get("Tags")).get(tags.JOB)) in wanted:
-                owner[("spot-fleet", req["SpotFleetRequestId"])] = job
-    groups = _describe_by_job(aws.client("autoscaling"), "describe_auto_scaling_groups",
-                              "AutoScalingGroups", job_ids)
-    for job, found in groups.items():
-        owner.update({("asg", g["AutoScalingGroupName"]): job for g in found})
-    ids = {kind: sorted(i for k, i in owner if k == kind) for kind in ("ec2-fleet", "spot-fleet", "asg")}
-    capacity = ((fleets._ec2_fleets(ec2, None, True, ids["ec2-fleet"]) if ids["ec2-fleet"] else [])
-                + [g for i in range(0, len(ids["asg"]), 50)  # DescribeAutoScalingGroups: 50 names
-                   for g in fleets._groups(aws.client("autoscaling"), None, ids["asg"][i:i + 50])]
-                + (fleets._spot_fleets(ec2, None, True, ids["spot-fleet"]) if ids["spot-fleet"] else []))
-    by_job: dict[str, list[fleets.Capacity]] = {job: [] for job in job_ids}
-    for cap in capacity:
-        by_job[owner[(cap.kind, cap.id)]].append(cap)
-    return by_job
-
-
 _LAUNCHED_BY_TAGS = (("ec2-fleet", tags.EC2_FLEET), ("spot-fleet", tags.SPOT_FLEET_REQUEST),
                      ("asg", tags.AUTOSCALING_GROUP))
 
@@ -165,9 +108,9 @@ def _gather_jobs(aws: Aws, job_ids: list[str], instance_types: list[str] | None,
     ``instances`` by id (each once), ``own_instances`` (job id -> the instances carrying its
     tag) and the ``spot_prices`` the costs used."""
     ec2 = aws.client("ec2")
-    capacity = _capacity_by_job(aws, job_ids)
-    volumes = _describe_by_job(ec2, "describe_volumes", "Volumes", job_ids)
-    tagged = _describe_by_job(ec2, "describe_instances", "Reservations", job_ids,
+    capacity = fleets.find_many(aws, job_ids)
+    volumes = ec2mod.describe_by_job(ec2, "describe_volumes", "Volumes", job_ids)
+    tagged = ec2mod.describe_by_job(ec2, "describe_instances", "Reservations", job_ids,
                               [{"Name": "instance-state-name", "Values": list(_ALL_STATES)}])
     instances = {i["InstanceId"]: i for found in tagged.values() for i in found}
     # Each job's instances: tagged by our launch template, in its fleets, or holding its volume.
@@ -192,7 +135,7 @@ def _gather_jobs(aws: Aws, job_ids: list[str], instance_types: list[str] | None,
                      if (value := tags.as_dict(instances[i].get("Tags")).get(key))
                      and (kind, value) in known and value not in own}
         capacity[job] += [known[(kind, value)] for _, kind, value in sorted(launchers)]
-    snapshots = _describe_by_job(ec2, "describe_snapshots", "Snapshots", job_ids, OwnerIds=["self"])
+    snapshots = ec2mod.describe_by_job(ec2, "describe_snapshots", "Snapshots", job_ids, OwnerIds=["self"])
     types = sorted(set(instance_types or []) | {i["InstanceType"] for i in instances.values()})
     spot_prices = pricing.current_spot_prices(ec2, types)
     views = {job: _view(job, capacity[job], volumes[job], snapshots[job],
