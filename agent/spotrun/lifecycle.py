@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from spotrun import metrics as metricsmod
 from spotrun import progress as progressmod
 from spotrun import tags as T
 from spotrun.boot import COMPLETION_RECORD, Boot, Interrupted, StopRequested  # noqa: F401
@@ -162,6 +163,11 @@ class Lifecycle(Boot):
     def _publish_metrics(self, progress: dict, *, force: bool = False) -> None:
         interval = self.config.agent.metrics_interval_s
         if self._metrics_factory is None or interval == 0 or not progress:
+            return
+        if self._metrics is None and not metricsmod.metric_values(progress):
+            # Nothing to draw yet (or a trainer that reports no metrics): no client. Making
+            # one trims botocore's model once (~0.1 s of CPU; measured idle share 1.4 % in the
+            # 10 s it falls in, 0.7-0.8 % after).
             return
         now = self.clock()
         if not force and now - self._last_metrics < interval:

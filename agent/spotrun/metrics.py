@@ -33,6 +33,18 @@ def dimensions(job_id: str) -> list[dict[str, str]]:
     return [{"Name": DIMENSION, "Value": job_id}]
 
 
+def metric_values(progress: dict) -> dict[str, float]:
+    """The progress record's metrics CloudWatch can take (named, finite numbers), by name; {}
+    for a trainer that reports none (the agent then never makes a CloudWatch client)."""
+    values = progress.get("metrics")
+    if not isinstance(values, dict):
+        return {}
+    return {name: float(value) for name, value in sorted(values.items())
+            if isinstance(name, str) and 0 < len(name) <= 255 and name != STEP_METRIC
+            and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)}
+
+
 class MetricsPublisher:
     """Publishes a job's progress records as CloudWatch points, each step once."""
 
@@ -59,10 +71,7 @@ class MetricsPublisher:
         second = int(written)
         if self.last_second is not None and second <= self.last_second:
             second = self.last_second + 1
-        numbers = {name: float(value) for name, value in sorted(values.items())
-                   if isinstance(name, str) and 0 < len(name) <= 255 and name != STEP_METRIC
-                   and isinstance(value, (int, float)) and not isinstance(value, bool)
-                   and math.isfinite(value)}
+        numbers = metric_values(progress)
         if not numbers:
             return 0
         when = datetime.fromtimestamp(second, timezone.utc)

@@ -215,3 +215,15 @@ def test_metrics_interval_zero_publishes_nothing(tmp_path):
                                                "metrics_interval_s": 0}})
     lc._metrics_factory = lambda: pytest.fail("no publisher is made when metrics are off")
     lc._publish_metrics({"global_step": 1, "time": 1.0, "metrics": {"loss": 1.0}}, force=True)
+
+
+def test_a_trainer_reporting_no_metrics_never_gets_a_cloudwatch_client(tmp_path):
+    lc, _, _ = _training_lifecycle(tmp_path)
+    made = []
+    lc._metrics_factory = lambda: made.append(_Publisher()) or made[-1]
+    for record in ({"global_step": 1, "time": 1.0}, {"global_step": 2, "time": 2.0, "metrics": {}},
+                   {"global_step": 3, "time": 3.0, "metrics": {"loss": float("nan"), "ok": True}}):
+        lc._publish_metrics(record, force=True)
+    assert made == []
+    lc._publish_metrics({"global_step": 4, "time": 4.0, "metrics": {"loss": 0.3}})
+    assert len(made) == 1 and [r["global_step"] for r in made[0].records] == [4]
