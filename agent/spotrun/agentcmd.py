@@ -140,6 +140,7 @@ def build_lifecycle(config: Config, metadata, *, lease=None, identify=None, canc
         monitor=lambda on_event: monitor.InterruptionMonitor.from_config(
             metadata, config.metadata, on_event=on_event),
         cancel_fleet=cancel_fleet or cancel_own_fleet,
+        record_held=lease is not None,  # a sweep's experiment: its cost is kept on its volume
         metrics=lambda: metrics.MetricsPublisher(
             ec2.client("cloudwatch", config.aws, config.aws.region
                        or metadata.get("meta-data/placement/region")), config.job.id),

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from spotrun import heldtime
 from spotrun import metrics as metricsmod
 from spotrun import progress as progressmod
 from spotrun import tags as T
@@ -69,7 +70,9 @@ class Lifecycle(Boot):
                  identify: Callable[[], Any], volume_manager: Callable[[Any], Any],
                  checkout: Callable[[Any], str], monitor: Callable[[Callable[[object], None]], Any],
                  cancel_fleet: Callable[[Any], str], clock: Callable[[], float] = time.monotonic,
-                 metrics: Callable[[], Any] | None = None):
+                 metrics: Callable[[], Any] | None = None, record_held: bool = False):
+        """``record_held``: a sweep's experiment: keep the time this instance holds it on the
+        volume's ``spotrun:held`` tag (spotrun.heldtime), the record its cost is priced from."""
         self.config = config
         self.metadata = metadata
         self.notifier = notifier or process_notifier()
@@ -96,6 +99,9 @@ class Lifecycle(Boot):
         self._drained_for: str | None = None  # the scheduled event the last drain was for
         self.interruptions = 0
         self._last_tags = 0.0
+        self._record_held = record_held
+        self._held_before: dict[str, int] | None = None  # earlier holders', read once
+        self._held_from = clock()  # made right after the claim: held from here
         self._stop_event = threading.Event()
         self.final: dict[str, Any] = {}  # what the state file says of a final state
 
@@ -118,7 +124,7 @@ class Lifecycle(Boot):
         if tagged_on_release:
             pass
         elif tags is not None:
-            self.volumes.record(**{T.PHASE: phase.value, **tags})
+            self.volumes.record(**self._with_held({T.PHASE: phase.value, **tags}))
         elif self.volumes is not None and self.volume_id is not None:
             self._record_tags({T.PHASE: phase.value}, force=True)
 
@@ -180,13 +186,32 @@ class Lifecycle(Boot):
         except Exception as exc:  # learning curves are a report; never stop training for them
             log.warning("metrics_publish_failed", error=str(exc)[:300])
 
+    def _with_held(self, values: dict[str, str]) -> dict[str, str]:
+        """``values`` plus the held-time tag when this run keeps it and holds a volume. The
+        earlier holders' share is read from the volume once (one DescribeVolumes a run); if
+        it cannot be read, the tag is left as it is this time."""
+        if not (self._record_held and self.volume_id and self.identity is not None):
+            return values
+        if self._held_before is None:
+            try:
+                volume = next((v for v in self.volumes.job_volumes()
+                               if v["VolumeId"] == self.volume_id), None)
+            except Exception as exc:  # a report: never stop training for it
+                log.warning("held_time_unread", error=str(exc)[:300])
+                return values
+            self._held_before = heldtime.parse(T.as_dict((volume or {}).get("Tags")).get(T.HELD))
+        where = heldtime.key(getattr(self.identity, "instance_type", "unknown"),
+                             getattr(self.identity, "availability_zone", "unknown"))
+        held = heldtime.add(self._held_before, where, self.clock() - self._held_from)
+        return {**values, T.HELD: heldtime.format_tag(held)}
+
     def _record_tags(self, values: dict[str, str], *, force: bool = False) -> None:
         now = self.clock()
         if not force and now - self._last_tags < self.config.agent.progress_tag_interval_s:
             return
         self._last_tags = now
         try:
-            self.volumes.record(**values)
+            self.volumes.record(**self._with_held(values))
         except Exception as exc:  # progress tags are a report; never stop training for them
             log.warning("progress_tags_failed", error=str(exc))
 
@@ -420,8 +445,8 @@ class Lifecycle(Boot):
             if metrics:
                 done[T.RESULT] = json.dumps(metrics, separators=(",", ":"), default=str)[:T.MAX_VALUE]
             # Done on the tags while the lease is still ours; then nobody needs to write them.
-            self.volumes.release(snapshot=False, final_tags={T.PHASE: Phase.DONE.value, **done},
-                                 finished=True)
+            self.volumes.release(snapshot=False, finished=True,
+                                 final_tags=self._with_held({T.PHASE: Phase.DONE.value, **done}))
         self.final = {"completed": done[T.COMPLETED] if done else True}
         self.transition(Phase.DONE, tagged_on_release=done is not None)
         self._cancel_fleet(self.identity.launched_by)

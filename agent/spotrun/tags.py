@@ -24,6 +24,7 @@ DATASET_SNAPSHOT_ROLE = "dataset-snapshot"
 PHASE = "spotrun:phase"
 PROGRESS = "spotrun:progress"  # JSON: {"epoch":..,"step":..,"checkpoint_time":..}
 INTERRUPTIONS = "spotrun:interruptions"
+HELD = "spotrun:held"  # a sweep experiment's held seconds by type@zone (spotrun.heldtime)
 COMPLETED = "spotrun:completed"  # ISO time once the completion record is durable
 RESULT = "spotrun:result"  # compact JSON of the trainer's final metrics
 FAILURE = "spotrun:failure"  # why the failure policy applied

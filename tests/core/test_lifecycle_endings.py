@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from spotrun import config
+from spotrun import heldtime
 from spotrun import tags as T
 from spotrun.lifecycle import COMPLETION_RECORD, Lifecycle, Phase
 from spotrun.supervisor import Supervisor, SupervisorOutcome, SupervisorResult
@@ -227,3 +228,28 @@ def test_a_trainer_reporting_no_metrics_never_gets_a_cloudwatch_client(tmp_path)
     assert made == []
     lc._publish_metrics({"global_step": 4, "time": 4.0, "metrics": {"loss": 0.3}})
     assert len(made) == 1 and [r["global_step"] for r in made[0].records] == [4]
+
+
+def test_an_experiments_holder_adds_its_time_to_the_earlier_holders_on_every_tag_write(tmp_path):
+    lc, volumes, _ = _training_lifecycle(tmp_path)
+    lc._record_held = True
+    lc.identity = SimpleNamespace(instance_id="i-2", availability_zone="us-east-1b",
+                                  instance_type="g5.xlarge", launched_by="fleet-1")
+    volumes.tags[T.HELD] = "p3.2xlarge@us-east-1a=300 g5.xlarge@us-east-1b=40"
+    now = [1000.0]
+    lc.clock = lambda: now[0]
+    lc._held_from = 1000.0
+    now[0] += 61.0
+    lc._record_tags({T.PROGRESS: "{}"}, force=True)
+    assert heldtime.parse(volumes.tags[T.HELD]) == {"p3.2xlarge@us-east-1a": 300,
+                                                     "g5.xlarge@us-east-1b": 101}
+    # The earlier holders' share is read once: the next write adds to it, not to itself.
+    now[0] += 30.0
+    lc.transition(Phase.DRAINING)
+    assert heldtime.parse(volumes.tags[T.HELD])["g5.xlarge@us-east-1b"] == 131
+
+
+def test_a_single_job_keeps_no_held_time(tmp_path):
+    lc, volumes, _ = _training_lifecycle(tmp_path)
+    lc._record_tags({T.PROGRESS: "{}"}, force=True)
+    assert T.HELD not in volumes.tags

@@ -82,6 +82,14 @@ def _lease(seq, job, holder, finished=False):
             "status": 200}
 
 
+def test_the_lease_was_held_from_each_claim_to_the_write_that_let_it_go_or_passed_it_on():
+    writes = [{"seq": 1, "t": 10.0, "holder": "i-1"}, {"seq": 2, "t": 12.0, "holder": "i-1"},
+              {"seq": 3, "t": 15.0, "holder": None}, {"seq": 4, "t": 20.0, "holder": "i-2"},
+              {"seq": 6, "t": 31.0, "holder": None}, {"seq": 5, "t": 25.0, "holder": "i-3"}]
+    assert RS.lease_seconds(writes) == 5.0 + 5.0 + 6.0
+    assert RS.lease_seconds([]) == 0.0
+
+
 def test_migrations_count_the_volumes_made_beyond_the_first_and_holders_keep_their_order():
     ledger = [_create_volume(1, "s-a", "i-1", M.FROM_DATASET[M.ORIGIN]),
               _create_volume(2, "s-a", "i-2"),  # made again from a snapshot in another zone
@@ -96,10 +104,11 @@ def _report(**over):
     rows = [{"experiment": "lr0.1", "job": "s-lr0.1", "steps": 240, "volume": "vol-1",
              "instances": ["i-1", "i-2"], "zones": ["us-east-1a", "us-east-1b"], "notices": 1,
              "migrations": 1, "trainer_runs": 2, "steps_redone": 0, "runs_log_error": None,
-             "completed": True},
+             "completed": True, "held_s": 14, "lease_s": 15.6},
             {"experiment": "lr0.03", "job": "s-lr0.03", "steps": 200, "volume": "vol-2",
              "instances": ["i-2"], "zones": ["us-east-1b"], "notices": 0, "migrations": 0,
-             "trainer_runs": 1, "steps_redone": 0, "runs_log_error": None, "completed": True}]
+             "trainer_runs": 1, "steps_redone": 0, "runs_log_error": None, "completed": True,
+             "held_s": 11, "lease_s": 11.9}]
     report = {"sweep": "s", "capacity": 2, "claim": "zone-first", "member_zones": "random:1",
               "experiments": rows, "missed": [], "violations": [], "dataset_violations": [],
               "interrupted": [{"job": "s-lr0.1", "experiment": "lr0.1", "instance": "i-1",
@@ -115,7 +124,8 @@ def test_the_verdict_passes_a_sweep_done_right_and_its_table_shows_each_experime
     report = _report()
     assert RS.verdict(report) == []
     text = RS.format_report(report)
-    assert "lr0.1       240    i-1 (1a), i-2 (1b)  1        1           0       yes, sum right" in text
+    assert ("lr0.1       240    i-1 (1a), i-2 (1b)  1        1           0       14/15.6       "
+            "yes, sum right") in text
     assert "notice: i-1 while it trained lr0.1 (step 60)" in text
     assert "learning curves: /x/curves.png (2 curves)" in text
 
@@ -133,6 +143,9 @@ def test_the_verdict_passes_a_sweep_done_right_and_its_table_shows_each_experime
     (lambda r: r["experiments"][1].update(steps_redone=None, runs_log_error="unreadable"),
      "s-lr0.03: steps redone unknown (unreadable)"),
     (lambda r: r["curves"].pop("lr0.03"), "the figure has 1 curves, not 2"),
+    (lambda r: r["experiments"][1].update(held_s=0), "s-lr0.03: no held time on its volume"),
+    (lambda r: r["experiments"][1].update(held_s=30), "30 s held by its volume's tag, more than "
+                                                       "the 11.9 s its lease was held"),
 ])
 def test_the_verdict_names_each_planted_fault(plant, words):
     report = _report()

@@ -50,6 +50,9 @@ def test_the_sweep_rehearsal_fails_without_the_dataset_and_passes_with_it(shared
         assert RS.steps_redone(runs) == row["steps_redone"] == 0, runs
     assert [r["resumed_from"] for r in RS.read_runs_log(
         RS.volume_image(out / "cloud", interrupted["volume"]))[0]][1] >= notice["at_step"]
+    # Each experiment's cost record (spotrun:held on its volume, the holders' own time) is
+    # never more than its lease time in the ledger, and never nothing.
+    assert all(0 < row["held_s"] <= row["lease_s"] + len(row["instances"]) for row in rows), rows
     assert len(report["curves"]) == 4 and (out / "curves.png").stat().st_size > 1000
     assert f"learning curves: {out / 'curves.png'}" in demo.stdout
     assert "lr0.1" in demo.stdout and "yes, sum right" in demo.stdout

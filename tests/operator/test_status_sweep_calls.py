@@ -97,12 +97,14 @@ def test_a_sweeps_status_makes_as_many_calls_for_four_experiments_as_for_two(
 
 
 
-def test_a_sweeps_cost_is_its_instances_once_and_no_row_claims_a_share(
+def test_a_sweeps_cost_is_its_instances_once_and_a_row_its_holders_kept_time(
         moto, client, job_file, spotrun, monkeypatch):
     """Before: each row's cost came from the instances tagged with the experiment's job (none:
     the fleet's carry the sweep's tag) or attached to its volume now, so rows showed $0.00
     or an instance's whole life, and the total summed those. Now: the sweep's total counts each
-    instance of the sweep once; a row shows "-" (EC2 keeps no attach history to apportion by)."""
+    instance of the sweep once; a row prices the time its holders kept on its volume
+    (``spotrun:held``, spotrun.heldtime: EC2 keeps no attach history to apportion by), "-"
+    when none did."""
     from datetime import datetime, timedelta, timezone
 
     from spotrun.operator import pricing
@@ -113,19 +115,29 @@ def test_a_sweeps_cost_is_its_instances_once_and_no_row_claims_a_share(
     job = _sweep(job_file, spotrun, client, moto, "sweep-cost", "lr = [0.1, 0.01]",
                  path=path)
     experiments = [(e.name, e.job_id, dict(e.parameters)) for e in job.experiments]
+    # The first experiment held for 90 min in its zone by its holders (two entries of one
+    # key add up), and 10 min on a type with no price; the second never tagged.
+    ec2 = client("ec2")
+    [first] = ec2.describe_volumes(Filters=tags.job_filters(job.experiments[0].job_id))["Volumes"]
+    zone = first["AvailabilityZone"]
+    ec2.create_tags(Resources=[first["VolumeId"]], Tags=tags.as_list({
+        tags.HELD: f"m5.large@{zone}=3600 m5.large@{zone}=1800 x9.huge@{zone}=600"}))
     later = datetime.now(timezone.utc) + timedelta(hours=2)
     view = status_mod.gather_sweep(Aws(region=REGION, endpoint_url=moto), job.id, experiments,
                                    ["m5.large"], now=later)
-    assert [row["cost_usd"] for row in view["experiments"]] == [None, None]
+    price = {(p["type"], p["az"]): p["usd_per_hour"] for p in view["views"][0]["spot_prices_now"]}
+    assert [row["cost_usd"] for row in view["experiments"]] == [
+        round(1.5 * price[("m5.large", zone)], 2), None]
     cost = view["cost"]
     assert cost["unpriced_instance_types"] == [] and 4 <= cost["instance_hours"] < 4.1, cost
     text = status_mod.render_sweep(view)
     rows = text.splitlines()[2:4]
-    # The cost column "-", then each row's latest metrics.
-    assert [row.split("  loss ")[0][-2:] for row in rows] == [" -", " -"], text
+    # The cost column, then each row's latest metrics.
+    assert rows[0].split("  loss ")[0].endswith(f"${view['experiments'][0]['cost_usd']:>8.2f}"), text
+    assert rows[1].split("  loss ")[0][-2:] == " -", text
     assert rows[0].endswith("  loss 0.1 acc 0.1") and rows[1].endswith("  loss 0.05 acc 0.2"), text
     assert f"over {cost['instance_hours']:.2f} instance-hours, the whole sweep" in text
-    assert "EC2 keeps no record of which held which volume" in text
+    assert "a row's cost: the time its holders kept on its volume" in text
 
 
 def test_one_wording_of_epoch_and_step_for_every_report():
@@ -144,4 +156,4 @@ def test_one_wording_of_epoch_and_step_for_every_report():
                                              "unpriced_instance_types": []},
                                     "cost_note": "n"})
     assert "epoch 3/30, step 120/390" in text and "$    1.50" in text
-    assert "               n" not in text.splitlines()  # every row has its cost: no note
+    assert "               n" in text.splitlines()  # how a row is costed, always said

@@ -12,7 +12,9 @@ The report is judged from what the agents cannot write: the cloud's ledger of ca
 bytes on the volume images. Per experiment: the instances that held it (its lease item's
 writes, in order), the cross-AZ migrations (volumes an instance made for it beyond its first),
 the steps redone (the counting trainer's own runs log on the volume: the steps each run reached
-beyond the checkpoint the next one resumed from) and its completion (the trainer's record with
+beyond the checkpoint the next one resumed from), the seconds its holders kept on its volume
+(``spotrun:held``, what `spotrun status` prices a row from) beside the seconds the ledger shows
+its lease held, and its completion (the trainer's record with
 its exact sum: a step lost or trained twice changes it). It fails, naming every check, unless
 every experiment finished on exactly one volume with the claim protocol kept
 (:mod:`spotrun.harness.soaksweep`), every notice asked for landed and its experiment was resumed
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from spotrun import heldtime
 from spotrun import migration as M
 from spotrun import tags
 from spotrun.harness.rehearsal import commit_repository
@@ -305,7 +308,8 @@ class SweepRehearsal:
                                           plan.sweep_id, dataset["files"],
                                           dataset_volume=dataset["volume"])
         rows = experiment_rows(plan, found, ledger, image_of, self.interrupted,
-                               zones=instance_zones(ec2, ledger))
+                               zones=instance_zones(ec2, ledger),
+                               held={row["job"]: held_tag(ec2, row["volume"]) for row in found})
         deletes = [r for r in calls(ledger, action="DeleteFleets") if performed(r)]
         report = {
             "sweep": plan.sweep_id, "capacity": plan.capacity, "claim": plan.claim,
@@ -343,6 +347,14 @@ def instance_zones(ec2, ledger: list[dict]) -> dict[str, str]:
             for described in reservation["Instances"]:
                 zones[described["InstanceId"]] = described["Placement"]["AvailabilityZone"]
     return zones
+
+
+def held_tag(ec2, volume_id: str | None) -> dict[str, int]:
+    """The volume's spotrun:held tag, parsed ({} when it has none or is gone)."""
+    if not volume_id:
+        return {}
+    volumes = ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [volume_id]}])["Volumes"]
+    return heldtime.parse(tags.as_dict(volumes[0].get("Tags")).get(tags.HELD)) if volumes else {}
 
 
 def holders_in_order(writes: list[dict]) -> list[str]:
@@ -391,9 +403,23 @@ def read_runs_log(image: Path) -> tuple[list[dict], str | None]:
     return runs, None
 
 
+def lease_seconds(writes: list[dict]) -> float:
+    """How long the experiment's lease was held, from its writes (the ledger's): from each
+    claim to the write that let it go or gave it to another."""
+    total, holder, since = 0.0, None, 0.0
+    for write in sorted(writes, key=lambda w: w.get("seq") or 0):
+        if write["holder"] != holder:
+            if holder is not None:
+                total += write["t"] - since
+            holder, since = write["holder"], write["t"]
+    return total
+
+
 def experiment_rows(plan: SweepPlan, found: list[dict], ledger: list[dict],
                     image_of: Callable[[str], Path], interrupted: list[dict],
-                    zones: dict[str, str]) -> list[dict]:
+                    zones: dict[str, str], held: dict[str, dict] | None = None) -> list[dict]:
+    """One row per experiment; ``held``: job -> its volume's spotrun:held (the agents' record
+    of their time, beside the ledger's lease time)."""
     histories = lease_history(ledger, [row["job"] for row in found])
     rows = []
     for name, row in zip(plan.steps, found):
@@ -407,6 +433,8 @@ def experiment_rows(plan: SweepPlan, found: list[dict], ledger: list[dict],
             "migrations": migrations(ledger, row["job"]),
             "trainer_runs": len(runs), "steps_redone": steps_redone(runs),
             "runs_log_error": runs_error, "completed": row["sum_ok"],
+            "held_s": sum((held or {}).get(row["job"], {}).values()),
+            "lease_s": round(lease_seconds(histories[row["job"]]), 1),
         })
     return rows
 
@@ -431,6 +459,14 @@ def verdict(report: dict) -> list[str]:
     for row in report["experiments"]:
         if row["completed"] and row["steps_redone"] is None:
             failures.append(f"{row['job']}: steps redone unknown ({row['runs_log_error']})")
+        # The holders' own record of their time (what its cost is priced from) against the
+        # ledger's lease writes: never more than the lease was held (each holder's clock
+        # starts after its claim and stops at its last tag write), never nothing.
+        if row["completed"] and not row["held_s"]:
+            failures.append(f"{row['job']}: no held time on its volume (spotrun:held)")
+        elif row["held_s"] > row["lease_s"] + len(row["instances"]):
+            failures.append(f"{row['job']}: {row['held_s']} s held by its volume's tag, more than "
+                            f"the {row['lease_s']} s its lease was held (ledger)")
     if len(report.get("curves") or {}) != len(report["experiments"]):
         failures.append(f"the figure has {len(report.get('curves') or {})} curves, not "
                         f"{len(report['experiments'])}")
@@ -439,13 +475,15 @@ def verdict(report: dict) -> list[str]:
 
 def format_report(report: dict) -> str:
     """The per-experiment table and the sweep's lines, as `spotrun rehearse --sweep` prints."""
-    head = ("experiment", "steps", "instances (zone)", "notices", "migrations", "redone", "completed")
+    head = ("experiment", "steps", "instances (zone)", "notices", "migrations", "redone",
+            "held/lease s", "completed")
     table = [head]
     for row in report["experiments"]:
         held = ", ".join(f"{i} ({z[-2:] if z else '?'})" for i, z in zip(row["instances"], row["zones"]))
         table.append((row["experiment"], str(row["steps"]), held or "-", str(row["notices"]),
                       str(row["migrations"]),
                       "?" if row["steps_redone"] is None else str(row["steps_redone"]),
+                      f"{row['held_s']}/{row['lease_s']:g}",
                       "yes, sum right" if row["completed"] else "NO"))
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = [f"sweep {report['sweep']}: {len(report['experiments'])} experiments on "

@@ -16,6 +16,7 @@ import botocore.exceptions
 import botocore.parsers
 
 from spotrun import ec2 as ec2mod
+from spotrun import heldtime
 from spotrun import tags
 from spotrun.operator import curves, fleets, pricing
 from spotrun.progress import epoch_step
@@ -158,6 +159,8 @@ def _view(job_id: str, capacity: list, volumes: list[dict], snapshots: list[dict
         "job": job_id,
         "time": now.isoformat(timespec="seconds"),
         "agent": agent,
+        # A sweep experiment's holders' seconds by type@zone (spotrun.heldtime), for its cost.
+        "held_s": heldtime.parse(tags.as_dict(newest.get("Tags")).get(tags.HELD)) if newest else {},
         "capacity": [c.as_dict() for c in active],
         "finished_capacity": [c.as_dict() for c in finished],
         "outcome": outcome(agent, active, finished, live, launched=bool(instances)),
@@ -268,19 +271,20 @@ def render(view: dict[str, Any]) -> str:
 
 # -- a sweep: one row per experiment (issue 19) ----------------------------------------------
 
-# Why a sweep's rows show no cost of their own: the fleet's instances carry the sweep's job tag
-# and run one experiment after another; EC2 keeps no record of which instance held which
-# experiment's volume when (an attachment shows only the current holder).
-SWEEP_COST_NOTE = ("no cost per experiment (-): the fleet's instances take experiments in "
-                   "turn and EC2 keeps no record of which held which volume when")
+# How a sweep's rows are costed: the fleet's instances carry the sweep's job tag and run one
+# experiment after another, and EC2 keeps no record of which instance held which experiment's
+# volume when; each holder keeps its time on the volume (spotrun.heldtime), priced here.
+SWEEP_COST_NOTE = ("a row's cost: the time its holders kept on its volume (spotrun:held, to "
+                   "their last tag write) x today's spot price; the total also counts boots "
+                   "and idle time")
 
 
 def sweep_row(name: str, parameters: dict, view: dict[str, Any],
               cost_usd: float | None = None, latest: dict[str, Any] | None = None,
               metrics_read: bool = True) -> dict[str, Any]:
     """One experiment's line of a sweep's status, from that job's own view. ``cost_usd``: the
-    instances that carry the experiment's own job tag (launched as a job of its own), None
-    when no instance can be charged to it alone. ``latest``: its newest point in CloudWatch
+    instances that carry the experiment's own job tag (launched as a job of its own), else its
+    holders' time kept on its volume, priced; None when neither says anything. ``latest``: its newest point in CloudWatch
     (curves.latest), None when it has published none; ``metrics_read`` False when CloudWatch
     could not be read (then ``metrics`` is None, not {})."""
     agent = view["agent"]
@@ -346,7 +350,12 @@ def gather_sweep(aws: Aws, sweep_id: str, experiments: list[tuple[str, str, dict
     rows = []
     for (name, job_id, parameters), view in zip(experiments, views):
         own = found["own_instances"][job_id]
-        cost = pricing.estimate(own, found["spot_prices"], now)["spot_usd"] if own else None
+        if own:  # launched as a job of its own: its instances carry its tag
+            cost = pricing.estimate(own, found["spot_prices"], now)["spot_usd"]
+        elif view["held_s"]:
+            cost = round(heldtime.cost(view["held_s"], found["spot_prices"])[0], 2)
+        else:
+            cost = None
         rows.append(sweep_row(name, parameters, view, cost, (latest or {}).get(job_id),
                               metrics_read=latest is not None))
     if any(row["outcome"] is None for row in rows):
@@ -399,8 +408,7 @@ def render_sweep(view: dict[str, Any]) -> str:
                  "instance-hours, the whole sweep")
     if cost["unpriced_instance_types"]:
         lines.append(f"               no price for {', '.join(cost['unpriced_instance_types'])}")
-    if any(row["cost_usd"] is None for row in rows):
-        lines.append(f"               {view['cost_note']}")
+    lines.append(f"               {view['cost_note']}")
     if view.get("metrics_note"):
         lines.append(f"metrics        {view['metrics_note']}")
     return "\n".join(lines)
