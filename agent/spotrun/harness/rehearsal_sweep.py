@@ -181,6 +181,10 @@ def volume_image(root: Path, volume_id: str) -> Path:
 
 
 class SweepRehearsal:
+    """One sweep rehearsal under ``plan.out``: :meth:`run` brings the local cloud up, drives the
+    sweep through the operator CLI, takes it down and returns the report (its ``failures``
+    empty when every check held)."""
+
     def __init__(self, plan: SweepPlan, narrate: Callable[[str], None] | None = None):
         self.plan = plan
         self.say = narrate or (lambda message: None)
