@@ -16,7 +16,7 @@ import json
 import sys
 
 from spotrun.metrics import NAMESPACE as METRICS_NAMESPACE
-from spotrun.tags import DATASET_SNAPSHOT_ROLE, JOB, LEFT_FLEET, ROLE
+from spotrun.tags import DATASET_SNAPSHOT_ROLE, FIRST_VOLUME, JOB, LEFT_FLEET, ROLE
 
 # (action, why). The IAM test checks every call the agent made in the tests is listed here.
 AGENT_CALLS: list[tuple[str, str]] = [
@@ -29,7 +29,8 @@ AGENT_CALLS: list[tuple[str, str]] = [
                          "init made one), and the copy in this AZ during a migration"),
     ("ec2:CreateSnapshot", "migration snapshot, and the ahead-of-need snapshot on drain"),
     ("ec2:CreateTags", "tags at creation; migration journal steps and progress on the job's "
-                       "volume; a sweep's instance marks itself before it leaves the fleet"),
+                       "volume; a sweep's instance marks itself before it leaves the fleet; "
+                       "without a lease table, an instance states it is making the first volume"),
     ("ec2:AttachVolume", "attach the job's volume to this instance"),
     ("ec2:DetachVolume", "detach the job's volume on drain"),
     ("ec2:DeleteVolume", "delete the old volume after its migrated copy is verified, and "
@@ -115,10 +116,13 @@ def agent_policy(job_id: str, *, region: str = "*", account_id: str = "*",
         {"Sid": "EndJobInstances", "Effect": "Allow", "Action": "ec2:TerminateInstances",
          "Resource": instances, "Condition": job_resource},
         # spotrun.fleet.leave marks the instance before it lowers the fleet, so a retry never
-        # lowers it twice: that one tag, on the job's instances, nothing else.
-        {"Sid": "MarkJobInstanceLeaving", "Effect": "Allow", "Action": "ec2:CreateTags",
+        # lowers it twice; without a lease table a first boot states on its instance that it
+        # is making the job's first volume (spotrun.firstvolume): those two tags, on the job's
+        # instances, nothing else.
+        {"Sid": "MarkJobInstance", "Effect": "Allow", "Action": "ec2:CreateTags",
          "Resource": instances,
-         "Condition": {**job_resource, "ForAllValues:StringEquals": {"aws:TagKeys": [LEFT_FLEET]}}},
+         "Condition": {**job_resource, "ForAllValues:StringEquals": {
+             "aws:TagKeys": [LEFT_FLEET, FIRST_VOLUME]}}},
         {"Sid": "ScaleJobGroup", "Effect": "Allow",
          "Action": ["autoscaling:UpdateAutoScalingGroup",
                     "autoscaling:TerminateInstanceInAutoScalingGroup"],

@@ -20,6 +20,9 @@ before), so "who holds it" is decided atomically on AWS's side:
   a second agent in while the first still writes.
 - **release** after the volume is detached: the item stays (the generation must keep
   counting) without a holder. ``draining`` is set when the holder starts letting go.
+- **the first volume in the making** (``first_volume``, spotrun.firstvolume): a holder
+  states it right before it creates the job's first volume, and every later write of the
+  item keeps it, so a next holder that lists no volume waits for that one.
 - **a loser gets out of the way**: an instance that finds the job held by a live holder that
   is not draining waits at most ``loser_wait_s`` and raises :class:`LeaseHeld` (exit 1); one
   whose holder is draining waits up to the caller's drain deadline. A loser makes no mutating
@@ -44,6 +47,7 @@ from datetime import datetime, timezone
 from botocore.exceptions import ClientError
 
 from spotrun import ec2 as ec2mod
+from spotrun import firstvolume
 from spotrun.config import LeaseConfig
 from spotrun.errors import SpotrunError
 from spotrun.log import get_logger
@@ -125,6 +129,11 @@ class Item:
     draining: str = ""
     released: str = ""
     finished: str = ""
+    first_volume: str = ""
+
+    def kept(self) -> dict[str, str]:
+        """What every write of the item carries on: the first volume's statement."""
+        return {"first_volume": self.first_volume} if self.first_volume else {}
 
     @property
     def count(self) -> int:
@@ -168,7 +177,8 @@ class Lease:
         generation = value.get("generation")
         return Item(value.get("holder") or None, int(generation) if generation else None,
                     value.get("az", "?"), value.get("since", "?"), value.get("draining", ""),
-                    value.get("released", ""), value.get("finished", ""))
+                    value.get("released", ""), value.get("finished", ""),
+                    value.get("first_volume", ""))
 
     def _swap(self, expected: Item | None, item: dict[str, str | int]) -> bool:
         """Write ``item`` iff the stored one still is ``expected`` (holder and generation)."""
@@ -216,7 +226,7 @@ class Lease:
     def _take(self, current: Item | None) -> bool:
         generation = (current.count if current else 0) + 1
         if not self._swap(current, {"holder": self.instance_id, "az": self.az, "since": _now(),
-                                    "generation": generation}):
+                                    "generation": generation, **(current.kept() if current else {})}):
             return False
         self.generation = generation
         return True
@@ -332,7 +342,32 @@ class Lease:
         if not self._is_mine(current) or current.draining:
             return
         self._swap(current, {"holder": self.instance_id, "az": current.az, "since": current.since,
-                             "generation": current.count, "draining": _now()})
+                             "generation": current.count, "draining": _now(), **current.kept()})
+
+    def note_first_volume(self, create_token: str) -> None:
+        """State, right before the CreateVolume, that this holder is making the job's first
+        volume with ``create_token`` (spotrun.firstvolume). Also the lease check before that
+        call: LeaseLost unless the item still names this agent with its generation."""
+        for _ in range(3):  # a lost compare-and-swap with this agent's own drain mark: again
+            current = self._read()
+            if not self._is_mine(current):
+                self.validate()  # raises LeaseLost, naming who holds it now
+            if self._swap(current, {"holder": self.instance_id, "az": current.az,
+                                    "since": current.since, "generation": current.count,
+                                    **({"draining": current.draining} if current.draining else {}),
+                                    "first_volume": firstvolume.statement(create_token)}):
+                return
+        raise LeaseLost(f"job {self.job_id!r}: the lease item kept changing while this agent "
+                        "wrote to it; stopping without creating a volume")
+
+    def first_volume_stated(self) -> tuple[str, float] | None:
+        """(create token, unix time) of the last statement of a first volume in the making;
+        None when there is none or it cannot be read (then nothing is awaited)."""
+        item = self._read()
+        stated = firstvolume.parse(item.first_volume if item else None)
+        if item is not None and item.first_volume and stated is None:
+            log.warning("first_volume_unreadable", table=self.table, value=item.first_volume[:80])
+        return stated
 
     def release(self, *, finished: bool = False) -> None:
         """Let go (after the volume is detached); the generation stays for the next holder.
@@ -344,7 +379,8 @@ class Lease:
                         holder=current.holder if current else None)
             return
         item: dict[str, str | int] = {"generation": current.count, "az": current.az,
-                                      "since": current.since, "released": _now()}
+                                      "since": current.since, "released": _now(),
+                                      **current.kept()}
         if finished:
             item["finished"] = item["released"]
         if self._swap(current, item):

@@ -12,6 +12,9 @@ PREFIX = "spotrun:"
 JOB = "spotrun:job"
 # On a sweep's instance that lowered its fleet's capacity (spotrun.fleet.leave): the new target.
 LEFT_FLEET = PREFIX + "left-fleet"
+# On an instance of a job without a lease table, right before it creates the job's first
+# volume: "<create token> <unix time>" (spotrun.firstvolume).
+FIRST_VOLUME = PREFIX + "first-volume"
 # Which copy of the job's volume this is; +1 at each cross-AZ migration.
 GENERATION = "spotrun:generation"
 # What the resource is to spotrun: "volume" or "migration-snapshot" / "drain-snapshot", or a

@@ -17,11 +17,13 @@ whose lease was taken changes nothing.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from spotrun import attach, blockdev
 from spotrun import ec2 as ec2mod
+from spotrun import firstvolume
 from spotrun import lease as leasemod
 from spotrun import migration as M
 from spotrun import tags as T
@@ -29,6 +31,7 @@ from spotrun.config import Config
 from spotrun.crashpoints import crashpoint, pausepoint
 from spotrun.log import bind, get_logger
 from spotrun.volumecheck import VolumeError, verify_volume
+from spotrun.waiting import wait_until
 
 
 log = get_logger("volumes")
@@ -156,6 +159,8 @@ class VolumeManager:
         plan = M.resolve(self.job_volumes())
         created = False
         if plan is None:
+            plan = self._first_volume_in_the_making()
+        if plan is None:
             plan = M.Plan(current=self._create_first())
             created = True
         if plan.source is not None:  # a verified copy exists: its source goes first
@@ -227,6 +232,30 @@ class VolumeManager:
                  migrated=source is not None)
         return self._acquired
 
+    def _first_volume_in_the_making(self) -> M.Plan | None:
+        """No volume listed, but a boot before this one stated it was making the job's first
+        volume less than ``aws.consistency_window_s`` ago (spotrun.firstvolume): EC2 may not
+        list it yet, so wait for it until the window since the statement has passed, rather
+        than make a second. The plan from what is listed then; None when nothing was stated,
+        or nothing showed in time (that create never happened)."""
+        stated = firstvolume.latest(self.lease, self.ec2, self.config.job.id)
+        if stated is None:
+            return None
+        token, stated_at = stated
+        left_s = stated_at + self.config.aws.consistency_window_s - time.time()
+        if left_s <= 0:
+            return None
+        log.info("first_volume_awaited", create_token=token, up_to_s=round(left_s, 1))
+        try:
+            listed = wait_until(self.job_volumes, left_s, interval_s=0.5, backoff=1.5,
+                                max_interval_s=5.0, what="the job's first volume to be listed",
+                                on_poll=lambda _elapsed: self.safe_point("acquire.plan"))
+        except TimeoutError:
+            log.info("first_volume_never_listed", create_token=token)
+            return None
+        log.info("first_volume_found", volume_ids=[v["VolumeId"] for v in listed])
+        return M.resolve(listed)
+
     def _start_over_here(self, plan: M.Plan) -> dict:
         """The job's first boot died before it ever mounted its new volume: a copy would carry
         nothing (and a restored blank looks like lost data), so the job starts here instead.
@@ -290,6 +319,8 @@ class VolumeManager:
             self._guard()
             return self.ec2_once.create_volume(**params)
 
+        # Right before the create: a replacement that does not list it yet waits for it.
+        firstvolume.state(self.lease, self.ec2, self.me, create_token)
         volume = ec2mod.create_once("the job's first volume", create, find)
         log.info("volume_created", volume_id=volume["VolumeId"], size_gib=size, type=vc.type,
                  az=self.identity.availability_zone, snapshot_id=vc.source_snapshot or None)

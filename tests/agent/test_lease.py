@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,43 @@ def test_a_stopped_holder_still_holds(world):
     ec2.stop_instances(InstanceIds=[a.instance_id])
     with pytest.raises(L.LeaseHeld, match="stopped"):
         lease_for(world, b).acquire(0.3)
+
+
+def test_the_first_volume_statement_outlives_drain_release_and_takeover(world):
+    ec2, db = world
+    a, b = launch(ec2, "us-east-1a"), launch(ec2, "us-east-1b")
+    holder = lease_for(world, a)
+    holder.acquire(1)
+    assert holder.first_volume_stated() is None
+    holder.note_first_volume("spotrun-abc")
+    token, stated_at = holder.first_volume_stated()
+    assert token == "spotrun-abc" and abs(stated_at - time.time()) < 5
+    holder.mark_draining()
+    holder.release()
+    assert lease_for(world, b).first_volume_stated() == (token, stated_at)
+    lease_for(world, b).acquire(1)  # the next holder's take keeps it for the one after
+    assert lease_for(world, a).first_volume_stated() == (token, stated_at)
+    ec2.terminate_instances(InstanceIds=[b.instance_id])
+    c = launch(ec2, "us-east-1c")
+    assert lease_for(world, c).try_acquire()
+    assert lease_for(world, c).first_volume_stated() == (token, stated_at)
+
+
+def test_a_holder_that_lost_the_lease_states_nothing(world):
+    ec2, db = world
+    a, b = launch(ec2, "us-east-1a"), launch(ec2, "us-east-1b")
+    stale = lease_for(world, a)
+    stale.acquire(1)
+    ec2.terminate_instances(InstanceIds=[a.instance_id])
+    lease_for(world, b).acquire(1)
+    with pytest.raises(L.LeaseLost, match=f"instance {b.instance_id} holds it"):
+        stale.note_first_volume("spotrun-late")
+    assert lease_for(world, b).first_volume_stated() is None
+
+
+def test_an_unreadable_statement_is_not_awaited(world):
+    ec2, db = world
+    a = launch(ec2, "us-east-1a")
+    db.put_item(TableName=TABLE, Item={"job": {"S": JOB}, "generation": {"N": "1"},
+                                       "first_volume": {"S": "spotrun-abc soon"}})
+    assert lease_for(world, a).first_volume_stated() is None

@@ -175,8 +175,11 @@ class Rehearsal(Interrupting):
         if self.plan.lease_table:
             ensure_lease_table(self.cloud, self.plan.lease_table)
         self.say(f"requesting a Spot Fleet: capacity 1, maintain, replacements {self.plan.az_policy}")
+        # Tagged as `spotrun launch`'s template tags its instances (the job tag scopes the
+        # role, and the agent finds the job's earlier instances by it).
         launch = LaunchSpec(instance_type="p3.2xlarge",
-                            user_data=userdata.render(self._job_overrides()))
+                            user_data=userdata.render(self._job_overrides()),
+                            tags={T.NAME: f"spotrun-{self.plan.job_id}", T.JOB: self.plan.job_id})
         self.timeline.append(TimelineEntry(time.time(), "rehearsal", "Spot Fleet requested (capacity 1)"))
         request_id = self.cloud.request_spot_fleet(1, launch=launch, az_policy=self.plan.az_policy,
                                                    boot=self.boot)
